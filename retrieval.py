@@ -55,11 +55,11 @@ def _tokenizer() -> bm25s.tokenization.Tokenizer:
     return bm25s.tokenization.Tokenizer(stopwords="en", stemmer=Stemmer.Stemmer("english"))
 
 
-def read_corpus(path: str | Path):
-    """Yield (id, title, text) from a JSONL corpus in either format; errors name the file and line."""
+def read_jsonl(path: str | Path, what: str = "file"):
+    """Yield (line number, object) from a JSONL file; every error names the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise RetrievalError(f"corpus file not found: {path}")
+        raise RetrievalError(f"{what} not found: {path}")
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -70,14 +70,36 @@ def read_corpus(path: str | Path):
                 raise RetrievalError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(rec, dict):
                 raise RetrievalError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            if "contents" in rec:  # wiki-18: '"Title"\ntext'
-                title, _, text = str(rec["contents"]).partition("\n")
-                title = title.strip().strip('"')
-            elif "text" in rec:
-                title, text = str(rec.get("title", "")), str(rec["text"])
-            else:
-                raise RetrievalError(f"{path}:{lineno}: a passage needs 'text' (and 'title') or 'contents'")
-            yield str(rec.get("id", lineno - 1)), title, text
+            yield lineno, rec
+
+
+def read_corpus(path: str | Path):
+    """Yield (id, title, text) from a JSONL corpus in either format."""
+    for lineno, rec in read_jsonl(path, "corpus file"):
+        if "contents" in rec:  # wiki-18: '"Title"\ntext'
+            title, _, text = str(rec["contents"]).partition("\n")
+            title = title.strip().strip('"')
+        elif "text" in rec:
+            title, text = str(rec.get("title", "")), str(rec["text"])
+        else:
+            raise RetrievalError(f"{path}:{lineno}: a passage needs 'text' (and 'title') or 'contents'")
+        yield str(rec.get("id", lineno - 1)), title, text
+
+
+def read_qa(path: str | Path) -> list[dict]:
+    """Questions from JSONL: `question` (or `problem`) and `answers` (or `golden_answers` / `answer`)."""
+    rows = []
+    for lineno, rec in read_jsonl(path, "QA file"):
+        q = rec.get("question", rec.get("problem"))
+        answers = rec.get("answers", rec.get("golden_answers", rec.get("answer")))
+        if isinstance(answers, str):
+            answers = [answers]
+        if not isinstance(q, str) or not q.strip() or not answers or not all(isinstance(a, str) for a in answers):
+            raise RetrievalError(f"{path}:{lineno}: needs a non-empty 'question' and 'answers' (list of strings)")
+        rows.append({**rec, "question": q, "answers": list(answers)})
+    if not rows:
+        raise RetrievalError(f"QA file is empty: {path}")
+    return rows
 
 
 class Index:
