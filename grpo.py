@@ -1,0 +1,282 @@
+"""GRPO for Knowledge-R1: rewards, group-relative advantages, chunked per-token log-probs and the clipped loss.
+
+Run the checks:  python -m pytest -q tests/test_grpo.py   and   ruff check grpo.py tests/test_grpo.py
+
+Rewards (plain Python, one trajectory at a time)
+  accuracy  exact match (EM) after SQuAD/HotpotQA normalisation (lowercase, drop punctuation, drop a/an/the,
+            collapse whitespace) against any gold alias; token F1 as an option (`acc="f1"`, with HotpotQA's
+            yes/no/noanswer rule). Reward-hack guards: a missing or empty answer scores 0; in F1 mode an answer
+            that is a *candidate list* scores 0 -- it splits on , ; / | newline or the word "or" into more
+            pieces than every gold does, or it has more than 2 x (longest gold) + 3 normalised words. ("and" is
+            not a separator: "Tom and Jerry", "Bosnia and Herzegovina" are real answers.) EM needs no guard: a
+            list never equals a gold after normalisation, and an exact match always earns its credit.
+            `cover_exact_match` (a gold is a whole-word substring of the prediction) is for evaluation only --
+            as a reward it pays for listing candidates.
+  format    the original Knowledge-R1 rule, +1 / -1: every assistant turn but the last is
+            <think>..</think><search>..</search>, the last is <think>..</think><answer>..</answer>, each tag
+            exactly once and in that order. Stricter than the original (which counted tags and checked order):
+            only whitespace may stand outside the tags (so text after </answer> fails), and no tag content may be
+            blank or hold another tag (an empty <answer></answer> or a nested/duplicated tag fails).
+  reward    w_acc * accuracy + w_fmt * format, default 1 and 1: the original's plain sum. A well-formed wrong
+            answer (1) then beats a malformed right one (0): the protocol is learnt first, as the searches need it.
+
+Against the GRPO paper (DeepSeekMath, Shao et al. 2024), choice by choice:
+  advantage  A_i = (r_i - mean(r)) / (std(r) + eps) over the G samples of one prompt (paper, outcome
+             supervision), population std; `scale_std=False` drops the division (Dr. GRPO, Liu et al. 2025:
+             it up-weights groups that are almost all right or all wrong). Rewards are laid out (P*G,), the G
+             samples of one prompt consecutive; a group with equal rewards has zero advantage (no signal).
+  clip       PPO's per-token clipped surrogate, min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A), with DAPO's
+             decoupled "clip-higher" (Yu et al. 2025): defaults eps_low=0.2, eps_high=0.28 (DAPO's values;
+             0.2/0.2 gives the paper's symmetric clip).
+  ratio      rho = exp(logp - old_logp). With one optimizer step per rollout batch old_logp == logp, rho == 1 and
+             the gradient is exactly the policy gradient A * grad logp (clipping never fires); it matters only
+             with several updates per batch (ppo epochs / mini-batches) or stale rollouts. old_logp may be the
+             sampler's log-probs (Trajectory.logprobs) or a recomputation; they differ by numerics only.
+  KL         k3 = exp(ref - logp) - (ref - logp) - 1 (Schulman's unbiased, non-negative estimator; paper eq. 4),
+             added per token with weight beta. beta == 0 needs no reference model: pass ref_logp=None.
+  aggregate  "seq": mean over each sequence's tokens, then mean over sequences (paper: 1/G sum_i 1/|o_i| sum_t);
+             "token": sum over all tokens / number of tokens (DAPO, no length bias between sequences);
+             "const": sum / constant, e.g. max_response_len * num_sequences (Dr. GRPO).
+             `normaliser` is the *global* count (tokens, sequences or the constant) over every micro-batch and
+             rank of one optimizer step, so accumulated micro-batch gradients equal the one-big-batch gradient.
+Masked positions (prompt, retrieved passages, template glue, padding) are selected away with torch.where, never
+multiplied by 0, so inf/NaN there cannot reach the loss or the gradient.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# ----------------------------------------------------------------------------- answers
+_PUNCT = set(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_SEP = re.compile(r"[,;/|\n]|\bor\b", re.IGNORECASE)
+
+
+def normalize_answer(s: str) -> str:
+    """SQuAD/HotpotQA normalisation: lowercase, remove punctuation, remove articles, collapse whitespace."""
+    s = "".join(ch for ch in s.lower() if ch not in _PUNCT)
+    return " ".join(_ARTICLES.sub(" ", s).split())
+
+
+def exact_match(prediction: str | None, golds: list[str]) -> float:
+    """1.0 if the normalised prediction equals any normalised gold alias (an empty prediction never matches)."""
+    p = normalize_answer(prediction) if prediction is not None else ""
+    return float(bool(p) and any(p == normalize_answer(g) for g in golds))
+
+
+def _f1(p: str, g: str) -> float:
+    if p != g and (p in ("yes", "no", "noanswer") or g in ("yes", "no", "noanswer")):
+        return 0.0  # HotpotQA: a yes/no question is all or nothing
+    common = Counter(p.split()) & Counter(g.split())
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(p.split()), same / len(g.split())
+    return 2 * precision * recall / (precision + recall)
+
+
+def f1_score(prediction: str | None, golds: list[str]) -> float:
+    """SQuAD token F1 of the normalised strings, max over gold aliases."""
+    p = normalize_answer(prediction) if prediction is not None else ""
+    return max((_f1(p, normalize_answer(g)) for g in golds), default=0.0) if p else 0.0
+
+
+def cover_exact_match(prediction: str | None, golds: list[str]) -> float:
+    """1.0 if some normalised gold is a whole-word substring of the normalised prediction. Evaluation only."""
+    p = normalize_answer(prediction) if prediction is not None else ""
+    return float(any(g and f" {g} " in f" {p} " for g in map(normalize_answer, golds)))
+
+
+def _n_parts(s: str) -> int:
+    return sum(1 for part in _SEP.split(s) if normalize_answer(part))
+
+
+def is_candidate_list(answer: str, golds: list[str]) -> bool:
+    """True if `answer` hedges: more separator-delimited pieces than every gold, or far longer than the longest."""
+    longest = max((len(normalize_answer(g).split()) for g in golds), default=0)
+    too_long = len(normalize_answer(answer).split()) > 2 * longest + 3
+    return too_long or _n_parts(answer) > max((_n_parts(g) for g in golds), default=1)
+
+
+def answer_accuracy(answer: str | None, golds: list[str], acc: str = "em") -> float:
+    """Accuracy reward in [0, 1]: EM (default) or guarded F1 (see the module docstring)."""
+    if acc not in ("em", "f1"):
+        raise ValueError(f"acc must be 'em' or 'f1', got {acc!r}")
+    if answer is None or not normalize_answer(answer):
+        return 0.0
+    if exact_match(answer, golds):
+        return 1.0
+    if acc == "em" or is_candidate_list(answer, golds):
+        return 0.0
+    return f1_score(answer, golds)
+
+
+# ----------------------------------------------------------------------------- format
+_TAG = re.compile(r"</?(?:think|search|answer)>")
+_TURN = {
+    kind: re.compile(rf"\s*<think>(?P<think>.*?)</think>\s*<{kind}>(?P<body>.*?)</{kind}>\s*", re.DOTALL)
+    for kind in ("search", "answer")
+}
+
+
+def _turn_ok(text: str, kind: str) -> bool:
+    m = _TURN[kind].fullmatch(text)
+    return bool(m) and all(part.strip() and not _TAG.search(part) for part in (m["think"], m["body"]))
+
+
+def format_reward(responses: list[str]) -> float:
+    """+1 if all turns but the last are think+search and the last is think+answer, else -1."""
+    ok = bool(responses) and all(_turn_ok(r, "search") for r in responses[:-1]) and _turn_ok(responses[-1], "answer")
+    return 1.0 if ok else -1.0
+
+
+def reward(
+    answer: str | None, responses: list[str], golds: list[str], w_acc: float = 1.0, w_fmt: float = 1.0, acc: str = "em"
+) -> dict[str, float]:
+    """Scalar reward of one trajectory = w_acc * accuracy + w_fmt * format; all three returned."""
+    a, f = answer_accuracy(answer, golds, acc), format_reward(responses)
+    return {"reward": w_acc * a + w_fmt * f, "accuracy": a, "format": f}
+
+
+# ----------------------------------------------------------------------------- advantages
+def group_advantages(
+    rewards: torch.Tensor | list[float], group_size: int, scale_std: bool = True, eps: float = 1e-4
+) -> torch.Tensor:
+    """Group-relative advantages; rewards (P*G,) with the G samples of a prompt consecutive -> (P*G,) float32."""
+    r = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)  # (P, G)
+    adv = r - r.mean(dim=1, keepdim=True)  # (P, G)
+    if scale_std:
+        adv = adv / (r.std(dim=1, keepdim=True, correction=0) + eps)  # (P, G) population std, as a z-score
+    return adv.reshape(-1)  # (P*G,)
+
+
+# ----------------------------------------------------------------------------- log-probs
+def _chunk_logp(head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor, temperature: float, with_entropy: bool):
+    logits = head(h).float()  # (n, V) float32: the one big tensor, alive for one chunk only
+    if temperature != 1.0:
+        logits = logits / temperature  # (n, V)
+    logp = -F.cross_entropy(logits, y, reduction="none")  # (n,) fused log-softmax + gather: fewer (n, V) passes
+    if not with_entropy:
+        return logp, None
+    with torch.no_grad():  # entropy is a metric; computed after logp so checkpoint's recompute stops before it
+        logq = torch.log_softmax(logits, dim=-1)  # (n, V)
+        ent = -(logq.exp() * logq).sum(-1)  # (n,)
+    return logp, ent
+
+
+def token_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """logp[:, t] = log softmax(logits_t / temperature)[input_ids[:, t+1]], (B, T-1), never holding (B*T, V).
+
+    Left- or right-padded rows both work (positions restart at each row's first real token). With grad enabled,
+    each chunk of `chunk_size` tokens is checkpointed: backward recomputes its logits instead of storing them.
+    Usable as a bound method: `model.kr1_logprobs = types.MethodType(token_logprobs, model)`.
+    """
+    B, T = input_ids.shape
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    hidden = out.last_hidden_state[:, :-1].reshape(B * (T - 1), -1)  # (N, H), N = B*(T-1)
+    targets = input_ids[:, 1:].reshape(-1)  # (N,)
+    head = model.get_output_embeddings()
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    logps, ents = [], []
+    for s in range(0, hidden.shape[0], chunk_size):
+        h, y = hidden[s : s + chunk_size], targets[s : s + chunk_size]  # (n, H), (n,)
+        if grad:  # store only h (n, H); the (n, V) logits are rebuilt in backward
+            lp, ent = checkpoint(_chunk_logp, head, h, y, temperature, with_entropy, use_reentrant=False)
+        else:
+            lp, ent = _chunk_logp(head, h, y, temperature, with_entropy)
+        logps.append(lp)
+        ents.append(ent)
+    logp = torch.cat(logps).view(B, T - 1)  # (B, T-1) float32
+    if not with_entropy:
+        return logp
+    return logp, torch.cat(ents).view(B, T - 1).detach()  # (B, T-1)
+
+
+# ----------------------------------------------------------------------------- loss
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logp: torch.Tensor | None = None,
+    beta: float = 0.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    agg: str = "token",
+    normaliser: float | torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped GRPO surrogate + beta * k3 KL, masked and aggregated; metrics are detached 0-d tensors.
+
+    logp, old_logp, ref_logp, entropy, mask: (B, T); advantages: (B,). `normaliser` defaults to this batch's
+    count (tokens for "token", sequences for "seq"); it is required for "const".
+    """
+    if agg not in ("token", "seq", "const"):
+        raise ValueError(f"agg must be 'token', 'seq' or 'const', got {agg!r}")
+    if beta > 0 and ref_logp is None:
+        raise ValueError("beta > 0 needs ref_logp")
+    m = mask.bool()  # (B, T)
+    zero = logp.new_zeros(())
+    lp = torch.where(m, logp, zero)  # (B, T) masked slots -> 0: no inf/NaN in forward or backward
+    old = torch.where(m, old_logp.to(lp.dtype), zero)  # (B, T)
+    adv = advantages.to(lp.dtype)[:, None]  # (B, 1)
+    ratio = torch.exp(lp - old)  # (B, T) exactly 1 on masked slots
+    per_tok = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high))  # (B, T)
+    kl = None
+    if ref_logp is not None:
+        d = torch.where(m, ref_logp.to(lp.dtype), zero) - lp  # (B, T) log(pi_ref / pi)
+        kl = torch.exp(d) - d - 1  # (B, T) k3 >= 0, 0 on masked slots
+        if beta > 0:
+            per_tok = per_tok + beta * kl
+    per_tok = torch.where(m, per_tok, zero)  # (B, T)
+
+    n_tok = m.sum()
+    if agg == "token":
+        loss = per_tok.sum() / (n_tok.clamp(min=1) if normaliser is None else normaliser)
+    elif agg == "seq":
+        seq_mean = per_tok.sum(1) / m.sum(1).clamp(min=1)  # (B,)
+        loss = seq_mean.sum() / (m.shape[0] if normaliser is None else normaliser)
+    else:
+        if normaliser is None:
+            raise ValueError("agg='const' needs normaliser (e.g. max_response_len * num_sequences)")
+        loss = per_tok.sum() / normaliser
+
+    with torch.no_grad():
+        den = n_tok.clamp(min=1).to(lp.dtype)
+        r = ratio.detach()
+        low = m & (adv < 0) & (r < 1 - clip_low)  # (B, T) clipped branch active, gradient zero
+        high = m & (adv > 0) & (r > 1 + clip_high)  # (B, T)
+        a = advantages.detach().float()
+        inf, one, has = torch.full_like(zero, float("inf")), torch.ones_like(zero), n_tok > 0  # no host sync
+        metrics = {
+            "clip_frac_low": low.sum() / den,
+            "clip_frac_high": high.sum() / den,
+            "clip_frac": (low | high).sum() / den,
+            "ratio_mean": torch.where(m, r, zero).sum() / den,
+            "ratio_min": torch.where(has, torch.where(m, r, inf).amin(), one),
+            "ratio_max": torch.where(has, torch.where(m, r, -inf).amax(), one),
+            "kl": kl.detach().sum() / den if kl is not None else zero.detach(),
+            "adv_mean": a.mean(),
+            "adv_std": a.std(correction=0),
+            "adv_min": a.min(),
+            "adv_max": a.max(),
+            "n_tokens": n_tok.float(),
+        }
+        if entropy is not None:
+            metrics["entropy"] = torch.where(m, entropy.detach().to(lp.dtype), zero).sum() / den
+    return loss, metrics
