@@ -33,6 +33,7 @@ from pathlib import Path
 import bm25s
 import numpy as np
 import Stemmer
+from bm25s.utils.json_functions import loads as json_loads  # orjson when installed: 4x faster per hit
 from tqdm import tqdm
 
 MAX_QUERY_TERMS = 64  # a query keeps its first 64 BM25 terms (after stopwords); longer text is cut, not rejected
@@ -160,7 +161,7 @@ class Index:
         fmt = manifest.get("format")
         if fmt != INDEX_FORMAT:
             raise RetrievalError(f"{path}: index format {fmt}, this code reads {INDEX_FORMAT}; rebuild it")
-        bm25 = bm25s.BM25.load(path, mmap=mmap_matrices, load_corpus=False)
+        bm25 = bm25s.BM25.load(path, mmap=mmap_matrices, load_corpus=False, backend="numpy")  # ours decides below
         if backend == "auto":
             backend = "numba" if HAS_NUMBA and manifest["passages"] >= NUMBA_MIN_PASSAGES else "numpy"
         if backend == "numba":
@@ -175,7 +176,7 @@ class Index:
 
     def passage(self, i: int) -> dict:
         start = int(self.offsets[i])
-        return json.loads(self._mm[start : self._mm.find(b"\n", start)])
+        return json_loads(self._mm[start : self._mm.find(b"\n", start)])
 
     def tokenize_queries(self, queries: list[str]) -> list[list[int]]:
         """BM25 term ids per query, cut to MAX_QUERY_TERMS; [] for a query with no known term."""

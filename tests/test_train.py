@@ -1,0 +1,113 @@
+"""train.py end to end on CPU: real torchrun (gloo) + FSDP2 on a tiny Qwen2, a real bm25s index, the real reward.
+
+The policy is conftest's `coin_policy`: it names the right or a wrong city about equally often, so groups
+disagree, advantages are non-zero, and GRPO must learn to prefer the right city.
+
+    python -m pytest -q tests/test_train.py
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import COMPLETIONS, QUESTION
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+import rollout
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def common_flags(d: Path) -> list[str]:
+    return ["--model", str(d / "policy"), "--dataset", str(d / "qa.jsonl"), "--index", str(d / "index"),
+            "--group-size", "4", "--prompts-per-step", "2", "--max-turns", "1", "--max-turn-tokens", "24",
+            "--max-total-tokens", "48", "--micro-batch", "2", "--warmup-steps", "1", "--beta", "0.04"]
+
+
+def run(cmd: list[str], timeout=600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    return r
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    with socket.socket() as s:  # a free port: two test runs on one machine must not share a rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                str(ROOT / "train.py"), *args])
+
+
+def weights(ckpt: Path) -> dict:
+    return load_file(ckpt / "hf" / "model.safetensors")
+
+
+def test_two_ranks_four_steps_equal_two_plus_resume_plus_two(coin_policy):
+    d = coin_policy
+    torchrun(*common_flags(d), "--steps", "4", "--lr", "1e-3", "--save-every", "2", "--out", str(d / "a"))
+    log = [json.loads(x) for x in (d / "a" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) and not r["skipped"] for r in log)
+    assert any(r["adv_std"] > 0 for r in log)  # the groups disagreed: there was a learning signal
+    assert (d / "a" / "latest").read_text().strip() == "checkpoints/step_000004"
+    before = load_file(d / "policy" / "model.safetensors")
+    after2 = weights(d / "a" / "checkpoints" / "step_000002")
+    assert max((after2[k] - before[k]).abs().max().item() for k in before) > 1e-5  # two steps changed the weights
+
+    torchrun(*common_flags(d), "--steps", "4", "--lr", "1e-3", "--save-every", "2", "--out", str(d / "b"),
+             "--resume", str(d / "a" / "checkpoints" / "step_000002"))
+    log_b = [json.loads(x) for x in (d / "b" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log_b] == [3, 4]  # the data position and step count came back
+    assert [r["reward"] for r in log_b] == [r["reward"] for r in log[2:]]
+    straight = weights(d / "a" / "checkpoints" / "step_000004")
+    resumed = weights(d / "b" / "checkpoints" / "step_000004")
+    assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) <= 1e-6
+
+    hf = Qwen2ForCausalLM.from_pretrained(d / "b" / "checkpoints" / "step_000004" / "hf")  # a plain HF folder
+    assert hf.config.num_hidden_layers == 2
+
+
+def completion_margin(model_dir: Path) -> float:
+    """log p(right completion) - log p(wrong completion) for the training question, teacher-forced."""
+    model = Qwen2ForCausalLM.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompt = rollout.prompt_ids(tok, rollout.prompt_messages(QUESTION, "agent"))
+    total = []
+    for c in COMPLETIONS:
+        ids = torch.tensor([prompt + tok(c, add_special_tokens=False).input_ids])  # (1, T)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)  # (T-1, V)
+        total.append(logp[len(prompt) - 1:].gather(1, ids[0, len(prompt):, None]).sum().item())
+    return total[0] - total[1]
+
+
+def test_reward_rises_single_process(coin_policy):
+    """Plain `python train.py` (a world of one): GRPO moves the coin flip towards the right city."""
+    d = coin_policy
+    run([sys.executable, str(ROOT / "train.py"), *common_flags(d), "--steps", "24", "--lr", "1e-3",
+         "--prompts-per-step", "1", "--group-size", "8", "--beta", "0", "--save-every", "0", "--out", str(d / "c")])
+    log = [json.loads(x) for x in (d / "c" / "log.jsonl").read_text().splitlines()]
+    acc = [r["accuracy"] for r in log]
+    assert sum(acc[-8:]) / 8 > sum(acc[:8]) / 8 + 0.1, acc
+    before, after = completion_margin(d / "policy"), completion_margin(d / "c" / "checkpoints" / "step_000024" / "hf")
+    assert after > before + 1.0, (before, after)  # the right answer gained at least e times the odds of the wrong
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--resume", "/nonexistent/run"], "no checkpoint there"),
+    (["--dataset", "no-such-org/no-such-dataset"], "could not load dataset"),
+    (["--agg", "mean"], "--agg must be"),
+])
+def test_bad_flags_fail_clearly(coin_policy, flags, message):
+    d = coin_policy
+    cmd = [sys.executable, str(ROOT / "train.py"), *common_flags(d), "--steps", "1", "--out", str(d / "bad"), *flags]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
