@@ -1,0 +1,320 @@
+"""Benchmark retrieval.py: quality on 2WikiMultihopQA, speed against raw bm25s and rank_bm25, and scale.
+
+1. Quality: recall@2 / recall@5 of the supporting passages (matched by title, as HippoRAG does) for the 1,000
+   questions of ../shared/data/2wiki/test.jsonl over ../shared/data/2wiki/corpus.jsonl, beside HippoRAG's BM25.
+2. Speed: all queries in one batch through `Index.search` (numba and numpy scorers) vs raw bm25s on the same
+   loaded index (`bm25s.tokenize` + `BM25.retrieve`, what the wrapper wraps) vs `rank_bm25.BM25Okapi` (same
+   tokens; slow, so timed on a subset and scaled). Best of --repeats; also the first search in a fresh process.
+3. Scale: a synthetic Wikipedia-like corpus (wiki-18 JSONL layout, --words words per passage from a Zipf(1)
+   vocabulary whose 33 most frequent words are bm25s' English stopwords) per --scale-sizes; build, load and
+   search each run in a fresh subprocess so peak RSS (VmHWM) is that phase's own; then a linear extrapolation
+   to wiki-18 (21M passages).
+
+    python bench/bench_retrieval.py --out runs/bench_retrieval.json                          # full (~15 min)
+    python bench/bench_retrieval.py --scale-sizes 20000 --rank-queries 20 --repeats 2        # quick (~2 min)
+    python bench/bench_retrieval.py --skip-scale                                             # 2wiki only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import bm25s
+import numpy as np
+import Stemmer
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import retrieval  # noqa: E402  (the repo root is not a package, so it goes on the path first)
+
+DATA = ROOT.parent / "shared" / "data" / "2wiki"
+HIPPORAG_BM25 = {2: 51.8, 5: 61.9}  # HippoRAG (Gutiérrez et al. 2024): BM25 recall@2/@5 on these 1,000 questions
+WIKI18 = 21_015_324  # passages in FlashRAG/Search-R1 wiki-18 (DPR 100-word chunks of the Dec 2018 dump)
+WIKI18_TERMS = 5_345_516  # unique stemmed terms of Pyserini's Lucene BM25 index of the same passages
+
+
+def mem_gib(field: str) -> float:
+    """A /proc/self/status field (VmHWM = peak RSS, VmRSS, RssAnon, RssFile) in GiB."""
+    lines = Path("/proc/self/status").read_text().splitlines()
+    return next((int(ln.split()[1]) / 2**20 for ln in lines if ln.startswith(field + ":")), float("nan"))
+
+
+def best_of(fn, repeats: int, clock=time.perf_counter) -> float:
+    """Smallest time of `repeats` calls in seconds (the least disturbed run); clock=time.process_time gives the
+    CPU seconds, which other jobs on a shared machine disturb far less than the wall clock."""
+    times = []
+    for _ in range(repeats):
+        t0 = clock()
+        fn()
+        times.append(clock() - t0)
+    return min(times)
+
+
+def raw_search(bm25: bm25s.BM25, queries: list[str], k: int, corpus=None):
+    """What the wrapper wraps: bm25s' own tokenize + retrieve on the loaded index (doc ids, or `corpus` rows)."""
+    tokens = bm25s.tokenize(queries, stopwords="en", stemmer=Stemmer.Stemmer("english"), show_progress=False)
+    return bm25.retrieve(tokens, k=k, corpus=corpus, show_progress=False)
+
+
+def postings_per_query(index: retrieval.Index, queries: list[str]) -> float:
+    """Mean postings a query scores, as a fraction of the corpus (how heavy the queries are)."""
+    df = np.diff(np.asarray(index.bm25.scores["indptr"]))  # (vocab,) passages per term
+    return float(np.mean([df[q].sum() for q in index.tokenize_queries(queries) if q])) / len(index)
+
+
+def recall(index: retrieval.Index, rows: list[dict], k: int) -> float:
+    """Mean over questions of |gold titles among the top-k titles| / |gold titles|, in %."""
+    hits = index.search([r["question"] for r in rows], k=k)
+    per_q = [len(set(r["supporting_titles"]) & {h["title"] for h in hs}) / len(set(r["supporting_titles"]))
+             for r, hs in zip(rows, hits)]
+    return 100 * float(np.mean(per_q))
+
+
+def bench_2wiki(args, work: Path) -> dict:
+    rows = [json.loads(line) for line in (DATA / "test.jsonl").read_text().splitlines()]
+    queries = [r["question"] for r in rows]
+    t0 = time.perf_counter()
+    retrieval.Index.build(DATA / "corpus.jsonl", work / "2wiki")
+    build_s = time.perf_counter() - t0
+    backends = ["numba", "numpy"] if retrieval.HAS_NUMBA else ["numpy"]
+    idx = {b: retrieval.Index.load(work / "2wiki", backend=b) for b in backends}
+    first = next(iter(idx.values()))
+    res = {"passages": len(first), "build_s": build_s, "queries": len(queries), "k": args.k,
+           "default_backend": retrieval.Index.load(work / "2wiki").bm25.backend}
+    print(f"\n== 2WikiMultihopQA: {len(queries)} questions over {len(first):,} passages "
+          f"(built in {res['build_s']:.1f} s; Index.load picks the {res['default_backend']} scorer by default)")
+    for k in (2, 5):
+        res[f"recall@{k}"] = recall(first, rows, k)
+        print(f"recall@{k}: {res[f'recall@{k}']:.1f} %   (HippoRAG paper, BM25: {HIPPORAG_BM25[k]} %)")
+    res["postings_per_query"] = postings_per_query(first, queries)
+    print(f"a query scores {100 * res['postings_per_query']:.2f} % of the corpus' postings on average")
+
+    corpus = bm25s.utils.corpus.JsonlCorpus(str(work / "2wiki" / "passages.jsonl"), show_progress=False)
+    for b, ix in idx.items():  # the check runs first: numba compiles its kernels there, outside the timings
+        raw_ids = [[first.passage(int(d))["id"] for d in row] for row in raw_search(ix.bm25, queries, args.k)[0]]
+        same = [[h["id"] for h in hs] for hs in ix.search(queries, k=args.k)] == raw_ids
+        wrap = len(queries) / best_of(lambda ix=ix: ix.search(queries, k=args.k), args.repeats)
+        raw = len(queries) / best_of(lambda ix=ix: raw_search(ix.bm25, queries, args.k), args.repeats)
+        texts = len(queries) / best_of(lambda ix=ix: raw_search(ix.bm25, queries, args.k, corpus), args.repeats)
+        res[b] = {"wrapper_qps": wrap, "raw_bm25s_qps": raw, "ratio": wrap / raw, "same_top_k": bool(same),
+                  "raw_bm25s_with_texts_qps": texts}
+        print(f"[{b}] wrapper {wrap:,.0f} queries/s | raw bm25s {raw:,.0f} queries/s (ids only; {texts:,.0f} with "
+              f"passages via bm25s' JsonlCorpus) | ratio {wrap / raw:.2f} (target >= 0.95) | same top-{args.k}: {same}")
+
+    from rank_bm25 import BM25Okapi
+    stem = Stemmer.Stemmer("english")
+    texts = [f"{p['title']}\n{p['text']}" for p in map(json.loads, (DATA / "corpus.jsonl").read_text().splitlines())]
+    t0 = time.perf_counter()
+    okapi = BM25Okapi(bm25s.tokenize(texts, stopwords="en", stemmer=stem, return_ids=False, show_progress=False))
+    res["rank_bm25_build_s"] = time.perf_counter() - t0
+    sub = queries[: args.rank_queries]
+
+    def okapi_search():  # same tokens as bm25s; one get_scores (a dense pass over the corpus) per query
+        for q in bm25s.tokenize(sub, stopwords="en", stemmer=stem, return_ids=False, show_progress=False):
+            np.argpartition(-okapi.get_scores(q), args.k)[: args.k]
+
+    res["rank_bm25_qps"] = len(sub) / best_of(okapi_search, max(1, args.repeats // 2))
+    fast = res[next(iter(idx))]["wrapper_qps"] / res["rank_bm25_qps"]
+    print(f"rank_bm25.BM25Okapi: built in {res['rank_bm25_build_s']:.1f} s, {res['rank_bm25_qps']:,.0f} queries/s "
+          f"(timed on the first {len(sub)} queries, scaled) -> the wrapper ({next(iter(idx))}) is {fast:,.0f}x faster")
+
+    for b in idx:  # what `kr1.py --ask` pays: import + load + first search (numba compiles here)
+        out = child("first", index=str(work / "2wiki"), backend=b)
+        res[b]["first_search_s"], res[b]["load_s"] = out["first_search_s"], out["load_s"]
+        print(f"[{b}] fresh process: load {out['load_s']:.2f} s, first search {out['first_search_s']:.2f} s")
+    return res
+
+
+def vocabulary(n: int) -> np.ndarray:
+    """`n` distinct words by frequency rank: bm25s' English stopwords first, then pseudo-words of CV syllables."""
+    syl = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]  # 70 syllables
+    words, length = list(bm25s.stopwords.STOPWORDS_EN), 2
+    while len(words) < n:
+        for i in range(min(len(syl) ** length, n - len(words))):
+            words.append("".join(syl[(i // len(syl) ** j) % len(syl)] for j in range(length)))
+        length += 1
+    return np.array(words[:n], dtype=object)
+
+
+def zipf(rng: np.random.Generator, vocab: int, shape: tuple) -> np.ndarray:
+    """Word ranks drawn from Zipf(s=1) over `vocab` words (Wikipedia's word frequencies follow it closely)."""
+    cdf = np.cumsum(1 / np.arange(1, vocab + 1))
+    return np.searchsorted(cdf / cdf[-1], rng.random(shape))
+
+
+def write_corpus(path: Path, n: int, vocab: int, words: int, seed: int = 0) -> None:
+    """Stream `n` passages in wiki-18 layout; ~6.5 passages per article share a title, as in wiki-18."""
+    rng, voc = np.random.default_rng(seed), vocabulary(vocab)
+    titles = rng.integers(1000, vocab, (n * 2 // 13 + 1, 2))  # (articles, 2) word ranks: names are rare words
+    chunk = 10_000
+    with open(path, "w") as f, tqdm(total=n, desc=f"write {path.name}", unit=" passages") as bar:
+        for start in range(0, n, chunk):
+            m = min(chunk, n - start)
+            ids = zipf(rng, vocab, (m, words))  # (m, words) word ranks
+            for i, pid in enumerate(range(start, start + m)):
+                title = " ".join(voc[titles[pid * 2 // 13]]).title()
+                f.write(json.dumps({"id": str(pid), "contents": f'"{title}"\n' + " ".join(voc[ids[i]])}) + "\n")
+            bar.update(m)
+
+
+def synthetic_queries(n: int, vocab: int, seed: int = 1) -> list[str]:
+    """12-word queries (the mean 2wiki question length) drawn from the corpus' own Zipf distribution."""
+    voc = vocabulary(vocab)
+    return [" ".join(voc[row]) for row in zipf(np.random.default_rng(seed), vocab, (n, 12))]
+
+
+def child(phase: str, **kw) -> dict:
+    """Run one phase in a fresh interpreter (so VmHWM is that phase's own peak RSS); it prints one JSON line."""
+    arg = json.dumps({"phase": phase, **kw})
+    proc = subprocess.run([sys.executable, __file__, "--child", arg], stdout=subprocess.PIPE, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_child(c: dict) -> None:
+    path, out, t0 = Path(c["index"]), {"base_rss_gib": mem_gib("VmRSS")}, time.perf_counter()  # base: imports
+    if c["phase"] == "build":
+        index = bm25s.BM25.index
+
+        def traced(self, *a, **kw):  # the RSS once tokenising is done: token ids + vocabulary
+            out["rss_tokenized_gib"] = mem_gib("VmRSS")
+            return index(self, *a, **kw)
+
+        bm25s.BM25.index = traced
+        retrieval.Index.build(Path(c["corpus"]), path)
+        out.update(build_s=time.perf_counter() - t0, build_cpu_s=time.process_time(), peak_rss_gib=mem_gib("VmHWM"),
+                   index_gib=sum(f.stat().st_size for f in path.iterdir()) / 2**30,
+                   passages_gib=(path / "passages.jsonl").stat().st_size / 2**30)
+    elif c["phase"] == "first":
+        ix, t1 = retrieval.Index.load(path, backend=c["backend"]), time.perf_counter()
+        ix.search(["Who is the spouse of the director of film West Of Shanghai?"], k=3)
+        out.update(load_s=t1 - t0, first_search_s=time.perf_counter() - t1)
+    else:  # query: load, RSS, then batches of synthetic queries at 1 and 2 threads
+        ix = retrieval.Index.load(path, backend="numba" if retrieval.HAS_NUMBA else "numpy")
+        batch, k = c["batch"], c["k"]
+        queries = synthetic_queries(c["queries"], c["vocab"])
+        out.update(load_s=time.perf_counter() - t0, load_rss_gib=mem_gib("VmRSS"), load_anon_gib=mem_gib("RssAnon"),
+                   vocab_size=len(ix.bm25.vocab_dict), postings_per_query=postings_per_query(ix, queries))
+
+        def run(threads):
+            for s in range(0, len(queries), batch):
+                ix.search(queries[s : s + batch], k=k, n_threads=threads)
+
+        for threads in (1, 2):  # compile numba's serial and parallel kernels + page the index in
+            ix.search(queries[:batch], k=k, n_threads=threads)
+        for threads in (1, 2):
+            out[f"qps_{threads}t"] = len(queries) / best_of(lambda t=threads: run(t), c["repeats"])
+        out["qps_1t_cpu"] = len(queries) / best_of(lambda: run(1), c["repeats"], time.process_time)
+        out.update(rss_after_queries_gib=mem_gib("VmRSS"), peak_rss_gib=mem_gib("VmHWM"))
+        if retrieval.HAS_NUMBA:  # the numpy scorer is ~25x slower here: one batch is enough
+            slow = retrieval.Index.load(path, backend="numpy")
+            out["qps_numpy_1t"] = batch / best_of(lambda: slow.search(queries[:batch], k=k), 1)
+    print(json.dumps(out))
+
+
+def bench_scale(args, work: Path) -> dict:
+    res = {}
+    for n in args.scale_sizes:
+        corpus, out = work / f"synthetic-{n}.jsonl", work / f"index-{n}"
+        write_corpus(corpus, n, args.vocab, args.words)
+        r = {"corpus_gib": corpus.stat().st_size / 2**30}
+        print(f"\n== synthetic {n:,} passages x {args.words} words, {args.vocab:,}-word vocabulary, "
+              f"{r['corpus_gib']:.2f} GiB")
+        r.update(child("build", index=str(out), corpus=str(corpus)))
+        corpus.unlink()
+        print(f"build {r['build_s']:.1f} s ({r['build_cpu_s']:.1f} CPU s), peak RSS {r['peak_rss_gib']:.2f} GiB "
+              f"({r['rss_tokenized_gib']:.2f} GiB once tokenised, {r['base_rss_gib']:.2f} GiB after imports), "
+              f"index on disk {r['index_gib']:.2f} GiB (of which passages.jsonl {r['passages_gib']:.2f} GiB)")
+        q = child("query", index=str(out), queries=args.scale_queries, vocab=args.vocab, batch=args.batch, k=args.k,
+                  repeats=args.repeats)
+        r.update({f"q_{key}": v for key, v in q.items()})
+        print(f"load {q['load_s']:.2f} s, RSS after load {q['load_rss_gib']:.2f} GiB ({q['load_anon_gib']:.2f} anon, "
+              f"{q['vocab_size']:,} terms); batch {args.batch}, k={args.k}: {q['qps_1t']:,.0f} queries/s (1 thread; "
+              f"{q['qps_1t_cpu']:,.0f} per CPU second), "
+              f"{q['qps_2t']:,.0f} queries/s (2 threads), numpy scorer {q.get('qps_numpy_1t', float('nan')):,.1f} "
+              f"queries/s; RSS after queries {q['rss_after_queries_gib']:.2f} GiB; a query scores "
+              f"{100 * q['postings_per_query']:.2f} % of the postings")
+        res[n] = r
+        shutil.rmtree(out)
+    return res
+
+
+def extrapolate(scale: dict, target: int = WIKI18) -> dict:
+    """Linear in passages, a + b*n, through the two largest runs (or through 0 with one run): build time, build
+    peak RSS, index size, load RSS and seconds per query; then the RSS of wiki-18's larger vocabulary is added
+    at the bytes per term measured after load (the synthetic vocabulary stops growing at --vocab words)."""
+    sizes = sorted(scale)[-2:]
+    (n0, n1), big = ((0, sizes[0]) if len(sizes) == 1 else sizes), scale[sizes[-1]]
+
+    def fit(key, inv=False):  # value at `target`; inv: fit 1/value (seconds per query), return 1/fit
+        y0, y1 = (0.0 if n0 == 0 else scale[n0][key], scale[n1][key])
+        y0, y1 = (1 / y0 if y0 else 0.0, 1 / y1) if inv else (y0, y1)
+        y = y1 + (y1 - y0) / (n1 - n0) * (target - n1)
+        return (1 / y if y > 0 else float("nan")) if inv else y  # nan: runs too small to fit
+
+    per_term = (big["q_load_rss_gib"] - big["q_base_rss_gib"]) / big["q_vocab_size"]  # GiB per vocabulary term
+    extra = max(0, WIKI18_TERMS - big["q_vocab_size"]) * per_term
+    est = {"from_passages": sizes, "build_h": fit("build_s") / 3600, "build_cpu_h": fit("build_cpu_s") / 3600,
+           "bytes_per_term": per_term * 2**30, "vocab_extra_gib": extra,
+           "build_peak_rss_gib": fit("peak_rss_gib") + extra, "load_rss_gib": fit("q_load_rss_gib") + extra,
+           "index_gib": fit("index_gib"), "passages_gib": fit("passages_gib"), "qps_1t_cpu": fit("q_qps_1t_cpu", True),
+           "qps_1t": fit("q_qps_1t", inv=True), "qps_2t": fit("q_qps_2t", inv=True)}
+    print(f"\n== wiki-18 ({target:,} passages, {WIKI18_TERMS:,} terms) extrapolated linearly from {sizes}: "
+          f"build {est['build_h']:.1f} h ({est['build_cpu_h']:.1f} CPU h), build peak RSS "
+          f"{est['build_peak_rss_gib']:.0f} GiB, index {est['index_gib']:.0f} GiB on disk ({est['passages_gib']:.0f} "
+          f"GiB of it passages.jsonl), RSS after load {est['load_rss_gib']:.1f} GiB (of it {extra:.1f} GiB for the "
+          f"vocabulary at {est['bytes_per_term']:.0f} bytes/term), {est['qps_1t']:.1f} / {est['qps_2t']:.1f} "
+          f"queries/s (1 / 2 threads; {est['qps_1t_cpu']:.1f} per CPU second)")
+    if len(sizes) < 2 or sizes[0] < 100_000:
+        print("(rough: this needs two runs of >= 100k passages; the defaults are 100k and 1M)")
+    return est
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", help="write all results as JSON here")
+    p.add_argument("--k", type=int, default=3, help="passages per query in the speed runs (default 3, the agent's)")
+    p.add_argument("--repeats", type=int, default=5, help="timings are the best of this many runs")
+    p.add_argument("--rank-queries", type=int, default=100, help="queries timed through rank_bm25 (it is slow)")
+    p.add_argument("--skip-scale", action="store_true", help="only the 2wiki part")
+    p.add_argument("--scale-sizes", type=int, nargs="+", default=[100_000, 1_000_000], help="synthetic corpus sizes")
+    p.add_argument("--vocab", type=int, default=300_000, help="synthetic vocabulary size")
+    p.add_argument("--words", type=int, default=100, help="words per synthetic passage (wiki-18: 100)")
+    p.add_argument("--scale-queries", type=int, default=1024, help="synthetic queries per timing")
+    p.add_argument("--batch", type=int, default=256, help="queries per search call in the scale runs")
+    p.add_argument("--child", type=json.loads, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return run_child(args.child)
+    if not (DATA / "test.jsonl").is_file():
+        sys.exit(f"bench_retrieval.py: {DATA} not found (the 2wiki data lives beside the repo, not in it)")
+    cpu = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln]
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False)
+    res = {"device": f"{cpu[0] if cpu else '?'}, {os.cpu_count()} cores", "commit": git.stdout.strip(),
+           "python": platform.python_version(), "bm25s": bm25s.__version__, "numba": retrieval.HAS_NUMBA,
+           "loadavg_start": os.getloadavg()}
+    print(f"{res['device']} | commit {res['commit']} | bm25s {res['bm25s']} | numba installed: {res['numba']} | "
+          f"load average {res['loadavg_start'][0]:.1f} (other jobs on this machine slow every wall-clock timing)")
+    with tempfile.TemporaryDirectory(prefix="kr1-bench-") as tmp:
+        res["2wiki"] = bench_2wiki(args, Path(tmp))
+        if not args.skip_scale:
+            res["scale"] = bench_scale(args, Path(tmp))
+            res["wiki18"] = extrapolate(res["scale"])
+    res["loadavg_end"] = os.getloadavg()
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=1))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
