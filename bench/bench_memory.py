@@ -13,7 +13,7 @@ Each moment adds a CUDA context / NCCL / allocator-fragmentation allowance (--al
 
     python bench/bench_memory.py                                  # the original recipe: 32 prompts x G=8 / 8 ranks
     python bench/bench_memory.py --prompts-per-step 16 --json     # numbers as JSON
-    python bench/bench_memory.py --ref bf16 --ref-root resharded  # with the two savings the report names
+    python bench/bench_memory.py --ref fp32 --ref-root gathered  # what an fp32, never-resharded reference costs
     python bench/bench_memory.py --check     # measure one real-size layer's saved activations on CPU (~30 s)
 """
 
@@ -164,14 +164,12 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{name}: autograd saves {got / 1024:.1f} KiB/token in one layer; modelled {want / 1024:.1f}")
         return {}
     n = a.prompts_per_step * a.group_size // a.ranks
-    root_fix = argparse.Namespace(**{**vars(a), "ref_root": "resharded"})
-    both = argparse.Namespace(**{**vars(root_fix), "ref": "bf16" if a.ref == "fp32" else a.ref})
     per_step = lambda k: k // a.group_size * a.ranks  # trajectories/rank -> --prompts-per-step
     out, lines = {"args": vars(a), "trajectories_per_rank": n, "models": {}}, []
     fit = ["\n### Fit (peak = max over the four moments)\n",
            ("| model | GPUs | peak GiB | fits | KV slots/row that fit | largest trajectories/rank (whole groups) "
-            "| --prompts-per-step | + ref root resharded | + ref in bf16 too |"),
-           "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+            "| --prompts-per-step |"),
+           "|---|---|---:|---|---:|---:|---:|"]
     for name, m in MODELS.items():
         c, rows = param_counts(m), memory(m, a, n)
         tot = totals(rows)
@@ -187,13 +185,10 @@ def main(argv: list[str] | None = None) -> dict:
         for gpu, cap in GPUS.items():
             f = res["fits"][gpu] = {"capacity_gib": cap, "fits": peak <= cap, "largest_n": largest_n(m, a, cap),
                                     "largest_n_groups": largest_n(m, a, cap, a.group_size),  # whole groups of G
-                                    "largest_n_groups_ref_root_resharded": largest_n(m, root_fix, cap, a.group_size),
-                                    "largest_n_groups_both_fixes": largest_n(m, both, cap, a.group_size),
                                     "kv_slots_per_row_max": largest_slots(m, a, n, cap) if peak <= cap else 0}
             fit.append(f"| {name} | {gpu} ({cap} GiB) | {peak:.2f} | {'yes' if f['fits'] else '**no**'} | "
                        f"{f['kv_slots_per_row_max'] or '-'} | {f['largest_n']} ({f['largest_n_groups']}) | "
-                       f"{per_step(f['largest_n_groups'])} | {per_step(f['largest_n_groups_ref_root_resharded'])} | "
-                       f"{per_step(f['largest_n_groups_both_fixes'])} |")
+                       f"{per_step(f['largest_n_groups'])} |")
     orig = original_7b(a)
     out["original_7b_gib"] = {lbl: v / GiB for lbl, v in orig}
     lines += fit + [("\n### Original recipe, Qwen2.5-7B (TRL + vLLM + DeepSpeed ZeRO-3; 7 training GPUs + 1 vLLM "
