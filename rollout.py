@@ -2,10 +2,10 @@
 
 The model thinks in <think>, searches with <search>query</search>, reads passages that come back as a new user turn
 <context>...</context>, and ends with <answer>short answer</answer>. The conversation is rendered with the model's
-own chat template. All rows decode together over one DynamicCache; rows that stop on </search> are searched in one
-batched `search` call and their observation turn (template glue + user turn + next generation prompt, exactly the
-ids the template produces) is appended by one chunked forward over the existing cache: no re-prefill of the
-history, no decode->re-tokenise of model output. Output per row: a `Trajectory` (the rollout->training contract).
+own chat template. All rows decode together over one KV cache without pad slots (RaggedCache); rows that stop on
+</search> are searched in one batched `search` call and their observation turn (template glue + user turn + next
+generation prompt, exactly the ids the template produces) is fed by one chunk forward of those rows over their
+cache: no re-prefill, no decode->re-tokenise of model output. Output per row: a `Trajectory` (the contract).
 
 Modes: "agent" (multi-turn loop), "rag" (retrieve once with the question, passages in the user turn, one answer
 turn), "direct" (no retrieval, one answer turn). Also home of `load_model` (used by kr1.py and train.py).
@@ -22,6 +22,7 @@ import importlib.util
 import os
 import re
 import shutil
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,7 @@ TAGS = ("<think>", "</think>", "<search>", "</search>", "<answer>", "</answer>",
 _SENTINEL = "KR1SENTINEL"  # stands in for an assistant turn's content when cutting the template's glue
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DROP_FRACTION = 0.25  # finished rows leave the batch once they are this fraction of it (see rollout())
+GROW = 256  # cache columns added at a time: one copy of the cache per 256 steps, not one per step
 
 
 class ModelLoadError(Exception):
@@ -130,11 +132,28 @@ def load_model(spec: str | None = None, dtype=None, device="cpu"):
 
 # ---------------------------------------------------------------------------------------------- protocol (text)
 
+_SETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (its length, token_sets(...))
+
+
+def token_sets(tokenizer) -> tuple[list[str], set[int], set[int]]:
+    """(strings sanitize removes, ids that end a turn, ids whose text has a '>'), once per tokenizer (again if it
+    grows): get_added_vocab takes 0.7 s on a 152k vocabulary with 100k added tokens. Removed: tags, special tokens,
+    added tokens that are special or contain '<' (every chat marker/control token we know); other added tokens are
+    plain vocabulary (e.g. padding "xtra7") that can neither open nor close a turn or a tag."""
+    hit = _SETS.get(tokenizer)
+    if hit is None or hit[0] != len(tokenizer):
+        added = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special or "<" in t.content]
+        bad = sorted(set(TAGS) | set(tokenizer.all_special_tokens) | set(added), key=len, reverse=True)
+        vocab = tokenizer.get_vocab()
+        ends = {i for i in (tokenizer.eos_token_id, vocab.get("<|im_end|>")) if i is not None}
+        hit = _SETS[tokenizer] = (len(tokenizer), (bad, ends, {i for s, i in vocab.items() if ">" in s}))
+    return hit[1]
+
+
 def sanitize(text: str, tokenizer) -> str:
     """Outside text (questions, passages) can never carry a special/added token or a protocol tag: the `<` of each
     becomes the lookalike `‹`; strings without `<` are deleted (looped: a deletion can join a new one)."""
-    bad = sorted(set(TAGS) | set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab()), key=len,
-                 reverse=True)
+    bad = token_sets(tokenizer)[0]
     for _ in range(8):
         hits = [s for s in bad if s and s in text]
         if not hits:
@@ -186,8 +205,7 @@ def turn_glue(tokenizer, messages: list[dict]) -> list[int]:
 
 def end_ids(tokenizer) -> set[int]:
     """Tokens that end an assistant turn when sampled: eos and <|im_end|> if the vocabulary has it."""
-    ids = {tokenizer.eos_token_id, tokenizer.get_vocab().get("<|im_end|>")}
-    return {i for i in ids if i is not None}
+    return token_sets(tokenizer)[1]
 
 
 # -------------------------------------------------------------------------------------------------- sampling
@@ -212,11 +230,56 @@ def sample(logits: torch.Tensor, cfg: RolloutConfig, generator=None) -> tuple[to
     return tok, logp.gather(1, tok[:, None])[:, 0]
 
 
+# ------------------------------------------------------------------------------------------------------ cache
+
+class RaggedCache(DynamicCache):
+    """KV cache without pad slots: each row holds exactly its own tokens, left-aligned, so column j of row r is its
+    position j (keys are cached after RoPE). Per layer a buffer (B, kv_heads, capacity, head_dim) written in place,
+    grown GROW columns at a time (DynamicCache torch.cat's the whole cache every step: 3x a decode step's KV
+    traffic). Decode forward: every row writes its one token at its own column, attends to the columns up to it.
+    Chunk forward (some rows): their prefixes gathered + the chunk; only real tokens are written back."""
+
+    def __init__(self):
+        super().__init__()
+        self.k, self.v = [], []  # per layer (B, kv_heads, capacity, head_dim)
+
+    def plan(self, width: int, need: int, dst: tuple, rows=None, src=None):
+        """width: cached columns shown; need: columns held after the write; dst/src: (batch rows, :, columns) /
+        (input rows, :, input columns) of each token written; rows: a chunk's batch rows (None = decode)."""
+        self.width, self.need, self.dst, self.rows, self.src = width, need, dst, rows, src
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.width  # HF places the queries right after the cached columns it is shown
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.width + query_length, 0
+
+    def select(self, idx: torch.Tensor):
+        self.k, self.v = [b[idx] for b in self.k], [b[idx] for b in self.v]  # drop finished rows (one copy)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):  # (b, kv_heads, L, head_dim) each
+        out = []
+        for bufs, x in ((self.k, key_states), (self.v, value_states)):
+            if len(bufs) == layer_idx:  # first forward: every row (prompts)
+                bufs.append(x.new_zeros(len(self.rows), x.shape[1], self.need + GROW, x.shape[3]))  # zeros: finite
+            buf = bufs[layer_idx]
+            if buf.shape[2] < self.need:  # grow (one copy per GROW columns)
+                b, h, c, d = buf.shape
+                buf = bufs[layer_idx] = torch.cat([buf, buf.new_zeros(b, h, self.need + GROW - c, d)], 2)
+            if self.rows is None:
+                buf[self.dst] = x[:, :, 0]  # (b, kv_heads, head_dim) -> each row's own next column
+                out.append(buf[:, :, :self.width + 1])  # (b, kv_heads, width + 1, head_dim) a view, no copy
+            else:
+                out.append(torch.cat([buf[self.rows, :, :self.width], x], 2))  # (c, kv_heads, width + L, head_dim)
+                buf[self.dst] = x[self.src]  # (n_real, kv_heads, head_dim)
+        return out
+
+
 # ---------------------------------------------------------------------------------------------------- rollout
 
 @torch.no_grad()  # not inference_mode: FSDP2 forward hooks and later autograd use of the weights prefer no_grad
 def rollout(model, tokenizer, questions: list[str], search, cfg: RolloutConfig | None = None,
-            generator: torch.Generator | None = None) -> list[Trajectory]:
+            generator: torch.Generator | None = None, stats: dict | None = None) -> list[Trajectory]:
     """Roll out one trajectory per question. `search(queries) -> per query a list of hit dicts` ({"id", "title",
     "text", ...}); the caller binds k (e.g. `lambda qs: index.search(qs, k=3)`). `generator` lives on the model's
     device. The model only ever sees model(input_ids, attention_mask, position_ids, past_key_values,
@@ -235,18 +298,18 @@ def rollout(model, tokenizer, questions: list[str], search, cfg: RolloutConfig |
     token later and `ids` stays exactly what the template renders. The last turn gets no closing glue: decoding
     `ids` gives the template rendering of `messages` cut right after the last sampled token.
 
-    The loop: all rows share one time axis. Each step feeds every row its pending tokens (normally the one token
-    sampled last step; after a search, that token + the glue/observation ids), left-padded to the longest (pads
-    get attention_mask 0), so logits[:, -1] is every row's next-token distribution. RoPE positions advance per row
-    by real tokens only. Finished rows first stay in the batch masked (all-pad chunks, output ignored); once they
-    are >= DROP_FRACTION of it they are dropped (cache rows index-selected). Why not drop each at once: a drop
-    reads and writes the whole cache (measured on CPU, SmolLM2, b=8, S=700: 87 ms vs 425 ms per decode step), while
-    one dead row saves only 1/b of a step's KV reads; batching the drops keeps the copy cost a small fraction."""
+    The loop: a step is a chunk forward of only the rows with several pending tokens (prompts; after a search the
+    last sampled token + glue/observation), right-aligned, else a decode forward of every batch row's one token.
+    No row's cache holds pad slots (RaggedCache), so staggered searches cost no memory or compute for other rows.
+    Finished rows first stay in the batch (fed a pad, output ignored), and are dropped once >= DROP_FRACTION of it:
+    a drop copies the whole cache (CPU, SmolLM2, b=8, S=700: 87 ms vs 425 ms per decode step) while a dead row
+    costs 1/b of a step's KV reads. `stats` (optional dict) receives forwards, chunks, chunk_slots (input slots of
+    chunk forwards, pads included), slots (widest cache row), capacity (columns allocated), max_len, drops."""
     cfg = cfg or RolloutConfig()
     agent = cfg.mode == "agent"
     dev = next(model.parameters()).device
-    ends, pad = end_ids(tokenizer), tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    maybe_stop = {i for s, i in tokenizer.get_vocab().items() if ">" in s}  # only these can complete a stop tag
+    _, ends, maybe_stop = token_sets(tokenizer)  # maybe_stop: only ids with a '>' can complete a stop tag
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     qs = [sanitize(q, tokenizer) for q in questions]
     if cfg.mode == "rag":
         hits = search(qs)  # one batched call for the whole batch
@@ -262,34 +325,51 @@ def rollout(model, tokenizer, questions: list[str], search, cfg: RolloutConfig |
                                 messages=m))
         if cfg.mode == "rag":
             trajs[-1].queries, trajs[-1].doc_ids = [qs[i]], [[str(h["id"]) for h in hits[i]]]
-    pending = [list(t.ids) for t in trajs]  # tokens each row must feed next step
+    pending = [list(t.ids) for t in trajs]  # tokens each row must feed next
     turn_start = [t.prompt_len for t in trajs]  # index in ids where the current assistant turn's content starts
     slots = list(range(len(trajs)))  # batch row j holds trajectory slots[j]
+    n = [0] * len(trajs)  # per batch row: tokens cached = its next position = its next free cache column
     finished: set[int] = set()  # may still sit in the batch, masked, until the next drop
-    cache = DynamicCache(config=getattr(model, "config", None))
-    attn = torch.zeros(len(slots), 0, dtype=torch.long, device=dev)  # (b, S) over every cache slot so far
-    pos = torch.zeros(len(slots), dtype=torch.long, device=dev)  # (b,) real tokens fed so far = next position
+    cache = RaggedCache()
+    st = dict(forwards=0, chunks=0, chunk_slots=0, slots=0, capacity=0, drops=0)
 
     while len(finished) < len(trajs):
-        width = max(len(pending[i]) for i in slots)  # finished rows pend nothing: an all-pad, all-masked chunk
-        inp = torch.tensor([[pad] * (width - len(pending[i])) + pending[i] for i in slots], device=dev)  # (b, L)
-        new = torch.tensor([[0] * (width - len(pending[i])) + [1] * len(pending[i]) for i in slots], device=dev)
-        attn = torch.cat([attn, new], 1)  # (b, S + L)
-        position_ids = (pos[:, None] + new.cumsum(1) - 1).clamp(min=0)  # (b, L) pads: any valid value, masked
-        pos = pos + new.sum(1)
+        rows = [j for j, i in enumerate(slots) if len(pending[i]) > 1] or list(range(len(slots)))  # chunk or decode
+        feed = [pending[slots[j]] for j in rows]  # finished rows (decode only) pend nothing: fed a pad, ignored
+        width, m = max(len(f) for f in feed), max(n[j] for j in rows)  # input width; cached columns shown
+        inp = torch.tensor([[pad] * (width - len(f)) + f for f in feed], device=dev)  # (c, L) right-aligned
+        lens = torch.tensor([n[j] for j in rows], device=dev)  # (c,) each row's cached tokens
+        if width == 1:  # decode: one token per batch row, written at its own column
+            attn = torch.arange(m + 1, device=dev) <= lens[:, None]  # (b, m + 1) own prefix + own new token
+            position_ids = lens[:, None]  # (b, 1)
+            cache.plan(m, m + 1, (torch.arange(len(rows), device=dev), slice(None), lens))
+        else:  # chunk: only these rows run; their cached prefix is gathered in front of the chunk
+            new = torch.tensor([[0] * (width - len(f)) + [1] * len(f) for f in feed], device=dev)  # (c, L)
+            attn = torch.cat([torch.arange(m, device=dev) < lens[:, None], new.bool()], 1)  # (c, m + L)
+            position_ids = (lens[:, None] + new.cumsum(1) - 1).clamp(min=0)  # (c, L) pads: any valid value, masked
+            b_idx, t_idx = new.nonzero(as_tuple=True)  # every real token (a host sync, once per chunk)
+            rows_t = torch.tensor(rows, device=dev)
+            cache.plan(m, max(n[j] + len(f) for j, f in zip(rows, feed)),
+                       (rows_t[b_idx], slice(None), position_ids[b_idx, t_idx]), rows_t, (b_idx, slice(None), t_idx))
+            st["chunks"], st["chunk_slots"] = st["chunks"] + 1, st["chunk_slots"] + len(rows) * width
         logits = model(input_ids=inp, attention_mask=attn, position_ids=position_ids, past_key_values=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1]  # (b, V) only the last slot: skips (b, L, V)
+                       use_cache=True, logits_to_keep=1).logits[:, -1]  # (c, V) only the last slot: skips (c, L, V)
         tok, logp = sample(logits, cfg, generator)
         tok, logp = tok.tolist(), logp.tolist()  # one host sync per step
+        for j, f in zip(rows, feed):
+            n[j] += len(f)
+        st["forwards"] += 1
+        st["slots"], st["capacity"] = max(st["slots"], max(n)), max(st["capacity"], cache.k[0].shape[2])
 
         ended = []  # (trajectory index, why the turn ended)
-        for j, i in enumerate(slots):
+        for r, j in enumerate(rows):
+            i = slots[j]
             if i in finished:
                 continue
-            t, x = trajs[i], tok[j]
+            t, x = trajs[i], tok[r]
             t.ids.append(x)
             t.mask.append(1)
-            t.logprobs.append(logp[j])
+            t.logprobs.append(logp[r])
             pending[i] = [x]
             why = None
             if x in ends:
@@ -349,8 +429,9 @@ def rollout(model, tokenizer, questions: list[str], search, cfg: RolloutConfig |
             pending[i] = []
         keep = [j for j, i in enumerate(slots) if i not in finished]
         if keep and len(slots) - len(keep) >= DROP_FRACTION * len(slots):
-            slots = [slots[j] for j in keep]
-            idx = torch.tensor(keep, device=dev)
-            cache.batch_select_indices(idx)  # drop finished rows from every layer's keys/values
-            attn, pos = attn[idx], pos[idx]  # (b', S), (b',)
+            slots, n = [slots[j] for j in keep], [n[j] for j in keep]
+            cache.select(torch.tensor(keep, device=dev))  # drop finished rows from every layer's keys/values
+            st["drops"] += 1
+    if stats is not None:
+        stats.update(st, max_len=max(len(t.ids) for t in trajs))
     return trajs

@@ -8,6 +8,7 @@ token, keyed on (position, input token) or (None, input token) / (position, None
 at a position, so a teacher-forced forward over the final ids sees exactly the same logits as the rollout did.
 """
 
+import copy
 import importlib.util
 import itertools
 import json
@@ -62,10 +63,10 @@ class Scripted(torch.nn.Module):
 
     def __init__(self, inner, script, bias=50.0):
         super().__init__()
-        self.inner, self.script, self.bias, self.config, self.batch_sizes = inner, script, bias, inner.config, []
+        self.inner, self.script, self.bias, self.config, self.shapes = inner, script, bias, inner.config, []
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0, **kw):
-        self.batch_sizes.append(input_ids.shape[0])
+        self.shapes.append(tuple(input_ids.shape))  # (rows in this forward, input width)
         out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          logits_to_keep=logits_to_keep, **kw)
         if position_ids is None:
@@ -213,7 +214,9 @@ def test_scripted_search_then_answer_batched_equals_alone(tok, tiny, monkeypatch
     cfg = R.RolloutConfig(greedy=True, max_turn_tokens=30)
     batched = R.rollout(model, tok, list(plan), search, cfg)
     assert calls[0] == ["alpha", "beta"]  # both rows that searched at this step: one batched call
-    assert model.batch_sizes[0] == 3 and model.batch_sizes[-1] == 1  # finished rows left the batch
+    assert model.shapes[0][0] == 3 and model.shapes[-1] == (1, 1)  # all prompts at once; finished rows left
+    chunks = [b for b, w in model.shapes[1:] if w > 1]
+    assert chunks == [2, 1]  # observation chunks run only the rows that searched (QA+QB, then QB)
     for t, q in zip(batched, plan):
         ids, mask, msgs = rows[q]
         assert t.ids == ids and t.mask == mask and t.messages == msgs
@@ -224,9 +227,9 @@ def test_scripted_search_then_answer_batched_equals_alone(tok, tiny, monkeypatch
         assert alone.ids == t.ids and alone.mask == t.mask
         assert max(abs(a - b) for a, b in zip(alone.logprobs, t.logprobs)) < 1e-4
     monkeypatch.setattr(R, "DROP_FRACTION", 1.0)  # finished rows stay in the batch, masked, to the end
-    model.batch_sizes.clear()
+    model.shapes.clear()
     masked = R.rollout(model, tok, list(plan), search, cfg)
-    assert set(model.batch_sizes) == {3}
+    assert {b for b, w in model.shapes if w == 1} == {3}  # every decode step: all 3 rows
     for t, u in zip(batched, masked):
         assert u.ids == t.ids and u.mask == t.mask and u.messages == t.messages
         assert max(abs(a - b) for a, b in zip(u.logprobs, t.logprobs)) < 1e-4
@@ -265,6 +268,53 @@ def test_logprobs_match_teacher_forcing_and_second_turn_sees_context(tok, tiny):
         cut = one.mask.index(0, one.prompt_len)  # where the observation starts
         assert one.logprobs[:cut] == two.logprobs[:cut]  # turn 1: identical
         assert max(abs(a - b) for a, b in zip(one.logprobs[cut:], two.logprobs[cut:])) > 1e-6  # turn 2 saw it
+
+
+def test_staggered_searches_add_no_pad_slots(tok, tiny):
+    """Rows that search at different steps: each observation is a chunk forward of that row alone, and no row's
+    cache holds pad slots for another row's observation (a shared padded time axis would grow by every chunk's
+    width: here ~prompt + 4 x 150). Results equal each row rolled out alone."""
+    long = [{"id": f"p{k}", "title": f"T{k}", "text": ("word " * 120).strip()} for k in range(2)]
+    plan = {  # staggered: the searches end at different steps for every row
+        QA: ["<search> alpha</search>", "<think> so</think><search> beta</search>", "<answer> a</answer>"],
+        "Hi": ["<think> hmm</think><search> gamma</search>", "<answer> b</answer>"],
+        QB: ["<think> ok</think><search> delta</search>", "<answer> c</answer>"],
+    }
+    search = lambda qs: [long for _ in qs]  # noqa: E731
+    rows = {q: expected(tok, q, c, [obs_text(tok, long)] * (len(c) - 1)) for q, c in plan.items()}
+    model = Scripted(tiny, positional([(ids, mask) for ids, mask, _ in rows.values()]))
+    cfg, stats = R.RolloutConfig(greedy=True, max_turn_tokens=30), {}
+    trajs = R.rollout(model, tok, list(plan), search, cfg, stats=stats)
+    assert [b for b, w in model.shapes[1:] if w > 1] == [1, 1, 1, 1]  # four observations, four one-row chunks
+    assert stats["chunks"] == 5 and stats["forwards"] == len(model.shapes)
+    longest = max(len(t.ids) for t in trajs)
+    assert longest - 1 <= stats["slots"] <= longest  # the cache is as wide as the longest row, not one slot more
+    assert stats["capacity"] <= stats["slots"] + R.GROW + 200
+    for t, q in zip(trajs, plan):
+        assert t.ids == rows[q][0] and t.mask == rows[q][1] and t.stop == "answer"
+        check_template(tok, t)
+        assert max_logp_err(model, t) < 1e-4
+        alone = R.rollout(model, tok, [q], search, cfg)[0]
+        assert alone.ids == t.ids and max(abs(a - b) for a, b in zip(alone.logprobs, t.logprobs)) < 1e-4
+
+
+def test_token_sets_once_per_tokenizer(tok):
+    """A vocabulary padded with 20k plain added tokens (as bench_train_step pads SmolLM2's to Qwen2.5's size): the
+    sets are built once, sanitize keeps plain added tokens, and a tokenizer that grows gets fresh sets."""
+    big = copy.deepcopy(tok)
+    big.add_tokens([f"xtra{i}" for i in range(20_000)])
+    assert R.sanitize("a xtra7 <|im_end|>", big) == "a xtra7 \u2039|im_end|>"  # builds the sets
+    built = R._SETS[big]
+    for _ in range(3):
+        R.sanitize("a xtra7 <|im_end|> ", big)
+        assert R._SETS[big] is built  # reused, not rebuilt (a rebuild takes 0.05 s here, 0.7 s at 100k tokens)
+    bad, ends, closers = R.token_sets(big)
+    assert len(bad) < 40 and ends == {tok.eos_token_id} | {tok.convert_tokens_to_ids("<|im_end|>")}
+    assert tok.convert_tokens_to_ids("<|im_end|>") in closers
+    assert all(">" in big.convert_ids_to_tokens(i) for i in closers)
+    big.add_tokens(["[CTRL]"], special_tokens=True)  # special without '<': deleted
+    big.add_tokens(["<tool>"])  # plain but with '<': defused
+    assert R.sanitize("x [CTRL] <tool> y", big) == "x  \u2039tool> y"  # grown tokenizer: fresh sets
 
 
 def test_seeded_sampling_reproducible(tok, tiny):
