@@ -91,7 +91,7 @@ def evaluate(args, rows: list[dict], model, tok, index) -> dict:
     cfg = rollout_config(args)
     titles: dict = {}
     search = recording_search(index, args.k, titles)
-    out = open(args.out, "w", encoding="utf-8") if args.out else None  # noqa: SIM115 (closed below)
+    out = open(args.out, "w", encoding="utf-8") if args.out else None  # closed after the loop
     totals = {"em": 0.0, "f1": 0.0, "cover_em": 0.0, "searches": 0, "gen_tokens": 0, "tagged": 0}
     t0 = time.perf_counter()
     bar = tqdm(total=len(rows), desc=f"eval {args.mode}", unit="q")

@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"the world size {world}")
         rows = load_questions(cfg)
         index = retrieval.open_index(cfg.index)  # each rank mmap-loads the same files: the OS shares the pages
-        search = lambda qs: index.search(qs, k=cfg.top_k_passages)  # noqa: E731
+        search = lambda qs: index.search(qs, k=cfg.top_k_passages)
         spec = None if cfg.model in (None, "default") else cfg.model
         cuda = device.type == "cuda"
         mesh = init_device_mesh(device.type, (world,))
