@@ -26,8 +26,8 @@ Against the GRPO paper (DeepSeekMath, Shao et al. 2024), choice by choice:
              it up-weights groups that are almost all right or all wrong). Rewards are laid out (P*G,), the G
              samples of one prompt consecutive; a group with equal rewards has zero advantage (no signal).
   clip       PPO's per-token clipped surrogate, min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A), with DAPO's
-             decoupled "clip-higher" (Yu et al. 2025): defaults eps_low=0.2, eps_high=0.28 (DAPO's values;
-             0.2/0.2 gives the paper's symmetric clip).
+             decoupled "clip-higher" (Yu et al. 2025): defaults eps_low = eps_high = 0.2, the paper's symmetric
+             clip (and train.py's defaults, which read them from here); eps_high = 0.28 is DAPO's value.
   ratio      rho = exp(logp - old_logp). With one optimizer step per rollout batch old_logp == logp, rho == 1 and
              the gradient is exactly the policy gradient A * grad logp (clipping never fires); it matters only
              with several updates per batch (ppo epochs / mini-batches) or stale rollouts. old_logp may be the
@@ -137,11 +137,11 @@ def format_reward(responses: list[str]) -> float:
     return 1.0 if ok else -1.0
 
 
-def reward(
-    answer: str | None, responses: list[str], golds: list[str], w_acc: float = 1.0, w_fmt: float = 1.0, acc: str = "em"
-) -> dict[str, float]:
-    """Scalar reward of one trajectory = w_acc * accuracy + w_fmt * format; all three returned."""
-    a, f = answer_accuracy(answer, golds, acc), format_reward(responses)
+def reward(traj, golds: list[str], w_acc: float = 1.0, w_fmt: float = 1.0, acc: str = "em") -> dict[str, float]:
+    """Score one trajectory (anything with .answer and .responses, e.g. rollout.Trajectory) against its gold
+    aliases: "reward" = w_acc * accuracy + w_fmt * format, plus each term. train.py logs every key of this dict
+    (mean over trajectories), so a new reward term is one new key here and one line in the sum."""
+    a, f = answer_accuracy(traj.answer, golds, acc), format_reward(traj.responses)
     return {"reward": w_acc * a + w_fmt * f, "accuracy": a, "format": f}
 
 
@@ -178,18 +178,22 @@ def token_logprobs(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     with_entropy: bool = False,
+    loss_mask: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """logp[:, t] = log softmax(logits_t / temperature)[input_ids[:, t+1]], (B, T-1), never holding (B*T, V).
 
     Left- or right-padded rows both work (positions restart at each row's first real token). With grad enabled,
     each chunk of `chunk_size` tokens is checkpointed: backward recomputes its logits instead of storing them.
+    `loss_mask` (B, T-1): compute the head only where it is 1 (0.0 elsewhere): a trajectory's loss tokens are ~15 %
+    of it (prompt and passages are context only), and the 49k-152k-wide head is ~20-50 % of a small model's FLOPs.
     Usable as a bound method: `model.kr1_logprobs = types.MethodType(token_logprobs, model)`.
     """
     B, T = input_ids.shape
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
     out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    hidden = out.last_hidden_state[:, :-1].reshape(B * (T - 1), -1)  # (N, H), N = B*(T-1)
-    targets = input_ids[:, 1:].reshape(-1)  # (N,)
+    sel = torch.ones(B, T - 1, dtype=torch.bool, device=input_ids.device) if loss_mask is None else loss_mask.bool()
+    hidden = out.last_hidden_state[:, :-1][sel]  # (N, H), N = selected positions
+    targets = input_ids[:, 1:][sel]  # (N,)
     head = model.get_output_embeddings()
     grad = torch.is_grad_enabled() and hidden.requires_grad
     logps, ents = [], []
@@ -201,10 +205,11 @@ def token_logprobs(
             lp, ent = _chunk_logp(head, h, y, temperature, with_entropy)
         logps.append(lp)
         ents.append(ent)
-    logp = torch.cat(logps).view(B, T - 1)  # (B, T-1) float32
+    zeros = hidden.new_zeros(B, T - 1, dtype=torch.float32)  # (B, T-1)
+    logp = zeros.masked_scatter(sel, torch.cat(logps)) if logps else zeros  # (B, T-1) float32
     if not with_entropy:
         return logp
-    return logp, torch.cat(ents).view(B, T - 1).detach()  # (B, T-1)
+    return logp, (zeros.masked_scatter(sel, torch.cat(ents)) if ents else zeros).detach()  # (B, T-1)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -216,8 +221,8 @@ def grpo_loss(
     ref_logp: torch.Tensor | None = None,
     beta: float = 0.0,
     clip_low: float = 0.2,
-    clip_high: float = 0.28,
-    agg: str = "token",
+    clip_high: float = 0.2,
+    agg: str = "seq",
     normaliser: float | torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -280,3 +285,13 @@ def grpo_loss(
         if entropy is not None:
             metrics["entropy"] = torch.where(m, entropy.detach().to(lp.dtype), zero).sum() / den
     return loss, metrics
+
+
+# ----------------------------------------------------------------------------- warm-start
+def sft_loss(logp: torch.Tensor, mask: torch.Tensor, normaliser: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Supervised warm-start on expert trajectories: masked mean of -log p over the expert's own tokens (mask 1 =
+    assistant content; prompt, passages and template glue are context only). logp, mask: (B, T). `normaliser` is
+    the global token count over micro-batches and ranks (default: this batch's), as in grpo_loss."""
+    m = mask.bool()  # (B, T)
+    nll = torch.where(m, -logp, logp.new_zeros(())).sum()  # where, not *: inf at a masked slot cannot leak
+    return nll / (m.sum().clamp(min=1) if normaliser is None else normaliser)

@@ -17,6 +17,7 @@ scores are EM, F1 and cover-EM with SQuAD/HotpotQA normalisation against every g
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
@@ -31,6 +32,7 @@ import retrieval
 import rollout
 
 DEFAULT_QA = Path(__file__).resolve().parent / "data" / "qa.jsonl"
+DEFAULT_ADAPTER = Path(__file__).resolve().parent / "data" / "smollm2-kr1-lora"  # trained by train.py, see README
 
 
 def prediction(traj: rollout.Trajectory) -> str:
@@ -143,7 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--eval", nargs="?", const=str(DEFAULT_QA), metavar="FILE.jsonl",
                       help=f"evaluate a QA JSONL file (question, answers) (default: {DEFAULT_QA.name})")
     p.add_argument("--model", help="HF id or local dir (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--index", help="index dir from `retrieval.py build` (default: embedded Wikipedia summaries)")
+    p.add_argument("--adapter", help="PEFT LoRA folder merged into the model (default with no --model: the shipped "
+                   f"{DEFAULT_ADAPTER.name}, trained with Knowledge-R1)")
+    p.add_argument("--no-adapter", action="store_true", help="the raw base model, without the shipped adapter")
+    p.add_argument("--index", help="index dir from `retrieval.py build`, or a corpus .jsonl (built once into the "
+                   "cache) (default: embedded Wikipedia summaries)")
     p.add_argument("--mode", choices=["direct", "rag", "agent"], default="agent", help="default: agent")
     p.add_argument("--k", type=int, default=3, help="passages per search (default 3)")
     p.add_argument("--max-turns", type=int, default=4, help="searches allowed before the forced answer (default 4)")
@@ -155,25 +161,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="write per-question results (JSONL) here")
     p.add_argument("--json", action="store_true", help="--ask: print one JSON object")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--fp32", action="store_true", help="CPU: no bf16 autocast (default: bf16 where the CPU has it)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.ask is not None and not args.ask.strip():
         p.error("--ask needs a non-empty question")
     if args.k < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         p.error("--k, --batch-size and --limit must be >= 1")
+    if args.adapter and args.no_adapter:
+        p.error("--adapter and --no-adapter exclude each other")
+    adapter = args.adapter or (None if args.model or args.no_adapter else DEFAULT_ADAPTER)
     torch.manual_seed(args.seed)
     try:
         rows = retrieval.read_qa(args.eval)[: args.limit] if args.eval else None  # a bad file fails before loading
         index = retrieval.open_index(args.index) if args.mode != "direct" or args.ask else None
         t0 = time.perf_counter()
-        model, tok = rollout.load_model(args.model, device=args.device)
+        model, tok = rollout.load_model(args.model, device=args.device, adapter=adapter)
         if not args.json:
-            print(f"loaded {args.model or 'SmolLM2-135M-Instruct (embedded)'} in {time.perf_counter() - t0:.1f} s "
-                  f"on {args.device}; corpus: {len(index):,} passages" if index else "", file=sys.stderr)
-        if args.ask:
-            ask(args, model, tok, index)
-        else:
-            evaluate(args, rows, model, tok, index)
+            name = (args.model or "SmolLM2-135M-Instruct (embedded)") + (f" + adapter {adapter}" if adapter else "")
+            print(f"loaded {name} in {time.perf_counter() - t0:.1f} s on {args.device}"
+                  + (f"; corpus: {len(index):,} passages" if index else ""), file=sys.stderr)
+        with contextlib.nullcontext() if args.fp32 else rollout.bf16_autocast(args.device):
+            if args.ask:
+                ask(args, model, tok, index)
+            else:
+                evaluate(args, rows, model, tok, index)
         return 0
     except (retrieval.RetrievalError, rollout.ModelLoadError) as e:
         print(f"kr1.py: error: {e}", file=sys.stderr)

@@ -21,6 +21,8 @@ The embedded default corpus is the 10,033 Wikipedia summaries (Level-4 vital art
 from __future__ import annotations
 
 import argparse
+import fcntl
+import hashlib
 import importlib.util
 import json
 import mmap
@@ -248,8 +250,26 @@ def default_index(show_progress: bool = True) -> Index:
 
 
 def open_index(path: str | Path | None) -> Index:
-    """`--index DIR` if given, else the embedded default."""
-    return Index.load(path) if path else default_index()
+    """`--index DIR` if given; a corpus `FILE.jsonl` is built once into $KR1_CACHE/index/ (keyed by its absolute
+    path, size and mtime) and loaded after; nothing = the embedded default."""
+    if not path:
+        return default_index()
+    p = Path(path)
+    if p.suffix != ".jsonl":
+        return Index.load(p)
+    if not p.is_file():
+        raise RetrievalError(f"corpus file not found: {p}")
+    st = p.resolve().stat()
+    key = hashlib.sha1(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = cache_dir() / "index" / f"{p.stem}-{key}"
+    if not (out / MANIFEST).is_file():
+        lock = cache_dir() / "index" / f"{p.stem}-{key}.lock"  # torchrun ranks: the first builds, the rest wait
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock, "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            if not (out / MANIFEST).is_file():
+                Index.build(p, out)
+    return Index.load(out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,9 @@ turn), "direct" (no retrieval, one answer turn). Also home of `load_model` (used
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from retrieval import format_passages
@@ -84,14 +87,16 @@ class Trajectory:
     answer: str | None = None    # inside the last <answer>...</answer> of the last turn, stripped
     stop: str = ""               # "answer" | "eos" | "length" | "max_turns"
     turns: int = 0               # assistant turns
+    expert: bool = False         # built by expert_trajectory (not sampled; logprobs are placeholders)
 
     @property
     def n_searches(self) -> int:
         return len(self.queries)
 
 
-def load_model(spec: str | None = None, dtype=None, device="cpu"):
+def load_model(spec: str | None = None, dtype=None, device="cpu", adapter: str | Path | None = None):
     """(model, tokenizer) from an HF hub id or local dir; None = the embedded SmolLM2-135M-Instruct GGUF.
+    `adapter`: a PEFT LoRA folder (as train.py --lora-rank writes), merged into the weights (no runtime cost).
 
     The GGUF is converted once (~25 s) and saved to $KR1_CACHE/models/smollm2-135m-instruct (~1 s later).
     dtype None: float32 on CPU, bfloat16 on CUDA. Tokenizer: pad = eos if missing, left padding. Model in eval().
@@ -127,7 +132,48 @@ def load_model(spec: str | None = None, dtype=None, device="cpu"):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
+    if adapter is not None:
+        merge_lora(model, adapter)
     return model.to(device).eval(), tok
+
+
+def lora_pairs(state: dict) -> dict[str, tuple]:
+    """{base weight name: (A, B)} of a LoRA state dict in PEFT's layout ('base_model.model.' + module path +
+    '.lora_A.weight' / '.lora_B.weight'); train.py's live LoRA modules use the same names without the prefix."""
+    out = {}
+    for k, a in state.items():
+        if k.endswith(".lora_A.weight"):
+            name = k.removeprefix("base_model.model.").removesuffix(".lora_A.weight") + ".weight"
+            out[name] = (a, state[k.replace(".lora_A.", ".lora_B.")])
+    return out
+
+
+@torch.no_grad()
+def merge_lora(model, adapter: str | Path) -> None:
+    """W += (alpha / r) * B @ A for every adapted Linear of a PEFT LoRA folder (adapter_config.json +
+    adapter_model.safetensors). Raises ModelLoadError if the folder or its shapes do not fit the model."""
+    adapter = Path(adapter)
+    try:
+        conf = json.loads((adapter / "adapter_config.json").read_text())
+        pairs = lora_pairs(load_file(adapter / "adapter_model.safetensors"))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load LoRA adapter {str(adapter)!r}: {e}") from None
+    params = dict(model.named_parameters())
+    scale = conf["lora_alpha"] / conf["r"]
+    for name, (a, b) in pairs.items():
+        w = params.get(name)
+        if w is None or w.shape != (b.shape[0], a.shape[1]):
+            raise ModelLoadError(f"LoRA adapter {str(adapter)!r} does not fit this model ({name}): wrong base model?")
+        w += (scale * b.float() @ a.float()).to(w.dtype)  # (out, r) @ (r, in)
+
+
+def bf16_autocast(device: torch.device | str):
+    """bf16 autocast on a CPU with native bf16 (AVX512-BF16 / AMX: ~2.5x faster than fp32 for SmolLM2 here),
+    else a no-op (fp32 on other CPUs; on GPU the model itself is already bf16)."""
+    dev = torch.device(device)
+    if dev.type == "cpu" and torch.cpu._is_avx512_bf16_supported():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------- protocol (text)
@@ -206,6 +252,44 @@ def turn_glue(tokenizer, messages: list[dict]) -> list[int]:
 def end_ids(tokenizer) -> set[int]:
     """Tokens that end an assistant turn when sampled: eos and <|im_end|> if the vocabulary has it."""
     return token_sets(tokenizer)[1]
+
+
+def expert_trajectory(tokenizer, question: str, answer: str, queries: list[str], search,
+                      max_turns: int) -> Trajectory:
+    """A gold, well-formed agent trajectory for the warm-start (and David-GRPO style mixing): one think + search
+    turn per query (at most max_turns; real `search` results as the observations), then think + the gold answer.
+    Same contract as rollout(): each assistant turn's content is tokenised on its own (as if sampled right after
+    the generation prompt), everything else is the template's own ids; mask 1 on assistant content only;
+    logprobs 0.0 (nothing was sampled: train.py recomputes them). Queries are usually the supporting titles."""
+    qs = [sanitize(q, tokenizer) for q in queries[:max_turns]]
+    t = Trajectory(ids=[], mask=[], logprobs=[], prompt_len=0,
+                   messages=prompt_messages(sanitize(question, tokenizer), "agent"), stop="answer", expert=True)
+    _extend(t, prompt_ids(tokenizer, t.messages), 0)
+    t.prompt_len = len(t.ids)
+    for turn, (q, hits) in enumerate(zip(qs, search(qs) if qs else []), 1):
+        lead = "I need to look up" if turn == 1 else "Now I need to look up"
+        _assistant_turn(t, tokenizer, f"<think> {lead} {q}. </think>\n<search> {q} </search>")
+        t.queries.append(q)
+        t.doc_ids.append([str(h["id"]) for h in hits])
+        passages = sanitize(format_passages(hits), tokenizer)
+        t.messages.append({"role": "user", "content": observation(passages, final=turn == max_turns)})
+        _extend(t, turn_glue(tokenizer, t.messages), 0)
+    t.answer = sanitize(answer, tokenizer).strip()
+    _assistant_turn(t, tokenizer, f"<think> The passages give the answer. </think>\n<answer> {t.answer} </answer>")
+    return t
+
+
+def _extend(t: Trajectory, ids: list[int], m: int) -> None:
+    t.ids += ids
+    t.mask += [m] * len(ids)
+    t.logprobs += [0.0] * len(ids)
+
+
+def _assistant_turn(t: Trajectory, tokenizer, content: str) -> None:
+    _extend(t, tokenizer(content, add_special_tokens=False).input_ids, 1)
+    t.messages.append({"role": "assistant", "content": content})
+    t.responses.append(content)
+    t.turns += 1
 
 
 # -------------------------------------------------------------------------------------------------- sampling

@@ -18,7 +18,9 @@ step in OUT/log.jsonl; checkpoints: OUT/checkpoints/step_N/{hf/, state/, trainer
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -41,6 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 import grpo
@@ -48,6 +51,9 @@ import retrieval
 import rollout
 
 HERE = Path(__file__).resolve().parent
+
+
+_LOSS = {k: p.default for k, p in inspect.signature(grpo.grpo_loss).parameters.items()}  # one source of truth
 
 
 def opt(default, help: str):
@@ -70,16 +76,29 @@ class Config:
     max_turns: int = opt(4, "searches before the forced final answer")
     max_turn_tokens: int = opt(512, "generated tokens per assistant turn")
     max_total_tokens: int = opt(2048, "tokens after the prompt (generated + retrieved)")
-    # loss (see grpo.py for each choice against the paper)
+    # warm-start (expert trajectories: rollout.expert_trajectory)
+    sft_steps: int = opt(0, "SFT steps on expert trajectories before GRPO (0 = none); they count as steps 1..N")
+    sft_batch: int = opt(8, "expert trajectories per SFT step (divisible by world size)")
+    sft_lr: float = opt(3e-4, "SFT learning rate (constant; GRPO then warms up from 0 to --lr)")
+    sft_probe_every: int = opt(0, "during SFT, roll out and score --prompts-per-step prompts every N steps (0 = off)")
+    expert_mix: bool = opt(False, "David-GRPO: a group with no correct sample gets the expert trajectory as its last")
+    # parameters
+    lora_rank: int = opt(0, "LoRA rank on --lora-targets (0 = full fine-tuning); saved in PEFT format (adapter/)")
+    lora_alpha: float = opt(16.0, "LoRA alpha: the update is (alpha / rank) * B @ A")
+    lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "Linear names to adapt")
+    bf16: bool = opt(False, "CPU: bf16 autocast where the CPU has AVX512-BF16 (fp32 master weights); off by "
+                     "default: measured slower than fp32 on the 2-core reference machine (BENCHMARKS.md)")
+    grad_ckpt: bool = opt(True, "activation checkpointing per decoder layer (saves memory, costs a re-forward)")
+    # loss (see grpo.py for each choice against the paper; the defaults are grpo_loss's)
     beta: float = opt(0.04, "k3 KL coefficient to the reference model; 0 loads no reference (TRL's default then)")
-    clip_low: float = opt(0.2, "PPO clip epsilon below 1")
-    clip_high: float = opt(0.2, "clip epsilon above 1 (0.28 = DAPO clip-higher)")
-    agg: str = opt("seq", "loss aggregation: seq (GRPO paper, TRL), token (DAPO), const (Dr. GRPO)")
+    clip_low: float = opt(_LOSS["clip_low"], "PPO clip epsilon below 1")
+    clip_high: float = opt(_LOSS["clip_high"], "clip epsilon above 1 (0.28 = DAPO clip-higher)")
+    agg: str = opt(_LOSS["agg"], "loss aggregation: seq (GRPO paper, TRL), token (DAPO), const (Dr. GRPO)")
     scale_std: bool = opt(True, "divide advantages by the group std (False = Dr. GRPO)")
     acc: str = opt("em", "accuracy reward: em or f1")
     w_fmt: float = opt(1.0, "weight of the format reward (+1/-1); accuracy has weight 1")
     # optimisation
-    steps: int = opt(200, "optimizer steps")
+    steps: int = opt(200, "GRPO optimizer steps (after --sft-steps)")
     lr: float = opt(1e-6, "peak learning rate (AdamW)")
     warmup_steps: int = opt(10, "linear warmup steps, then cosine decay to 0")
     weight_decay: float = opt(0.0, "AdamW weight decay")
@@ -91,13 +110,22 @@ class Config:
     save_every: int = opt(50, "checkpoint every N steps (and at the end); 0 = only at the end")
     resume: str | None = opt(None, "run dir or checkpoint dir to resume from")
     wandb: bool = opt(False, "also log to Weights & Biases (needs `pip install wandb`)")
-    preset: str | None = opt(None, "'offline': SmolLM2 + data/qa.jsonl + embedded corpus, CPU-sized")
+    preset: str | None = opt(None, "'offline': SmolLM2 + data/qa.jsonl + embedded corpus, a quick CPU run; "
+                             "'smollm2-2wiki': the shipped adapter's recipe (see README)")
 
 
 PRESETS = {
     "offline": dict(model="default", dataset=str(HERE / "data" / "qa.jsonl"), index=None, out="runs/offline",
                     group_size=4, prompts_per_step=4, max_turns=2, max_turn_tokens=160, max_total_tokens=640,
                     beta=0.0, steps=30, lr=2e-6, warmup_steps=3, micro_batch=4, save_every=10),
+    # the shipped adapter: LoRA warm-start on 2Wiki expert trajectories, then GRPO with expert mixing (~75 min CPU)
+    "smollm2-2wiki": dict(model="default", dataset=str(HERE.parent / "shared" / "data" / "2wiki" / "train.jsonl"),
+                          index=str(HERE.parent / "shared" / "data" / "2wiki" / "corpus.jsonl"),
+                          out="runs/smollm2-2wiki", lora_rank=8, lora_alpha=16.0, sft_steps=20, sft_batch=8,
+                          sft_lr=5e-4, sft_probe_every=10, expert_mix=True, steps=36, lr=5e-5, warmup_steps=3,
+                          group_size=4, prompts_per_step=4, max_turns=2, max_turn_tokens=96, max_total_tokens=768,
+                          top_k_passages=2,
+                          beta=0.0, agg="token", micro_batch=1, grad_ckpt=False, save_every=8),
 }
 
 
@@ -117,8 +145,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
     cfg = Config(**{**PRESETS.get(args.get("preset"), {}), **args})  # explicit flags beat the preset
     if cfg.agg not in ("seq", "token", "const") or cfg.acc not in ("em", "f1"):
         p.error("--agg must be seq|token|const and --acc em|f1")
-    if min(cfg.group_size, cfg.prompts_per_step, cfg.micro_batch, cfg.steps) < 1 or cfg.group_size < 2:
-        p.error("--group-size must be >= 2; --prompts-per-step, --micro-batch, --steps >= 1")
+    if min(cfg.group_size, cfg.prompts_per_step, cfg.micro_batch, cfg.steps, cfg.sft_batch) < 1 or cfg.group_size < 2:
+        p.error("--group-size must be >= 2; --prompts-per-step, --micro-batch, --steps, --sft-batch >= 1")
+    if min(cfg.sft_steps, cfg.lora_rank, cfg.sft_probe_every) < 0:
+        p.error("--sft-steps, --lora-rank and --sft-probe-every must be >= 0")
     return cfg
 
 
@@ -153,10 +183,50 @@ def load_questions(cfg: Config) -> list[dict]:
              "answers": list(r.get("answers", r.get("golden_answers")))} for r in ds]
 
 
-def shard_model(model: torch.nn.Module, mesh, cuda: bool, train: bool) -> torch.nn.Module:
+def add_lora(model: torch.nn.Module, cfg: Config) -> None:
+    """Freeze the model; give every Linear named in --lora-targets two trainable children, lora_A (r, in; PEFT's
+    Kaiming init) and lora_B (out, r; zeros: the model starts unchanged), and a forward hook adding
+    (alpha / r) * B(A(x)). Parameter names are PEFT's (q_proj.lora_A.weight), so saving is a key prefix."""
+    model.requires_grad_(False)
+    targets = set(cfg.lora_targets.split(","))
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+            mod.lora_A = torch.nn.Linear(mod.in_features, cfg.lora_rank, bias=False, dtype=torch.float32)
+            mod.lora_B = torch.nn.Linear(cfg.lora_rank, mod.out_features, bias=False, dtype=torch.float32)
+            torch.nn.init.kaiming_uniform_(mod.lora_A.weight, a=math.sqrt(5))
+            torch.nn.init.zeros_(mod.lora_B.weight)
+            mod.lora_scale = cfg.lora_alpha / cfg.lora_rank
+            mod.register_forward_hook(lambda m, args, out: out + m.lora_B(m.lora_A(args[0])) * m.lora_scale)
+
+
+def save_adapter(path: Path, full: dict, cfg: Config) -> None:
+    """The LoRA weights in PEFT's format: adapter_config.json + adapter_model.safetensors (peft, vLLM, kr1.py)."""
+    path.mkdir(parents=True)
+    save_file({"base_model.model." + k: v.contiguous() for k, v in full.items() if ".lora_" in k},
+              path / "adapter_model.safetensors", metadata={"format": "pt"})
+    conf = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
+            "target_modules": sorted(cfg.lora_targets.split(",")), "lora_dropout": 0.0, "bias": "none",
+            "base_model_name_or_path": cfg.model, "inference_mode": True, "fan_in_fan_out": False}
+    (path / "adapter_config.json").write_text(json.dumps(conf, indent=1))
+
+
+def merged(full: dict, cfg: Config) -> dict:
+    """The plain model's state dict with every LoRA update folded into its base weight."""
+    out = {k: v for k, v in full.items() if ".lora_" not in k}
+    for name, (a, b) in rollout.lora_pairs(full).items():
+        out[name] = (out[name].float() + (cfg.lora_alpha / cfg.lora_rank) * b.float() @ a.float()).to(out[name].dtype)
+    return out
+
+
+def autocast(cfg: Config, device: torch.device):
+    """bf16 autocast on a CPU with native bf16 (see rollout.bf16_autocast); on GPU FSDP already computes in bf16."""
+    return rollout.bf16_autocast(device) if cfg.bf16 else contextlib.nullcontext()
+
+
+def shard_model(model: torch.nn.Module, mesh, cuda: bool, train: bool, ckpt: bool = True) -> torch.nn.Module:
     """FSDP2: one unit per decoder layer plus the root (embeddings, final norm, head)."""
     mp = MixedPrecisionPolicy(torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
-    if train:  # recompute each layer in backward: activations kept per layer = its input only
+    if train and ckpt:  # recompute each layer in backward: activations kept per layer = its input only
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
@@ -185,11 +255,34 @@ class Unsharded:
 
 def lr_lambda(cfg: Config):
     def f(step: int) -> float:
+        if step < cfg.sft_steps:
+            return cfg.sft_lr / cfg.lr
+        step -= cfg.sft_steps
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return f
+
+
+def step_rows(cfg: Config, rows: list[dict], step: int) -> list[dict]:
+    """This rank's questions for a step: SFT steps draw --sft-batch from their own seeded order, GRPO steps
+    --prompts-per-step from theirs; both depend on (seed, step) only, so a resumed run sees the same data."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    sft = step < cfg.sft_steps
+    per_step = cfg.sft_batch if sft else cfg.prompts_per_step
+    idx = step_prompts(len(rows), step if sft else step - cfg.sft_steps, per_step, cfg.seed + sft)
+    per_rank = per_step // world
+    return [rows[i] for i in idx[rank * per_rank : (rank + 1) * per_rank]]
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """On resume, drop log lines past the checkpoint's step (a killed run may have logged steps it never saved)."""
+    if path.is_file():
+        keep = [x for x in path.read_text().splitlines(keepends=True) if x.strip() and json.loads(x)["step"] <= step]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
 
 
 def step_prompts(n: int, step: int, per_step: int, seed: int) -> list[int]:
@@ -219,41 +312,73 @@ def pad_batch(trajs: list[rollout.Trajectory], device) -> dict[str, torch.Tensor
     return {k: v.to(device) for k, v in dict(ids=ids, attn=attn, mask=mask[:, 1:], old=old[:, 1:]).items()}
 
 
-def train_step(model, ref, tok, optimizer, scheduler, cfg: Config, rows: list[dict], search, step: int) -> dict:
-    """Rollout -> rewards -> advantages -> GRPO loss -> optimizer step. `rows`: this rank's prompts."""
-    rank, world, device = dist.get_rank(), dist.get_world_size(), next(model.parameters()).device
+def rollout_and_score(model, tok, cfg: Config, rows: list[dict], search, step: int):
+    """G sampled trajectories per prompt (consecutive) and their reward dicts; the rollout's seconds."""
     rcfg = rollout.RolloutConfig(max_turns=cfg.max_turns, max_turn_tokens=cfg.max_turn_tokens,
                                  max_total_tokens=cfg.max_total_tokens, temperature=cfg.temperature)
+    device = next(model.parameters()).device
     questions = [r["question"] for r in rows for _ in range(cfg.group_size)]  # G consecutive copies per prompt
-    gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)  # resume-exact sampling
+    gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + dist.get_rank())  # resumable
     t0 = time.perf_counter()
     model.eval()  # HF skips checkpointing and keeps the KV cache in eval mode
-    with torch.no_grad(), Unsharded(model):
+    with torch.no_grad(), Unsharded(model), autocast(cfg, device):
         trajs = rollout.rollout(model, tok, questions, search, rcfg, generator=gen)
-    t_rollout = time.perf_counter() - t0
+    scores = [score(cfg, t, r) for t, r in zip(trajs, [r for r in rows for _ in range(cfg.group_size)])]
+    return trajs, scores, time.perf_counter() - t0
 
-    golds = [r["answers"] for r in rows for _ in range(cfg.group_size)]
-    scores = [grpo.reward(t.answer, t.responses, g, w_fmt=cfg.w_fmt, acc=cfg.acc) for t, g in zip(trajs, golds)]
-    adv = grpo.group_advantages([s["reward"] for s in scores], cfg.group_size, cfg.scale_std).to(device)  # (B,)
 
-    # global normaliser: every rank and micro-batch divides by the same count, so the summed gradient is exact
+def score(cfg: Config, traj: rollout.Trajectory, row: dict) -> dict:
+    return grpo.reward(traj, row["answers"], w_fmt=cfg.w_fmt, acc=cfg.acc)
+
+
+def expert(cfg: Config, tok, row: dict, search) -> rollout.Trajectory:
+    """The gold trajectory of one question: search its supporting titles (else the question), answer the gold."""
+    return rollout.expert_trajectory(tok, row["question"], row["answers"][0],
+                                     row.get("supporting_titles") or [row["question"]], search, cfg.max_turns)
+
+
+def mix_experts(cfg: Config, tok, rows: list[dict], search, trajs: list, scores: list) -> int:
+    """David-GRPO: in a group where no sample is correct, the last sample becomes the expert trajectory, so the
+    group has a reward spread and the right answer a positive advantage. In place; returns how many rows."""
+    G, mixed = cfg.group_size, 0
+    for p, row in enumerate(rows):
+        if not any(s["accuracy"] > 0 for s in scores[p * G : (p + 1) * G]):
+            trajs[p * G + G - 1] = t = expert(cfg, tok, row, search)
+            scores[p * G + G - 1] = score(cfg, t, row)
+            mixed += 1
+    return mixed
+
+
+def token_count(trajs: list, device) -> torch.Tensor:
+    """Loss tokens (mask 1 at target positions) over every rank: the global normaliser of one step."""
     n_tok = torch.tensor(float(sum(sum(t.mask[1:]) for t in trajs)), device=device)
     dist.all_reduce(n_tok)
+    return n_tok
+
+
+def grpo_update(model, ref, cfg: Config, trajs: list, adv: torch.Tensor, experts: list[bool]) -> dict:
+    """Accumulate the GRPO loss over micro-batches (backward only; the caller steps). Token-weighted metric sums.
+    Expert rows were not sampled: their old log-probs are the current ones (ratio 1, a plain policy gradient)."""
+    world, device = dist.get_world_size(), adv.device
+    n_tok = token_count(trajs, device)
     normaliser = {"token": n_tok.item(), "seq": float(len(trajs) * world),
                   "const": float(cfg.max_total_tokens * len(trajs) * world)}[cfg.agg]
-    t1 = time.perf_counter()
-    model.train()
     per_tok = ("kl", "clip_frac", "entropy", "ratio_mean")  # token-weighted means over the whole step
     sums = dict.fromkeys(("loss", *per_tok), torch.zeros((), dtype=torch.float64, device=device))
     ratio_max, ratio_min = torch.zeros((), device=device), torch.full((), 9.0, device=device)
     for s in range(0, len(trajs), cfg.micro_batch):
         b = pad_batch(trajs[s : s + cfg.micro_batch], device)
-        ref_logp = None
-        if ref is not None:
-            with torch.no_grad():
-                ref_logp = ref.kr1_logprobs(b["ids"], b["attn"], cfg.temperature, cfg.logprob_chunk)  # (b, T-1)
-        logp, ent = model.kr1_logprobs(b["ids"], b["attn"], cfg.temperature, cfg.logprob_chunk, with_entropy=True)
-        loss, m = grpo.grpo_loss(logp, b["old"], adv[s : s + cfg.micro_batch], b["mask"], ref_logp=ref_logp,
+        with autocast(cfg, device):
+            ref_logp = None
+            if ref is not None:
+                with torch.no_grad():
+                    ref_logp = ref.kr1_logprobs(b["ids"], b["attn"], cfg.temperature, cfg.logprob_chunk,
+                                                loss_mask=b["mask"])  # (b, T-1)
+            logp, ent = model.kr1_logprobs(b["ids"], b["attn"], cfg.temperature, cfg.logprob_chunk,
+                                           with_entropy=True, loss_mask=b["mask"])  # (b, T-1) each
+        is_exp = torch.tensor(experts[s : s + cfg.micro_batch], device=device)[:, None]  # (b, 1)
+        old = torch.where(is_exp, logp.detach(), b["old"])  # (b, T-1)
+        loss, m = grpo.grpo_loss(logp, old, adv[s : s + cfg.micro_batch], b["mask"], ref_logp=ref_logp,
                                  beta=cfg.beta, clip_low=cfg.clip_low, clip_high=cfg.clip_high, agg=cfg.agg,
                                  normaliser=normaliser, entropy=ent)
         (loss * world).backward()  # FSDP averages gradients over ranks; the loss is already globally normalised
@@ -261,34 +386,81 @@ def train_step(model, ref, tok, optimizer, scheduler, cfg: Config, rows: list[di
         for k in per_tok:
             sums[k] = sums[k] + m[k] * m["n_tokens"]
         ratio_max, ratio_min = torch.maximum(ratio_max, m["ratio_max"]), torch.minimum(ratio_min, m["ratio_min"])
-
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    counts = {"reward": sum(x["reward"] for x in scores), "accuracy": sum(x["accuracy"] for x in scores),
-              "format": sum(x["format"] for x in scores), "searches": sum(len(t.queries) for t in trajs),
-              "response_tokens": sum(sum(t.mask) for t in trajs), "adv_sq": (adv**2).sum().item(), "n": len(trajs)}
-    keys = [*sums, *counts]
-    totals = torch.stack([*sums.values(), *(torch.tensor(float(v), dtype=torch.float64, device=device)
-                                            for v in counts.values())])
-    dist.all_reduce(totals)  # one collective for every scalar of the step
-    tot = dict(zip(keys, totals.tolist(), strict=True))
     extremes = torch.stack([ratio_max, -ratio_min])
     dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
-    finite = math.isfinite(tot["loss"]) and math.isfinite(grad_norm.item())
+    return {**sums, "ratio_max": extremes[0], "ratio_min": -extremes[1], "n_tok": n_tok}
+
+
+def sft_update(model, cfg: Config, trajs: list) -> dict:
+    """Warm-start: accumulate the masked NLL of expert trajectories over micro-batches (backward only)."""
+    world, device = dist.get_world_size(), next(model.parameters()).device
+    n_tok = token_count(trajs, device)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for s in range(0, len(trajs), cfg.micro_batch):
+        b = pad_batch(trajs[s : s + cfg.micro_batch], device)
+        with autocast(cfg, device):
+            logp = model.kr1_logprobs(b["ids"], b["attn"], 1.0, cfg.logprob_chunk, loss_mask=b["mask"])  # (b, T-1)
+        loss = grpo.sft_loss(logp, b["mask"], normaliser=n_tok)
+        (loss * world).backward()
+        total = total + loss.detach()
+    return {"loss": total, "n_tok": n_tok}
+
+
+def train_step(model, ref, tok, optimizer, scheduler, cfg: Config, rows: list[dict], search, step: int) -> dict:
+    """One optimizer step. Warm-start steps (step < sft_steps): SFT on expert trajectories of `rows`, with a
+    sampled rollout every --sft-probe-every steps to log format/accuracy. Then GRPO: rollout -> rewards (->
+    expert mixing) -> group advantages -> GRPO loss. `rows`: this rank's prompts. Returns the log record."""
+    device, sft = next(model.parameters()).device, step < cfg.sft_steps
+    trajs, scores, t_rollout, mixed = [], [], 0.0, 0
+    if not sft or (cfg.sft_probe_every and step % cfg.sft_probe_every == 0):
+        probe = rows[: cfg.prompts_per_step // dist.get_world_size()] if sft else rows
+        trajs, scores, t_rollout = rollout_and_score(model, tok, cfg, probe, search, step)
+    t1 = time.perf_counter()
+    model.train()
+    if sft:
+        out = sft_update(model, cfg, [expert(cfg, tok, r, search) for r in rows])
+    else:
+        mixed = mix_experts(cfg, tok, rows, search, trajs, scores) if cfg.expert_mix else 0
+        adv = grpo.group_advantages([s["reward"] for s in scores], cfg.group_size, cfg.scale_std).to(device)  # (B,)
+        out = grpo_update(model, ref, cfg, trajs, adv, [t.expert for t in trajs])
+        out["adv_sq"] = (adv.double() ** 2).sum()
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    finite = math.isfinite(grad_norm.item()) and bool(torch.isfinite(out["loss"]))
     if finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     lr = scheduler.get_last_lr()[0]
     scheduler.step()
-    t_update = time.perf_counter() - t1
-    n, ntok = tot["n"], max(n_tok.item(), 1.0)
-    rec = {"step": step + 1, "loss": tot["loss"], **{k: tot[k] / n for k in ("reward", "accuracy", "format",
-                                                                             "searches", "response_tokens")},
-           **{k: tot[k] / ntok for k in per_tok}, "ratio_max": extremes[0].item(), "ratio_min": -extremes[1].item(),
-           "adv_std": math.sqrt(tot["adv_sq"] / n), "grad_norm": grad_norm.item(), "lr": lr, "skipped": not finite,
-           "rollout_s": round(t_rollout, 3), "update_s": round(t_update, 3),
-           "rollout_tokens_per_s": round(tot["response_tokens"] / world / t_rollout, 1),
-           "peak_mem_gb": round(peak_memory_gib(device), 3)}
+    rec = {"step": step + 1, "phase": "sft" if sft else "grpo", **step_metrics(trajs, scores, out, mixed),
+           "grad_norm": grad_norm.item(), "lr": lr, "skipped": not finite, "rollout_s": round(t_rollout, 3),
+           "update_s": round(time.perf_counter() - t1, 3), "peak_mem_gb": round(peak_memory_gib(device), 3)}
+    if trajs:
+        rec["rollout_tokens_per_s"] = round(rec["response_tokens"] * len(trajs) / t_rollout, 1)
+    return rec
+
+
+def step_metrics(trajs: list, scores: list, out: dict, mixed: int) -> dict:
+    """Reduce over ranks in one collective: the loss, token-weighted loss metrics, and per trajectory every key of
+    the reward dicts (whatever grpo.reward returns), searches, response tokens and the advantage spread."""
+    per_tok = [k for k in ("kl", "clip_frac", "entropy", "ratio_mean") if k in out]
+    per_traj = {**{k: sum(s[k] for s in scores) for k in (scores[0] if scores else {})},
+                "searches": sum(len(t.queries) for t in trajs), "response_tokens": sum(sum(t.mask) for t in trajs)}
+    if "adv_sq" in out:
+        per_traj["adv_sq"] = out["adv_sq"]
+    vals = {"loss": out["loss"], "expert_rows": mixed, "n": len(trajs), **{k: out[k] for k in per_tok}, **per_traj}
+    totals = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=out["loss"].device).reshape(())
+                          for v in vals.values()])
+    dist.all_reduce(totals)
+    tot = dict(zip(vals, totals.tolist(), strict=True))
+    n, ntok = max(tot["n"], 1.0), max(out["n_tok"].item(), 1.0)
+    rec = {"loss": tot["loss"], **{k: tot[k] / ntok for k in per_tok}}
+    if trajs:
+        rec.update({k: tot[k] / n for k in per_traj}, expert_rows=tot["expert_rows"])
+    if "adv_sq" in rec:
+        rec["adv_std"] = math.sqrt(rec.pop("adv_sq"))
+    if "ratio_max" in out:
+        rec.update(ratio_max=out["ratio_max"].item(), ratio_min=out["ratio_min"].item())
     return rec
 
 
@@ -313,8 +485,10 @@ def save_checkpoint(out: Path, model, tok, optimizer, scheduler, cfg: Config, st
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "state"))  # sharded: each rank writes its part
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     torch.save(torch.get_rng_state(), tmp / f"rng_rank{rank}.pt")
-    if rank == 0:  # a plain Hugging Face folder: from_pretrained / kr1.py --model
-        model.save_pretrained(tmp / "hf", state_dict=full)
+    if rank == 0:  # a plain Hugging Face folder: from_pretrained / kr1.py --model; LoRA: also adapter/ (PEFT)
+        if cfg.lora_rank:
+            save_adapter(tmp / "adapter", full, cfg)
+        model.save_pretrained(tmp / "hf", state_dict=merged(full, cfg) if cfg.lora_rank else full)
         tok.save_pretrained(tmp / "hf")
         (tmp / "trainer.json").write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict(),
                                                       "config": dataclasses.asdict(cfg)}, indent=1))
@@ -353,9 +527,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     rank, world, device = init_distributed()
     try:
-        if cfg.prompts_per_step % world:
-            raise SystemExit(f"train.py: error: --prompts-per-step {cfg.prompts_per_step} is not divisible by "
-                             f"the world size {world}")
+        if cfg.prompts_per_step % world or cfg.sft_batch % world:
+            raise SystemExit(f"train.py: error: --prompts-per-step {cfg.prompts_per_step} and --sft-batch "
+                             f"{cfg.sft_batch} must be divisible by the world size {world}")
         rows = load_questions(cfg)
         index = retrieval.open_index(cfg.index)  # each rank mmap-loads the same files: the OS shares the pages
         search = lambda qs: index.search(qs, k=cfg.top_k_passages)
@@ -363,13 +537,15 @@ def main(argv: list[str] | None = None) -> int:
         cuda = device.type == "cuda"
         mesh = init_device_mesh(device.type, (world,))
         model, tok = rollout.load_model(spec, dtype=torch.float32, device=device)  # fp32 = the optimizer's master
-        model = shard_model(model, mesh, cuda, train=True)
+        if cfg.lora_rank:
+            add_lora(model, cfg)
+        model = shard_model(model, mesh, cuda, train=True, ckpt=cfg.grad_ckpt)
         ref = None
         if cfg.beta > 0:  # frozen copy, sharded the same way, no optimizer state; bf16 on GPU (it computes in bf16)
             ref, _ = rollout.load_model(spec, dtype=torch.bfloat16 if cuda else torch.float32, device=device)
             ref = shard_model(ref.requires_grad_(False).eval(), mesh, cuda, train=False)
             ref.set_reshard_after_forward(True)  # FSDP2 keeps the root gathered for a backward that never comes
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay,
                                       betas=(0.9, 0.99), fused=cuda)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         out = Path(cfg.out)
@@ -377,25 +553,25 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+            truncate_log(out / "log.jsonl", start)
         if cfg.wandb and rank == 0:
             import wandb
 
             wandb.init(project="knowledge-r1", config=dataclasses.asdict(cfg))
-        per_rank = cfg.prompts_per_step // world
-        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="grpo", disable=rank != 0)
+        total = cfg.sft_steps + cfg.steps
+        bar = tqdm(range(start, total), initial=start, total=total, desc="train", unit="step", disable=rank != 0)
         for step in bar:
-            idx = step_prompts(len(rows), step, cfg.prompts_per_step, cfg.seed)[rank * per_rank : (rank + 1) * per_rank]
-            rec = train_step(model, ref, tok, optimizer, scheduler, cfg, [rows[i] for i in idx], search, step)
+            rec = train_step(model, ref, tok, optimizer, scheduler, cfg, step_rows(cfg, rows, step), search, step)
             if rank == 0:
                 with open(out / "log.jsonl", "a") as f:
                     f.write(json.dumps(rec) + "\n")
-                bar.set_postfix(reward=f"{rec['reward']:.2f}", acc=f"{rec['accuracy']:.2f}",
-                                fmt=f"{rec['format']:.2f}", tok_s=rec["rollout_tokens_per_s"])
+                bar.set_postfix({k: f"{rec[k]:.2f}" for k in ("loss", "reward", "accuracy", "format") if k in rec},
+                                phase=rec["phase"])
                 if rec["skipped"]:
                     tqdm.write(f"step {step + 1}: non-finite loss or gradient norm; update skipped")
                 if cfg.wandb:
                     wandb.log(rec, step=step + 1)
-            if step + 1 == cfg.steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+            if step + 1 in (total, cfg.sft_steps) or (cfg.save_every and (step + 1) % cfg.save_every == 0):
                 save_checkpoint(out, model, tok, optimizer, scheduler, cfg, step + 1)
         return 0
     except (retrieval.RetrievalError, rollout.ModelLoadError) as e:
