@@ -24,6 +24,7 @@ from grpo import (
     is_candidate_list,
     normalize_answer,
     reward,
+    sft_loss,
     token_logprobs,
 )
 
@@ -107,23 +108,27 @@ def test_format_reward(responses, expected):
 
 
 # ----------------------------------------------------------------------------- reward + hacks
+def traj(answer, responses):
+    return types.SimpleNamespace(answer=answer, responses=responses)  # what reward() reads of a Trajectory
+
+
 def test_reward_sums_weighted_parts():
-    assert reward("Cincinnati", GOOD, ["Cincinnati, Ohio", "Cincinnati"]) == {
+    assert reward(traj("Cincinnati", GOOD), ["Cincinnati, Ohio", "Cincinnati"]) == {
         "reward": 2.0,
         "accuracy": 1.0,
         "format": 1.0,
     }
-    assert reward("Dayton", GOOD, ["Cincinnati"]) == {"reward": 1.0, "accuracy": 0.0, "format": 1.0}
-    assert reward(None, GOOD[:-1], ["Cincinnati"]) == {"reward": -1.0, "accuracy": 0.0, "format": -1.0}
-    r = reward("Cincinnati", ["<answer>Cincinnati</answer>"], ["Cincinnati"], w_acc=2.0, w_fmt=0.5)
+    assert reward(traj("Dayton", GOOD), ["Cincinnati"]) == {"reward": 1.0, "accuracy": 0.0, "format": 1.0}
+    assert reward(traj(None, GOOD[:-1]), ["Cincinnati"]) == {"reward": -1.0, "accuracy": 0.0, "format": -1.0}
+    r = reward(traj("Cincinnati", ["<answer>Cincinnati</answer>"]), ["Cincinnati"], w_acc=2.0, w_fmt=0.5)
     assert r == {"reward": 1.5, "accuracy": 1.0, "format": -1.0}
-    assert reward("Ohio Cincinnati", GOOD, ["Cincinnati"], acc="f1")["accuracy"] == pytest.approx(2 / 3)
+    assert reward(traj("Ohio Cincinnati", GOOD), ["Cincinnati"], acc="f1")["accuracy"] == pytest.approx(2 / 3)
     with pytest.raises(ValueError):
-        reward("x", GOOD, ["x"], acc="bleu")
+        reward(traj("x", GOOD), ["x"], acc="bleu")
 
 
 def test_empty_answer_earns_nothing():
-    r = reward("", ["<think>x</think><answer></answer>"], ["The"], acc="f1")  # gold normalises to "" too
+    r = reward(traj("", ["<think>x</think><answer></answer>"]), ["The"], acc="f1")  # gold normalises to "" too
     assert r == {"reward": -1.0, "accuracy": 0.0, "format": -1.0}
 
 
@@ -228,7 +233,8 @@ def test_loss_and_grad_match_float64_reference(agg, beta, clip):
 
 def test_metrics_values():
     logp, old, ref, mask, adv, ent = random_batch()
-    _, met = grpo_loss(logp.float(), old.float(), adv.float(), mask, ref.float(), 0.0, entropy=ent.float())
+    _, met = grpo_loss(logp.float(), old.float(), adv.float(), mask, ref.float(), 0.0, clip_high=0.28,
+                       entropy=ent.float())
     ratio = torch.exp(logp - old)[mask]
     k3 = (torch.exp(ref - logp) - (ref - logp) - 1)[mask]
     lo, hi = (
@@ -272,7 +278,7 @@ def test_global_normaliser_makes_accumulation_exact(agg):
 def test_on_policy_ratio_is_one_and_gradient_is_policy_gradient():
     logp, _, _, mask, adv, _ = random_batch()
     lp = logp.clone().requires_grad_()
-    loss, met = grpo_loss(lp, lp.detach(), adv, mask)
+    loss, met = grpo_loss(lp, lp.detach(), adv, mask, agg="token")
     for k in ("ratio_mean", "ratio_min", "ratio_max"):
         assert met[k].item() == 1.0
     assert met["clip_frac"].item() == 0.0 and met["kl"].item() == 0.0
@@ -454,3 +460,35 @@ def test_chunked_logprobs_peak_memory():
     assert m["chunked"] < bound < 0.6 * m["btv4"], mb
     assert m["chunked"] < m["full"] - 0.75 * m["btv4"], mb
     assert m["full"] > 2 * m["btv4"], mb  # the comparison is real: the unchunked path holds >= 2 copies of logits
+
+
+# ----------------------------------------------------------------------------- warm-start, masked head
+def test_sft_loss_is_the_masked_mean_nll():
+    logp = torch.tensor([[-1.0, -2.0, float("-inf")], [-0.5, -4.0, -3.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])  # the -inf sits at a masked (context) slot
+    loss = sft_loss(logp, mask)
+    assert loss.item() == pytest.approx((1 + 2 + 4 + 3) / 4)
+    loss.backward()
+    assert torch.equal(logp.grad, -mask / 4)  # finite everywhere: the masked -inf never reached the gradient
+    assert sft_loss(logp, mask, normaliser=8.0).item() == pytest.approx(10 / 8)  # global count over micro-batches
+
+
+def test_token_logprobs_loss_mask_equals_full_head_at_masked_positions():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=64))
+    ids = torch.randint(0, 300, (2, 12))
+    attn = torch.ones_like(ids)
+    attn[1, 9:] = 0  # right padding
+    mask = torch.zeros(2, 11)
+    mask[0, 3:7], mask[1, 5:8] = 1, 1
+    full, ent_full = token_logprobs(model, ids, attn, 0.7, chunk_size=5, with_entropy=True)
+    part, ent_part = token_logprobs(model, ids, attn, 0.7, chunk_size=5, with_entropy=True, loss_mask=mask)
+    m = mask.bool()
+    torch.testing.assert_close(part[m], full[m])
+    torch.testing.assert_close(ent_part[m], ent_full[m])
+    assert torch.all(part[~m] == 0) and torch.all(ent_part[~m] == 0)
+    part[m].sum().backward()  # gradients flow through the scatter to the selected positions' head inputs
+    assert model.lm_head.weight.grad.abs().sum() > 0

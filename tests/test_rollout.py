@@ -456,3 +456,24 @@ def test_smollm2_matches_generate_and_intercepts(smol, index):
         assert "Frank Herbert" in t.messages[3]["content"]
         check_template(tok, t)
         assert max_logp_err(scripted, t) < 1e-4
+
+
+def test_expert_trajectory_follows_the_rollout_contract(tok, index):
+    """Gold trajectories for the warm-start: the ids and mask the engine would produce for the same turns, real
+    retrieved passages as observations, well-formed (format +1) and correct."""
+    import grpo
+
+    search = lambda qs: index.search(qs, k=2)
+    question = "In which year was the novel by Frank Herbert published?"
+    t = R.expert_trajectory(tok, question, "1965", ["Frank Herbert", "Dune (novel)"], search, max_turns=2)
+    obs = [m["content"] for m in t.messages if m["role"] == "user"][1:]
+    ids, mask, msgs = expected(tok, question, t.responses, obs)
+    assert (t.ids, t.mask, t.messages) == (ids, mask, msgs)  # token for token what the template renders
+    assert t.prompt_len == mask.index(1) and len(t.logprobs) == len(t.ids) and t.expert and t.stop == "answer"
+    assert tok.decode([x for x, m in zip(t.ids, t.mask) if m]) == "".join(t.responses)  # mask 1 = assistant text
+    assert t.queries == ["Frank Herbert", "Dune (novel)"] and t.turns == 3
+    assert "Title: Frank Herbert" in obs[0] and "Dune is a 1965" in obs[1]  # real BM25 hits as the context
+    assert R.FINAL_TURN not in obs[0] and R.FINAL_TURN in obs[1]  # the same final-turn notice as a rollout
+    assert grpo.format_reward(t.responses) == 1.0 and grpo.exact_match(t.answer, ["1965"]) == 1.0
+    one = R.expert_trajectory(tok, question, "1965", ["Frank Herbert", "Dune (novel)"], search, max_turns=1)
+    assert one.queries == ["Frank Herbert"] and R.FINAL_TURN in one.messages[-2]["content"]
