@@ -94,7 +94,7 @@ def evaluate(args, rows: list[dict], model, tok, index) -> dict:
     titles: dict = {}
     search = recording_search(index, args.k, titles)
     out = open(args.out, "w", encoding="utf-8") if args.out else None  # closed after the loop
-    totals = {"em": 0.0, "f1": 0.0, "cover_em": 0.0, "searches": 0, "gen_tokens": 0, "tagged": 0}
+    totals = {"em": 0.0, "f1": 0.0, "cover_em": 0.0, "searches": 0, "gen_tokens": 0, "tagged": 0, "well_formed": 0}
     t0 = time.perf_counter()
     bar = tqdm(total=len(rows), desc=f"eval {args.mode}", unit="q")
     for start in range(0, len(rows), args.batch_size):
@@ -109,9 +109,11 @@ def evaluate(args, rows: list[dict], model, tok, index) -> dict:
             totals["searches"] += len(t.queries)
             totals["gen_tokens"] += sum(t.mask)
             totals["tagged"] += t.answer is not None
+            well_formed = grpo.format_reward(t.responses) > 0  # the training format rule (+1)
+            totals["well_formed"] += well_formed
             if out:
-                out.write(json.dumps({"id": r.get("id"), "question": r["question"], "prediction": pred,
-                                      "tagged": t.answer is not None,
+                out.write(json.dumps({"id": r.get("id"), "type": r.get("type"), "question": r["question"],
+                                      "prediction": pred, "tagged": t.answer is not None, "well_formed": well_formed,
                                       "answers": r["answers"], **scores, "stop": t.stop, "turns": t.turns,
                                       "queries": t.queries, "retrieved": [[titles.get(d, d) for d in ids]
                                                                           for ids in t.doc_ids],
@@ -124,7 +126,8 @@ def evaluate(args, rows: list[dict], model, tok, index) -> dict:
     n, secs = len(rows), time.perf_counter() - t0
     summary = {"file": str(args.eval), "mode": args.mode, "n": n, "em": round(totals["em"] / n, 4),
                "f1": round(totals["f1"] / n, 4), "cover_em": round(totals["cover_em"] / n, 4),
-               "tagged": round(totals["tagged"] / n, 4), "searches_per_q": round(totals["searches"] / n, 3),
+               "tagged": round(totals["tagged"] / n, 4), "well_formed": round(totals["well_formed"] / n, 4),
+               "searches_per_q": round(totals["searches"] / n, 3),
                "gen_tokens_per_q": round(totals["gen_tokens"] / n, 1), "seconds": round(secs, 1)}
     print(json.dumps(summary))
     return summary

@@ -89,6 +89,8 @@ def test_ask_default_model_and_corpus_prints_a_trace():
     (["--eval", "EMPTYQ"], "qa.jsonl:1: needs a non-empty 'question'"),
     (["--ask", "hi", "--model", "/nonexistent/model"], "cannot load model"),
     (["--ask", "hi", "--index", "/nonexistent/index"], "index directory not found"),
+    (["--ask", "hi", "--adapter", "/nonexistent/adapter"], "cannot load LoRA adapter"),
+    (["--ask", "hi", "--adapter", "/nonexistent/adapter", "--no-adapter"], "exclude each other"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, message):
     bad = tmp_path / "qa.jsonl"

@@ -49,29 +49,71 @@ def weights(ckpt: Path) -> dict:
     return load_file(ckpt / "hf" / "model.safetensors")
 
 
-def test_two_ranks_four_steps_equal_two_plus_resume_plus_two(coin_policy):
-    d = coin_policy
-    torchrun(*common_flags(d), "--steps", "4", "--lr", "1e-3", "--save-every", "2", "--out", str(d / "a"))
-    log = [json.loads(x) for x in (d / "a" / "log.jsonl").read_text().splitlines()]
+LORA = ["--lora-rank", "4", "--sft-steps", "1", "--sft-batch", "2", "--sft-lr", "1e-2", "--expert-mix"]
+
+
+@pytest.mark.parametrize("extra", [[], LORA], ids=["full", "lora-sft-mix"])
+def test_two_ranks_four_steps_equal_two_plus_resume_plus_two(coin_policy, extra, tmp_path):
+    """FSDP2 on 2 gloo ranks, exact resume: full fine-tuning, and LoRA + 1 SFT step + 3 GRPO steps with mixing."""
+    d, run_a, run_b = coin_policy, tmp_path / "a", tmp_path / "b"
+    flags = [*common_flags(d), *extra, "--steps", "3" if extra else "4", "--lr", "1e-3", "--save-every", "2"]
+    torchrun(*flags, "--out", str(run_a))
+    log = [json.loads(x) for x in (run_a / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert [r["phase"] for r in log] == ["sft"] * bool(extra) + ["grpo"] * (4 - bool(extra))
     assert all(torch.isfinite(torch.tensor(r["loss"])) and not r["skipped"] for r in log)
-    assert any(r["adv_std"] > 0 for r in log)  # the groups disagreed: there was a learning signal
-    assert (d / "a" / "latest").read_text().strip() == "checkpoints/step_000004"
+    assert any(r.get("adv_std", 0) > 0 for r in log)  # the groups disagreed: there was a learning signal
+    assert (run_a / "latest").read_text().strip() == "checkpoints/step_000004"
     before = load_file(d / "policy" / "model.safetensors")
-    after2 = weights(d / "a" / "checkpoints" / "step_000002")
+    after2 = weights(run_a / "checkpoints" / "step_000002")
     assert max((after2[k] - before[k]).abs().max().item() for k in before) > 1e-5  # two steps changed the weights
 
-    torchrun(*common_flags(d), "--steps", "4", "--lr", "1e-3", "--save-every", "2", "--out", str(d / "b"),
-             "--resume", str(d / "a" / "checkpoints" / "step_000002"))
-    log_b = [json.loads(x) for x in (d / "b" / "log.jsonl").read_text().splitlines()]
+    torchrun(*flags, "--out", str(run_b), "--resume", str(run_a / "checkpoints" / "step_000002"))
+    log_b = [json.loads(x) for x in (run_b / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log_b] == [3, 4]  # the data position and step count came back
     assert [r["reward"] for r in log_b] == [r["reward"] for r in log[2:]]
-    straight = weights(d / "a" / "checkpoints" / "step_000004")
-    resumed = weights(d / "b" / "checkpoints" / "step_000004")
+    straight = weights(run_a / "checkpoints" / "step_000004")
+    resumed = weights(run_b / "checkpoints" / "step_000004")
     assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) <= 1e-6
 
-    hf = Qwen2ForCausalLM.from_pretrained(d / "b" / "checkpoints" / "step_000004" / "hf")  # a plain HF folder
+    hf = Qwen2ForCausalLM.from_pretrained(run_b / "checkpoints" / "step_000004" / "hf")  # a plain HF folder
     assert hf.config.num_hidden_layers == 2
+
+
+def test_lora_adapter_loads_in_peft_with_the_same_logits(coin_policy, tmp_path):
+    """The adapter train.py writes is a PEFT LoRA: peft's PeftModel, our merge-at-load and the merged hf/ folder
+    give the same logits, and they differ from the base (training moved it)."""
+    peft = pytest.importorskip("peft")
+    d = coin_policy
+    run([sys.executable, str(ROOT / "train.py"), *common_flags(d), *LORA, "--steps", "1", "--lr", "1e-2",
+         "--save-every", "0", "--out", str(tmp_path / "run")])
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000002"
+    keys = load_file(ckpt / "adapter" / "adapter_model.safetensors")
+    assert keys and all(k.startswith("base_model.model.model.layers.") and ".lora_" in k for k in keys)
+    ids = torch.tensor([rollout.prompt_ids(AutoTokenizer.from_pretrained(d / "policy"),
+                                           rollout.prompt_messages(QUESTION, "agent"))])  # (1, T)
+    with torch.no_grad():
+        base = Qwen2ForCausalLM.from_pretrained(d / "policy").eval()
+        ref = base(ids).logits
+        via_peft = peft.PeftModel.from_pretrained(base, ckpt / "adapter").eval()(ids).logits
+        ours = rollout.load_model(str(d / "policy"), adapter=ckpt / "adapter")[0](ids).logits
+        folder = Qwen2ForCausalLM.from_pretrained(ckpt / "hf").eval()(ids).logits
+    torch.testing.assert_close(ours, via_peft, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(folder, via_peft, atol=1e-4, rtol=1e-4)
+    assert (via_peft - ref).abs().max() > 1e-3
+    with pytest.raises(rollout.ModelLoadError, match="LoRA adapter"):
+        rollout.load_model(str(d / "policy"), adapter=tmp_path / "no-adapter-here")
+
+
+def test_resume_drops_log_lines_past_the_checkpoint(tmp_path):
+    """A run killed after logging step 3 but before saving it resumes from step 2: step 3 must not appear twice."""
+    import train
+
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 0.0}) + "\n" for s in (1, 2, 3)))
+    train.truncate_log(log, 2)
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2]
+    train.truncate_log(tmp_path / "absent.jsonl", 2)  # a first run has no log yet
 
 
 def completion_margin(model_dir: Path) -> float:
