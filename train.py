@@ -549,8 +549,9 @@ def main(argv: list[str] | None = None) -> int:
             ref = shard_model(ref.requires_grad_(False).eval(), mesh, cuda, train=False)
             if isinstance(ref, FSDPModule):
                 ref.set_reshard_after_forward(True)  # FSDP2 keeps the root gathered for a backward that never comes
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                      betas=(0.9, 0.99), fused=cuda)
+        trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: only the adapters
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99),
+                                      fused=cuda)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         out = Path(cfg.out)
         start = load_checkpoint(resolve_checkpoint(cfg.resume), model, optimizer, scheduler) if cfg.resume else 0

@@ -27,8 +27,8 @@ def main() -> None:
             by_type[r.get("type")].append(r["em"])
         cells = [f"{sum(by_type[t]) / len(by_type[t]):.3f} ({len(by_type[t])})" if by_type[t] else "" for t in TYPES]
         print(f"| {f.stem} | {len(rows)} | {mean('em'):.3f} | {mean('f1'):.3f} | {mean('cover_em'):.3f} | "
-              f"{mean('tagged'):.3f} | {mean('well_formed'):.3f} | {sum(len(r['queries']) for r in rows) / len(rows):.2f} "
-              f"| " + " | ".join(cells) + " |")
+              f"{mean('tagged'):.3f} | {mean('well_formed'):.3f} | "
+              f"{sum(len(r['queries']) for r in rows) / len(rows):.2f} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
