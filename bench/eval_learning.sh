@@ -3,12 +3,12 @@
 # the shipped (final) adapter, the warm-start-only checkpoint and the untrained base on 2Wiki test (first 200) in
 # agent / rag / direct modes, data/qa.jsonl, and MuSiQue + HotpotQA (transfer). Then bench/eval_table.py.
 #
-#   bash bench/eval_learning.sh [RUN_DIR] [WARM_STEP] [FINAL_STEP]     # default runs/smollm2-2wiki 16 32
+#   bash bench/eval_learning.sh [RUN_DIR] [WARM_STEP] [FINAL_STEP]     # default runs/smollm2-2wiki 16 44
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:-runs/smollm2-2wiki}
 WARM=$RUN/checkpoints/step_$(printf %06d "${2:-16}")/adapter
-FINAL=$RUN/checkpoints/step_$(printf %06d "${3:-32}")/adapter
+FINAL=$RUN/checkpoints/step_$(printf %06d "${3:-44}")/adapter
 D=../shared/data
 O=$RUN/eval
 mkdir -p "$O"
