@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="write per-question results (JSONL) here")
     p.add_argument("--json", action="store_true", help="--ask: print one JSON object")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--fp32", action="store_true", help="CPU: no bf16 autocast (default: bf16 where the CPU has it)")
+    p.add_argument("--bf16", action="store_true", help="CPU: bf16 autocast where the CPU has AVX512-BF16 (off by "
+                   "default: slower than fp32 on the 2-core reference machine, see BENCHMARKS.md)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.ask is not None and not args.ask.strip():
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             name = (args.model or "SmolLM2-135M-Instruct (embedded)") + (f" + adapter {adapter}" if adapter else "")
             print(f"loaded {name} in {time.perf_counter() - t0:.1f} s on {args.device}"
                   + (f"; corpus: {len(index):,} passages" if index else ""), file=sys.stderr)
-        with contextlib.nullcontext() if args.fp32 else rollout.bf16_autocast(args.device):
+        with rollout.bf16_autocast(args.device) if args.bf16 else contextlib.nullcontext():
             if args.ask:
                 ask(args, model, tok, index)
             else:

@@ -6,13 +6,20 @@
     torchrun --nproc_per_node=8 train.py --model Qwen/Qwen2.5-7B-Instruct --index runs/index-wiki18 \
         --prompts-per-step 16 --out runs/qwen7b                                             # 7B on 8x40 GB
     python train.py --resume runs/kr1                      # continue exactly where the last checkpoint stopped
+    python train.py --preset smollm2-2wiki                 # the shipped adapter: LoRA, SFT warm-start, GRPO + mixing
 
-One step: every rank takes its share of the step's prompts, unshards its FSDP parameters once, generates G
+Optional warm-start first (--sft-steps): SFT on expert trajectories (rollout.expert_trajectory: search the
+supporting titles, answer the gold), the masked NLL of grpo.sft_loss. With --expert-mix, a GRPO group with no
+correct sample gets its expert trajectory as the last sample (David-GRPO). --lora-rank R trains LoRA adapters
+(forward hooks, PEFT parameter names) and saves them as a PEFT adapter beside the merged model.
+
+One GRPO step: every rank takes its share of the step's prompts, unshards its FSDP parameters once, generates G
 trajectories per prompt with rollout.py (searching retrieval.py's mmap-loaded index), reshards, scores them
 (grpo.reward), turns rewards into group advantages, and runs the GRPO loss over micro-batches with chunked
 log-probs and per-layer activation checkpointing. Parameters are fp32 and sharded (the optimizer's master copy);
 on GPU they are gathered in bf16 for compute and gradients are reduce-scattered in fp32. Logs: one JSON line per
-step in OUT/log.jsonl; checkpoints: OUT/checkpoints/step_N/{hf/, state/, trainer.json} and OUT/latest.
+step in OUT/log.jsonl; checkpoints: OUT/checkpoints/step_N/{hf/, adapter/ (LoRA), state/, trainer.json} and
+OUT/latest. A CPU world of one trains the plain module (no FSDP wrapper).
 """
 
 from __future__ import annotations
