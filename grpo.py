@@ -39,6 +39,11 @@ Against the GRPO paper (DeepSeekMath, Shao et al. 2024), choice by choice:
              "const": sum / constant, e.g. max_response_len * num_sequences (Dr. GRPO).
              `normaliser` is the *global* count (tokens, sequences or the constant) over every micro-batch and
              rank of one optimizer step, so accumulated micro-batch gradients equal the one-big-batch gradient.
+  warm-start `sft_loss`: masked mean of -log p over expert trajectories' assistant tokens, before GRPO. Not in the
+             paper (its policy already follows the format); below ~1B a model that never emits the protocol gives
+             every group equal rewards and GRPO exactly zero gradient (Search-R1-style GRPO at 0.5B: 0 EM).
+  mixing     David-GRPO (arXiv 2601.21699): an expert trajectory replaces one sample of a group in which no sample
+             is correct (train.py --expert-mix); its old log-probs are the current ones, so ratio = 1 there.
 Masked positions (prompt, retrieved passages, template glue, padding) are selected away with torch.where, never
 multiplied by 0, so inf/NaN there cannot reach the loss or the gradient.
 """

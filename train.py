@@ -430,9 +430,10 @@ def train_step(model, ref, tok, optimizer, scheduler, cfg: Config, rows: list[di
     if sft:
         out = sft_update(model, cfg, [expert(cfg, tok, r, search) for r in rows])
     else:
-        mixed = mix_experts(cfg, tok, rows, search, trajs, scores) if cfg.expert_mix else 0
-        adv = grpo.group_advantages([s["reward"] for s in scores], cfg.group_size, cfg.scale_std).to(device)  # (B,)
-        out = grpo_update(model, ref, cfg, trajs, adv, [t.expert for t in trajs])
+        batch, batch_scores = list(trajs), list(scores)  # logged metrics stay on-policy; the loss sees the mix
+        mixed = mix_experts(cfg, tok, rows, search, batch, batch_scores) if cfg.expert_mix else 0
+        adv = grpo.group_advantages([s["reward"] for s in batch_scores], cfg.group_size, cfg.scale_std)  # (B,)
+        out = grpo_update(model, ref, cfg, batch, adv.to(device), [t.expert for t in batch])
         out["adv_sq"] = (adv.double() ** 2).sum()
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
