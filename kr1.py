@@ -33,6 +33,8 @@ import rollout
 
 DEFAULT_QA = Path(__file__).resolve().parent / "data" / "qa.jsonl"
 DEFAULT_ADAPTER = Path(__file__).resolve().parent / "data" / "smollm2-kr1-lora"  # trained by train.py, see README
+SHIPPED = dict(k=2, max_turns=2, max_turn_tokens=64, max_total_tokens=768)  # what the shipped adapter trained with
+GENERIC = dict(k=3, max_turns=4, max_turn_tokens=512, max_total_tokens=2048)  # any other model (the 1.5B recipe)
 
 
 def prediction(traj: rollout.Trajectory) -> str:
@@ -154,10 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--index", help="index dir from `retrieval.py build`, or a corpus .jsonl (built once into the "
                    "cache) (default: embedded Wikipedia summaries)")
     p.add_argument("--mode", choices=["direct", "rag", "agent"], default="agent", help="default: agent")
-    p.add_argument("--k", type=int, default=3, help="passages per search (default 3)")
-    p.add_argument("--max-turns", type=int, default=4, help="searches allowed before the forced answer (default 4)")
-    p.add_argument("--max-turn-tokens", type=int, default=512, help="tokens per assistant turn (default 512)")
-    p.add_argument("--max-total-tokens", type=int, default=2048, help="tokens after the prompt (default 2048)")
+    p.add_argument("--k", type=int, help="passages per search (default 2 with the shipped adapter, else 3)")
+    p.add_argument("--max-turns", type=int, help="searches allowed before the forced answer (default 2 / 4)")
+    p.add_argument("--max-turn-tokens", type=int, help="tokens per assistant turn (default 64 / 512)")
+    p.add_argument("--max-total-tokens", type=int, help="tokens after the prompt (default 768 / 2048)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
     p.add_argument("--batch-size", type=int, default=16, help="questions per batched rollout (default 16)")
@@ -170,11 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.ask is not None and not args.ask.strip():
         p.error("--ask needs a non-empty question")
-    if args.k < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
-        p.error("--k, --batch-size and --limit must be >= 1")
     if args.adapter and args.no_adapter:
         p.error("--adapter and --no-adapter exclude each other")
     adapter = args.adapter or (None if args.model or args.no_adapter else DEFAULT_ADAPTER)
+    for key, v in (SHIPPED if adapter == DEFAULT_ADAPTER else GENERIC).items():  # unset budgets: the model's own
+        setattr(args, key, v if getattr(args, key) is None else getattr(args, key))
+    if args.k < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        p.error("--k, --batch-size and --limit must be >= 1")
     torch.manual_seed(args.seed)
     try:
         rows = retrieval.read_qa(args.eval)[: args.limit] if args.eval else None  # a bad file fails before loading

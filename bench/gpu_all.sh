@@ -22,16 +22,18 @@ python bench/bench_rollout.py --gpu --out "$OUT/rollout.json" 2>&1 | tee "$OUT/r
 python bench/bench_train_step.py --out "$OUT/train_step.json" 2>&1 | tee "$OUT/train_step.log"
 
 python retrieval.py build --corpus "$DATA/corpus.jsonl" --out "$OUT/index-2wiki"
-eval_em() {  # $1 = tag, then extra flags (--model DIR); no --model = the embedded SmolLM2
+eval_em() {  # $1 = tag, then extra flags (--adapter DIR / --no-adapter); the shipped run's rollout settings
   tag=$1; shift
-  python kr1.py --eval "$DATA/test.jsonl" --index "$OUT/index-2wiki" --mode agent --batch-size 64 \
+  python kr1.py --eval "$DATA/test.jsonl" --index "$OUT/index-2wiki" --mode agent --batch-size 64 --limit 200 \
+    --k 2 --max-turns 2 --max-turn-tokens 64 --max-total-tokens 768 \
     --out "$OUT/eval-$tag.jsonl" "$@" | tail -n 1 | tee "$OUT/eval-$tag.summary"
 }
-eval_em before
-timeout 1200 python train.py --model default --dataset "$DATA/train.jsonl" --index "$OUT/index-2wiki" \
-  --out "$OUT/smollm2-2wiki" --steps 100 --prompts-per-step 16 --group-size 8 --lr 2e-6 --beta 0 --agg token \
-  --max-turns 3 --max-turn-tokens 256 --max-total-tokens 1536 --micro-batch 16 --save-every 25 \
-  2>&1 | tee "$OUT/train.log" || echo "training stopped (time limit); evaluating the last checkpoint"
-eval_em after --model "$OUT/smollm2-2wiki/$(cat "$OUT/smollm2-2wiki/latest")/hf"
+eval_em before --no-adapter
+eval_em shipped                     # data/smollm2-kr1-lora, trained on 2 CPU cores
+# the shipped recipe at GPU size: G = 8, all 464 train questions per SFT epoch and ~2 GRPO epochs
+timeout 1500 python train.py --preset smollm2-2wiki --dataset "$DATA/train.jsonl" --index "$OUT/index-2wiki" \
+  --out "$OUT/smollm2-2wiki" --group-size 8 --prompts-per-step 16 --sft-batch 16 --sft-steps 29 --steps 58 \
+  --micro-batch 8 --save-every 29 2>&1 | tee "$OUT/train.log" || echo "training stopped (time limit); evaluating the last checkpoint"
+eval_em after --adapter "$OUT/smollm2-2wiki/$(cat "$OUT/smollm2-2wiki/latest")/adapter"
 python bench/plot_log.py "$OUT/smollm2-2wiki/log.jsonl" --out "$OUT/curves.png" || echo "pip install matplotlib"
 echo "results in $OUT"
