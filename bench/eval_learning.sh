@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Before/after table of the learning run (greedy, the run's own rollout settings), one kr1.py --eval per cell:
 # the shipped (final) adapter, the warm-start-only checkpoint and the untrained base on 2Wiki test (first 200) in
-# agent / rag / direct modes, data/qa.jsonl, and MuSiQue + HotpotQA (transfer). Then bench/eval_table.py.
+# agent / rag / direct modes, data/qa.jsonl, and MuSiQue + HotpotQA (first 100 each; transfer). Then bench/eval_table.py.
 #
 #   bash bench/eval_learning.sh [RUN_DIR] [WARM_STEP] [FINAL_STEP]     # default runs/smollm2-2wiki 16 44
 set -euo pipefail
@@ -25,11 +25,11 @@ ev final-2wiki-agent "${W2[@]}" --adapter "$FINAL"
 ev warm-2wiki-agent "${W2[@]}" --adapter "$WARM"
 ev final-2wiki-rag "${W2[@]}" --adapter "$FINAL" --mode rag
 ev final-qa-agent --adapter "$FINAL"
-ev final-musique-agent "$D/musique/questions.jsonl" --index "$D/musique/corpus.jsonl" --limit 200 --adapter "$FINAL"
-ev final-hotpotqa-agent "$D/hotpotqa/questions.jsonl" --index "$D/hotpotqa/corpus.jsonl" --limit 200 --adapter "$FINAL"
+ev final-musique-agent "$D/musique/questions.jsonl" --index "$D/musique/corpus.jsonl" --limit 100 --adapter "$FINAL"
+ev final-hotpotqa-agent "$D/hotpotqa/questions.jsonl" --index "$D/hotpotqa/corpus.jsonl" --limit 100 --adapter "$FINAL"
 ev final-2wiki-direct "${W2[@]}" --adapter "$FINAL" --mode direct
 ev warm-2wiki-rag "${W2[@]}" --adapter "$WARM" --mode rag
-ev warm-qa-agent --adapter "$WARM"
 ev base-2wiki-agent "${W2[@]}" --no-adapter
+ev warm-qa-agent --adapter "$WARM"
 ev base-qa-agent --no-adapter
 python bench/eval_table.py "$O"
