@@ -168,8 +168,8 @@ def merge_lora(model, adapter: str | Path) -> None:
 
 
 def bf16_autocast(device: torch.device | str):
-    """bf16 autocast on a CPU with native bf16 (AVX512-BF16 / AMX: ~2.5x faster than fp32 for SmolLM2 here),
-    else a no-op (fp32 on other CPUs; on GPU the model itself is already bf16)."""
+    """bf16 autocast on a CPU with native bf16 instructions (AVX512-BF16 / AMX), else a no-op (on GPU the model
+    itself is already bf16). Opt-in (kr1.py / train.py --bf16): whether it pays depends on the CPU (BENCHMARKS.md)."""
     dev = torch.device(device)
     if dev.type == "cpu" and torch.cpu._is_avx512_bf16_supported():
         return torch.autocast("cpu", dtype=torch.bfloat16)

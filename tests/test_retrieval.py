@@ -163,3 +163,18 @@ def test_embedded_default_index_is_built_once_then_reused(tmp_path, monkeypatch)
     built = (idx.path / retrieval.MANIFEST).stat().st_mtime_ns
     assert retrieval.default_index().path == idx.path
     assert (idx.path / retrieval.MANIFEST).stat().st_mtime_ns == built  # reused, not rebuilt
+
+
+def test_a_corpus_file_as_index_is_built_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("KR1_CACHE", str(tmp_path / "cache"))
+    corpus = write_jsonl(tmp_path / "mini.jsonl", [{"id": i, "title": t, "text": x} for i, t, x in PASSAGES])
+    idx = retrieval.open_index(str(corpus))
+    assert idx.path.parent == tmp_path / "cache" / "index" and idx.path.name.startswith("mini-")
+    assert idx.search(["capital of Australia"], k=1)[0][0]["title"] == "Canberra"
+    built = (idx.path / retrieval.MANIFEST).stat().st_mtime_ns
+    assert retrieval.open_index(corpus).path == idx.path
+    assert (idx.path / retrieval.MANIFEST).stat().st_mtime_ns == built  # reused, not rebuilt
+    write_jsonl(corpus, [{"id": "p9", "title": "Oslo", "text": "Oslo is the capital of Norway."}])  # changed file
+    assert retrieval.open_index(corpus).path != idx.path  # a new index, not the stale one
+    with pytest.raises(RetrievalError, match="corpus file not found"):
+        retrieval.open_index(tmp_path / "absent.jsonl")
