@@ -1,4 +1,5 @@
-"""kr1.py, the user's CLI, run as a user runs it (subprocesses): --ask, --eval in three modes, bad input.
+"""kr1.py, the user's CLI: --ask and --eval in three modes run as a user runs them (subprocesses); bad input
+is checked in-process through kr1.main(argv), which needs no fresh interpreter per case.
 
     python -m pytest -q tests/test_kr1.py
 """
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import QUESTION, RIGHT, WRONG
 
 import kr1
@@ -23,6 +25,19 @@ def cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
     if ok:
         assert r.returncode == 0, r.stderr[-4000:]
     return r
+
+
+def main_in_process(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
+    """kr1.main(argv) in this interpreter: (exit code, stdout, stderr); argparse's exits (--help, usage errors)
+    are caught. The global RNG main seeds is restored; argv[0] is kr1.py, so usage lines read as a user sees them."""
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "kr1.py")])
+    with torch.random.fork_rng(devices=[]):
+        try:
+            code = kr1.main(list(args))
+        except SystemExit as e:
+            code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 def small(d: Path) -> list[str]:
@@ -95,20 +110,20 @@ def test_ask_default_model_and_corpus_prints_a_trace():
     (["--ask", "hi", "--adapter", "/nonexistent/adapter"], "cannot load LoRA adapter"),
     (["--ask", "hi", "--adapter", "/nonexistent/adapter", "--no-adapter"], "exclude each other"),
 ])
-def test_bad_input_is_one_clear_line(tmp_path, args, message):
+def test_bad_input_is_one_clear_line(tmp_path, capsys, monkeypatch, args, message):
     bad = tmp_path / "qa.jsonl"
     if "BAD" in args:
         bad.write_text('{"question": "q", "answers": ["a"]}\n{"question": \n')
     if "EMPTYQ" in args:
         bad.write_text('{"question": "  ", "answers": ["a"]}\n')
     args = [str(bad) if a in ("BAD", "EMPTYQ") else a for a in args]
-    r = cli(*args, ok=False)
-    last = r.stderr.strip().splitlines()[-1]
-    assert r.returncode == 2 and "Traceback" not in r.stderr and message in last, r.stderr[-3000:]
+    code, _, err = main_in_process(capsys, monkeypatch, *args)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in err and message in last, err[-3000:]
 
 
-def test_empty_question_and_help():
-    r = cli("--ask", "   ", ok=False)
-    assert r.returncode == 2 and "non-empty question" in r.stderr
-    r = cli("--help")
-    assert "--eval" in r.stdout and "--mode" in r.stdout and "agent" in r.stdout
+def test_empty_question_and_help(capsys, monkeypatch):
+    code, _, err = main_in_process(capsys, monkeypatch, "--ask", "   ")
+    assert code == 2 and "non-empty question" in err
+    code, out, _ = main_in_process(capsys, monkeypatch, "--help")
+    assert code == 0 and "--eval" in out and "--mode" in out and "agent" in out

