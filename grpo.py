@@ -163,8 +163,9 @@ def group_advantages(
 
 
 # ----------------------------------------------------------------------------- log-probs
-def _chunk_logp(head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor, temperature: float, with_entropy: bool):
-    logits = head(h).float()  # (n, V) float32: the one big tensor, alive for one chunk only
+def _chunk_logp(head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor, temperature: float, with_entropy: bool,
+                vocab: int | None = None):
+    logits = head(h)[:, :vocab].float()  # (n, V) float32: the one big tensor, alive for one chunk only
     if temperature != 1.0:
         logits = logits / temperature  # (n, V)
     logp = -F.cross_entropy(logits, y, reduction="none")  # (n,) fused log-softmax + gather: fewer (n, V) passes
@@ -184,6 +185,7 @@ def token_logprobs(
     chunk_size: int = 1024,
     with_entropy: bool = False,
     loss_mask: torch.Tensor | None = None,
+    vocab: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """logp[:, t] = log softmax(logits_t / temperature)[input_ids[:, t+1]], (B, T-1), never holding (B*T, V).
 
@@ -191,6 +193,8 @@ def token_logprobs(
     each chunk of `chunk_size` tokens is checkpointed: backward recomputes its logits instead of storing them.
     `loss_mask` (B, T-1): compute the head only where it is 1 (0.0 elsewhere): a trajectory's loss tokens are ~15 %
     of it (prompt and passages are context only), and the 49k-152k-wide head is ~20-50 % of a small model's FLOPs.
+    `vocab`: the softmax runs over the first `vocab` logits only, the tokenizer's ids, as rollout() samples them
+    (Qwen2.5's embedding has 151,936 rows for 151,665 ids); None = all.
     Usable as a bound method: `model.kr1_logprobs = types.MethodType(token_logprobs, model)`.
     """
     B, T = input_ids.shape
@@ -205,9 +209,9 @@ def token_logprobs(
     for s in range(0, hidden.shape[0], chunk_size):
         h, y = hidden[s : s + chunk_size], targets[s : s + chunk_size]  # (n, H), (n,)
         if grad:  # store only h (n, H); the (n, V) logits are rebuilt in backward
-            lp, ent = checkpoint(_chunk_logp, head, h, y, temperature, with_entropy, use_reentrant=False)
+            lp, ent = checkpoint(_chunk_logp, head, h, y, temperature, with_entropy, vocab, use_reentrant=False)
         else:
-            lp, ent = _chunk_logp(head, h, y, temperature, with_entropy)
+            lp, ent = _chunk_logp(head, h, y, temperature, with_entropy, vocab)
         logps.append(lp)
         ents.append(ent)
     zeros = hidden.new_zeros(B, T - 1, dtype=torch.float32)  # (B, T-1)

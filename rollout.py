@@ -2,10 +2,12 @@
 
 The model thinks in <think>, searches with <search>query</search>, reads passages that come back as a new user turn
 <context>...</context>, and ends with <answer>short answer</answer>. The conversation is rendered with the model's
-own chat template. All rows decode together over one KV cache without pad slots (RaggedCache); rows that stop on
-</search> are searched in one batched `search` call and their observation turn (template glue + user turn + next
-generation prompt, exactly the ids the template produces) is fed by one chunk forward of those rows over their
-cache: no re-prefill, no decode->re-tokenise of model output. Output per row: a `Trajectory` (the contract).
+own chat template. Each distinct prompt is prefilled once and its cache rows copied to its samples (GRPO's G);
+all rows then decode together over one KV cache without pad slots (RaggedCache); rows that stop on </search> are
+searched in one batched `search` call (optionally in a background thread while the other rows decode) and their
+observation turn (template glue + user turn + next generation prompt, exactly the ids the template produces) is
+fed by one chunk forward of those rows over their cache: no re-prefill, no decode->re-tokenise of model output.
+Output per row: a `Trajectory` (the contract). The loop's per-row state is a `Row`; its phases are functions.
 
 Modes: "agent" (multi-turn loop), "rag" (retrieve once with the question, passages in the user turn, one answer
 turn), "direct" (no retrieval, one answer turn). Also home of `load_model` (used by kr1.py and train.py).
@@ -24,7 +26,9 @@ import json
 import os
 import re
 import shutil
+import time
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +76,9 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0               # 0 = off
     greedy: bool = False         # argmax; log-probs then use temperature 1.0
+    share_prefix: bool = True    # prefill each distinct prompt once, copy its cache rows to its samples
+    search_lag: int = 0          # 0: search in the loop (every row waits); k > 0: in a background thread, results
+                                 # join exactly k steps later (reproducible); -1: as soon as ready (fastest)
 
 
 @dataclass
@@ -249,9 +256,11 @@ def turn_glue(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer(full[len(head):], add_special_tokens=False).input_ids
 
 
-def end_ids(tokenizer) -> set[int]:
-    """Tokens that end an assistant turn when sampled: eos and <|im_end|> if the vocabulary has it."""
-    return token_sets(tokenizer)[1]
+def end_ids(tokenizer, model=None) -> set[int]:
+    """Tokens that end an assistant turn when sampled: eos, <|im_end|> if the vocabulary has it, and every id of
+    the model's generation_config.eos_token_id (Qwen2.5-Instruct: [<|im_end|>, <|endoftext|>])."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return token_sets(tokenizer)[1] | set([eos] if isinstance(eos, int) else eos or [])
 
 
 def expert_trajectory(tokenizer, question: str, answer: str, queries: list[str], search,
@@ -271,7 +280,7 @@ def expert_trajectory(tokenizer, question: str, answer: str, queries: list[str],
     read = ""  # every passage shown so far
     for turn, (q, hits) in enumerate(zip(qs, search(qs) if qs else []), 1):
         quote = evidence(read, q) if turn > 1 else None
-        lead = f"{quote} Now I need to look up" if quote else "I need to look up" if turn == 1 else "Now I need to look up"
+        lead = "I need to look up" if turn == 1 else f"{quote + ' ' if quote else ''}Now I need to look up"
         _assistant_turn(t, tokenizer, f"<think> {lead} {q}. </think>\n<search> {q} </search>")
         t.queries.append(q)
         t.doc_ids.append([str(h["id"]) for h in hits])
@@ -339,50 +348,114 @@ def sample(logits: torch.Tensor, cfg: RolloutConfig, generator=None) -> tuple[to
 
 # ------------------------------------------------------------------------------------------------------ cache
 
-class RaggedCache(DynamicCache):
-    """KV cache without pad slots: each row holds exactly its own tokens, left-aligned, so column j of row r is its
+class RaggedCache:
+    """KV store without pad slots: each row holds exactly its own tokens, left-aligned, so column j of row r is its
     position j (keys are cached after RoPE). Per layer a buffer (B, kv_heads, capacity, head_dim) written in place,
     grown GROW columns at a time (DynamicCache torch.cat's the whole cache every step: 3x a decode step's KV
-    traffic). Decode forward: every row writes its one token at its own column, attends to the columns up to it.
-    Chunk forward (some rows): their prefixes gathered + the chunk; only real tokens are written back."""
+    traffic). The model never sees this object: each forward gets a `CacheStep` that carries that forward's plan."""
 
     def __init__(self):
-        super().__init__()
         self.k, self.v = [], []  # per layer (B, kv_heads, capacity, head_dim)
 
-    def plan(self, width: int, need: int, dst: tuple, rows=None, src=None):
-        """width: cached columns shown; need: columns held after the write; dst/src: (batch rows, :, columns) /
-        (input rows, :, input columns) of each token written; rows: a chunk's batch rows (None = decode)."""
-        self.width, self.need, self.dst, self.rows, self.src = width, need, dst, rows, src
+    def select(self, idx: torch.Tensor):
+        """Keep / repeat batch rows (one copy): drops finished rows, or copies a shared prompt's row to its samples."""
+        self.k, self.v = [b[idx] for b in self.k], [b[idx] for b in self.v]
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2] if self.k else 0
+
+
+@dataclass
+class Plan:
+    """One forward over a RaggedCache. Decode (rows None): every batch row writes its one token at its own column
+    and attends to the columns up to it. Chunk: only `rows` run; their cached prefixes are gathered in front of the
+    chunk and only real (non-pad) tokens are written back."""
+    width: int                 # cached columns shown to the model (the widest row among those that run)
+    need: int                  # columns the store must hold after this forward's writes
+    dst: tuple                 # (batch rows, :, columns) each written token goes to
+    rows: torch.Tensor | None = None  # a chunk's batch rows (None = decode)
+    src: tuple | None = None   # (input rows, :, input columns) of each written token (chunks)
+
+
+class CacheStep(DynamicCache):
+    """What the model gets as past_key_values for one forward: the shared RaggedCache and this forward's Plan."""
+
+    def __init__(self, store: RaggedCache, plan: Plan):
+        super().__init__()
+        self.store, self.plan = store, plan
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.width  # HF places the queries right after the cached columns it is shown
+        return self.plan.width  # HF places the queries right after the cached columns it is shown
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self.width + query_length, 0
-
-    def select(self, idx: torch.Tensor):
-        self.k, self.v = [b[idx] for b in self.k], [b[idx] for b in self.v]  # drop finished rows (one copy)
+        return self.plan.width + query_length, 0
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):  # (b, kv_heads, L, head_dim) each
-        out = []
-        for bufs, x in ((self.k, key_states), (self.v, value_states)):
-            if len(bufs) == layer_idx:  # first forward: every row (prompts)
-                bufs.append(x.new_zeros(len(self.rows), x.shape[1], self.need + GROW, x.shape[3]))  # zeros: finite
+        p, out = self.plan, []
+        for bufs, x in ((self.store.k, key_states), (self.store.v, value_states)):
+            if len(bufs) == layer_idx:  # first forward: the prompts
+                bufs.append(x.new_zeros(len(p.rows), x.shape[1], p.need + GROW, x.shape[3]))  # zeros: finite
             buf = bufs[layer_idx]
-            if buf.shape[2] < self.need:  # grow (one copy per GROW columns)
+            if buf.shape[2] < p.need:  # grow (one copy per GROW columns)
                 b, h, c, d = buf.shape
-                buf = bufs[layer_idx] = torch.cat([buf, buf.new_zeros(b, h, self.need + GROW - c, d)], 2)
-            if self.rows is None:
-                buf[self.dst] = x[:, :, 0]  # (b, kv_heads, head_dim) -> each row's own next column
-                out.append(buf[:, :, :self.width + 1])  # (b, kv_heads, width + 1, head_dim) a view, no copy
+                buf = bufs[layer_idx] = torch.cat([buf, buf.new_zeros(b, h, p.need + GROW - c, d)], 2)
+            if p.rows is None:
+                buf[p.dst] = x[:, :, 0]  # (b, kv_heads, head_dim) -> each row's own next column
+                out.append(buf[:, :, :p.width + 1])  # (b, kv_heads, width + 1, head_dim) a view, no copy
             else:
-                out.append(torch.cat([buf[self.rows, :, :self.width], x], 2))  # (c, kv_heads, width + L, head_dim)
-                buf[self.dst] = x[self.src]  # (n_real, kv_heads, head_dim)
+                out.append(torch.cat([buf[p.rows, :, :p.width], x], 2))  # (c, kv_heads, width + L, head_dim)
+                buf[p.dst] = x[p.src]  # (n_real, kv_heads, head_dim)
         return out
 
 
 # ---------------------------------------------------------------------------------------------------- rollout
+
+@dataclass
+class Row:
+    """One trajectory in flight (nano-vllm's Sequence): the Trajectory and where it stands in the loop."""
+    t: Trajectory
+    pending: list[int]         # ids to feed next: the prompt, the last sampled token, or that + glue + observation
+    turn_start: int            # index in t.ids where the current assistant turn's content starts
+    cached: int = 0            # tokens in its cache row = its next position = its next free column
+    done: bool = False         # (pending == [] and not done: waiting for a search)
+
+
+@dataclass
+class Job:
+    """One batched search call for the rows that ended a turn on </search> in the same step."""
+    rows: list[Row]
+    queries: list[str]
+    due: int                   # loop step after which the results join (search_lag); -1: as soon as they are ready
+    future: Future | None = None  # background worker (search_lag != 0)
+    results: list | None = None   # synchronous call (search_lag 0)
+
+
+@dataclass
+class Engine:
+    """What one rollout() call shares between its phases."""
+    model: torch.nn.Module
+    tokenizer: object
+    cfg: RolloutConfig
+    search: object
+    generator: torch.Generator | None
+    ends: set[int]             # ids that end a turn (eos, <|im_end|>, every generation_config eos)
+    maybe_stop: set[int]       # ids with a '>': only these can complete a stop tag
+    vocab: int                 # len(tokenizer): logits past it (a padded embedding) are never sampled
+    rows: list[Row]
+    batch: list[Row] = field(default_factory=list)  # batch position j holds cache row j
+    cache: RaggedCache = field(default_factory=RaggedCache)
+    jobs: list[Job] = field(default_factory=list)
+    pool: ThreadPoolExecutor | None = None
+    step: int = 0
+    st: dict = field(default_factory=lambda: dict(forwards=0, chunks=0, chunk_slots=0, prefill_rows=0, slots=0,
+                                                  capacity=0, drops=0, searches=0, search_wait_s=0.0,
+                                                  forward_s=0.0))
+
+    @property
+    def dev(self) -> torch.device:
+        return next(self.model.parameters()).device
+
 
 @torch.no_grad()  # not inference_mode: FSDP2 forward hooks and later autograd use of the weights prefer no_grad
 def rollout(model, tokenizer, questions: list[str], search, cfg: RolloutConfig | None = None,
@@ -392,7 +465,8 @@ def rollout(model, tokenizer, questions: list[str], search, cfg: RolloutConfig |
     device. The model only ever sees model(input_ids, attention_mask, position_ids, past_key_values,
     use_cache=True, logits_to_keep=1), so any HF causal LM works, FSDP2-wrapped ones included.
 
-    Protocol (agent): a turn ends on </search>, </answer>, a sampled end token (eos / <|im_end|>), or a budget.
+    Protocol (agent): a turn ends on </search>, </answer>, a sampled end token (eos, <|im_end|>, every id of the
+    model's generation_config.eos_token_id), or a budget.
       </answer>                     -> stop "answer"
       budget (turn or total)        -> stop "length" (also covers an unclosed tag)
       </search> with a query        -> search; observation <context>...</context> as the next user turn
@@ -401,144 +475,242 @@ def rollout(model, tokenizer, questions: list[str], search, cfg: RolloutConfig |
     last turn (turn max_turns + 1) stops with "max_turns". rag/direct: one turn; eos -> stop "eos".
 
     Token accounting: the sampled tokens stay in `ids` as sampled (mask 1). A sampled end token is mask 1 and ends
-    the turn's content: it is also the first token of the template glue, so the glue appended after it starts one
-    token later and `ids` stays exactly what the template renders. The last turn gets no closing glue: decoding
-    `ids` gives the template rendering of `messages` cut right after the last sampled token.
+    the turn's content. If the template closes a turn with that same token (<|im_end|>), the glue appended after
+    it starts one token later and `ids` is exactly what the template renders. An end token the template does not
+    render (Qwen2.5's <|endoftext|>) stays in `ids` before the template's own glue: the model did sample it, and
+    its log-prob is trained; decoding `ids` then differs from the template rendering by exactly that token.
+    The last turn gets no closing glue. Ids >= len(tokenizer) (a padded embedding) are never sampled.
 
-    The loop: a step is a chunk forward of only the rows with several pending tokens (prompts; after a search the
-    last sampled token + glue/observation), right-aligned, else a decode forward of every batch row's one token.
-    No row's cache holds pad slots (RaggedCache), so staggered searches cost no memory or compute for other rows.
-    Finished rows first stay in the batch (fed a pad, output ignored), and are dropped once >= DROP_FRACTION of it:
-    a drop copies the whole cache (CPU, SmolLM2, b=8, S=700: 87 ms vs 425 ms per decode step) while a dead row
-    costs 1/b of a step's KV reads. `stats` (optional dict) receives forwards, chunks, chunk_slots (input slots of
-    chunk forwards, pads included), slots (widest cache row), capacity (columns allocated), max_len, drops."""
-    cfg = cfg or RolloutConfig()
-    agent = cfg.mode == "agent"
-    dev = next(model.parameters()).device
-    _, ends, maybe_stop = token_sets(tokenizer)  # maybe_stop: only ids with a '>' can complete a stop tag
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    The loop, one step: join searches whose results are due -> schedule (a chunk forward of the rows with
+    several pending ids, else a decode forward of every batch row) -> forward and sample -> detect turn ends ->
+    protocol (answers, searches, corrections) -> drop finished rows. First, one prefill per distinct prompt (the G
+    samples of a GRPO group share its cache rows, copied). With cfg.search_lag != 0 searches run in a background
+    thread while the other rows decode (see RolloutConfig). `stats` (optional dict) receives forwards, chunks,
+    chunk_slots (input slots of chunk forwards, pads included), prefill_rows, slots (widest cache row), capacity
+    (columns allocated), max_len, drops, searches (batched calls), search_wait_s (loop blocked on search),
+    forward_s."""
+    e = start(model, tokenizer, questions, search, cfg or RolloutConfig(), generator)
+    try:
+        prefill(e)
+        while not all(r.done for r in e.rows):
+            join_searches(e)
+            rows = schedule(e)
+            if rows:
+                tok, logp = forward(e, rows)
+                protocol(e, turn_ends(e, rows, tok, logp))
+            drop_finished(e)
+            e.step += 1
+    finally:
+        if e.pool is not None:
+            e.pool.shutdown(wait=True)
+    if stats is not None:
+        stats.update(e.st, max_len=max(len(r.t.ids) for r in e.rows))
+    return [r.t for r in e.rows]
+
+
+def start(model, tokenizer, questions: list[str], search, cfg: RolloutConfig, generator) -> Engine:
+    """Prompts rendered (rag: retrieved once, in one batched call), one Row per question."""
+    _, ends, maybe_stop = token_sets(tokenizer)
     qs = [sanitize(q, tokenizer) for q in questions]
     if cfg.mode == "rag":
-        hits = search(qs)  # one batched call for the whole batch
+        hits = search(qs)
         msgs = [prompt_messages(q, "rag", sanitize(format_passages(h), tokenizer)) for q, h in zip(qs, hits)]
     elif cfg.mode in ("agent", "direct"):
         msgs = [prompt_messages(q, cfg.mode) for q in qs]
     else:
         raise ValueError(f"unknown mode {cfg.mode!r} (agent | rag | direct)")
-    trajs = []
+    rows = []
     for i, m in enumerate(msgs):
         ids = prompt_ids(tokenizer, m)
-        trajs.append(Trajectory(ids=ids, mask=[0] * len(ids), logprobs=[0.0] * len(ids), prompt_len=len(ids),
-                                messages=m))
+        t = Trajectory(ids=ids, mask=[0] * len(ids), logprobs=[0.0] * len(ids), prompt_len=len(ids), messages=m)
         if cfg.mode == "rag":
-            trajs[-1].queries, trajs[-1].doc_ids = [qs[i]], [[str(h["id"]) for h in hits[i]]]
-    pending = [list(t.ids) for t in trajs]  # tokens each row must feed next
-    turn_start = [t.prompt_len for t in trajs]  # index in ids where the current assistant turn's content starts
-    slots = list(range(len(trajs)))  # batch row j holds trajectory slots[j]
-    n = [0] * len(trajs)  # per batch row: tokens cached = its next position = its next free cache column
-    finished: set[int] = set()  # may still sit in the batch, masked, until the next drop
-    cache = RaggedCache()
-    st = dict(forwards=0, chunks=0, chunk_slots=0, slots=0, capacity=0, drops=0)
+            t.queries, t.doc_ids = [qs[i]], [[str(h["id"]) for h in hits[i]]]
+        rows.append(Row(t, pending=list(ids), turn_start=len(ids)))
+    pool = ThreadPoolExecutor(1, thread_name_prefix="kr1-search") if cfg.search_lag and cfg.mode == "agent" else None
+    return Engine(model, tokenizer, cfg, search, generator, ends | end_ids(tokenizer, model), maybe_stop,
+                  len(tokenizer), rows, batch=list(rows), pool=pool)
 
-    while len(finished) < len(trajs):
-        rows = [j for j, i in enumerate(slots) if len(pending[i]) > 1] or list(range(len(slots)))  # chunk or decode
-        feed = [pending[slots[j]] for j in rows]  # finished rows (decode only) pend nothing: fed a pad, ignored
-        width, m = max(len(f) for f in feed), max(n[j] for j in rows)  # input width; cached columns shown
-        inp = torch.tensor([[pad] * (width - len(f)) + f for f in feed], device=dev)  # (c, L) right-aligned
-        lens = torch.tensor([n[j] for j in rows], device=dev)  # (c,) each row's cached tokens
-        if width == 1:  # decode: one token per batch row, written at its own column
-            attn = torch.arange(m + 1, device=dev) <= lens[:, None]  # (b, m + 1) own prefix + own new token
-            position_ids = lens[:, None]  # (b, 1)
-            cache.plan(m, m + 1, (torch.arange(len(rows), device=dev), slice(None), lens))
-        else:  # chunk: only these rows run; their cached prefix is gathered in front of the chunk
-            new = torch.tensor([[0] * (width - len(f)) + [1] * len(f) for f in feed], device=dev)  # (c, L)
-            attn = torch.cat([torch.arange(m, device=dev) < lens[:, None], new.bool()], 1)  # (c, m + L)
-            position_ids = (lens[:, None] + new.cumsum(1) - 1).clamp(min=0)  # (c, L) pads: any valid value, masked
-            b_idx, t_idx = new.nonzero(as_tuple=True)  # every real token (a host sync, once per chunk)
-            rows_t = torch.tensor(rows, device=dev)
-            cache.plan(m, max(n[j] + len(f) for j, f in zip(rows, feed)),
-                       (rows_t[b_idx], slice(None), position_ids[b_idx, t_idx]), rows_t, (b_idx, slice(None), t_idx))
-            st["chunks"], st["chunk_slots"] = st["chunks"] + 1, st["chunk_slots"] + len(rows) * width
-        logits = model(input_ids=inp, attention_mask=attn, position_ids=position_ids, past_key_values=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1]  # (c, V) only the last slot: skips (c, L, V)
-        tok, logp = sample(logits, cfg, generator)
-        tok, logp = tok.tolist(), logp.tolist()  # one host sync per step
-        for j, f in zip(rows, feed):
-            n[j] += len(f)
-        st["forwards"] += 1
-        st["slots"], st["capacity"] = max(st["slots"], max(n)), max(st["capacity"], cache.k[0].shape[2])
 
-        ended = []  # (trajectory index, why the turn ended)
-        for r, j in enumerate(rows):
-            i = slots[j]
-            if i in finished:
-                continue
-            t, x = trajs[i], tok[r]
-            t.ids.append(x)
-            t.mask.append(1)
-            t.logprobs.append(logp[r])
-            pending[i] = [x]
-            why = None
-            if x in ends:
-                why = "eos"
-            elif x in maybe_stop:  # decode only a short tail, and only when the new token has a '>'
-                tail = tokenizer.decode(t.ids[max(turn_start[i], len(t.ids) - 12):])
-                why = "answer" if "</answer>" in tail else "search" if agent and "</search>" in tail else None
-            if why is None and (len(t.ids) - turn_start[i] >= cfg.max_turn_tokens
-                                or len(t.ids) - t.prompt_len >= cfg.max_total_tokens):
-                why = "length"
-            if why:
-                ended.append((i, why))
+def prefill(e: Engine) -> None:
+    """One chunk forward per distinct prompt; each sample's cache row is a copy of its prompt's (GRPO's G samples
+    of one prompt, nanochat's engine does the same), and each samples its own first token from those logits."""
+    first: dict[tuple, int] = {}
+    src = [first.setdefault(tuple(r.pending), len(first)) if e.cfg.share_prefix else i
+           for i, r in enumerate(e.rows)]  # cache row of each sample's prompt
+    lead = [e.rows[src.index(u)] for u in range(len(set(src)))]
+    logits = run(e, [r.pending for r in lead], [0] * len(lead), rows=list(range(len(lead))))  # (u, V)
+    idx = torch.tensor(src, device=e.dev)
+    if len(lead) < len(e.rows):
+        e.cache.select(idx)  # (u, ...) -> (b, ...): copy each prompt's rows to its samples
+    e.st["prefill_rows"] = len(lead)
+    tok, logp = sample(logits[idx], e.cfg, e.generator)  # (b,) each sample draws its own token
+    for r in e.rows:
+        r.cached = len(r.pending)
+    protocol(e, turn_ends(e, e.rows, tok.tolist(), logp.tolist()))
+    drop_finished(e)
 
-        done, searching, correcting = set(), [], []
-        for i, why in ended:
-            t = trajs[i]
-            content = tokenizer.decode(t.ids[turn_start[i]:len(t.ids) - (why == "eos")])
-            t.responses.append(content)
-            t.messages.append({"role": "assistant", "content": content})
-            t.turns += 1
-            if why in ("answer", "length") or not agent:
-                t.stop, t.answer = why, last_tag(content, "answer")
-                done.add(i)
-            elif t.turns > cfg.max_turns:
-                t.stop = "max_turns"
-                done.add(i)
-            elif why == "search" and last_tag(content, "search"):
-                searching.append(i)
-            else:  # ended without a tag, or an empty / unopened query
-                correcting.append(i)
-        queries = [last_tag(trajs[i].responses[-1], "search") for i in searching]
-        results = search(queries) if queries else []  # one batched call for every row that searched this step
-        obs = {i: None for i in correcting}
-        for i, q, hits in zip(searching, queries, results):
-            trajs[i].queries.append(q)
-            trajs[i].doc_ids.append([str(h["id"]) for h in hits])
-            obs[i] = sanitize(format_passages(hits), tokenizer)
-        for i, passages in obs.items():
-            t = trajs[i]
-            t.messages.append({"role": "user", "content": observation(passages, final=t.turns == cfg.max_turns)})
-            glue = turn_glue(tokenizer, t.messages)
-            if glue and glue[0] == t.ids[-1] and glue[0] in ends:  # the model sampled the end token itself
-                glue = glue[1:]
-            if len(t.ids) + len(glue) - t.prompt_len >= cfg.max_total_tokens:  # no room left to sample after it
-                t.messages.pop()
-                t.stop = "length"
-                done.add(i)
-                continue
-            t.ids += glue
-            t.mask += [0] * len(glue)
-            t.logprobs += [0.0] * len(glue)
-            pending[i] = t.ids[-len(glue) - 1:]  # last sampled token + observation: one chunk over the cache
-            turn_start[i] = len(t.ids)
 
-        for i in done:
-            finished.add(i)
-            pending[i] = []
-        keep = [j for j, i in enumerate(slots) if i not in finished]
-        if keep and len(slots) - len(keep) >= DROP_FRACTION * len(slots):
-            slots, n = [slots[j] for j in keep], [n[j] for j in keep]
-            cache.select(torch.tensor(keep, device=dev))  # drop finished rows from every layer's keys/values
-            st["drops"] += 1
-    if stats is not None:
-        stats.update(st, max_len=max(len(t.ids) for t in trajs))
-    return trajs
+def schedule(e: Engine) -> list[Row]:
+    """The rows that feed this step: those with several pending ids (a chunk: only they run), else every batch row
+    (a decode; finished and waiting rows are fed a pad and their output is ignored). Empty: all rows wait."""
+    chunk = [r for r in e.batch if len(r.pending) > 1]
+    if chunk:
+        return chunk
+    return list(e.batch) if any(r.pending for r in e.batch) else []
+
+
+def forward(e: Engine, rows: list[Row]) -> tuple[list[int], list[float]]:
+    """One forward of `rows` over the cache and one sampled token each (one host sync)."""
+    pos = {id(r): j for j, r in enumerate(e.batch)}
+    decode = len(rows) == len(e.batch) and all(len(r.pending) <= 1 for r in rows)
+    logits = run(e, [r.pending for r in rows], [r.cached for r in rows],
+                 rows=None if decode else [pos[id(r)] for r in rows])
+    for r in rows:
+        r.cached += len(r.pending)
+    tok, logp = sample(logits, e.cfg, e.generator)
+    return tok.tolist(), logp.tolist()
+
+
+def run(e: Engine, feeds: list[list[int]], cached: list[int], rows: list[int] | None) -> torch.Tensor:
+    """Build one forward's inputs and Plan, run the model; last-position logits (c, vocab). rows None: decode."""
+    dev, t0 = e.dev, time.perf_counter()
+    pad = e.tokenizer.pad_token_id if e.tokenizer.pad_token_id is not None else 0
+    width, m = max(len(f) for f in feeds), max(cached)  # input width; cached columns shown
+    inp = torch.tensor([[pad] * (width - len(f)) + f for f in feeds], device=dev)  # (c, L) right-aligned
+    lens = torch.tensor(cached, device=dev)  # (c,) each row's cached tokens
+    if rows is None:  # decode: one token per batch row (a pad for rows with nothing pending), at its own column
+        attn = torch.arange(m + 1, device=dev) <= lens[:, None]  # (b, m + 1) own prefix + own new token
+        position_ids = lens[:, None]  # (b, 1)
+        plan = Plan(m, m + 1, (torch.arange(len(feeds), device=dev), slice(None), lens))
+    else:  # chunk: only these rows run; their cached prefix is gathered in front of the chunk
+        new = torch.tensor([[0] * (width - len(f)) + [1] * len(f) for f in feeds], device=dev)  # (c, L)
+        attn = torch.cat([torch.arange(m, device=dev) < lens[:, None], new.bool()], 1)  # (c, m + L)
+        position_ids = (lens[:, None] + new.cumsum(1) - 1).clamp(min=0)  # (c, L) pads: any valid value, masked
+        b_idx, t_idx = new.nonzero(as_tuple=True)  # every real token (a host sync, once per chunk)
+        rows_t = torch.tensor(rows, device=dev)
+        plan = Plan(m, max(n + len(f) for n, f in zip(cached, feeds)),
+                    (rows_t[b_idx], slice(None), position_ids[b_idx, t_idx]), rows_t, (b_idx, slice(None), t_idx))
+        e.st["chunks"], e.st["chunk_slots"] = e.st["chunks"] + 1, e.st["chunk_slots"] + len(feeds) * width
+    logits = e.model(input_ids=inp, attention_mask=attn, position_ids=position_ids,
+                     past_key_values=CacheStep(e.cache, plan), use_cache=True,
+                     logits_to_keep=1).logits[:, -1, :e.vocab]  # (c, vocab) last slot only; no padded ids
+    e.st["forwards"] += 1
+    e.st["capacity"] = max(e.st["capacity"], e.cache.capacity)
+    e.st["slots"] = max(e.st["slots"], plan.need)
+    e.st["forward_s"] += time.perf_counter() - t0
+    return logits
+
+
+def turn_ends(e: Engine, rows: list[Row], tok: list[int], logp: list[float]) -> list[tuple[Row, str]]:
+    """Append each live row's sampled token (mask 1) and say whose turn ended and why."""
+    ended, cfg = [], e.cfg
+    for r, x, lp in zip(rows, tok, logp):
+        if r.done or not r.pending:  # finished or waiting for a search: fed a pad, output ignored
+            continue
+        t = r.t
+        t.ids.append(x)
+        t.mask.append(1)
+        t.logprobs.append(lp)
+        r.pending = [x]
+        why = None
+        if x in e.ends:
+            why = "eos"
+        elif x in e.maybe_stop:  # decode only a short tail, and only when the new token has a '>'
+            tail = e.tokenizer.decode(t.ids[max(r.turn_start, len(t.ids) - 12):])
+            why = "answer" if "</answer>" in tail else "search" if cfg.mode == "agent" and "</search>" in tail else None
+        if why is None and (len(t.ids) - r.turn_start >= cfg.max_turn_tokens
+                            or len(t.ids) - t.prompt_len >= cfg.max_total_tokens):
+            why = "length"
+        if why:
+            ended.append((r, why))
+    return ended
+
+
+def protocol(e: Engine, ended: list[tuple[Row, str]]) -> None:
+    """Close each ended turn: stop the row, or issue its search (one batched call for the step), or correct it."""
+    searching = []
+    for r, why in ended:
+        t = r.t
+        content = e.tokenizer.decode(t.ids[r.turn_start:len(t.ids) - (why == "eos")])
+        t.responses.append(content)
+        t.messages.append({"role": "assistant", "content": content})
+        t.turns += 1
+        if why in ("answer", "length") or e.cfg.mode != "agent":
+            t.stop, t.answer = why, last_tag(content, "answer")
+            finish(r)
+        elif t.turns > e.cfg.max_turns:
+            t.stop = "max_turns"
+            finish(r)
+        elif why == "search" and last_tag(content, "search"):
+            searching.append(r)
+        else:  # ended without a tag, or an empty / unopened query
+            observe(e, r, None)
+    if searching:
+        submit(e, searching, [last_tag(r.t.responses[-1], "search") for r in searching])
+
+
+def finish(r: Row) -> None:
+    r.done, r.pending = True, []
+
+
+def submit(e: Engine, rows: list[Row], queries: list[str]) -> None:
+    """Start one batched search; the rows feed nothing until its results join (join_searches)."""
+    lag = e.cfg.search_lag
+    job = Job(rows, queries, due=-1 if lag < 0 else e.step + lag)
+    if e.pool is None:  # synchronous: the whole loop waits here (search_lag 0)
+        t0 = time.perf_counter()
+        job.results = e.search(queries)
+        e.st["search_wait_s"] += time.perf_counter() - t0
+    else:
+        job.future = e.pool.submit(e.search, queries)
+    e.st["searches"] += 1
+    for r in rows:
+        r.pending = []
+    e.jobs.append(job)
+
+
+def join_searches(e: Engine) -> None:
+    """Feed the observation of every search whose step has come (waiting for it if it is still running); with
+    search_lag -1, of every finished one. If no row could run otherwise, wait for the first one."""
+    idle = not any(r.pending for r in e.batch)
+    for job in list(e.jobs):
+        ready = job.future is None or job.future.done()
+        if (job.due >= 0 and e.step > job.due) or (job.due < 0 and ready) or (idle and job is e.jobs[0]):
+            if job.future is not None:
+                t0 = time.perf_counter()
+                job.results = job.future.result()  # blocks only if not done yet
+                e.st["search_wait_s"] += time.perf_counter() - t0
+            e.jobs.remove(job)
+            for r, q, hits in zip(job.rows, job.queries, job.results):
+                r.t.queries.append(q)
+                r.t.doc_ids.append([str(h["id"]) for h in hits])
+                observe(e, r, sanitize(format_passages(hits), e.tokenizer))
+            idle = False
+
+
+def observe(e: Engine, r: Row, passages: str | None) -> None:
+    """The next user turn (passages, or the correction if None): its glue becomes the row's pending chunk."""
+    t = r.t
+    t.messages.append({"role": "user", "content": observation(passages, final=t.turns == e.cfg.max_turns)})
+    glue = turn_glue(e.tokenizer, t.messages)
+    if glue and glue[0] == t.ids[-1] and glue[0] in e.ends:  # the model sampled the template's end token itself
+        glue = glue[1:]
+    if len(t.ids) + len(glue) - t.prompt_len >= e.cfg.max_total_tokens:  # no room left to sample after it
+        t.messages.pop()
+        t.stop = "length"
+        finish(r)
+        return
+    _extend(t, glue, 0)
+    r.pending = t.ids[-len(glue) - 1:]  # last sampled token + observation: one chunk over the cache
+    r.turn_start = len(t.ids)
+
+
+def drop_finished(e: Engine) -> None:
+    """Finished rows first stay in the batch (fed a pad, output ignored) and leave once >= DROP_FRACTION of it: a
+    drop copies the whole cache (CPU, SmolLM2, b=8, S=700: 87 ms vs 425 ms per decode step) while a dead row costs
+    1/b of a step's KV reads."""
+    keep = [j for j, r in enumerate(e.batch) if not r.done]
+    if keep and len(e.batch) - len(keep) >= DROP_FRACTION * len(e.batch):
+        e.batch = [e.batch[j] for j in keep]
+        e.cache.select(torch.tensor(keep, device=e.dev))  # drop finished rows from every layer's keys/values
+        e.st["drops"] += 1

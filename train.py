@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -84,6 +85,8 @@ class Config:
     max_turns: int = opt(4, "searches before the forced final answer")
     max_turn_tokens: int = opt(512, "generated tokens per assistant turn")
     max_total_tokens: int = opt(2048, "tokens after the prompt (generated + retrieved)")
+    search_lag: int = opt(0, "searches in a background thread while the other rows decode, joined exactly N decode "
+                          "steps later (reproducible, so --resume stays exact; pays with a big index); 0 = rows wait")
     # warm-start (expert trajectories: rollout.expert_trajectory)
     sft_steps: int = opt(0, "SFT steps on expert trajectories before GRPO (0 = none); they count as steps 1..N")
     sft_batch: int = opt(8, "expert trajectories per SFT step (divisible by world size)")
@@ -155,8 +158,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         p.error("--agg must be seq|token|const and --acc em|f1")
     if min(cfg.group_size, cfg.prompts_per_step, cfg.micro_batch, cfg.steps, cfg.sft_batch) < 1 or cfg.group_size < 2:
         p.error("--group-size must be >= 2; --prompts-per-step, --micro-batch, --steps, --sft-batch >= 1")
-    if min(cfg.sft_steps, cfg.lora_rank, cfg.sft_probe_every) < 0:
-        p.error("--sft-steps, --lora-rank and --sft-probe-every must be >= 0")
+    if min(cfg.sft_steps, cfg.lora_rank, cfg.sft_probe_every, cfg.search_lag) < 0:
+        p.error("--sft-steps, --lora-rank, --sft-probe-every and --search-lag must be >= 0 (-1 is not reproducible)")
     return cfg
 
 
@@ -232,13 +235,14 @@ def autocast(cfg: Config, device: torch.device):
     return rollout.bf16_autocast(device) if cfg.bf16 else contextlib.nullcontext()
 
 
-def shard_model(model: torch.nn.Module, mesh, cuda: bool, train: bool, ckpt: bool = True) -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, mesh, cuda: bool, train: bool, vocab: int, ckpt: bool = True):
     """FSDP2: one unit per decoder layer plus the root (embeddings, final norm, head). A CPU world of one keeps
-    the plain module: there FSDP only adds a copy of every layer per forward and backward (measured ~2x a step)."""
+    the plain module: there FSDP only adds a copy of every layer per forward and backward (measured ~2x a step).
+    `vocab` = len(tokenizer): log-probs over the ids rollout() can sample."""
     mp = MixedPrecisionPolicy(torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
     if train and ckpt:  # recompute each layer in backward: activations kept per layer = its input only
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.kr1_logprobs = types.MethodType(grpo.token_logprobs, model)
+    model.kr1_logprobs = types.MethodType(functools.partial(grpo.token_logprobs, vocab=vocab), model)  # as sampled
     if mesh.size() == 1 and not cuda:
         return model
     for layer in model.model.layers:
@@ -327,7 +331,8 @@ def pad_batch(trajs: list[rollout.Trajectory], device) -> dict[str, torch.Tensor
 def rollout_and_score(model, tok, cfg: Config, rows: list[dict], search, step: int):
     """G sampled trajectories per prompt (consecutive) and their reward dicts; the rollout's seconds."""
     rcfg = rollout.RolloutConfig(max_turns=cfg.max_turns, max_turn_tokens=cfg.max_turn_tokens,
-                                 max_total_tokens=cfg.max_total_tokens, temperature=cfg.temperature)
+                                 max_total_tokens=cfg.max_total_tokens, temperature=cfg.temperature,
+                                 search_lag=cfg.search_lag)
     device = next(model.parameters()).device
     questions = [r["question"] for r in rows for _ in range(cfg.group_size)]  # G consecutive copies per prompt
     gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + dist.get_rank())  # resumable
@@ -555,11 +560,11 @@ def main(argv: list[str] | None = None) -> int:
         model, tok = rollout.load_model(spec, dtype=torch.float32, device=device)  # fp32 = the optimizer's master
         if cfg.lora_rank:
             add_lora(model, cfg)
-        model = shard_model(model, mesh, cuda, train=True, ckpt=cfg.grad_ckpt)
+        model = shard_model(model, mesh, cuda, train=True, vocab=len(tok), ckpt=cfg.grad_ckpt)
         ref = None
         if cfg.beta > 0:  # frozen copy, sharded the same way, no optimizer state; bf16 on GPU (it computes in bf16)
             ref, _ = rollout.load_model(spec, dtype=torch.bfloat16 if cuda else torch.float32, device=device)
-            ref = shard_model(ref.requires_grad_(False).eval(), mesh, cuda, train=False)
+            ref = shard_model(ref.requires_grad_(False).eval(), mesh, cuda, train=False, vocab=len(tok))
             if isinstance(ref, FSDPModule):
                 ref.set_reshard_after_forward(True)  # FSDP2 keeps the root gathered for a backward that never comes
         trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: only the adapters

@@ -70,11 +70,11 @@ def main() -> None:
         with torch.device(device):
             return Qwen2ForCausalLM._from_config(Qwen2Config(**arch), dtype=dtype, attn_implementation=attn)
 
-    model = train.shard_model(build(torch.float32), mesh, cuda, train=True)
+    model = train.shard_model(build(torch.float32), mesh, cuda, train=True, vocab=arch["vocab_size"])
     ref = None
     if a.beta > 0:
         ref = train.shard_model(build(torch.bfloat16 if cuda else torch.float32).requires_grad_(False).eval(),
-                                mesh, cuda, train=False)
+                                mesh, cuda, train=False, vocab=arch["vocab_size"])
         ref.set_reshard_after_forward(True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=cuda)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train.lr_lambda(cfg))

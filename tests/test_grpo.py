@@ -416,6 +416,19 @@ def test_token_logprobs_chunk_invariance_and_bound_method(tiny_model):
     del tiny_model.kr1_logprobs
 
 
+def test_token_logprobs_over_the_tokenizer_vocab_only(tiny_model):
+    """vocab=N: the softmax over the first N logits, as rollout() samples (a padded embedding's rows left out)."""
+    ids, am = padded_batch("right", V=250)  # every target id < 250
+    pos = (am.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = tiny_model(input_ids=ids, attention_mask=am, position_ids=pos).logits[:, :-1, :250]  # (B, T-1, 250)
+        want = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+        got, full = token_logprobs(tiny_model, ids, am, chunk_size=5, vocab=250), token_logprobs(tiny_model, ids, am)
+    valid = (am[:, :-1] * am[:, 1:]).bool()
+    torch.testing.assert_close(got[valid], want[valid], rtol=1e-5, atol=1e-5)
+    assert (got[valid] > full[valid]).all()  # less mass to share: every log-prob is higher
+
+
 MEMORY_SCRIPT = r"""
 import json, resource, sys
 import torch

@@ -9,10 +9,13 @@ at a position, so a teacher-forced forward over the final ids sees exactly the s
 """
 
 import copy
+import dataclasses
 import importlib.util
 import itertools
 import json
 import os
+import random
+import time
 from pathlib import Path
 
 import pytest
@@ -38,7 +41,7 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tok():
+def smol_tok():
     cached = Path(os.environ.get("KR1_CACHE", Path.home() / ".cache" / "knowledge-r1")) / "models/smollm2-135m-instruct"
     if (cached / "tokenizer_config.json").is_file():
         t = AutoTokenizer.from_pretrained(cached)  # ~0.2 s once load_model has converted the GGUF
@@ -49,10 +52,21 @@ def tok():
     return t
 
 
+@pytest.fixture(scope="module", params=["smollm2", "qwen2.5"])
+def tok(request, smol_tok):
+    """The engine tests run on both templates: SmolLM2's and the real target's (Qwen2.5-Instruct, rebuilt offline)."""
+    if request.param == "smollm2":
+        return smol_tok
+    t = request.getfixturevalue("qwen_tok")
+    t.padding_side = "left"
+    return t
+
+
 @pytest.fixture(scope="module")
 def tiny(tok):
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    vocab = 151_936 if len(tok) == 151_665 else len(tok)  # Qwen2.5's real (padded) embedding size
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, intermediate_size=128, initializer_range=0.2,  # peaked logits: no ties
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     return Qwen2ForCausalLM(cfg).eval()
@@ -158,15 +172,16 @@ def check_template(tok, t):
     assert all(lp == 0.0 for lp, m in zip(t.logprobs, t.mask) if not m)
 
 
-def teacher_forced(model, t, temperature=1.0):
-    """Log-prob of each token of t.ids under one plain forward over the whole sequence, (T-1,)."""
+def teacher_forced(model, t, temperature=1.0, vocab=None):
+    """Log-prob of each token of t.ids under one plain forward over the whole sequence, (T-1,), over the first
+    `vocab` logits (the tokenizer's ids: the engine never samples a padded embedding row)."""
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([t.ids])).logits[0, :-1].float() / temperature  # (T-1, V)
+        logits = model(input_ids=torch.tensor([t.ids])).logits[0, :-1, :vocab].float() / temperature  # (T-1, V)
     return logits.log_softmax(-1).gather(1, torch.tensor(t.ids[1:])[:, None])[:, 0]
 
 
-def max_logp_err(model, t, temperature=1.0):
-    ref = teacher_forced(model, t, temperature)
+def max_logp_err(model, t, temperature=1.0, vocab=None):
+    ref = teacher_forced(model, t, temperature, vocab)
     got = torch.tensor(t.logprobs[1:])
     m = torch.tensor(t.mask[1:], dtype=torch.bool)
     return (ref[m] - got[m]).abs().max().item()
@@ -222,7 +237,7 @@ def test_scripted_search_then_answer_batched_equals_alone(tok, tiny, monkeypatch
         assert t.ids == ids and t.mask == mask and t.messages == msgs
         assert t.stop == "answer" and t.turns == len(plan[q][0])
         check_template(tok, t)
-        assert max_logp_err(model, t) < 1e-4
+        assert max_logp_err(model, t, vocab=len(tok)) < 1e-4
         alone = R.rollout(model, tok, [q], search, cfg)[0]
         assert alone.ids == t.ids and alone.mask == t.mask
         assert max(abs(a - b) for a, b in zip(alone.logprobs, t.logprobs)) < 1e-4
@@ -264,7 +279,7 @@ def test_logprobs_match_teacher_forcing_and_second_turn_sees_context(tok, tiny):
         assert one.n_searches == 1 and one.turns == 2 and one.stop == "length"
         for t in (one, two):
             check_template(tok, t)
-            assert max_logp_err(model, t, 0.8) < 1e-4
+            assert max_logp_err(model, t, 0.8, vocab=len(tok)) < 1e-4
         cut = one.mask.index(0, one.prompt_len)  # where the observation starts
         assert one.logprobs[:cut] == two.logprobs[:cut]  # turn 1: identical
         assert max(abs(a - b) for a, b in zip(one.logprobs[cut:], two.logprobs[cut:])) > 1e-6  # turn 2 saw it
@@ -277,7 +292,7 @@ def test_staggered_searches_add_no_pad_slots(tok, tiny):
     long = [{"id": f"p{k}", "title": f"T{k}", "text": ("word " * 120).strip()} for k in range(2)]
     plan = {  # staggered: the searches end at different steps for every row
         QA: ["<search> alpha</search>", "<think> so</think><search> beta</search>", "<answer> a</answer>"],
-        "Hi": ["<think> hmm</think><search> gamma</search>", "<answer> b</answer>"],
+        "Hi there": ["<think> hmm</think><search> gamma</search>", "<answer> b</answer>"],  # no (pos, tok) clash
         QB: ["<think> ok</think><search> delta</search>", "<answer> c</answer>"],
     }
     search = lambda qs: [long for _ in qs]  # noqa: E731
@@ -285,22 +300,24 @@ def test_staggered_searches_add_no_pad_slots(tok, tiny):
     model = Scripted(tiny, positional([(ids, mask) for ids, mask, _ in rows.values()]))
     cfg, stats = R.RolloutConfig(greedy=True, max_turn_tokens=30), {}
     trajs = R.rollout(model, tok, list(plan), search, cfg, stats=stats)
-    assert [b for b, w in model.shapes[1:] if w > 1] == [1, 1, 1, 1]  # four observations, four one-row chunks
-    assert stats["chunks"] == 5 and stats["forwards"] == len(model.shapes)
+    obs_chunks = [b for b, w in model.shapes[1:] if w > 1]  # SmolLM2: [1, 1, 1, 1]; Qwen2.5: [1, 2, 1]
+    assert sum(obs_chunks) == 4 and max(obs_chunks) <= 2  # four observations, only the rows that searched
+    assert stats["chunks"] == 1 + len(obs_chunks) and stats["forwards"] == len(model.shapes)
     longest = max(len(t.ids) for t in trajs)
     assert longest - 1 <= stats["slots"] <= longest  # the cache is as wide as the longest row, not one slot more
     assert stats["capacity"] <= stats["slots"] + R.GROW + 200
     for t, q in zip(trajs, plan):
         assert t.ids == rows[q][0] and t.mask == rows[q][1] and t.stop == "answer"
         check_template(tok, t)
-        assert max_logp_err(model, t) < 1e-4
+        assert max_logp_err(model, t, vocab=len(tok)) < 1e-4
         alone = R.rollout(model, tok, [q], search, cfg)[0]
         assert alone.ids == t.ids and max(abs(a - b) for a, b in zip(alone.logprobs, t.logprobs)) < 1e-4
 
 
-def test_token_sets_once_per_tokenizer(tok):
+def test_token_sets_once_per_tokenizer(smol_tok):
     """A vocabulary padded with 20k plain added tokens (as bench_train_step pads SmolLM2's to Qwen2.5's size): the
     sets are built once, sanitize keeps plain added tokens, and a tokenizer that grows gets fresh sets."""
+    tok = smol_tok
     big = copy.deepcopy(tok)
     big.add_tokens([f"xtra{i}" for i in range(20_000)])
     assert R.sanitize("a xtra7 <|im_end|>", big) == "a xtra7 \u2039|im_end|>"  # builds the sets
@@ -324,6 +341,92 @@ def test_seeded_sampling_reproducible(tok, tiny):
     assert [t.ids for t in a] != [t.ids for t in c]
 
 
+
+def test_shared_prefix_prefill_equals_separate_prefills(tok, tiny):
+    """GRPO's G samples of a prompt: one prefill per distinct prompt, its cache rows copied to the samples. The
+    sampled tokens and log-probs equal G separate prefills (seeded, T = 1), and every later token matches a
+    teacher-forced forward, so the copied caches hold what a prefill of each sample would have written."""
+    qs, cfg = [QA] * 4 + [QB] * 4, R.RolloutConfig(mode="direct", max_turn_tokens=12)
+    runs, stats = [], []
+    for share in (True, False):
+        st = {}
+        runs.append(R.rollout(tiny, tok, qs, hits_for("x"), dataclasses.replace(cfg, share_prefix=share),
+                              torch.Generator().manual_seed(5), st))
+        stats.append(st)
+    assert stats[0]["prefill_rows"] == 2 and stats[1]["prefill_rows"] == 8
+    assert stats[0]["chunk_slots"] * 4 == stats[1]["chunk_slots"]  # 2 of 8 prompt rows run (same width)
+    for a, b in zip(*runs):
+        assert a.ids == b.ids and a.mask == b.mask
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-5
+        assert max_logp_err(tiny, a, vocab=len(tok)) < 1e-4
+    assert len({tuple(t.ids) for t in runs[0][:4]}) > 1  # each sample drew its own tokens from the shared prompt
+
+
+def slow(search, seed):
+    """`search` after a random 0-30 ms pause: results arrive at varying decode steps."""
+    rng = random.Random(seed)
+
+    def call(qs):
+        time.sleep(rng.random() * 0.03)
+        return search(qs)
+    return call
+
+
+def test_background_search_joins_at_a_fixed_step(tok, tiny):
+    """search_lag k: searches run in a worker thread while the other rows decode and join exactly k steps later,
+    however long they take, so seeded sampling is reproducible; greedy rows are the same for any lag."""
+    script = {}
+    for q in (QA, QB):
+        p = len(R.prompt_ids(tok, R.prompt_messages(q, "agent")))
+        for n, x in enumerate(ids_of(tok, "<search> alpha</search>")):
+            script[(p + 1 + n, None)] = x  # one free token, then a search; free tokens after the observation
+    model = Scripted(tiny, script)
+    qs, cfg = [QA, QB, QA, "Hi"], R.RolloutConfig(temperature=1.0, max_turn_tokens=10, search_lag=3)
+    a, b = (R.rollout(model, tok, qs, slow(hits_for("w"), seed), cfg, torch.Generator().manual_seed(1))
+            for seed in (1, 2))
+    assert [t.ids for t in a] == [t.ids for t in b] and [t.logprobs for t in a] == [t.logprobs for t in b]
+    assert sum(t.n_searches for t in a) >= 3
+    for t in a:
+        check_template(tok, t)
+        assert max_logp_err(model, t, vocab=len(tok)) < 1e-4
+    greedy = [R.rollout(model, tok, qs, slow(hits_for("w"), 3), dataclasses.replace(cfg, greedy=True,
+                        search_lag=lag)) for lag in (0, 2, -1)]
+    for t0, t2, tn in zip(*greedy):
+        assert t0.ids == t2.ids == tn.ids and t0.mask == t2.mask == tn.mask
+    assert [t.n_searches for t in greedy[0]] == [1, 1, 1, 0]  # "Hi" is not scripted to search
+
+
+def test_every_generation_config_end_token_ends_a_turn(tok, tiny):
+    """Qwen2.5-Instruct's generation_config ends on [<|im_end|>, <|endoftext|>]. An end token the template does not
+    render stays in ids (mask 1, sampled) and the template's own glue follows it in full."""
+    other = tok.convert_tokens_to_ids("<|endoftext|>")
+    assert other not in R.end_ids(tok)
+    model = Scripted(copy.deepcopy(tiny), bigram(tok, "Hmm<|endoftext|>"))
+    model.generation_config = copy.deepcopy(tiny.generation_config)
+    model.generation_config.eos_token_id = [tok.convert_tokens_to_ids("<|im_end|>"), other]
+    assert other in R.end_ids(tok, model)
+    t = R.rollout(model, tok, [QA], hits_for("x"), R.RolloutConfig(mode="direct", greedy=True))[0]
+    assert t.stop == "eos" and t.ids[-1] == other and t.mask[-1] == 1 and t.responses == ["Hmm"]
+    t = R.rollout(model, tok, [QA], hits_for("x"), R.RolloutConfig(greedy=True, max_turns=1))[0]
+    k = t.ids.index(other, t.prompt_len)
+    glue = R.turn_glue(tok, t.messages[:4])
+    assert t.mask[k] == 1 and t.ids[k + 1:k + 1 + len(glue)] == glue  # the whole glue, after the sampled token
+    assert t.responses[0] == "Hmm" and t.messages[3]["content"].startswith(R.CORRECTION)
+
+
+def test_ids_past_the_tokenizer_are_never_sampled(tok):
+    """A model vocabulary padded past the tokenizer (Qwen2.5: 151,936 vs 151,665): those ids decode to nothing."""
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=len(tok) + 64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=128, eos_token_id=tok.eos_token_id)
+    model = Scripted(Qwen2ForCausalLM(cfg).eval(), {(None, None): 0})
+    model.script = {(p, None): len(tok) + 5 for p in range(400)}  # every position pushes a padded id
+    for c in (R.RolloutConfig(mode="direct", greedy=True, max_turn_tokens=6),
+              R.RolloutConfig(mode="direct", max_turn_tokens=6)):
+        t = R.rollout(model, tok, [QA], hits_for("x"), c, torch.Generator().manual_seed(0))[0]
+        assert len(t.ids) > t.prompt_len and max(t.ids) < len(tok)
+
+
 # ------------------------------------------------------------------------------------- protocol edge cases
 
 def test_sanitize_adversarial_passages(tok, tiny):
@@ -343,7 +446,8 @@ def test_sanitize_adversarial_passages(tok, tiny):
     assert [i for i in t.ids[:t.prompt_len] if i in special] == \
         [i for i in ids_of(tok, R.render(tok, R.prompt_messages("q", "agent"), True)) if i in special]
     obs = t.messages[3]["content"]
-    for s in R.TAGS[:6] + ("<|im_end|>", "<|im_start|>", "<|endoftext|>", "<file_sep>"):
+    specials = [x for x in ("<|im_end|>", "<|im_start|>", "<|endoftext|>", "<file_sep>") if x in R.token_sets(tok)[0]]
+    for s in R.TAGS[:6] + tuple(specials):  # <file_sep> is SmolLM2's; Qwen2.5 has <|file_sep|>
         assert s not in obs and s not in t.messages[1]["content"]
     assert obs.count("<context>") == obs.count("</context>") == 1 and "\u2039|im_end|>" in obs
     assert R.sanitize("a<|im_<|im_end|>end|>b", tok) == "a<|im_\u2039|im_end|>end|>b"
@@ -455,7 +559,7 @@ def test_smollm2_matches_generate_and_intercepts(smol, index):
         assert t.queries[0] == "Dune author" and t.doc_ids[0][0] == "d0" and t.turns == 2
         assert "Frank Herbert" in t.messages[3]["content"]
         check_template(tok, t)
-        assert max_logp_err(scripted, t) < 1e-4
+        assert max_logp_err(scripted, t, vocab=len(tok)) < 1e-4
 
 
 def test_evidence_quotes_the_first_sentence_naming_the_needle():
@@ -468,9 +572,10 @@ def test_evidence_quotes_the_first_sentence_naming_the_needle():
     assert R.evidence(text, "Paris") is None
 
 
-def test_expert_trajectory_follows_the_rollout_contract(tok, index):
+def test_expert_trajectory_follows_the_rollout_contract(smol_tok, index):
     """Gold trajectories for the warm-start: the ids and mask the engine would produce for the same turns, real
     retrieved passages as observations, well-formed (format +1) and correct."""
+    tok = smol_tok
     import grpo
 
     search = lambda qs: index.search(qs, k=2)
@@ -488,3 +593,28 @@ def test_expert_trajectory_follows_the_rollout_contract(tok, index):
     assert "The passages say:" in t.responses[-1] and "1965" in t.responses[-1].split("</think>")[0]  # grounded
     one = R.expert_trajectory(tok, question, "1965", ["Frank Herbert", "Dune (novel)"], search, max_turns=1)
     assert one.queries == ["Frank Herbert"] and R.FINAL_TURN in one.messages[-2]["content"]
+
+
+def test_qwen25_tokenizer_is_the_real_one(qwen_tok):
+    """The rebuilt Qwen2.5-Instruct tokenizer (tests/qwen25.py) has its vocabulary, special ids and chat template."""
+    t = qwen_tok
+    assert len(t) == 151665 and t.bos_token is None
+    names = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+             "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+             "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
+             "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
+    assert t.convert_tokens_to_ids(names) == list(range(151643, 151665))
+    assert {i for i, a in t.added_tokens_decoder.items() if not a.special} == {151657, 151658}  # the tool_call tags
+    assert (t.eos_token, t.eos_token_id, t.pad_token, t.pad_token_id) == ("<|im_end|>", 151645, "<|endoftext|>", 151643)
+    assert t("Hello world").input_ids == [9707, 1879]
+    assert t("<|im_start|>assistant\n").input_ids == [151644, 77091, 198]
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": QA}]
+    assert t.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == (
+        f"<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n{QA}<|im_end|>\n<|im_start|>assistant\n")
+    assert t.apply_chat_template(msgs[1:], tokenize=False).startswith(
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n")
+    text = "<think> Who wrote it? </think>\n<search> Dune </search><|im_end|>"
+    ids = t(text, add_special_tokens=False).input_ids
+    assert ids[-1] == 151645 and t.decode(ids) == text
+    assert t.convert_ids_to_tokens(t("<search> Dune </search>").input_ids) == [
+        "<", "search", ">", "ĠD", "une", "Ġ</", "search", ">"]  # protocol tags are plain text to Qwen
