@@ -171,7 +171,12 @@ def merge_lora(model, adapter: str | Path) -> None:
         w = params.get(name)
         if w is None or w.shape != (b.shape[0], a.shape[1]):
             raise ModelLoadError(f"LoRA adapter {str(adapter)!r} does not fit this model ({name}): wrong base model?")
-        w += (scale * b.float() @ a.float()).to(w.dtype)  # (out, r) @ (r, in)
+        w.copy_(lora_update(w, a, b, scale))
+
+
+def lora_update(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + scale * B @ A in fp32, cast back to W's dtype: one LoRA pair folded into its base weight."""
+    return (w.float() + scale * b.float() @ a.float()).to(w.dtype)  # (out, r) @ (r, in)
 
 
 def bf16_autocast(device: torch.device | str):

@@ -226,7 +226,7 @@ def merged(full: dict, cfg: Config) -> dict:
     """The plain model's state dict with every LoRA update folded into its base weight."""
     out = {k: v for k, v in full.items() if ".lora_" not in k}
     for name, (a, b) in rollout.lora_pairs(full).items():
-        out[name] = (out[name].float() + (cfg.lora_alpha / cfg.lora_rank) * b.float() @ a.float()).to(out[name].dtype)
+        out[name] = rollout.lora_update(out[name], a, b, cfg.lora_alpha / cfg.lora_rank)
     return out
 
 
