@@ -493,7 +493,7 @@ def rollout(model, tokenizer, questions: list[str], search, cfg: RolloutConfig |
     thread while the other rows decode (see RolloutConfig). `stats` (optional dict) receives forwards, chunks,
     chunk_slots (input slots of chunk forwards, pads included), prefill_rows, slots (widest cache row), capacity
     (columns allocated), max_len, drops, searches (batched calls), search_wait_s (loop blocked on search),
-    forward_s."""
+    forward_s (steps after the prefill: forward + sampling)."""
     e = start(model, tokenizer, questions, search, cfg or RolloutConfig(), generator)
     try:
         prefill(e)
@@ -566,19 +566,21 @@ def schedule(e: Engine) -> list[Row]:
 
 def forward(e: Engine, rows: list[Row]) -> tuple[list[int], list[float]]:
     """One forward of `rows` over the cache and one sampled token each (one host sync)."""
-    pos = {id(r): j for j, r in enumerate(e.batch)}
+    t0, pos = time.perf_counter(), {id(r): j for j, r in enumerate(e.batch)}
     decode = len(rows) == len(e.batch) and all(len(r.pending) <= 1 for r in rows)
     logits = run(e, [r.pending for r in rows], [r.cached for r in rows],
                  rows=None if decode else [pos[id(r)] for r in rows])
     for r in rows:
         r.cached += len(r.pending)
     tok, logp = sample(logits, e.cfg, e.generator)
-    return tok.tolist(), logp.tolist()
+    tok, logp = tok.tolist(), logp.tolist()  # the host sync: forward_s is wall time on GPU too
+    e.st["forward_s"] += time.perf_counter() - t0
+    return tok, logp
 
 
 def run(e: Engine, feeds: list[list[int]], cached: list[int], rows: list[int] | None) -> torch.Tensor:
     """Build one forward's inputs and Plan, run the model; last-position logits (c, vocab). rows None: decode."""
-    dev, t0 = e.dev, time.perf_counter()
+    dev = e.dev
     pad = e.tokenizer.pad_token_id if e.tokenizer.pad_token_id is not None else 0
     width, m = max(len(f) for f in feeds), max(cached)  # input width; cached columns shown
     inp = torch.tensor([[pad] * (width - len(f)) + f for f in feeds], device=dev)  # (c, L) right-aligned
@@ -602,7 +604,6 @@ def run(e: Engine, feeds: list[list[int]], cached: list[int], rows: list[int] | 
     e.st["forwards"] += 1
     e.st["capacity"] = max(e.st["capacity"], e.cache.capacity)
     e.st["slots"] = max(e.st["slots"], plan.need)
-    e.st["forward_s"] += time.perf_counter() - t0
     return logits
 
 
