@@ -33,7 +33,7 @@ import rollout
 
 DEFAULT_QA = Path(__file__).resolve().parent / "data" / "qa.jsonl"
 DEFAULT_ADAPTER = Path(__file__).resolve().parent / "data" / "smollm2-kr1-lora"  # trained by train.py, see README
-SHIPPED = dict(k=2, max_turns=2, max_turn_tokens=96, max_total_tokens=896)  # what the shipped adapter trained with
+SHIPPED = dict(k=2, max_turns=2, max_turn_tokens=64, max_total_tokens=768)  # what the shipped adapter trained with
 GENERIC = dict(k=3, max_turns=4, max_turn_tokens=512, max_total_tokens=2048)  # any other model (the 1.5B recipe)
 
 

@@ -272,8 +272,6 @@ def expert_trajectory(tokenizer, question: str, answer: str, queries: list[str],
                       max_turns: int) -> Trajectory:
     """A gold, well-formed agent trajectory for the warm-start (and David-GRPO style mixing): one think + search
     turn per query (at most max_turns; real `search` results as the observations), then think + the gold answer.
-    The thoughts are grounded: a later search quotes the sentence of the passages read so far that names its
-    query (the bridge entity), the answer quotes the sentence that contains it (see `evidence`).
     Same contract as rollout(): each assistant turn's content is tokenised on its own (as if sampled right after
     the generation prompt), everything else is the template's own ids; mask 1 on assistant content only;
     logprobs 0.0 (nothing was sampled: train.py recomputes them). Queries are usually the supporting titles."""
@@ -282,38 +280,17 @@ def expert_trajectory(tokenizer, question: str, answer: str, queries: list[str],
                    messages=prompt_messages(sanitize(question, tokenizer), "agent"), stop="answer", expert=True)
     _extend(t, prompt_ids(tokenizer, t.messages), 0)
     t.prompt_len = len(t.ids)
-    read = ""  # every passage shown so far
     for turn, (q, hits) in enumerate(zip(qs, search(qs) if qs else []), 1):
-        quote = evidence(read, q) if turn > 1 else None
-        lead = "I need to look up" if turn == 1 else f"{quote + ' ' if quote else ''}Now I need to look up"
+        lead = "I need to look up" if turn == 1 else "Now I need to look up"
         _assistant_turn(t, tokenizer, f"<think> {lead} {q}. </think>\n<search> {q} </search>")
         t.queries.append(q)
         t.doc_ids.append([str(h["id"]) for h in hits])
         passages = sanitize(format_passages(hits), tokenizer)
-        read += passages + "\n"
         t.messages.append({"role": "user", "content": observation(passages, final=turn == max_turns)})
         _extend(t, turn_glue(tokenizer, t.messages), 0)
     t.answer = sanitize(answer, tokenizer).strip()
-    quote = evidence(read, t.answer) if t.answer.lower() not in ("yes", "no") else None
-    thought = f"The passages say: {quote}" if quote else "The passages give the answer."
-    _assistant_turn(t, tokenizer, f"<think> {thought} </think>\n<answer> {t.answer} </answer>")
+    _assistant_turn(t, tokenizer, f"<think> The passages give the answer. </think>\n<answer> {t.answer} </answer>")
     return t
-
-
-def evidence(passages: str, needle: str, max_words: int = 20) -> str | None:
-    """The first sentence of `passages` (format_passages text) that names `needle` (case-insensitive, a trailing
-    parenthesis such as "(painter)" ignored), cut to `max_words` words around the mention; None if none does."""
-    key = re.sub(r"\s*\(.*?\)\s*$", "", needle).strip().lower()
-    if not key:
-        return None
-    for line in passages.splitlines():
-        for sent in re.split(r"(?<=[.!?])\s+", re.sub(r"^Doc \d+ \(Title: .*?\) ", "", line)):
-            at = sent.lower().find(key)
-            if at >= 0:
-                words, before = sent.split(), len(sent[:at].split())
-                start = max(0, min(before - max_words // 2, len(words) - max_words))
-                return " ".join(words[start:start + max_words]).rstrip(".,;:") + "."
-    return None
 
 
 def _extend(t: Trajectory, ids: list[int], m: int) -> None:

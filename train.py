@@ -132,9 +132,9 @@ PRESETS = {
     # the shipped adapter: LoRA warm-start on 2Wiki expert trajectories, then GRPO with expert mixing (~85 min, 2 cores)
     "smollm2-2wiki": dict(model="default", dataset=str(HERE.parent / "shared" / "data" / "2wiki" / "train.jsonl"),
                           index=str(HERE.parent / "shared" / "data" / "2wiki" / "corpus.jsonl"),
-                          out="runs/smollm2-2wiki", lora_rank=8, lora_alpha=16.0, sft_steps=48, sft_batch=4,
-                          sft_lr=5e-4, sft_probe_every=16, expert_mix=True, steps=20, lr=5e-5, warmup_steps=3,
-                          group_size=4, prompts_per_step=4, max_turns=2, max_turn_tokens=96, max_total_tokens=896,
+                          out="runs/smollm2-2wiki", lora_rank=8, lora_alpha=16.0, sft_steps=16, sft_batch=8,
+                          sft_lr=5e-4, sft_probe_every=8, expert_mix=True, steps=28, lr=5e-5, warmup_steps=3,
+                          group_size=4, prompts_per_step=4, max_turns=2, max_turn_tokens=64, max_total_tokens=768,
                           top_k_passages=2,
                           beta=0.0, agg="token", micro_batch=1, grad_ckpt=False, save_every=8),
 }
@@ -349,12 +349,9 @@ def score(cfg: Config, traj: rollout.Trajectory, row: dict) -> dict:
 
 
 def expert(cfg: Config, tok, row: dict, search) -> rollout.Trajectory:
-    """The gold trajectory of one question: search its supporting titles (else the question), answer the gold.
-    Titles the question names go first (2Wiki lists them in any order): a multi-hop chain starts from the entity
-    in the question and reaches the bridge entity second, as a policy must, never guessing it up front."""
-    q = row["question"].lower()
-    titles = sorted(row.get("supporting_titles") or [row["question"]], key=lambda t: t.lower() not in q)
-    return rollout.expert_trajectory(tok, row["question"], row["answers"][0], titles, search, cfg.max_turns)
+    """The gold trajectory of one question: search its supporting titles (else the question), answer the gold."""
+    return rollout.expert_trajectory(tok, row["question"], row["answers"][0],
+                                     row.get("supporting_titles") or [row["question"]], search, cfg.max_turns)
 
 
 def mix_experts(cfg: Config, tok, rows: list[dict], search, trajs: list, scores: list) -> int:

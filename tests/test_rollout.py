@@ -562,16 +562,6 @@ def test_smollm2_matches_generate_and_intercepts(smol, index):
         assert max_logp_err(scripted, t, vocab=len(tok)) < 1e-4
 
 
-def test_evidence_quotes_the_first_sentence_naming_the_needle():
-    text = ("Doc 1 (Title: Dune (novel)) Dune is a 1965 novel. It was written by Frank Herbert.\n"
-            "Doc 2 (Title: Frank Herbert) Frank Herbert was born in Tacoma. He died in 1986.")
-    assert R.evidence(text, "Frank Herbert (author)") == "It was written by Frank Herbert."
-    assert R.evidence(text, "tacoma") == "Frank Herbert was born in Tacoma."
-    assert R.evidence(text, "Dune") == "Dune is a 1965 novel."  # never the title line itself
-    assert R.evidence(text, "1986", max_words=2) == "in 1986."  # cut around the mention
-    assert R.evidence(text, "Paris") is None
-
-
 def test_expert_trajectory_follows_the_rollout_contract(smol_tok, index):
     """Gold trajectories for the warm-start: the ids and mask the engine would produce for the same turns, real
     retrieved passages as observations, well-formed (format +1) and correct."""
@@ -590,7 +580,6 @@ def test_expert_trajectory_follows_the_rollout_contract(smol_tok, index):
     assert "Title: Frank Herbert" in obs[0] and "Dune is a 1965" in obs[1]  # real BM25 hits as the context
     assert R.FINAL_TURN not in obs[0] and R.FINAL_TURN in obs[1]  # the same final-turn notice as a rollout
     assert grpo.format_reward(t.responses) == 1.0 and grpo.exact_match(t.answer, ["1965"]) == 1.0
-    assert "The passages say:" in t.responses[-1] and "1965" in t.responses[-1].split("</think>")[0]  # grounded
     one = R.expert_trajectory(tok, question, "1965", ["Frank Herbert", "Dune (novel)"], search, max_turns=1)
     assert one.queries == ["Frank Herbert"] and R.FINAL_TURN in one.messages[-2]["content"]
 
