@@ -158,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=["direct", "rag", "agent"], default="agent", help="default: agent")
     p.add_argument("--k", type=int, help="passages per search (default 2 with the shipped adapter, else 3)")
     p.add_argument("--max-turns", type=int, help="searches allowed before the forced answer (default 2 / 4)")
-    p.add_argument("--max-turn-tokens", type=int, help="tokens per assistant turn (default 96 / 512)")
-    p.add_argument("--max-total-tokens", type=int, help="tokens after the prompt (default 896 / 2048)")
+    p.add_argument("--max-turn-tokens", type=int, help="tokens per assistant turn (default 64 / 512)")
+    p.add_argument("--max-total-tokens", type=int, help="tokens after the prompt (default 768 / 2048)")
     p.add_argument("--search-lag", type=int, default=0, help="--eval: searches run in a background thread while the "
                    "other rows decode, joined N decode steps later (-1: as soon as ready); pays with a big index "
                    "(default 0: every row waits for each search)")

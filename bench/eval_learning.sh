@@ -3,16 +3,16 @@
 # the shipped (final) adapter, the warm-start-only checkpoint and the untrained base on 2Wiki test (first 200) in
 # agent / rag / direct modes, data/qa.jsonl, and MuSiQue + HotpotQA (first 100 each; transfer). Then bench/eval_table.py.
 #
-#   bash bench/eval_learning.sh [RUN_DIR] [WARM_STEP] [FINAL_STEP]     # default runs/smollm2-2wiki 48 68
+#   bash bench/eval_learning.sh [RUN_DIR] [WARM_STEP] [FINAL_STEP]     # default runs/smollm2-2wiki 16 44
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:-runs/smollm2-2wiki}
-WARM=$RUN/checkpoints/step_$(printf %06d "${2:-48}")/adapter
-FINAL=$RUN/checkpoints/step_$(printf %06d "${3:-68}")/adapter
+WARM=$RUN/checkpoints/step_$(printf %06d "${2:-16}")/adapter
+FINAL=$RUN/checkpoints/step_$(printf %06d "${3:-44}")/adapter
 D=../shared/data
 O=$RUN/eval
 mkdir -p "$O"
-SET=(--k 2 --max-turns 2 --max-turn-tokens 96 --max-total-tokens 896 --batch-size 32)
+SET=(--k 2 --max-turns 2 --max-turn-tokens 64 --max-total-tokens 768 --batch-size 32)
 W2=("$D/2wiki/test.jsonl" --index "$D/2wiki/corpus.jsonl" --limit 200)
 ev() {  # name, then kr1.py --eval arguments; skips cells already done (the script can be re-run after a kill)
   local name=$1; shift
