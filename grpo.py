@@ -269,31 +269,37 @@ def grpo_loss(
         if normaliser is None:
             raise ValueError("agg='const' needs normaliser (e.g. max_response_len * num_sequences)")
         loss = per_tok.sum() / normaliser
+    return loss, loss_metrics(m, ratio, advantages, clip_low, clip_high, kl, entropy)
 
-    with torch.no_grad():
-        den = n_tok.clamp(min=1).to(lp.dtype)
-        r = ratio.detach()
-        low = m & (adv < 0) & (r < 1 - clip_low)  # (B, T) clipped branch active, gradient zero
-        high = m & (adv > 0) & (r > 1 + clip_high)  # (B, T)
-        a = advantages.detach().float()
-        inf, one, has = torch.full_like(zero, float("inf")), torch.ones_like(zero), n_tok > 0  # no host sync
-        metrics = {
-            "clip_frac_low": low.sum() / den,
-            "clip_frac_high": high.sum() / den,
-            "clip_frac": (low | high).sum() / den,
-            "ratio_mean": torch.where(m, r, zero).sum() / den,
-            "ratio_min": torch.where(has, torch.where(m, r, inf).amin(), one),
-            "ratio_max": torch.where(has, torch.where(m, r, -inf).amax(), one),
-            "kl": kl.detach().sum() / den if kl is not None else zero.detach(),
-            "adv_mean": a.mean(),
-            "adv_std": a.std(correction=0),
-            "adv_min": a.min(),
-            "adv_max": a.max(),
-            "n_tokens": n_tok.float(),
-        }
-        if entropy is not None:
-            metrics["entropy"] = torch.where(m, entropy.detach().to(lp.dtype), zero).sum() / den
-    return loss, metrics
+
+@torch.no_grad()
+def loss_metrics(m: torch.Tensor, ratio: torch.Tensor, advantages: torch.Tensor, clip_low: float, clip_high: float,
+                 kl: torch.Tensor | None, entropy: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """grpo_loss's detached 0-d metrics: clip fractions, ratio range, KL, advantage stats, entropy (no host sync)."""
+    r = ratio.detach()  # (B, T)
+    zero, n_tok, adv = r.new_zeros(()), m.sum(), advantages.to(r.dtype)[:, None]  # adv: (B, 1)
+    den = n_tok.clamp(min=1).to(r.dtype)
+    low = m & (adv < 0) & (r < 1 - clip_low)  # (B, T) clipped branch active, gradient zero
+    high = m & (adv > 0) & (r > 1 + clip_high)  # (B, T)
+    a = advantages.detach().float()
+    inf, one, has = torch.full_like(zero, float("inf")), torch.ones_like(zero), n_tok > 0  # no host sync
+    metrics = {
+        "clip_frac_low": low.sum() / den,
+        "clip_frac_high": high.sum() / den,
+        "clip_frac": (low | high).sum() / den,
+        "ratio_mean": torch.where(m, r, zero).sum() / den,
+        "ratio_min": torch.where(has, torch.where(m, r, inf).amin(), one),
+        "ratio_max": torch.where(has, torch.where(m, r, -inf).amax(), one),
+        "kl": kl.detach().sum() / den if kl is not None else zero,
+        "adv_mean": a.mean(),
+        "adv_std": a.std(correction=0),
+        "adv_min": a.min(),
+        "adv_max": a.max(),
+        "n_tokens": n_tok.float(),
+    }
+    if entropy is not None:
+        metrics["entropy"] = torch.where(m, entropy.detach().to(r.dtype), zero).sum() / den
+    return metrics
 
 
 # ----------------------------------------------------------------------------- warm-start

@@ -424,6 +424,7 @@ class Engine:
     ends: set[int]             # ids that end a turn (eos, <|im_end|>, every generation_config eos)
     maybe_stop: set[int]       # ids with a '>': only these can complete a stop tag
     vocab: int                 # len(tokenizer): logits past it (a padded embedding) are never sampled
+    dev: torch.device          # the model's (looked up once, not per forward)
     rows: list[Row]
     batch: list[Row] = field(default_factory=list)  # batch position j holds cache row j
     cache: RaggedCache = field(default_factory=RaggedCache)
@@ -433,10 +434,6 @@ class Engine:
     st: dict = field(default_factory=lambda: dict(forwards=0, chunks=0, chunk_slots=0, prefill_rows=0, slots=0,
                                                   capacity=0, drops=0, searches=0, search_wait_s=0.0,
                                                   forward_s=0.0))
-
-    @property
-    def dev(self) -> torch.device:
-        return next(self.model.parameters()).device
 
 
 @torch.no_grad()  # not inference_mode: FSDP2 forward hooks and later autograd use of the weights prefer no_grad
@@ -492,7 +489,6 @@ def rollout(model, tokenizer, questions: list[str], search, cfg: RolloutConfig |
 
 def start(model, tokenizer, questions: list[str], search, cfg: RolloutConfig, generator) -> Engine:
     """Prompts rendered (rag: retrieved once, in one batched call), one Row per question."""
-    _, ends, maybe_stop = token_sets(tokenizer)
     qs = [sanitize(q, tokenizer) for q in questions]
     if cfg.mode == "rag":
         hits = search(qs)
@@ -509,8 +505,8 @@ def start(model, tokenizer, questions: list[str], search, cfg: RolloutConfig, ge
             t.queries, t.doc_ids = [qs[i]], [[str(h["id"]) for h in hits[i]]]
         rows.append(Row(t, pending=list(ids), turn_start=len(ids)))
     pool = ThreadPoolExecutor(1, thread_name_prefix="kr1-search") if cfg.search_lag and cfg.mode == "agent" else None
-    return Engine(model, tokenizer, cfg, search, generator, ends | end_ids(tokenizer, model), maybe_stop,
-                  len(tokenizer), rows, batch=list(rows), pool=pool)
+    return Engine(model, tokenizer, cfg, search, generator, end_ids(tokenizer, model), token_sets(tokenizer)[2],
+                  len(tokenizer), next(model.parameters()).device, rows, batch=list(rows), pool=pool)
 
 
 def prefill(e: Engine) -> None:
