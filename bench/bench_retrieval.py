@@ -7,11 +7,13 @@
    tokens; slow, so timed on a subset and scaled). Best of --repeats; also the first search in a fresh process.
 3. Scale: a synthetic Wikipedia-like corpus (wiki-18 JSONL layout, --words words per passage from a Zipf(1)
    vocabulary whose 33 most frequent words are bm25s' English stopwords) per --scale-sizes; build, load and
-   search each run in a fresh subprocess so peak RSS (VmHWM) is that phase's own; then a linear extrapolation
-   to wiki-18 (21M passages).
+   search each run in a fresh subprocess; build memory is the peak PSS of the build process and its workers
+   together (sampled every 0.2 s). At --ref-sizes the build also runs in-process (each pass' CPU cost) and as
+   bm25s' own in-memory `index()` (the baseline), and the two indexes are compared file by file and by top-10.
+   Then a model of the build on wiki-18 (21M passages) on 16 cores.
 
-    python bench/bench_retrieval.py --out runs/bench_retrieval.json                          # full (~15 min)
-    python bench/bench_retrieval.py --scale-sizes 20000 --rank-queries 20 --repeats 2        # quick (~2 min)
+    python bench/bench_retrieval.py --out runs/bench_retrieval.json                          # full (~40 min)
+    python bench/bench_retrieval.py --scale-sizes 20000 50000 --ref-sizes 50000 --rank-queries 20 --repeats 2
     python bench/bench_retrieval.py --skip-scale                                             # 2wiki only
 """
 
@@ -21,10 +23,12 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -87,7 +91,7 @@ def bench_2wiki(args, work: Path) -> dict:
     retrieval.Index.build(DATA / "corpus.jsonl", work / "2wiki")
     build_s = time.perf_counter() - t0
     backends = ["numba", "numpy"] if retrieval.HAS_NUMBA else ["numpy"]
-    idx = {b: retrieval.Index.load(work / "2wiki", backend=b) for b in backends}
+    idx = {b: retrieval.Index.load(work / "2wiki", backend=b, threads=1) for b in backends}  # raw bm25s: 1 thread
     first = next(iter(idx.values()))
     res = {"passages": len(first), "build_s": build_s, "queries": len(queries), "k": args.k,
            "default_backend": retrieval.Index.load(work / "2wiki").bm25.backend}
@@ -180,102 +184,222 @@ def child(phase: str, **kw) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_child(c: dict) -> None:
-    path, out, t0 = Path(c["index"]), {"base_rss_gib": mem_gib("VmRSS")}, time.perf_counter()  # base: imports
+def tree_pss() -> dict[int, float]:
+    """Proportional set size (GiB; shared pages split between the processes sharing them) of this process and of
+    its children (the build's workers), by pid."""
+    me, pids = os.getpid(), [os.getpid()]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == me:
+                pids.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    out = {}
+    for pid in pids:
+        try:
+            lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+        except OSError:
+            continue
+        out[pid] = next(int(ln.split()[1]) for ln in lines if ln.startswith("Pss:")) / 2**20
+    return out
+
+
+def watch_memory(stop: threading.Event, peak: dict) -> None:
+    """Every 0.2 s: peak PSS of the whole process tree, of this process and of the largest worker."""
+    while not stop.wait(0.2):
+        pss, me = tree_pss(), os.getpid()
+        peak["tree"] = max(peak.get("tree", 0.0), sum(pss.values()))
+        peak["main"] = max(peak.get("main", 0.0), pss.get(me, 0.0))
+        peak["worker"] = max([peak.get("worker", 0.0)] + [v for pid, v in pss.items() if pid != me])
+
+
+def reference_build(corpus: Path, out: Path) -> None:
+    """The build before the bounded-memory one: every token id in memory, then bm25s' own `BM25.index()`."""
+    tmp, tok, offsets = out.with_name(out.name + ".building"), retrieval._tokenizer(), []
+    tmp.mkdir(parents=True)
+    with open(tmp / "passages.jsonl", "wb") as pf:
+
+        def texts():
+            for lineno, rec in retrieval.read_jsonl(corpus, "corpus file"):
+                pid, title, text = retrieval._passage(rec, corpus, lineno)
+                offsets.append(pf.tell())
+                pf.write(json.dumps({"id": pid, "title": title, "text": text}, ensure_ascii=False).encode() + b"\n")
+                yield f"{title}\n{text}"
+
+        ids = list(tok.streaming_tokenize(texts(), update_vocab=True))
+    bm25 = bm25s.BM25()
+    bm25.index((ids, tok.get_vocab_dict()), show_progress=False)
+    bm25.save(tmp, show_progress=False)
+    tok.save_vocab(tmp)
+    tok.save_stopwords(tmp)
+    np.save(tmp / "passages.offsets.npy", np.asarray(offsets, dtype=np.int64))
+    (tmp / retrieval.MANIFEST).write_text(json.dumps({"format": retrieval.INDEX_FORMAT, "passages": len(ids)}))
+    tmp.rename(out)
+
+
+def run_build(c: dict, out: dict) -> None:
+    path, stop, peak, t0 = Path(c["index"]), threading.Event(), {}, time.perf_counter()
+    watcher = threading.Thread(target=watch_memory, args=(stop, peak), daemon=True)
+    watcher.start()
     if c["phase"] == "build":
-        index = bm25s.BM25.index
+        retrieval.Index.build(Path(c["corpus"]), path, workers=c["workers"], show_progress=False)
+        out["seconds"] = json.loads((path / retrieval.MANIFEST).read_text())["seconds"]
+    else:
+        reference_build(Path(c["corpus"]), path)
+    stop.set()
+    watcher.join()
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out.update(build_s=time.perf_counter() - t0, build_cpu_s=time.process_time() + kids.ru_utime + kids.ru_stime,
+               main_cpu_s=time.process_time(), peak_rss_gib=mem_gib("VmHWM"), peak_pss_gib=peak.get("tree", 0.0),
+               main_pss_gib=peak.get("main", 0.0), worker_pss_gib=peak.get("worker", 0.0),
+               index_gib=sum(f.stat().st_size for f in path.iterdir()) / 2**30,
+               passages_gib=(path / "passages.jsonl").stat().st_size / 2**30,
+               postings=int(np.load(path / "indptr.csc.index.npy", mmap_mode="r")[-1]))
 
-        def traced(self, *a, **kw):  # the RSS once tokenising is done: token ids + vocabulary
-            out["rss_tokenized_gib"] = mem_gib("VmRSS")
-            return index(self, *a, **kw)
 
-        bm25s.BM25.index = traced
-        retrieval.Index.build(Path(c["corpus"]), path)
-        out.update(build_s=time.perf_counter() - t0, build_cpu_s=time.process_time(), peak_rss_gib=mem_gib("VmHWM"),
-                   index_gib=sum(f.stat().st_size for f in path.iterdir()) / 2**30,
-                   passages_gib=(path / "passages.jsonl").stat().st_size / 2**30)
+def run_compare(c: dict, out: dict) -> None:
+    """Ours against bm25s' own index() on the same corpus: the matrix files, and top-10 ids and scores."""
+    a, b = Path(c["index"]), Path(c["ref"])
+    out["same_files"] = all(np.array_equal(np.load(a / f, mmap_mode="r"), np.load(b / f, mmap_mode="r"))
+                            for f in ("data.csc.index.npy", "indices.csc.index.npy", "indptr.csc.index.npy"))
+    vocab = [json.loads((d / "vocab.index.json").read_text()) for d in (a, b)]
+    out["same_vocab"] = vocab[0] == vocab[1]
+    queries = synthetic_queries(c["queries"], c["vocab"])
+    ours, ref = (retrieval.Index.load(p, backend="numba" if retrieval.HAS_NUMBA else "numpy") for p in (a, b))
+    top = [[[(h["id"], h["score"]) for h in hs] for hs in ix.search(queries, k=10)] for ix in (ours, ref)]
+    out.update(queries=len(queries), same_top10=top[0] == top[1],
+               differing_queries=sum(x != y for x, y in zip(*top)))
+
+
+def run_queries(c: dict, out: dict) -> None:
+    """Load, RSS, then batches of synthetic queries at 1 and 2 numba threads (and the numpy scorer)."""
+    path, t0 = Path(c["index"]), time.perf_counter()
+    ix = retrieval.Index.load(path, backend="numba" if retrieval.HAS_NUMBA else "numpy")
+    batch, k = c["batch"], c["k"]
+    queries = synthetic_queries(c["queries"], c["vocab"])
+    out.update(load_s=time.perf_counter() - t0, load_rss_gib=mem_gib("VmRSS"), load_anon_gib=mem_gib("RssAnon"),
+               vocab_size=len(ix.bm25.vocab_dict), postings_per_query=postings_per_query(ix, queries),
+               default_threads=ix.threads)
+
+    def run(threads):
+        for s in range(0, len(queries), batch):
+            ix.search(queries[s : s + batch], k=k, threads=threads)
+
+    for threads in (1, 2):  # compile numba's serial and parallel kernels + page the index in
+        ix.search(queries[:batch], k=k, threads=threads)
+    for threads in (1, 2):
+        out[f"qps_{threads}t"] = len(queries) / best_of(lambda t=threads: run(t), c["repeats"])
+    out["qps_1t_cpu"] = len(queries) / best_of(lambda: run(1), c["repeats"], time.process_time)
+    out.update(rss_after_queries_gib=mem_gib("VmRSS"), peak_rss_gib=mem_gib("VmHWM"))
+    if retrieval.HAS_NUMBA:  # the numpy scorer is ~25x slower here: one batch is enough
+        slow = retrieval.Index.load(path, backend="numpy")
+        out["qps_numpy_1t"] = batch / best_of(lambda: slow.search(queries[:batch], k=k), 1)
+
+
+def run_child(c: dict) -> None:
+    out, t0 = {"base_rss_gib": mem_gib("VmRSS")}, time.perf_counter()  # base: after imports
+    if c["phase"] in ("build", "reference"):
+        run_build(c, out)
+    elif c["phase"] == "compare":
+        run_compare(c, out)
     elif c["phase"] == "first":
-        ix, t1 = retrieval.Index.load(path, backend=c["backend"]), time.perf_counter()
-        ix.search(["Who is the spouse of the director of film West Of Shanghai?"], k=3)
+        ix, t1 = retrieval.Index.load(c["index"], backend=c["backend"]), time.perf_counter()
+        ix.search(["Who is the spouse of the director of film West Of Shanghai?"], k=3, threads=1)
         out.update(load_s=t1 - t0, first_search_s=time.perf_counter() - t1)
-    else:  # query: load, RSS, then batches of synthetic queries at 1 and 2 threads
-        ix = retrieval.Index.load(path, backend="numba" if retrieval.HAS_NUMBA else "numpy")
-        batch, k = c["batch"], c["k"]
-        queries = synthetic_queries(c["queries"], c["vocab"])
-        out.update(load_s=time.perf_counter() - t0, load_rss_gib=mem_gib("VmRSS"), load_anon_gib=mem_gib("RssAnon"),
-                   vocab_size=len(ix.bm25.vocab_dict), postings_per_query=postings_per_query(ix, queries))
-
-        def run(threads):
-            for s in range(0, len(queries), batch):
-                ix.search(queries[s : s + batch], k=k, n_threads=threads)
-
-        for threads in (1, 2):  # compile numba's serial and parallel kernels + page the index in
-            ix.search(queries[:batch], k=k, n_threads=threads)
-        for threads in (1, 2):
-            out[f"qps_{threads}t"] = len(queries) / best_of(lambda t=threads: run(t), c["repeats"])
-        out["qps_1t_cpu"] = len(queries) / best_of(lambda: run(1), c["repeats"], time.process_time)
-        out.update(rss_after_queries_gib=mem_gib("VmRSS"), peak_rss_gib=mem_gib("VmHWM"))
-        if retrieval.HAS_NUMBA:  # the numpy scorer is ~25x slower here: one batch is enough
-            slow = retrieval.Index.load(path, backend="numpy")
-            out["qps_numpy_1t"] = batch / best_of(lambda: slow.search(queries[:batch], k=k), 1)
+    else:
+        run_queries(c, out)
     print(json.dumps(out))
+
+
+def print_build(name: str, r: dict) -> None:
+    print(f"[{name}] build {r['build_s']:.1f} s wall, {r['build_cpu_s']:.1f} CPU s ({r['main_cpu_s']:.1f} in the "
+          f"main process); peak memory {r['peak_pss_gib']:.2f} GiB PSS over all processes (main {r['main_pss_gib']:.2f}"
+          f", largest worker {r['worker_pss_gib']:.2f}; main's VmHWM {r['peak_rss_gib']:.2f} GiB RSS); index on disk "
+          f"{r['index_gib']:.2f} GiB (passages.jsonl {r['passages_gib']:.2f}); {r['postings']:,} postings")
+    if "seconds" in r:
+        print("   passes [wall s, main CPU s]: " + ", ".join(f"{k} {v}" for k, v in r["seconds"].items()))
 
 
 def bench_scale(args, work: Path) -> dict:
     res = {}
     for n in args.scale_sizes:
-        corpus, out = work / f"synthetic-{n}.jsonl", work / f"index-{n}"
+        corpus, out, ref = work / f"synthetic-{n}.jsonl", work / f"index-{n}", work / f"reference-{n}"
         write_corpus(corpus, n, args.vocab, args.words)
-        r = {"corpus_gib": corpus.stat().st_size / 2**30}
+        r = {"corpus_gib": corpus.stat().st_size / 2**30, "workers": args.workers}
         print(f"\n== synthetic {n:,} passages x {args.words} words, {args.vocab:,}-word vocabulary, "
               f"{r['corpus_gib']:.2f} GiB")
-        r.update(child("build", index=str(out), corpus=str(corpus)))
+        r["build"] = child("build", index=str(out), corpus=str(corpus), workers=args.workers)
+        print_build(f"ours, {args.workers} workers", r["build"])
+        if n in args.ref_sizes:  # the serial run gives each pass' CPU cost; the reference, the old build's
+            r["serial"] = child("build", index=str(work / "serial"), corpus=str(corpus), workers=1)
+            print_build("ours, in-process", r["serial"])
+            shutil.rmtree(work / "serial")
+            r["reference"] = child("reference", index=str(ref), corpus=str(corpus))
+            print_build("bm25s' own index(), in memory", r["reference"])
+            r["compare"] = child("compare", index=str(out), ref=str(ref), queries=args.compare_queries,
+                                 vocab=args.vocab)
+            shutil.rmtree(ref)
+            b, o = r["reference"], r["build"]
+            print(f"ours / bm25s index(): peak memory {o['peak_pss_gib'] / b['peak_pss_gib']:.2f}x, wall time "
+                  f"{o['build_s'] / b['build_s']:.2f}x | identical matrix files: {r['compare']['same_files']}, "
+                  f"vocabulary: {r['compare']['same_vocab']}, top-10 ids and scores for {r['compare']['queries']:,} "
+                  f"queries: {r['compare']['same_top10']} ({r['compare']['differing_queries']} differ)")
         corpus.unlink()
-        print(f"build {r['build_s']:.1f} s ({r['build_cpu_s']:.1f} CPU s), peak RSS {r['peak_rss_gib']:.2f} GiB "
-              f"({r['rss_tokenized_gib']:.2f} GiB once tokenised, {r['base_rss_gib']:.2f} GiB after imports), "
-              f"index on disk {r['index_gib']:.2f} GiB (of which passages.jsonl {r['passages_gib']:.2f} GiB)")
         q = child("query", index=str(out), queries=args.scale_queries, vocab=args.vocab, batch=args.batch, k=args.k,
                   repeats=args.repeats)
         r.update({f"q_{key}": v for key, v in q.items()})
         print(f"load {q['load_s']:.2f} s, RSS after load {q['load_rss_gib']:.2f} GiB ({q['load_anon_gib']:.2f} anon, "
               f"{q['vocab_size']:,} terms); batch {args.batch}, k={args.k}: {q['qps_1t']:,.0f} queries/s (1 thread; "
-              f"{q['qps_1t_cpu']:,.0f} per CPU second), "
-              f"{q['qps_2t']:,.0f} queries/s (2 threads), numpy scorer {q.get('qps_numpy_1t', float('nan')):,.1f} "
-              f"queries/s; RSS after queries {q['rss_after_queries_gib']:.2f} GiB; a query scores "
-              f"{100 * q['postings_per_query']:.2f} % of the postings")
+              f"{q['qps_1t_cpu']:,.0f} per CPU second), {q['qps_2t']:,.0f} queries/s (2 threads; default "
+              f"{q['default_threads']}), numpy scorer {q.get('qps_numpy_1t', float('nan')):,.1f} queries/s; a query "
+              f"scores {100 * q['postings_per_query']:.2f} % of the postings")
         res[n] = r
         shutil.rmtree(out)
     return res
 
 
-def extrapolate(scale: dict, target: int = WIKI18) -> dict:
-    """Linear in passages, a + b*n, through the two largest runs (or through 0 with one run): build time, build
-    peak RSS, index size, load RSS and seconds per query; then the RSS of wiki-18's larger vocabulary is added
-    at the bytes per term measured after load (the synthetic vocabulary stops growing at --vocab words)."""
+def extrapolate(scale: dict, target: int = WIKI18, cores: int = 16) -> dict:
+    """wiki-18 on a `cores`-core machine from the synthetic runs, linear in passages:
+    - build time: each pass' CPU seconds per passage from the in-process run; tokenising is parallel except the
+      main process' share (measured with workers), splitting is serial, scoring parallel;
+    - build memory: main process PSS linear in passages (two largest runs), plus wiki-18's larger vocabulary at the
+      bytes per term measured after load, plus `cores` workers at the largest worker's peak;
+    - disk: index (linear) plus the spilled postings (12 bytes each) while they are split."""
     sizes = sorted(scale)[-2:]
-    (n0, n1), big = ((0, sizes[0]) if len(sizes) == 1 else sizes), scale[sizes[-1]]
+    n0, n1 = (0, sizes[0]) if len(sizes) == 1 else sizes
+    big = scale[n1]
 
-    def fit(key, inv=False):  # value at `target`; inv: fit 1/value (seconds per query), return 1/fit
-        y0, y1 = (0.0 if n0 == 0 else scale[n0][key], scale[n1][key])
-        y0, y1 = (1 / y0 if y0 else 0.0, 1 / y1) if inv else (y0, y1)
-        y = y1 + (y1 - y0) / (n1 - n0) * (target - n1)
-        return (1 / y if y > 0 else float("nan")) if inv else y  # nan: runs too small to fit
+    def fit(get):
+        y0, y1 = 0.0 if n0 == 0 else get(scale[n0]), get(scale[n1])
+        return y1 + (y1 - y0) / (n1 - n0) * (target - n1)
 
-    per_term = (big["q_load_rss_gib"] - big["q_base_rss_gib"]) / big["q_vocab_size"]  # GiB per vocabulary term
+    serial_n = max(n for n in scale if "serial" in scale[n])
+    ser, par = scale[serial_n]["serial"]["seconds"], scale[serial_n]["build"]["seconds"]
+    per = {k: v[1] / serial_n for k, v in ser.items()}  # CPU s per passage, all in one process
+    main_tok = par["tokenize"][1] / serial_n  # the main process' serial share of tokenising
+
+    def hours(c):
+        return target * (max(main_tok, per["tokenize"] / c) + per["split"] + per["score"] / c) / 3600
+
+    per_term = (big["q_load_rss_gib"] - big["q_base_rss_gib"]) / big["q_vocab_size"]
     extra = max(0, WIKI18_TERMS - big["q_vocab_size"]) * per_term
-    est = {"from_passages": sizes, "build_h": fit("build_s") / 3600, "build_cpu_h": fit("build_cpu_s") / 3600,
-           "bytes_per_term": per_term * 2**30, "vocab_extra_gib": extra,
-           "build_peak_rss_gib": fit("peak_rss_gib") + extra, "load_rss_gib": fit("q_load_rss_gib") + extra,
-           "index_gib": fit("index_gib"), "passages_gib": fit("passages_gib"), "qps_1t_cpu": fit("q_qps_1t_cpu", True),
-           "qps_1t": fit("q_qps_1t", inv=True), "qps_2t": fit("q_qps_2t", inv=True)}
-    print(f"\n== wiki-18 ({target:,} passages, {WIKI18_TERMS:,} terms) extrapolated linearly from {sizes}: "
-          f"build {est['build_h']:.1f} h ({est['build_cpu_h']:.1f} CPU h), build peak RSS "
-          f"{est['build_peak_rss_gib']:.0f} GiB, index {est['index_gib']:.0f} GiB on disk ({est['passages_gib']:.0f} "
-          f"GiB of it passages.jsonl), RSS after load {est['load_rss_gib']:.1f} GiB (of it {extra:.1f} GiB for the "
-          f"vocabulary at {est['bytes_per_term']:.0f} bytes/term), {est['qps_1t']:.1f} / {est['qps_2t']:.1f} "
-          f"queries/s (1 / 2 threads; {est['qps_1t_cpu']:.1f} per CPU second)")
-    if len(sizes) < 2 or sizes[0] < 100_000:
-        print("(rough: this needs two runs of >= 100k passages; the defaults are 100k and 1M)")
+    postings = fit(lambda r: r["build"]["postings"])
+    est = {"from_passages": sizes, "cores": cores, "build_h": hours(cores), "build_h_2cores": hours(2),
+           "build_h_1core": hours(1), "vocab_extra_gib": extra, "bytes_per_term": per_term * 2**30,
+           "build_peak_gib": fit(lambda r: r["build"]["main_pss_gib"]) + extra + cores * big["build"]["worker_pss_gib"],
+           "reference_peak_gib": scale[serial_n]["reference"]["peak_pss_gib"] * target / serial_n + extra,
+           "index_gib": fit(lambda r: r["build"]["index_gib"]),
+           "passages_gib": fit(lambda r: r["build"]["passages_gib"]),
+           "spill_gib": 12 * postings / 2**30, "load_rss_gib": fit(lambda r: r["q_load_rss_gib"]) + extra,
+           "qps_1t": 1 / fit(lambda r: 1 / r["q_qps_1t"]), "qps_2t": 1 / fit(lambda r: 1 / r["q_qps_2t"])}
+    check = hours(big["workers"]) * 3600 * n1 / target
+    print(f"\n== wiki-18 ({target:,} passages, {WIKI18_TERMS:,} terms) extrapolated from {sizes}: build "
+          f"{60 * est['build_h']:.0f} min on {cores} cores ({60 * est['build_h_2cores']:.0f} min on 2, "
+          f"{60 * est['build_h_1core']:.0f} on 1; this model says {check:.0f} s for the {n1:,}-passage run, measured "
+          f"{big['build']['build_s']:.0f} s), peak memory {est['build_peak_gib']:.1f} GiB (bm25s' own index(): "
+          f"{est['reference_peak_gib']:.0f} GiB), disk {est['index_gib']:.0f} GiB index (of it "
+          f"{est['passages_gib']:.0f} GiB passages) + {est['spill_gib']:.0f} GiB temporary, RSS after load "
+          f"{est['load_rss_gib']:.1f} GiB, {est['qps_1t']:.1f} / {est['qps_2t']:.1f} queries/s (1 / 2 threads)")
     return est
 
 
@@ -286,7 +410,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="timings are the best of this many runs")
     p.add_argument("--rank-queries", type=int, default=100, help="queries timed through rank_bm25 (it is slow)")
     p.add_argument("--skip-scale", action="store_true", help="only the 2wiki part")
-    p.add_argument("--scale-sizes", type=int, nargs="+", default=[100_000, 1_000_000], help="synthetic corpus sizes")
+    p.add_argument("--scale-sizes", type=int, nargs="+", default=[100_000, 1_000_000, 5_000_000],
+                   help="synthetic corpus sizes")
+    p.add_argument("--ref-sizes", type=int, nargs="*", default=[1_000_000],
+                   help="sizes also built in-process and by bm25s' own index() (the old build), then compared")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="build workers (default: all)")
+    p.add_argument("--compare-queries", type=int, default=1000, help="queries whose top-10 are compared")
     p.add_argument("--vocab", type=int, default=300_000, help="synthetic vocabulary size")
     p.add_argument("--words", type=int, default=100, help="words per synthetic passage (wiki-18: 100)")
     p.add_argument("--scale-queries", type=int, default=1024, help="synthetic queries per timing")
