@@ -39,6 +39,7 @@ import shutil
 import sys
 import time
 from collections import deque
+from itertools import repeat
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -200,7 +201,10 @@ def _tokenize_pass(corpus: Path, tmp: Path, pool, window: int, progress: bool):
             nbytes, text, line_len, stems, term, doc, tf, doclen, block_df = block
             offsets.append(pf.tell() + np.cumsum(line_len) - line_len)
             pf.write(text)
-            ids = np.fromiter((vocab.setdefault(s, len(vocab)) for s in stems), np.int64, len(stems))  # block -> global
+            ids = np.fromiter(map(vocab.get, stems, repeat(-1)), np.int64, len(stems))  # block -> global term id
+            new = np.flatnonzero(ids < 0)  # first seen in this block, in order of first appearance
+            ids[new] = np.arange(len(vocab), len(vocab) + len(new))
+            vocab.update(zip([stems[i] for i in new.tolist()], ids[new].tolist()))
             if len(vocab) > len(df):
                 df = np.concatenate([df, np.zeros(max(len(vocab), 2 * len(df)) - len(df), dtype=np.int64)])
             df[ids] += block_df  # ids are distinct, so += adds once per term
@@ -221,7 +225,7 @@ def _tokenize_pass(corpus: Path, tmp: Path, pool, window: int, progress: bool):
 def _bucket_pass(tmp: Path, segments: list[Path], edges: np.ndarray, progress: bool) -> list[Path]:
     """Pass 2: split the spilled postings into one file per term range [edges[i], edges[i+1]), in passage order."""
     paths = [tmp / f"postings.r{i:04d}.bin" for i in range(len(edges) - 1)]
-    range_of = np.repeat(np.arange(len(paths), dtype=np.int32), np.diff(edges))  # (V,) term -> its range
+    range_of = np.repeat(np.arange(len(paths), dtype=np.int16), np.diff(edges))  # (V,) int16: a radix sort below
     files = [open(p, "wb") for p in paths]
     total = sum(p.stat().st_size for p in segments) // POSTING.itemsize
     try:

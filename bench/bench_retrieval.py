@@ -360,11 +360,12 @@ def bench_scale(args, work: Path) -> dict:
 
 def extrapolate(scale: dict, target: int = WIKI18, cores: int = 16) -> dict:
     """wiki-18 on a `cores`-core machine from the synthetic runs, linear in passages:
-    - build time: each pass' CPU seconds per passage from the in-process run; tokenising is parallel except the
-      main process' share (measured with workers), splitting is serial, scoring parallel;
+    - build time, per passage of the largest run: tokenising is spread over the cores but cannot beat the main
+      process' share (numbering terms, writing passages and postings), splitting is serial, scoring is spread over
+      the workers (its CPU = its wall time x workers: they are saturated);
     - build memory: main process PSS linear in passages (two largest runs), plus wiki-18's larger vocabulary at the
       bytes per term measured after load, plus `cores` workers at the largest worker's peak;
-    - disk: index (linear) plus the spilled postings (12 bytes each) while they are split."""
+    - disk: the index (linear) plus the spilled postings (12 bytes each) until they are split."""
     sizes = sorted(scale)[-2:]
     n0, n1 = (0, sizes[0]) if len(sizes) == 1 else sizes
     big = scale[n1]
@@ -373,33 +374,38 @@ def extrapolate(scale: dict, target: int = WIKI18, cores: int = 16) -> dict:
         y0, y1 = 0.0 if n0 == 0 else get(scale[n0]), get(scale[n1])
         return y1 + (y1 - y0) / (n1 - n0) * (target - n1)
 
-    serial_n = max(n for n in scale if "serial" in scale[n])
-    ser, par = scale[serial_n]["serial"]["seconds"], scale[serial_n]["build"]["seconds"]
-    per = {k: v[1] / serial_n for k, v in ser.items()}  # CPU s per passage, all in one process
-    main_tok = par["tokenize"][1] / serial_n  # the main process' serial share of tokenising
+    b, w = big["build"], big["workers"]
+    sec = b["seconds"]  # pass -> [wall, main CPU]
+    score_cpu = sec["score"][0] * w
+    tok_main, tok_work = sec["tokenize"][1] / n1, (b["build_cpu_s"] - b["main_cpu_s"] - score_cpu) / n1
+    split, score = sec["split"][1] / n1, score_cpu / n1  # CPU seconds per passage
 
-    def hours(c):
-        return target * (max(main_tok, per["tokenize"] / c) + per["split"] + per["score"] / c) / 3600
+    def hours(c, n=target):
+        return n * (max(tok_main, (tok_main + tok_work) / c) + split + score / c) / 3600  # c workers + main on c cores
 
     per_term = (big["q_load_rss_gib"] - big["q_base_rss_gib"]) / big["q_vocab_size"]
     extra = max(0, WIKI18_TERMS - big["q_vocab_size"]) * per_term
-    postings = fit(lambda r: r["build"]["postings"])
+    ref_n = max((n for n in scale if "reference" in scale[n]), default=None)
     est = {"from_passages": sizes, "cores": cores, "build_h": hours(cores), "build_h_2cores": hours(2),
-           "build_h_1core": hours(1), "vocab_extra_gib": extra, "bytes_per_term": per_term * 2**30,
-           "build_peak_gib": fit(lambda r: r["build"]["main_pss_gib"]) + extra + cores * big["build"]["worker_pss_gib"],
-           "reference_peak_gib": scale[serial_n]["reference"]["peak_pss_gib"] * target / serial_n + extra,
+           "model_s_largest_run": hours(w, n1) * 3600,
+           "us_per_passage": {"tokenize_main": 1e6 * tok_main, "tokenize_workers": 1e6 * tok_work,
+                              "split": 1e6 * split, "score": 1e6 * score},
+           "vocab_extra_gib": extra, "bytes_per_term": per_term * 2**30,
+           "build_peak_gib": fit(lambda r: r["build"]["main_pss_gib"]) + extra + cores * b["worker_pss_gib"],
+           "reference_peak_gib": scale[ref_n]["reference"]["peak_pss_gib"] * target / ref_n + extra if ref_n else None,
            "index_gib": fit(lambda r: r["build"]["index_gib"]),
            "passages_gib": fit(lambda r: r["build"]["passages_gib"]),
-           "spill_gib": 12 * postings / 2**30, "load_rss_gib": fit(lambda r: r["q_load_rss_gib"]) + extra,
+           "spill_gib": 12 * fit(lambda r: r["build"]["postings"]) / 2**30,
+           "load_rss_gib": fit(lambda r: r["q_load_rss_gib"]) + extra,
            "qps_1t": 1 / fit(lambda r: 1 / r["q_qps_1t"]), "qps_2t": 1 / fit(lambda r: 1 / r["q_qps_2t"])}
-    check = hours(big["workers"]) * 3600 * n1 / target
     print(f"\n== wiki-18 ({target:,} passages, {WIKI18_TERMS:,} terms) extrapolated from {sizes}: build "
-          f"{60 * est['build_h']:.0f} min on {cores} cores ({60 * est['build_h_2cores']:.0f} min on 2, "
-          f"{60 * est['build_h_1core']:.0f} on 1; this model says {check:.0f} s for the {n1:,}-passage run, measured "
-          f"{big['build']['build_s']:.0f} s), peak memory {est['build_peak_gib']:.1f} GiB (bm25s' own index(): "
-          f"{est['reference_peak_gib']:.0f} GiB), disk {est['index_gib']:.0f} GiB index (of it "
+          f"{60 * est['build_h']:.0f} min on {cores} cores ({60 * est['build_h_2cores']:.0f} min on 2; the model "
+          f"gives {est['model_s_largest_run']:.0f} s for the measured {b['build_s']:.0f} s of the {n1:,}-passage run), "
+          f"peak memory {est['build_peak_gib']:.1f} GiB (bm25s' own index(): "
+          f"{est['reference_peak_gib'] or float('nan'):.0f} GiB), disk {est['index_gib']:.0f} GiB index (of it "
           f"{est['passages_gib']:.0f} GiB passages) + {est['spill_gib']:.0f} GiB temporary, RSS after load "
           f"{est['load_rss_gib']:.1f} GiB, {est['qps_1t']:.1f} / {est['qps_2t']:.1f} queries/s (1 / 2 threads)")
+    print("   CPU us per passage: " + ", ".join(f"{k} {v:.1f}" for k, v in est["us_per_passage"].items()))
     return est
 
 

@@ -4,10 +4,13 @@
 """
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
 
+import bm25s
+import numpy as np
 import pytest
 
 import retrieval
@@ -119,6 +122,91 @@ def test_bad_paths(tmp_path):
         Index.load(tmp_path / "notindex")
 
 
+def random_corpus(path: Path, n: int, seed: int = 0) -> Path:
+    """`n` passages of Zipf-ish words (stopwords, numbers, accents, repeats), plus the edge cases bm25s special-cases:
+    an empty passage and one made only of stopwords (both become the "" term)."""
+    rng = random.Random(seed)
+    syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+    words = ["the", "of", "and", "a", "in", "1913", "Zürich", "Ōsaka", "running", "runs", "ran"]
+    words += ["".join(rng.choices(syllables, k=rng.randint(1, 3))) for _ in range(400)]
+    zipf = [1 / (r + 1) for r in range(len(words))]
+    rows = [{"id": f"p{i}", "title": " ".join(rng.choices(words[5:], k=2)).title(),
+             "text": " ".join(rng.choices(words, weights=zipf, k=rng.randint(1, 40)))} for i in range(n)]
+    rows[3]["text"], rows[3]["title"] = "", ""
+    rows[7]["text"], rows[7]["title"] = "the of and", "a"
+    return write_jsonl(path, rows)
+
+
+def bm25s_own_build(corpus: Path, out: Path) -> None:
+    """The reference: every token id in memory, then bm25s' own BM25.index() (the build before ours)."""
+    tok = retrieval._tokenizer()
+    texts = (f"{t}\n{x}" for _, t, x in (retrieval._passage(rec, corpus, i) for i, rec in retrieval.read_jsonl(corpus)))
+    ids = list(tok.streaming_tokenize(texts, update_vocab=True))
+    bm25 = bm25s.BM25()
+    bm25.index((ids, tok.get_vocab_dict()), show_progress=False)
+    bm25.save(out, show_progress=False)
+
+
+MATRICES = ("data.csc.index.npy", "indices.csc.index.npy", "indptr.csc.index.npy")
+
+
+def test_build_writes_exactly_what_bm25s_index_writes(tmp_path, monkeypatch):
+    """Tiny blocks, spill segments and term ranges, so every pass runs many times; then file for file against
+    bm25s' own in-memory index() on the same corpus, and the same top-k through both."""
+    corpus = random_corpus(tmp_path / "c.jsonl", 300)
+    for name, value in [("BUILD_BLOCK", 2_000), ("SEGMENT_POSTINGS", 500), ("SPILL_BLOCK", 300),
+                        ("FILL_POSTINGS", 400)]:
+        monkeypatch.setattr(retrieval, name, value)
+    ours = Index.build(corpus, tmp_path / "ours", show_progress=False, workers=1)
+    bm25s_own_build(corpus, tmp_path / "ref")
+    manifest = json.loads((ours.path / retrieval.MANIFEST).read_text())
+    assert manifest["passages"] == 300 and np.load(ours.path / "indptr.csc.index.npy")[-1] > 10 * 400  # many ranges
+    for name in MATRICES:
+        a, b = np.load(ours.path / name), np.load(tmp_path / "ref" / name)
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), name
+    for name in ("vocab.index.json", "params.index.json"):
+        assert json.loads((ours.path / name).read_text()) == json.loads((tmp_path / "ref" / name).read_text()), name
+    assert not [p.name for p in ours.path.iterdir() if p.name.startswith("postings")]  # the spill is gone
+    ref = bm25s.BM25.load(tmp_path / "ref")
+    queries = ["Zürich running", "the ran 1913", "ba di fo gu ke", "Ōsaka"]
+    for q, hits in zip(queries, ours.search(queries, k=5)):
+        ids, scores = ref.retrieve([ours.tokenize_queries([q])[0]], k=5, show_progress=False)
+        want = [(ours.passage(int(d))["id"], float(s)) for d, s in zip(ids[0], scores[0]) if s > 0]
+        assert [(h["id"], h["score"]) for h in hits] == want, q
+        assert hits, q
+    assert ours.passage(3)["text"] == "" and ours.passage(7)["text"] == "the of and"
+
+
+def test_build_in_worker_processes_equals_in_process(tmp_path, monkeypatch):
+    """Two spawned workers get many blocks and term ranges: the index is the same, and a bad line far into the
+    corpus (read by a worker) fails the build with its line number and leaves nothing behind."""
+    corpus = random_corpus(tmp_path / "c.jsonl", 400, seed=1)
+    monkeypatch.setattr(retrieval, "BUILD_BLOCK", 3_000)  # read by the main process only
+    monkeypatch.setattr(retrieval, "FILL_POSTINGS", 1_000)
+    one = Index.build(corpus, tmp_path / "one", show_progress=False, workers=1)
+    two = Index.build(corpus, tmp_path / "two", show_progress=False, workers=2)
+    assert json.loads((two.path / retrieval.MANIFEST).read_text())["workers"] == 2
+    for name in (*MATRICES, "vocab.index.json", "passages.jsonl", "passages.offsets.npy"):
+        assert (one.path / name).read_bytes() == (two.path / name).read_bytes(), name
+    lines = corpus.read_text().splitlines(keepends=True)
+    lines[350] = '{"id": "x", "title": "broken\n'
+    corpus.write_text("".join(lines))
+    with pytest.raises(RetrievalError, match=r"c\.jsonl:351: malformed JSON"):
+        Index.build(corpus, tmp_path / "bad", show_progress=False, workers=2)
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.building").exists()
+
+
+def test_search_threads(plain_index, monkeypatch):
+    monkeypatch.setattr(retrieval.os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert Index.load(plain_index.path).threads == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: 4 ranks on this machine share its cores
+    assert Index.load(plain_index.path).threads == 2
+    queries = ["capital of Australia", "Analytical Engine", "food in Kansai", "Zürich"]
+    assert plain_index.search(queries, k=3, threads=3) == plain_index.search(queries, k=3, threads=1)
+    with pytest.raises(RetrievalError, match="threads must be >= 1"):
+        Index.load(plain_index.path, threads=0)
+
+
 def run_cli(*args: str, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "retrieval.py"), *args], capture_output=True, text=True,
                           cwd=ROOT, env=env, timeout=300)
@@ -146,6 +234,9 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys, monkeypatch
         (("build", "--corpus", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "i")), "not found"),
         (("search", "--index", str(tmp_path), "q"), "not a Knowledge-R1 index"),
         (("search", "--index", str(tmp_path / "nothing"), "q"), "index directory not found"),
+        (("search", "--threads", "0", "q"), "--threads must be >= 1"),
+        (("build", "--corpus", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "i"), "--workers", "0"),
+         "--workers must be >= 1"),
     ]:
         code = retrieval.main(list(args))
         err = capsys.readouterr().err
