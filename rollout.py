@@ -324,7 +324,11 @@ def sample(logits: torch.Tensor, cfg: RolloutConfig, generator=None) -> tuple[to
         p = srt.softmax(-1)
         drop = p.cumsum(-1) - p > cfg.top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.scatter(1, order, srt.masked_fill(drop, float("-inf")))
-    tok = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]  # (b,)
+    probs = logp.exp() if cfg.top_k <= 0 and cfg.top_p >= 1.0 else logits.softmax(-1)  # (b, V)
+    # Exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) i.i.d. draws i with probability p_i. torch.multinomial
+    # does exactly this, but with exponential_, which is 3x slower on CPU than E = -log U from torch.rand.
+    race = torch.rand(probs.shape, generator=generator, device=probs.device).log_().neg_()  # (b, V) U in [0, 1): E > 0
+    tok = (probs / race).argmax(-1)  # (b,)
     return tok, logp.gather(1, tok[:, None])[:, 0]
 
 

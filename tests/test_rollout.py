@@ -342,6 +342,33 @@ def test_seeded_sampling_reproducible(tok, tiny):
 
 
 
+def test_sampler_draws_from_the_recorded_distribution():
+    """Scripted logits, 40,000 draws per row: each token's frequency is within 4.5 standard errors of its
+    probability under the temperature; top-k and top-p never draw outside their set; logp is log_softmax(logits/T)."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0], [0.5, 0.3, 0.1, -0.2, 0.05]])  # (2, 5) no ties
+    n = 40_000
+    for cfg in (R.RolloutConfig(temperature=1.0), R.RolloutConfig(temperature=0.7),
+                R.RolloutConfig(temperature=1.0, top_k=2), R.RolloutConfig(temperature=1.0, top_p=0.8)):
+        g = torch.Generator().manual_seed(0)
+        tok, logp = R.sample(logits.repeat_interleave(n, 0), cfg, g)  # (2n,)
+        full = (logits / cfg.temperature).log_softmax(-1)  # (2, 5)
+        assert torch.allclose(logp, full.repeat_interleave(n, 0).gather(1, tok[:, None])[:, 0])
+        for row in range(2):
+            want = (logits[row] / cfg.temperature).softmax(-1)
+            keep = torch.ones(5, dtype=torch.bool)
+            if cfg.top_k:
+                keep = want >= want.topk(cfg.top_k).values[-1]
+            if cfg.top_p < 1.0:  # the smallest prefix (by probability) whose mass reaches top_p
+                srt, order = want.sort(descending=True)
+                keep = torch.zeros(5, dtype=torch.bool).scatter(0, order, srt.cumsum(0) - srt <= cfg.top_p)
+            want = torch.where(keep, want, 0.0) / want[keep].sum()
+            freq = torch.bincount(tok[row * n : (row + 1) * n], minlength=5).double() / n
+            se = (want * (1 - want) / n).sqrt().double()
+            assert ((freq - want.double()).abs() <= 4.5 * se + 1e-12).all(), (cfg, row, freq, want)
+    again = R.sample(logits, R.RolloutConfig(), torch.Generator().manual_seed(3))[0]
+    assert torch.equal(again, R.sample(logits, R.RolloutConfig(), torch.Generator().manual_seed(3))[0])
+
+
 def test_shared_prefix_prefill_equals_separate_prefills(tok, tiny):
     """GRPO's G samples of a prompt: one prefill per distinct prompt, its cache rows copied to the samples. The
     sampled tokens and log-probs equal G separate prefills (seeded, T = 1), and every later token matches a
