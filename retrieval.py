@@ -39,8 +39,8 @@ import shutil
 import sys
 import time
 from collections import deque
-from itertools import repeat
 from concurrent.futures import ProcessPoolExecutor
+from itertools import repeat
 from pathlib import Path
 
 import bm25s
@@ -139,7 +139,8 @@ def _blocks(path: Path):
     lineno, rest = 1, b""
     with open(path, "rb") as f:
         while chunk := f.read(BUILD_BLOCK):
-            chunk, cut = rest + chunk, (rest + chunk).rfind(b"\n") + 1
+            chunk = rest + chunk
+            cut = chunk.rfind(b"\n") + 1
             rest = chunk[cut:]
             if cut:
                 yield lineno, chunk[:cut]
@@ -205,8 +206,8 @@ def _tokenize_pass(corpus: Path, tmp: Path, pool, window: int, progress: bool):
             new = np.flatnonzero(ids < 0)  # first seen in this block, in order of first appearance
             ids[new] = np.arange(len(vocab), len(vocab) + len(new))
             vocab.update(zip([stems[i] for i in new.tolist()], ids[new].tolist()))
-            if len(vocab) > len(df):
-                df = np.concatenate([df, np.zeros(max(len(vocab), 2 * len(df)) - len(df), dtype=np.int64)])
+            if len(vocab) > len(df):  # grow geometrically
+                df = np.concatenate([df, np.zeros(len(vocab), dtype=np.int64)])
             df[ids] += block_df  # ids are distinct, so += adds once per term
             rec = np.empty(len(term), POSTING)
             rec["term"], rec["doc"], rec["tf"] = ids[term], n + doc, tf
