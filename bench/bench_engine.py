@@ -119,8 +119,9 @@ def bench_grpo(model, tok, questions: list[str], G: int, search, old) -> dict:
                      "n_searches": sum(t.n_searches for t in trajs), **st}
     for name in out:
         res[name]["same_trajectories_as_ours"] = sum(a.ids == b.ids for a, b in zip(out["ours"], out[name]))
-    if old:
+    if old:  # wall time compares equal work only when the trajectories are the same (same sampler and seed)
         res["speedup_vs_old"] = round(res[f"rollout@{old[0]}"]["s"] / res["ours"]["s"], 2)
+        res["tok_s_vs_old"] = round(res["ours"]["tok_s"] / res[f"rollout@{old[0]}"]["tok_s"], 2)
     return res
 
 
