@@ -127,7 +127,7 @@ def read_qa(path: str | Path) -> list[dict]:
 # Pass 3 (workers): per range, BM25 scores sorted into CSC order, written in place into the .npy files bm25s loads.
 # Memory: the term vocabulary, 12 bytes per passage and a few blocks; never the corpus or all postings.
 BUILD_BLOCK = 4 << 20  # corpus bytes per pass-1 task (~7k wiki-18 passages)
-FILL_POSTINGS = 4_000_000  # postings per pass-3 task (~160 MB of one worker's memory)
+FILL_POSTINGS = 4_000_000  # postings per pass-3 task (a worker peaks at ~0.3 GB)
 SPILL_BLOCK = 4_000_000  # postings read at a time in pass 2
 SEGMENT_POSTINGS = 32_000_000  # pass 1 spills into files of ~384 MB, each deleted once pass 2 has split it
 PARALLEL_MIN_BYTES = 64 << 20  # smaller corpora are tokenised in-process: starting workers costs more than it saves
@@ -352,16 +352,17 @@ class Index:
         tmp.mkdir(parents=True)
         start = _clock()
         pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) if workers > 1 else None  # spawn: the
-        try:  # caller may hold torch's threads, which fork would copy in a broken state
+        done = False  # caller may hold torch's threads, which fork would copy in a broken state
+        try:
             vocab, df, offsets, doclen, segments = _tokenize_pass(corpus, tmp, pool, 2 * workers, show_progress)
             seconds = {"tokenize": _since(start)}
             seconds |= _score_pass(tmp, segments, vocab, df, doclen, pool, 2 * workers, show_progress)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)  # a failed build leaves nothing behind
-            raise
+            done = True
         finally:
+            if not done:  # first, so a second Ctrl-C cannot leave it: a failed build leaves nothing behind
+                shutil.rmtree(tmp, ignore_errors=True)
             if pool is not None:
-                pool.shutdown(cancel_futures=True)
+                pool.shutdown(wait=done, cancel_futures=True)
         np.save(tmp / "passages.offsets.npy", offsets)
         manifest = {"format": INDEX_FORMAT, "passages": len(offsets), "terms": len(vocab), "corpus": str(corpus),
                     "workers": workers, "build_seconds": _since(start)[0], "bm25s": bm25s.__version__,
