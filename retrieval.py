@@ -351,8 +351,9 @@ class Index:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         start = _clock()
-        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) if workers > 1 else None  # spawn: the
-        done = False  # caller may hold torch's threads, which fork would copy in a broken state
+        # spawn, not fork: the caller may hold torch's threads, which fork would copy in a broken state
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) if workers > 1 else None
+        done = False
         try:
             vocab, df, offsets, doclen, segments = _tokenize_pass(corpus, tmp, pool, 2 * workers, show_progress)
             seconds = {"tokenize": _since(start)}
