@@ -309,51 +309,60 @@ def main() -> None:
     res = {"device": name, "commit": commit, "threads": a.threads, "torch": torch.__version__}
     log(f"device {name}, commit {commit}")
     model, tok = R.load_model(None, device="cpu" if a.gpu else dev)  # the embedded SmolLM2 / its tokenizer
-    if a.gpu:
-        tok.add_tokens([f"xtra{i}" for i in range(QWEN15["vocab_size"] - len(tok))])  # Qwen2.5's vocab size
-        torch.manual_seed(0)
-        with torch.device(dev):
-            model = Qwen2ForCausalLM._from_config(
-                Qwen2Config(**{**QWEN15, "num_hidden_layers": a.layers}, eos_token_id=tok.eos_token_id,
-                            pad_token_id=tok.pad_token_id),
-                dtype=getattr(torch, a.dtype), attn_implementation="sdpa").eval()
-        never_stop(model, tok, untie=False)  # random weights: keep the tie (the real parameter count)
-        bw = a.hbm_tbs * 1e12 if a.hbm_tbs else next((b for k, b in HBM if k in name), None)
-        res.update(model="Qwen2.5-1.5B architecture, random weights", layers=a.layers, dtype=a.dtype, gen=[])
-        for b in [int(x) for x in (a.batches or "64,256").split(",")]:
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(dev)
-            r = compare_generate(model, tok, questions_of_length(tok, b, a.prompt_tokens or 1000),
-                                 a.new_tokens or 256, dev, decode_only=True)
-            if bw:
-                r["roofline"] = roofline(model, b, r["prompt_tokens_mean"], r["new_tokens"], bw)
-                r["ours_pct_roofline"] = round(100 * r["ours_decode_tok_s"] / r["roofline"]["roofline_tok_s"], 1)
-                r["hf_pct_roofline"] = round(100 * r["hf_decode_tok_s"] / r["roofline"]["roofline_tok_s"], 1)
-            if dev.type == "cuda":
-                r["peak_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 1)  # either engine's peak
-            res["gen"].append(r)
-    else:
-        res.update(model="SmolLM2-135M-Instruct (embedded GGUF, fp32)", gen=[])
-        qa = retrieval.read_qa(ROOT / "data" / "qa.jsonl")
-        if not a.skip_gen:
-            gen_model, _ = R.load_model(None, device=dev)
-            never_stop(gen_model, tok, untie=True)
-            for b in [int(x) for x in (a.batches or "1,16").split(",")]:
-                qs = [r["question"] for r in qa[:b]] if a.prompt_tokens is None else \
-                    questions_of_length(tok, b, a.prompt_tokens)
-                res["gen"].append(compare_generate(gen_model, tok, qs, a.new_tokens or 64, dev, decode_only=False))
-            del gen_model
-        index = retrieval.default_index(show_progress=False)
-        by_len = {}  # distinct prompt lengths: rows' scripts are keyed on (position, token) and must not collide
-        for r in qa:
-            by_len.setdefault(len(R.prompt_ids(tok, R.prompt_messages(r["question"], "agent"))), r["question"])
-        res["turns"] = compare_turns(model, tok, list(by_len.values())[:a.turn_rows], index, a.k, a.searches, 64,
-                                     a.old_rev)
-        res["turns"]["corpus"] = f"embedded Wikipedia summaries ({len(index)} passages), bm25s"
+    res.update(gpu_runs(a, dev, name, tok) if a.gpu else cpu_runs(a, dev, model, tok))
     report(res)
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))
+
+
+def gpu_runs(a, dev, name: str, tok) -> dict:
+    """Random-weight Qwen2.5-1.5B architecture: decode against HF generate per batch size, with the roofline."""
+    tok.add_tokens([f"xtra{i}" for i in range(QWEN15["vocab_size"] - len(tok))])  # Qwen2.5's vocab size
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = Qwen2ForCausalLM._from_config(
+            Qwen2Config(**{**QWEN15, "num_hidden_layers": a.layers}, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id),
+            dtype=getattr(torch, a.dtype), attn_implementation="sdpa").eval()
+    never_stop(model, tok, untie=False)  # random weights: keep the tie (the real parameter count)
+    bw = a.hbm_tbs * 1e12 if a.hbm_tbs else next((b for k, b in HBM if k in name), None)
+    res = dict(model="Qwen2.5-1.5B architecture, random weights", layers=a.layers, dtype=a.dtype, gen=[])
+    for b in [int(x) for x in (a.batches or "64,256").split(",")]:
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+        r = compare_generate(model, tok, questions_of_length(tok, b, a.prompt_tokens or 1000),
+                             a.new_tokens or 256, dev, decode_only=True)
+        if bw:
+            r["roofline"] = roofline(model, b, r["prompt_tokens_mean"], r["new_tokens"], bw)
+            r["ours_pct_roofline"] = round(100 * r["ours_decode_tok_s"] / r["roofline"]["roofline_tok_s"], 1)
+            r["hf_pct_roofline"] = round(100 * r["hf_decode_tok_s"] / r["roofline"]["roofline_tok_s"], 1)
+        if dev.type == "cuda":
+            r["peak_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 1)  # either engine's peak
+        res["gen"].append(r)
+    return res
+
+
+def cpu_runs(a, dev, model, tok) -> dict:
+    """Embedded SmolLM2: generation against HF generate per batch size, then the multi-turn comparison."""
+    res = dict(model="SmolLM2-135M-Instruct (embedded GGUF, fp32)", gen=[])
+    qa = retrieval.read_qa(ROOT / "data" / "qa.jsonl")
+    if not a.skip_gen:
+        gen_model, _ = R.load_model(None, device=dev)
+        never_stop(gen_model, tok, untie=True)
+        for b in [int(x) for x in (a.batches or "1,16").split(",")]:
+            qs = [r["question"] for r in qa[:b]] if a.prompt_tokens is None else \
+                questions_of_length(tok, b, a.prompt_tokens)
+            res["gen"].append(compare_generate(gen_model, tok, qs, a.new_tokens or 64, dev, decode_only=False))
+        del gen_model
+    index = retrieval.default_index(show_progress=False)
+    by_len = {}  # distinct prompt lengths: rows' scripts are keyed on (position, token) and must not collide
+    for r in qa:
+        by_len.setdefault(len(R.prompt_ids(tok, R.prompt_messages(r["question"], "agent"))), r["question"])
+    res["turns"] = compare_turns(model, tok, list(by_len.values())[:a.turn_rows], index, a.k, a.searches, 64,
+                                 a.old_rev)
+    res["turns"]["corpus"] = f"embedded Wikipedia summaries ({len(index)} passages), bm25s"
+    return res
 
 
 def report(res: dict) -> None:

@@ -41,6 +41,47 @@ def qwen_like_tokenizer(vocab: int):
     return tok
 
 
+def build_models(arch: dict, device, world: int, beta: float):
+    """The policy (fp32 master weights, FSDP2) and, with beta > 0, the frozen reference (bf16 on GPU)."""
+    cuda = device.type == "cuda"
+    mesh = train.init_device_mesh(device.type, (world,))
+    attn = "flash_attention_2" if cuda and rollout.importlib.util.find_spec("flash_attn") else "sdpa"
+
+    def build(dtype):
+        torch.manual_seed(0)
+        with torch.device(device):
+            return Qwen2ForCausalLM._from_config(Qwen2Config(**arch), dtype=dtype, attn_implementation=attn)
+
+    model = train.shard_model(build(torch.float32), mesh, cuda, train=True, vocab=arch["vocab_size"])
+    ref = None
+    if beta > 0:
+        ref = train.shard_model(build(torch.bfloat16 if cuda else torch.float32).requires_grad_(False).eval(),
+                                mesh, cuda, train=False, vocab=arch["vocab_size"])
+        if hasattr(ref, "set_reshard_after_forward"):  # FSDP (not a CPU world of one, which keeps the module)
+            ref.set_reshard_after_forward(True)
+    return model, ref
+
+
+def results(a, model, tok, questions, rec: dict, wall: float, rows: int, world: int, chunk: int,
+            static: float) -> dict:
+    """The step's seconds and peak memory beside bench_memory.py's estimate (28 layers only)."""
+    cuda = next(model.parameters()).device.type == "cuda"
+    n_params = sum(p.numel() for p in model.parameters())
+    prompt_len = len(rollout.prompt_ids(tok, rollout.prompt_messages(questions[0]["question"], "agent")))
+    est = bench_memory.totals(bench_memory.memory(
+        bench_memory.MODELS["Qwen2.5-1.5B-Instruct"],
+        argparse.Namespace(ranks=world, micro_batch=a.micro_batch, prompt_tokens=prompt_len,
+                           response_tokens=a.new_tokens, logprob_chunk=chunk, allowance=0.0,
+                           ref="bf16" if a.beta > 0 else "none", ref_root="resharded"), rows))
+    return {"device": torch.cuda.get_device_name() if cuda else "cpu", "world": world, "layers": a.layers,
+            "params": n_params, "rows": rows, "prompt_tokens": prompt_len, "new_tokens": a.new_tokens,
+            "micro_batch": a.micro_batch, "beta": a.beta, "step_s": round(wall, 2), "rollout_s": rec["rollout_s"],
+            "update_s": rec["update_s"], "rollout_tokens_per_s": rec["rollout_tokens_per_s"],
+            "peak_gib": rec["peak_mem_gb"], "static_gib_before_step": round(static, 2),
+            "estimate_gib": {k: round(v / 2**30, 2) for k, v in est.items()} if a.layers == 28 else None,
+            "commit": os.popen(f"git -C {ROOT} rev-parse --short HEAD 2>/dev/null").read().strip() or None}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts", type=int, default=4, help="prompts in the step (G rows each)")
@@ -62,20 +103,7 @@ def main() -> None:
     cfg = train.Config(group_size=group, prompts_per_step=rows // group, max_turns=1, max_turn_tokens=a.new_tokens,
                        max_total_tokens=a.new_tokens + 8, micro_batch=a.micro_batch, beta=a.beta, lr=1e-6, steps=1,
                        warmup_steps=1)
-    mesh = train.init_device_mesh(device.type, (world,))
-    attn = "flash_attention_2" if cuda and rollout.importlib.util.find_spec("flash_attn") else "sdpa"
-
-    def build(dtype):
-        torch.manual_seed(0)
-        with torch.device(device):
-            return Qwen2ForCausalLM._from_config(Qwen2Config(**arch), dtype=dtype, attn_implementation=attn)
-
-    model = train.shard_model(build(torch.float32), mesh, cuda, train=True, vocab=arch["vocab_size"])
-    ref = None
-    if a.beta > 0:
-        ref = train.shard_model(build(torch.bfloat16 if cuda else torch.float32).requires_grad_(False).eval(),
-                                mesh, cuda, train=False, vocab=arch["vocab_size"])
-        ref.set_reshard_after_forward(True)
+    model, ref = build_models(arch, device, world, a.beta)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=cuda)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train.lr_lambda(cfg))
     questions = [{"question": f"Which river flows through city number {i} of the list?", "answers": ["x"]}
@@ -91,20 +119,7 @@ def main() -> None:
     t0 = time.perf_counter()
     rec = train.train_step(model, ref, tok, optimizer, scheduler, cfg, questions, no_search, 1)
     wall = time.perf_counter() - t0
-    n_params = sum(p.numel() for p in model.parameters())
-    prompt_len = len(rollout.prompt_ids(tok, rollout.prompt_messages(questions[0]["question"], "agent")))
-    est = bench_memory.totals(bench_memory.memory(
-        bench_memory.MODELS["Qwen2.5-1.5B-Instruct"],
-        argparse.Namespace(ranks=world, micro_batch=a.micro_batch, prompt_tokens=prompt_len,
-                           response_tokens=a.new_tokens, logprob_chunk=cfg.logprob_chunk, allowance=0.0,
-                           ref="bf16" if a.beta > 0 else "none", ref_root="resharded"), rows))
-    res = {"device": torch.cuda.get_device_name() if cuda else "cpu", "world": world, "layers": a.layers,
-           "params": n_params, "rows": rows, "prompt_tokens": prompt_len, "new_tokens": a.new_tokens,
-           "micro_batch": a.micro_batch, "beta": a.beta, "step_s": round(wall, 2), "rollout_s": rec["rollout_s"],
-           "update_s": rec["update_s"], "rollout_tokens_per_s": rec["rollout_tokens_per_s"],
-           "peak_gib": rec["peak_mem_gb"], "static_gib_before_step": round(static, 2),
-           "estimate_gib": {k: round(v / 2**30, 2) for k, v in est.items()} if a.layers == 28 else None,
-           "commit": os.popen(f"git -C {ROOT} rev-parse --short HEAD 2>/dev/null").read().strip() or None}
+    res = results(a, model, tok, questions, rec, wall, rows, world, cfg.logprob_chunk, static)
     if rank == 0:
         print(json.dumps(res, indent=1))
         print(f"\none step: {wall:.1f} s = rollout {rec['rollout_s']:.1f} s ({rec['rollout_tokens_per_s']:.0f} "
