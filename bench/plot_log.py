@@ -16,6 +16,10 @@ PANELS = [("reward", "reward (accuracy + format)"), ("format", "format reward (+
           ("entropy", "entropy (nats/token, GRPO)"), ("seconds", "seconds per step (rollout + update)")]
 
 
+def moving_mean(ys: list[float], w: int) -> list[float]:
+    return [sum(ys[max(0, i - w + 1) : i + 1]) / len(ys[max(0, i - w + 1) : i + 1]) for i in range(len(ys))]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("log", help="OUT/log.jsonl written by train.py")
@@ -39,9 +43,13 @@ def main() -> None:
         if pts:
             xs, ys = zip(*pts)
             w = max(1, min(a.smooth, len(ys)))
-            avg = [sum(ys[max(0, i - w + 1) : i + 1]) / len(ys[max(0, i - w + 1) : i + 1]) for i in range(len(ys))]
             ax.plot(xs, ys, "o-" if len(xs) < 40 else "-", alpha=0.35, ms=3, label="per step")
-            ax.plot(xs, avg, label=f"mean of {w}")
+            legend = f"mean of {w}"
+            for phase in ("sft", "grpo"):  # the mean restarts at GRPO: SFT probes are sparse, another regime
+                ph = [(r["step"], r[key]) for r in rows if key in r and (r.get("phase") == "sft") == (phase == "sft")]
+                if ph:
+                    ax.plot([x for x, _ in ph], moving_mean([y for _, y in ph], w), c="C1", label=legend)
+                    legend = None
         if sft_end is not None:
             ax.axvline(sft_end + 0.5, ls="--", c="gray", lw=1, label="SFT | GRPO")
         ax.set_title(label, fontsize=10)
