@@ -129,11 +129,11 @@ PRESETS = {
     "offline": dict(model="default", dataset=str(HERE / "data" / "qa.jsonl"), index=None, out="runs/offline",
                     group_size=4, prompts_per_step=4, max_turns=2, max_turn_tokens=160, max_total_tokens=640,
                     beta=0.0, steps=30, lr=2e-6, warmup_steps=3, micro_batch=4, save_every=10),
-    # the shipped adapter: LoRA warm-start on 2Wiki expert trajectories, then GRPO with expert mixing (~85 min, 2 cores)
+    # the shipped adapter: LoRA warm-start on 2Wiki expert trajectories, then GRPO with expert mixing (~65 min, 2 cores)
     "smollm2-2wiki": dict(model="default", dataset=str(HERE.parent / "shared" / "data" / "2wiki" / "train.jsonl"),
                           index=str(HERE.parent / "shared" / "data" / "2wiki" / "corpus.jsonl"),
-                          out="runs/smollm2-2wiki", lora_rank=8, lora_alpha=16.0, sft_steps=16, sft_batch=8,
-                          sft_lr=5e-4, sft_probe_every=8, expert_mix=True, steps=28, lr=5e-5, warmup_steps=3,
+                          out="runs/smollm2-2wiki", lora_rank=8, lora_alpha=16.0, sft_steps=40, sft_batch=4,
+                          sft_lr=5e-4, sft_probe_every=20, expert_mix=True, steps=28, lr=5e-5, warmup_steps=3,
                           group_size=4, prompts_per_step=4, max_turns=2, max_turn_tokens=64, max_total_tokens=768,
                           top_k_passages=2,
                           beta=0.0, agg="token", micro_batch=1, grad_ckpt=False, save_every=8),

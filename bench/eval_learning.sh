@@ -3,12 +3,12 @@
 # the shipped (final) adapter, the warm-start-only checkpoint and the untrained base on 2Wiki test (first 200) in
 # agent / rag / direct modes, data/qa.jsonl, and MuSiQue + HotpotQA (first 100 each; transfer). Then bench/eval_table.py.
 #
-#   bash bench/eval_learning.sh [RUN_DIR] [WARM_STEP] [FINAL_STEP]     # default runs/smollm2-2wiki 16 44
+#   bash bench/eval_learning.sh [RUN_DIR] [WARM_STEP] [FINAL_STEP]     # default runs/smollm2-2wiki 40 68
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:-runs/smollm2-2wiki}
-WARM=$RUN/checkpoints/step_$(printf %06d "${2:-16}")/adapter
-FINAL=$RUN/checkpoints/step_$(printf %06d "${3:-44}")/adapter
+WARM=$RUN/checkpoints/step_$(printf %06d "${2:-40}")/adapter
+FINAL=$RUN/checkpoints/step_$(printf %06d "${3:-68}")/adapter
 D=../shared/data
 O=$RUN/eval
 mkdir -p "$O"

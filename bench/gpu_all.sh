@@ -32,7 +32,7 @@ eval_em before --no-adapter
 eval_em shipped                     # data/smollm2-kr1-lora, trained on 2 CPU cores
 # the shipped recipe at GPU size: G = 8, all 464 train questions per SFT epoch and ~2 GRPO epochs
 timeout 1500 python train.py --preset smollm2-2wiki --dataset "$DATA/train.jsonl" --index "$OUT/index-2wiki" \
-  --out "$OUT/smollm2-2wiki" --group-size 8 --prompts-per-step 16 --sft-batch 16 --sft-steps 29 --steps 58 \
+  --out "$OUT/smollm2-2wiki" --group-size 8 --prompts-per-step 16 --sft-batch 8 --sft-steps 58 --steps 58 \
   --micro-batch 8 --save-every 29 2>&1 | tee "$OUT/train.log" || echo "training stopped (time limit); evaluating the last checkpoint"
 eval_em after --adapter "$OUT/smollm2-2wiki/$(cat "$OUT/smollm2-2wiki/latest")/adapter"
 python bench/plot_log.py "$OUT/smollm2-2wiki/log.jsonl" --out "$OUT/curves.png" || echo "pip install matplotlib"
