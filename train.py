@@ -248,6 +248,8 @@ def shard_model(model: torch.nn.Module, mesh, cuda: bool, train: bool, vocab: in
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    if not train:  # FSDP2 keeps the root gathered for a backward; a frozen model's never comes
+        model.set_reshard_after_forward(True)
     register_fsdp_forward_method(model, "kr1_logprobs")  # FSDP gathers the root's params around this call too
     return model
 
@@ -562,8 +564,6 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.beta > 0:  # frozen copy, sharded the same way, no optimizer state; bf16 on GPU (it computes in bf16)
             ref, _ = rollout.load_model(spec, dtype=torch.bfloat16 if cuda else torch.float32, device=device)
             ref = shard_model(ref.requires_grad_(False).eval(), mesh, cuda, train=False, vocab=len(tok))
-            if isinstance(ref, FSDPModule):
-                ref.set_reshard_after_forward(True)  # FSDP2 keeps the root gathered for a backward that never comes
         trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: only the adapters
         optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99),
                                       fused=cuda)

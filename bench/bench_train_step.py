@@ -57,15 +57,12 @@ def build_models(arch: dict, device, world: int, beta: float):
     if beta > 0:
         ref = train.shard_model(build(torch.bfloat16 if cuda else torch.float32).requires_grad_(False).eval(),
                                 mesh, cuda, train=False, vocab=arch["vocab_size"])
-        if hasattr(ref, "set_reshard_after_forward"):  # FSDP (not a CPU world of one, which keeps the module)
-            ref.set_reshard_after_forward(True)
     return model, ref
 
 
 def results(a, model, tok, questions, rec: dict, wall: float, rows: int, world: int, chunk: int,
-            static: float) -> dict:
+            static: float, cuda: bool) -> dict:
     """The step's seconds and peak memory beside bench_memory.py's estimate (28 layers only)."""
-    cuda = next(model.parameters()).device.type == "cuda"
     n_params = sum(p.numel() for p in model.parameters())
     prompt_len = len(rollout.prompt_ids(tok, rollout.prompt_messages(questions[0]["question"], "agent")))
     est = bench_memory.totals(bench_memory.memory(
@@ -119,7 +116,7 @@ def main() -> None:
     t0 = time.perf_counter()
     rec = train.train_step(model, ref, tok, optimizer, scheduler, cfg, questions, no_search, 1)
     wall = time.perf_counter() - t0
-    res = results(a, model, tok, questions, rec, wall, rows, world, cfg.logprob_chunk, static)
+    res = results(a, model, tok, questions, rec, wall, rows, world, cfg.logprob_chunk, static, cuda)
     if rank == 0:
         print(json.dumps(res, indent=1))
         print(f"\none step: {wall:.1f} s = rollout {rec['rollout_s']:.1f} s ({rec['rollout_tokens_per_s']:.0f} "

@@ -45,8 +45,8 @@ def main() -> None:
             w = max(1, min(a.smooth, len(ys)))
             ax.plot(xs, ys, "o-" if len(xs) < 40 else "-", alpha=0.35, ms=3, label="per step")
             legend = f"mean of {w}"
-            for phase in ("sft", "grpo"):  # the mean restarts at GRPO: SFT probes are sparse, another regime
-                ph = [(r["step"], r[key]) for r in rows if key in r and (r.get("phase") == "sft") == (phase == "sft")]
+            for sft in (True, False):  # the mean restarts at GRPO: SFT probes are sparse, another regime
+                ph = [(r["step"], r[key]) for r in rows if key in r and (r.get("phase") == "sft") == sft]
                 if ph:
                     ax.plot([x for x, _ in ph], moving_mean([y for _, y in ph], w), c="C1", label=legend)
                     legend = None
