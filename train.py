@@ -271,16 +271,17 @@ class Unsharded:
             m.set_reshard_after_forward(True)
 
 
-def lr_lambda(cfg: Config):
-    def f(step: int) -> float:
-        if step < cfg.sft_steps:
-            return cfg.sft_lr / cfg.lr
-        step -= cfg.sft_steps
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return f
+def lr_at(cfg: Config, step: int) -> float:
+    """The learning rate of 0-based `step`: --sft-lr through the warm-start, then linear warm-up and cosine decay to 0
+    over the GRPO steps. A pure function of (config, step), as in nanoGPT: no scheduler state to checkpoint, and a
+    --resume with a new --lr follows the new schedule from the checkpoint's step."""
+    if step < cfg.sft_steps:
+        return cfg.sft_lr
+    step -= cfg.sft_steps
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def step_rows(cfg: Config, rows: list[dict], step: int) -> list[dict]:
@@ -425,7 +426,7 @@ def sft_update(model, cfg: Config, trajs: list) -> dict:
     return {"loss": total, "n_tok": n_tok}
 
 
-def train_step(model, ref, tok, optimizer, scheduler, cfg: Config, rows: list[dict], search, step: int) -> dict:
+def train_step(model, ref, tok, optimizer, cfg: Config, rows: list[dict], search, step: int) -> dict:
     """One optimizer step. Warm-start steps (step < sft_steps): SFT on expert trajectories of `rows`, with a
     sampled rollout every --sft-probe-every steps to log format/accuracy. Then GRPO: rollout -> rewards (->
     expert mixing) -> group advantages -> GRPO loss. `rows`: this rank's prompts. Returns the log record."""
@@ -447,11 +448,12 @@ def train_step(model, ref, tok, optimizer, scheduler, cfg: Config, rows: list[di
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     finite = math.isfinite(grad_norm.item()) and bool(torch.isfinite(out["loss"]))
+    lr = lr_at(cfg, step)
     if finite:
+        for g in optimizer.param_groups:
+            g["lr"] = lr
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    lr = scheduler.get_last_lr()[0]
-    scheduler.step()
     rec = {"step": step + 1, "phase": "sft" if sft else "grpo", **step_metrics(trajs, scores, out, mixed),
            "grad_norm": grad_norm.item(), "lr": lr, "skipped": not finite, "rollout_s": round(t_rollout, 3),
            "update_s": round(time.perf_counter() - t1, 3), "peak_mem_gb": round(peak_memory_gib(device), 3)}
@@ -492,7 +494,7 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(out: Path, model, tok, optimizer, scheduler, cfg: Config, step: int) -> Path:
+def save_checkpoint(out: Path, model, tok, optimizer, cfg: Config, step: int) -> Path:
     """Write OUT/checkpoints/step_N atomically: a `.tmp` dir renamed into place, then OUT/latest updated."""
     rank = dist.get_rank()
     final = out / "checkpoints" / f"step_{step:06d}"
@@ -510,8 +512,7 @@ def save_checkpoint(out: Path, model, tok, optimizer, scheduler, cfg: Config, st
             save_adapter(tmp / "adapter", full, cfg)
         model.save_pretrained(tmp / "hf", state_dict=merged(full, cfg) if cfg.lora_rank else full)
         tok.save_pretrained(tmp / "hf")
-        (tmp / "trainer.json").write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict(),
-                                                      "config": dataclasses.asdict(cfg)}, indent=1))
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, "config": dataclasses.asdict(cfg)}, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         (out / "latest.tmp").write_text(str(final.relative_to(out)))
@@ -529,13 +530,12 @@ def resolve_checkpoint(path: str) -> Path:
     return p
 
 
-def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> int:
+def load_checkpoint(ckpt: Path, model, optimizer) -> int:
     msd, osd = get_state_dict(model, optimizer)
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=str(ckpt / "state"))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     meta = json.loads((ckpt / "trainer.json").read_text())
-    scheduler.load_state_dict(meta["scheduler"])
     rng = ckpt / f"rng_rank{dist.get_rank()}.pt"
     if rng.is_file():
         torch.set_rng_state(torch.load(rng))
@@ -567,9 +567,8 @@ def main(argv: list[str] | None = None) -> int:
         trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: only the adapters
         optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99),
                                       fused=cuda)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         out = Path(cfg.out)
-        start = load_checkpoint(resolve_checkpoint(cfg.resume), model, optimizer, scheduler) if cfg.resume else 0
+        start = load_checkpoint(resolve_checkpoint(cfg.resume), model, optimizer) if cfg.resume else 0
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
@@ -581,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         total = cfg.sft_steps + cfg.steps
         bar = tqdm(range(start, total), initial=start, total=total, desc="train", unit="step", disable=rank != 0)
         for step in bar:
-            rec = train_step(model, ref, tok, optimizer, scheduler, cfg, step_rows(cfg, rows, step), search, step)
+            rec = train_step(model, ref, tok, optimizer, cfg, step_rows(cfg, rows, step), search, step)
             if rank == 0:
                 with open(out / "log.jsonl", "a") as f:
                     f.write(json.dumps(rec) + "\n")
@@ -592,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
                 if cfg.wandb:
                     wandb.log(rec, step=step + 1)
             if step + 1 in (total, cfg.sft_steps) or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-                save_checkpoint(out, model, tok, optimizer, scheduler, cfg, step + 1)
+                save_checkpoint(out, model, tok, optimizer, cfg, step + 1)
         return 0
     except (retrieval.RetrievalError, rollout.ModelLoadError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)

@@ -102,19 +102,18 @@ def main() -> None:
                        warmup_steps=1)
     model, ref = build_models(arch, device, world, a.beta)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=cuda)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train.lr_lambda(cfg))
     questions = [{"question": f"Which river flows through city number {i} of the list?", "answers": ["x"]}
                  for i in range(cfg.prompts_per_step)]
     no_search = lambda qs: [[] for _ in qs]
     if cuda:
         torch.cuda.synchronize()
     static = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
-    train.train_step(model, ref, tok, optimizer, scheduler, cfg, questions[:1], no_search, 0)  # warm-up (kernels)
+    train.train_step(model, ref, tok, optimizer, cfg, questions[:1], no_search, 0)  # warm-up (kernels)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    rec = train.train_step(model, ref, tok, optimizer, scheduler, cfg, questions, no_search, 1)
+    rec = train.train_step(model, ref, tok, optimizer, cfg, questions, no_search, 1)
     wall = time.perf_counter() - t0
     res = results(a, model, tok, questions, rec, wall, rows, world, cfg.logprob_chunk, static, cuda)
     if rank == 0:
