@@ -369,6 +369,21 @@ def test_sampler_draws_from_the_recorded_distribution():
     assert torch.equal(again, R.sample(logits, R.RolloutConfig(), torch.Generator().manual_seed(3))[0])
 
 
+def test_two_stage_race_across_blocks():
+    """A vocabulary of 700 (three 256-token blocks, the last padded): mass on four tokens in different blocks and
+    block offsets; 40,000 draws land on each with its probability (within 4.5 standard errors), never elsewhere."""
+    logits = torch.full((1, 700), float("-inf"))
+    where, val = torch.tensor([3, 255, 300, 650]), torch.tensor([0.0, 1.0, 0.5, -0.5])
+    logits[0, where] = val
+    n = 40_000
+    tok, logp = R.sample(logits.expand(n, -1), R.RolloutConfig(temperature=1.0), torch.Generator().manual_seed(1))
+    want = val.softmax(0).double()
+    freq = torch.bincount(tok, minlength=700).double() / n
+    assert freq.sum() == freq[where].sum() == 1.0
+    assert ((freq[where] - want).abs() <= 4.5 * (want * (1 - want) / n).sqrt()).all(), (freq[where], want)
+    assert torch.allclose(logp, logits[0].log_softmax(-1)[tok])
+
+
 def test_shared_prefix_prefill_equals_separate_prefills(tok, tiny):
     """GRPO's G samples of a prompt: one prefill per distinct prompt, its cache rows copied to the samples. The
     sampled tokens and log-probs equal G separate prefills (seeded, T = 1), and every later token matches a
