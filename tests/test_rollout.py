@@ -384,6 +384,25 @@ def test_two_stage_race_across_blocks():
     assert torch.allclose(logp, logits[0].log_softmax(-1)[tok])
 
 
+def test_kr1_sdpa_equals_hf_sdpa(tok, tiny, monkeypatch):
+    """load_model's CPU attention: a masked multi-token forward (a chunk) runs SDPA with its own GQA, never HF's
+    repeat_kv path; the rest is HF's sdpa. Same logits on a left-padded batch and the same seeded rollouts."""
+    fast = copy.deepcopy(tiny)
+    fast.set_attn_implementation("kr1_sdpa")
+    hf_widths = []
+    hf = R.sdpa_attention_forward
+    monkeypatch.setattr(R, "sdpa_attention_forward",
+                        lambda m, q, *a, **k: hf_widths.append(q.shape[2]) or hf(m, q, *a, **k))
+    batch = tok([QA, QB], return_tensors="pt", padding=True)
+    assert torch.allclose(fast(**batch).logits, tiny(**batch).logits, atol=1e-5)
+    assert hf_widths == []  # two layers, both through SDPA's GQA
+    cfg = R.RolloutConfig(mode="direct", temperature=1.0, max_turn_tokens=12, max_total_tokens=12)
+    a, b = (R.rollout(m, tok, [QA, QB, QA], None, cfg, torch.Generator().manual_seed(5)) for m in (tiny, fast))
+    assert [t.ids for t in a] == [t.ids for t in b]
+    assert all(torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5) for x, y in zip(a, b))
+    assert hf_widths and set(hf_widths) == {1}  # decode steps only
+
+
 def test_shared_prefix_prefill_equals_separate_prefills(tok, tiny):
     """GRPO's G samples of a prompt: one prefill per distinct prompt, its cache rows copied to the samples. The
     sampled tokens and log-probs equal G separate prefills (seeded, T = 1), and every later token matches a
