@@ -17,7 +17,6 @@ scores are EM, F1 and cover-EM with SQuAD/HotpotQA normalisation against every g
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import re
 import sys
@@ -193,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             name = (args.model or "SmolLM2-135M-Instruct (embedded)") + (f" + adapter {adapter}" if adapter else "")
             print(f"loaded {name} in {time.perf_counter() - t0:.1f} s on {args.device}"
                   + (f"; corpus: {len(index):,} passages" if index else ""), file=sys.stderr)
-        with rollout.bf16_autocast(args.device) if args.bf16 else contextlib.nullcontext():
+        with rollout.bf16_autocast(args.device, args.bf16):
             if args.ask:
                 ask(args, model, tok, index)
             else:

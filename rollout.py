@@ -148,14 +148,12 @@ def load_model(spec: str | None = None, dtype=None, device="cpu", adapter: str |
 
 
 def kr1_sdpa(module, query, key, value, attention_mask, **kw):  # (b, heads, L, d), (b, kv_heads, S, d) x 2
-    """HF's sdpa attention, but a masked multi-token forward on CPU (a rollout chunk, a padded training batch) lets
-    SDPA share the key/value heads (enable_gqa) instead of HF's repeat_kv copy: CPU kernel 1.4x faster, same
-    numbers. HF keeps decode (its pack_gqa is faster there) and CUDA (a mask plus GQA means the math kernel)."""
+    """HF's sdpa, but a masked multi-token forward on CPU (a rollout chunk, a padded batch) uses SDPA's own GQA, not
+    HF's repeat_kv copies (same numbers). Decode (HF's pack_gqa is faster) and CUDA (masked GQA: math kernel): HF."""
     if query.device.type != "cpu" or attention_mask is None or query.shape[2] == 1 or key.shape[1] == query.shape[1]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, dropout_p=kw.get("dropout", 0.0), scale=kw.get("scaling"),
-        enable_gqa=True)  # (b, heads, L, d)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attention_mask, kw.get("dropout", 0.0),
+                                                           scale=kw.get("scaling"), enable_gqa=True)  # (b, h, L, d)
     return out.transpose(1, 2).contiguous(), None  # (b, L, heads, d) as HF's
 
 
@@ -198,11 +196,10 @@ def lora_update(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float)
     return (w.float() + scale * b.float() @ a.float()).to(w.dtype)  # (out, r) @ (r, in)
 
 
-def bf16_autocast(device: torch.device | str):
-    """bf16 autocast on a CPU with native bf16 instructions (AVX512-BF16 / AMX), else a no-op (on GPU the model
-    itself is already bf16). Opt-in (kr1.py / train.py --bf16): whether it pays depends on the CPU (BENCHMARKS.md)."""
-    dev = torch.device(device)
-    if dev.type == "cpu" and torch.cpu._is_avx512_bf16_supported():
+def bf16_autocast(device: torch.device | str, enabled: bool = True):
+    """bf16 autocast if enabled, on a CPU with native bf16 instructions (AVX512-BF16 / AMX), else a no-op (on GPU the
+    model is already bf16). Opt-in (kr1.py / train.py --bf16): whether it pays depends on the CPU (BENCHMARKS.md)."""
+    if enabled and torch.device(device).type == "cpu" and torch.cpu._is_avx512_bf16_supported():
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -345,21 +342,19 @@ def sample(logits: torch.Tensor, cfg: RolloutConfig, generator=None) -> tuple[to
         run = srt.cumsum(-1)
         drop = run - srt > cfg.top_p * run[:, -1:]  # keep the smallest prefix whose mass reaches top_p
         mass.scatter_(1, order, srt.masked_fill(drop, 0.0))
-    # Exponential race in two stages: argmax_i p_i / E_i (E_i ~ Exp(1)) draws i with probability p_i, and the
-    # race over blocks of 256 tokens, with block masses, draws a block with its mass; the race inside it then draws
-    # the token. Exact, and 2 x ~256 random numbers per row instead of V (drawing V of them cost more on CPU than
-    # the rest of sampling). Inverse CDF needs one number but flips tokens on 1e-7 changes of a running sum.
+    # Exponential race in two stages (exact): a race over 256-token blocks with their masses picks a block, a race
+    # inside it the token; 2 x 256 random numbers per row instead of V (drawing V cost more than the rest of
+    # sampling on CPU). Inverse CDF needs one number but flips tokens on 1e-7 changes of a running sum.
     b, v = mass.shape
-    blocks = (torch.nn.functional.pad(mass, (0, -v % 256)) if v % 256 else mass).view(b, -1, 256)  # (b, nb, 256) pad: 0 mass
+    blocks = (torch.nn.functional.pad(mass, (0, -v % 256)) if v % 256 else mass).view(b, -1, 256)  # (b, nb, 256)
     blk = race(blocks.sum(-1), generator)  # (b,)
     tok = blk * 256 + race(blocks[torch.arange(b, device=mass.device), blk], generator)  # (b,)
     return tok, logits.gather(1, tok[:, None])[:, 0] - logz
 
 
 def race(mass: torch.Tensor, generator) -> torch.Tensor:
-    """argmax_i mass_i / E_i with E_i = -log U_i ~ Exp(1): index i with probability mass_i / sum(mass). (b, n) -> (b,)"""
-    e = torch.rand(mass.shape, generator=generator, device=mass.device).log_().neg_()  # (b, n) U in [0, 1): E > 0
-    return (mass / e).argmax(-1)
+    """argmax_i mass_i / E_i, E_i = -log U_i ~ Exp(1): index i with probability mass_i / sum(mass). (b, n) -> (b,)"""
+    return (mass / torch.rand(mass.shape, generator=generator, device=mass.device).log_().neg_()).argmax(-1)  # E > 0
 
 
 # ------------------------------------------------------------------------------------------------------ cache
@@ -420,10 +415,9 @@ class CacheStep(DynamicCache):
                 buf[p.dst] = x[:, :, 0]  # (b, kv_heads, head_dim) -> each row's own next column
                 out.append(buf[:, :, :p.width + 1])  # (b, kv_heads, width + 1, head_dim) a view, no copy
             else:
-                kv = x.new_empty(x.shape[0], x.shape[1], p.width + x.shape[2], x.shape[3])  # (c, kv_heads, width + L, hd)
+                out.append(kv := x.new_empty(*x.shape[:2], p.width + x.shape[2], x.shape[3]))  # (c, h, width + L, d)
                 torch.index_select(buf[:, :, :p.width], 0, p.rows, out=kv[:, :, :p.width])  # gathered in place: 4x
                 kv[:, :, p.width:] = x  # faster on CPU than index + torch.cat (two copies and a temporary)
-                out.append(kv)
                 buf[p.dst] = x[p.src]  # (n_real, kv_heads, head_dim)
         return out
 

@@ -25,7 +25,6 @@ OUT/latest. A CPU world of one trains the plain module (no FSDP wrapper).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import inspect
@@ -230,11 +229,6 @@ def merged(full: dict, cfg: Config) -> dict:
     return out
 
 
-def autocast(cfg: Config, device: torch.device):
-    """bf16 autocast on a CPU with native bf16 (see rollout.bf16_autocast); on GPU FSDP already computes in bf16."""
-    return rollout.bf16_autocast(device) if cfg.bf16 else contextlib.nullcontext()
-
-
 def shard_model(model: torch.nn.Module, mesh, cuda: bool, train: bool, vocab: int, ckpt: bool = True):
     """FSDP2: one unit per decoder layer plus the root (embeddings, final norm, head). A CPU world of one keeps
     the plain module: there FSDP only adds a copy of every layer per forward and backward (measured ~2x a step).
@@ -341,7 +335,7 @@ def rollout_and_score(model, tok, cfg: Config, rows: list[dict], search, step: i
     gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + dist.get_rank())  # resumable
     t0 = time.perf_counter()
     model.eval()  # HF skips checkpointing and keeps the KV cache in eval mode
-    with torch.no_grad(), Unsharded(model), autocast(cfg, device):
+    with torch.no_grad(), Unsharded(model), rollout.bf16_autocast(device, cfg.bf16):
         trajs = rollout.rollout(model, tok, questions, search, rcfg, generator=gen)
     scores = [score(cfg, t, r) for t, r in zip(trajs, [r for r in rows for _ in range(cfg.group_size)])]
     return trajs, scores, time.perf_counter() - t0
@@ -388,7 +382,7 @@ def grpo_update(model, ref, cfg: Config, trajs: list, adv: torch.Tensor, experts
     ratio_max, ratio_min = torch.zeros((), device=device), torch.full((), 9.0, device=device)
     for s in range(0, len(trajs), cfg.micro_batch):
         b = pad_batch(trajs[s : s + cfg.micro_batch], device)
-        with autocast(cfg, device):
+        with rollout.bf16_autocast(device, cfg.bf16):
             ref_logp = None
             if ref is not None:
                 with torch.no_grad():
@@ -418,7 +412,7 @@ def sft_update(model, cfg: Config, trajs: list) -> dict:
     total = torch.zeros((), dtype=torch.float64, device=device)
     for s in range(0, len(trajs), cfg.micro_batch):
         b = pad_batch(trajs[s : s + cfg.micro_batch], device)
-        with autocast(cfg, device):
+        with rollout.bf16_autocast(device, cfg.bf16):
             logp = model.kr1_logprobs(b["ids"], b["attn"], 1.0, cfg.logprob_chunk, loss_mask=b["mask"])  # (b, T-1)
         loss = grpo.sft_loss(logp, b["mask"], normaliser=n_tok)
         (loss * world).backward()
