@@ -196,7 +196,7 @@ def lora_update(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float)
     return (w.float() + scale * b.float() @ a.float()).to(w.dtype)  # (out, r) @ (r, in)
 
 
-def bf16_autocast(device: torch.device | str, enabled: bool = True):
+def bf16_autocast(device: torch.device | str, enabled: bool):
     """bf16 autocast if enabled, on a CPU with native bf16 instructions (AVX512-BF16 / AMX), else a no-op (on GPU the
     model is already bf16). Opt-in (kr1.py / train.py --bf16): whether it pays depends on the CPU (BENCHMARKS.md)."""
     if enabled and torch.device(device).type == "cpu" and torch.cpu._is_avx512_bf16_supported():

@@ -41,7 +41,7 @@ def fwd_bwd(model, micro: int, head_at_loss: bool, bf16: bool = False) -> float:
     t0 = time.perf_counter()
     for s in range(0, len(LENS), micro):
         ids, attn, mask = batch(list(range(s, min(s + micro, len(LENS)))))
-        with rollout.bf16_autocast("cpu") if bf16 else torch.autocast("cpu", enabled=False):
+        with rollout.bf16_autocast("cpu", bf16):
             lp = model.kr1_logprobs(ids, attn, loss_mask=mask if head_at_loss else None)  # (b, T-1)
         grpo.grpo_loss(lp, lp.detach(), torch.ones(len(ids)), mask, agg="token")[0].backward()
     model.zero_grad(set_to_none=True)
@@ -64,7 +64,7 @@ def fresh(lora: bool = False, fsdp: bool = False):
 
 def decode_ms(model, bf16: bool) -> float:
     ids = torch.randint(100, 40000, (16, 600))
-    with torch.no_grad(), rollout.bf16_autocast("cpu") if bf16 else torch.autocast("cpu", enabled=False):
+    with torch.no_grad(), rollout.bf16_autocast("cpu", bf16):
         cache = model(input_ids=ids, use_cache=True).past_key_values
         t0 = time.perf_counter()
         for _ in range(5):
