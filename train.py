@@ -92,6 +92,8 @@ class Config:
     sft_lr: float = opt(3e-4, "SFT learning rate (constant; GRPO then warms up from 0 to --lr)")
     sft_probe_every: int = opt(0, "during SFT, roll out and score --prompts-per-step prompts every N steps (0 = off)")
     expert_mix: bool = opt(False, "David-GRPO: a group with no correct sample gets the expert trajectory as its last")
+    update: bool = opt(True, "--no-update: the control arm: roll out and score the same prompts with the same seeds, "
+                       "never change a weight (its curve is the frozen policy's, read step by step beside the trained)")
     # parameters
     lora_rank: int = opt(0, "LoRA rank on --lora-targets (0 = full fine-tuning); saved in PEFT format (adapter/)")
     lora_alpha: float = opt(16.0, "LoRA alpha: the update is (alpha / rank) * B @ A")
@@ -121,7 +123,8 @@ class Config:
     resume: str | None = opt(None, "run dir or checkpoint dir to resume from")
     wandb: bool = opt(False, "also log to Weights & Biases (needs `pip install wandb`)")
     preset: str | None = opt(None, "'offline': SmolLM2 + data/qa.jsonl + embedded corpus, a quick CPU run; "
-                             "'smollm2-2wiki': the shipped adapter's recipe (see README)")
+                             "'smollm2-2wiki': the shipped adapter's recipe; 'warmstart-qa' then 'grpo-2wiki': "
+                             "watch GRPO learn (bench/grpo_gain.sh; see README)")
 
 
 PRESETS = {
@@ -136,6 +139,17 @@ PRESETS = {
                           group_size=4, prompts_per_step=4, max_turns=2, max_turn_tokens=64, max_total_tokens=768,
                           top_k_passages=2,
                           beta=0.0, agg="token", micro_batch=1, grad_ckpt=False, save_every=8),
+    # watch GRPO learn (bench/grpo_gain.sh, BENCHMARKS.md): `warmstart-qa` teaches the protocol on the project's own
+    # single-hop questions (SFT, embedded corpus; no 2Wiki), then `grpo-2wiki` resumes from it with GRPO alone on
+    # 2Wiki questions never evaluated on; the same command with --no-update is the control arm
+    "warmstart-qa": dict(model="default", dataset=str(HERE / "data" / "qa.jsonl"), index=None,
+                         out="runs/grpo-gain/start", lora_rank=8, lora_alpha=16.0, sft_steps=40, sft_batch=4,
+                         sft_lr=5e-4, steps=0, max_turns=2, max_turn_tokens=64, max_total_tokens=768,
+                         top_k_passages=2, beta=0.0, micro_batch=4, grad_ckpt=False, save_every=0),
+    "grpo-2wiki": dict(model="default", out="runs/grpo-gain/trained", lora_rank=8, lora_alpha=16.0, sft_steps=40,
+                       steps=40, lr=5e-4, warmup_steps=3, group_size=4, prompts_per_step=4, temperature=0.7,
+                       acc="f1", w_fmt=0.5, max_turns=2, max_turn_tokens=64, max_total_tokens=768,
+                       top_k_passages=2, beta=0.0, agg="token", micro_batch=4, grad_ckpt=False, save_every=5),
 }
 
 
@@ -155,10 +169,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
     cfg = Config(**{**PRESETS.get(args.get("preset"), {}), **args})  # explicit flags beat the preset
     if cfg.agg not in ("seq", "token", "const") or cfg.acc not in ("em", "f1"):
         p.error("--agg must be seq|token|const and --acc em|f1")
-    if min(cfg.group_size, cfg.prompts_per_step, cfg.micro_batch, cfg.steps, cfg.sft_batch) < 1 or cfg.group_size < 2:
-        p.error("--group-size must be >= 2; --prompts-per-step, --micro-batch, --steps, --sft-batch >= 1")
-    if min(cfg.sft_steps, cfg.lora_rank, cfg.sft_probe_every, cfg.search_lag) < 0:
-        p.error("--sft-steps, --lora-rank, --sft-probe-every and --search-lag must be >= 0 (-1 is not reproducible)")
+    if min(cfg.group_size, cfg.prompts_per_step, cfg.micro_batch, cfg.sft_batch) < 1 or cfg.group_size < 2:
+        p.error("--group-size must be >= 2; --prompts-per-step, --micro-batch, --sft-batch >= 1")
+    if min(cfg.steps, cfg.sft_steps, cfg.lora_rank, cfg.sft_probe_every, cfg.search_lag) < 0:
+        p.error("--steps, --sft-steps, --lora-rank, --sft-probe-every, --search-lag must be >= 0 "
+                "(--steps 0: warm-start only)")
+    if cfg.steps + cfg.sft_steps < 1:
+        p.error("nothing to train: --steps and --sft-steps are both 0")
     return cfg
 
 
@@ -437,13 +454,14 @@ def train_step(model, ref, tok, optimizer, cfg: Config, rows: list[dict], search
         batch, batch_scores = list(trajs), list(scores)  # logged metrics stay on-policy; the loss sees the mix
         mixed = mix_experts(cfg, tok, rows, search, batch, batch_scores) if cfg.expert_mix else 0
         adv = grpo.group_advantages([s["reward"] for s in batch_scores], cfg.group_size, cfg.scale_std)  # (B,)
-        out = grpo_update(model, ref, cfg, batch, adv.to(device), [t.expert for t in batch])
+        out = (grpo_update(model, ref, cfg, batch, adv.to(device), [t.expert for t in batch]) if cfg.update else
+               {"loss": torch.zeros((), dtype=torch.float64, device=device), "n_tok": token_count(batch, device)})
         out["adv_sq"] = (adv.double() ** 2).sum()
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     finite = math.isfinite(grad_norm.item()) and bool(torch.isfinite(out["loss"]))
     lr = lr_at(cfg, step)
-    if finite:
+    if finite and (sft or cfg.update):
         for g in optimizer.param_groups:
             g["lr"] = lr
         optimizer.step()

@@ -116,6 +116,24 @@ def test_resume_drops_log_lines_past_the_checkpoint(tmp_path):
     train.truncate_log(tmp_path / "absent.jsonl", 2)  # a first run has no log yet
 
 
+def test_warmstart_only_then_control_arm_changes_no_weight(coin_policy, tmp_path):
+    """--steps 0 writes the warm-start checkpoint alone; from it, --no-update (the control arm) rolls out the same
+    prompts with the same seeds as the trained arm (equal first-step rewards) and leaves every weight as it was."""
+    d = coin_policy
+    base = [sys.executable, str(ROOT / "train.py"), *common_flags(d), *LORA[:-1], "--lr", "1e-2", "--save-every", "0"]
+    run([*base, "--steps", "0", "--out", str(tmp_path / "start")])
+    assert (tmp_path / "start" / "latest").read_text().strip() == "checkpoints/step_000001"
+    logs, w = {}, {"start": weights(tmp_path / "start" / "checkpoints" / "step_000001")}
+    for arm, extra in (("trained", []), ("control", ["--no-update"])):
+        run([*base, "--steps", "2", "--resume", str(tmp_path / "start"), "--out", str(tmp_path / arm), *extra])
+        logs[arm] = [json.loads(x) for x in (tmp_path / arm / "log.jsonl").read_text().splitlines()]
+        w[arm] = weights(tmp_path / arm / "checkpoints" / "step_000003")
+    assert [r["step"] for r in logs["control"]] == [2, 3] and logs["control"][0]["phase"] == "grpo"
+    assert logs["control"][0]["reward"] == logs["trained"][0]["reward"]  # same start, prompts and seeds
+    assert all(torch.equal(w["control"][k], w["start"][k]) for k in w["start"])
+    assert max((w["trained"][k] - w["start"][k]).abs().max().item() for k in w["start"]) > 1e-5
+
+
 def completion_margin(model_dir: Path) -> float:
     """log p(right completion) - log p(wrong completion) for the training question, teacher-forced."""
     model = Qwen2ForCausalLM.from_pretrained(model_dir)
