@@ -128,9 +128,12 @@ class Config:
 
 
 PRESETS = {
+    # the quick CPU run (~16 min, 2 cores): a LoRA warm-start whose probes show format -1 -> ~0.9, then 6 GRPO steps
     "offline": dict(model="default", dataset=str(HERE / "data" / "qa.jsonl"), index=None, out="runs/offline",
-                    group_size=4, prompts_per_step=4, max_turns=2, max_turn_tokens=160, max_total_tokens=640,
-                    beta=0.0, steps=30, lr=2e-6, warmup_steps=3, micro_batch=4, save_every=10),
+                    lora_rank=8, lora_alpha=16.0, sft_steps=20, sft_batch=4, sft_lr=5e-4, sft_probe_every=10,
+                    steps=6, lr=2e-4, warmup_steps=1, group_size=4, prompts_per_step=4, temperature=0.7, max_turns=2,
+                    max_turn_tokens=64, max_total_tokens=768, top_k_passages=2, beta=0.0, agg="token",
+                    micro_batch=1, grad_ckpt=False, save_every=10),
     # the shipped adapter: LoRA warm-start on 2Wiki expert trajectories, then GRPO with expert mixing (~65 min, 2 cores)
     "smollm2-2wiki": dict(model="default", dataset=str(HERE.parent / "shared" / "data" / "2wiki" / "train.jsonl"),
                           index=str(HERE.parent / "shared" / "data" / "2wiki" / "corpus.jsonl"),
