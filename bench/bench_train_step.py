@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import bench_memory  # noqa: E402
+from bench_rollout import TINY, smol_tokenizer  # noqa: E402
 
 import rollout  # noqa: E402
 import train  # noqa: E402
@@ -36,7 +37,7 @@ QWEN15 = {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 2
 
 
 def qwen_like_tokenizer(vocab: int):
-    _, tok = rollout.load_model(None)  # the embedded ChatML tokenizer
+    tok = smol_tokenizer()  # the embedded ChatML tokenizer (or $KR1_TOKENIZER)
     tok.add_tokens([f"xtra{i}" for i in range(vocab - len(tok))])  # no '<'/'>': never a tag, never special
     return tok
 
@@ -45,7 +46,7 @@ def build_models(arch: dict, device, world: int, beta: float):
     """The policy (fp32 master weights, FSDP2) and, with beta > 0, the frozen reference (bf16 on GPU)."""
     cuda = device.type == "cuda"
     mesh = train.init_device_mesh(device.type, (world,))
-    attn = "flash_attention_2" if cuda and rollout.importlib.util.find_spec("flash_attn") else "sdpa"
+    attn = "flash_attention_2" if cuda and rollout.importlib.util.find_spec("flash_attn") else "kr1_sdpa"  # load_model
 
     def build(dtype):
         torch.manual_seed(0)
@@ -86,15 +87,17 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=None, help="override prompts x G")
     p.add_argument("--new-tokens", type=int, default=512, help="tokens generated per row (the turn budget)")
     p.add_argument("--layers", type=int, default=28, help="decoder layers (28 = the real model)")
+    p.add_argument("--tiny", action="store_true", help="a 2-layer 64-wide Qwen2 (CPU rehearsal, no estimate)")
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--beta", type=float, default=0.04, help="> 0 also builds and runs the reference model")
     p.add_argument("--out", help="write the results as JSON here")
     a = p.parse_args()
     rank, world, device = train.init_distributed()
     cuda = device.type == "cuda"
-    tok = qwen_like_tokenizer(QWEN15["vocab_size"])
-    arch = {**QWEN15, "num_hidden_layers": a.layers, "eos_token_id": tok.eos_token_id,
-            "pad_token_id": tok.pad_token_id}
+    a.layers = 2 if a.tiny else a.layers
+    base = {**QWEN15, **(TINY if a.tiny else {}), "num_hidden_layers": a.layers}
+    tok = qwen_like_tokenizer(base["vocab_size"])
+    arch = {**base, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
     rows = a.rows or a.prompts * a.group_size
     group = a.group_size if rows % a.group_size == 0 else rows
     cfg = train.Config(group_size=group, prompts_per_step=rows // group, max_turns=1, max_turn_tokens=a.new_tokens,

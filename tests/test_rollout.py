@@ -17,10 +17,13 @@ import os
 import random
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+import transformers.integrations.sdpa_attention as hf_sdpa
+from transformers import AttentionInterface, AttentionMaskInterface, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from transformers.masking_utils import sdpa_mask
 
 import rollout as R
 from retrieval import format_passages
@@ -401,6 +404,74 @@ def test_kr1_sdpa_equals_hf_sdpa(tok, tiny, monkeypatch):
     assert [t.ids for t in a] == [t.ids for t in b]
     assert all(torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5) for x, y in zip(a, b))
     assert hf_widths and set(hf_widths) == {1}  # decode steps only
+
+
+def no_repeat_kv(*a):
+    raise AssertionError("repeat_kv called")
+
+
+def packed_everywhere(module, query, key, value, attention_mask, **kw):
+    """kr1_sdpa's CUDA path on any device, for every masked forward (prefill and training shapes too)."""
+    if attention_mask is None:
+        return R.sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
+    return R.gqa_sdpa(query, key, value, attention_mask, kw.get("dropout", 0.0), kw.get("scaling")), None
+
+
+AttentionInterface.register("kr1_packed_test", packed_everywhere)
+AttentionMaskInterface.register("kr1_packed_test", sdpa_mask)
+
+
+@pytest.mark.parametrize("L, S", [(1, 9), (5, 12), (4, 4)])  # decode, a chunk over a cache, no cache
+def test_gqa_sdpa_equals_hf_sdpa_without_repeat_kv(L, S, monkeypatch):
+    """gqa_sdpa, packed (kr1_sdpa's path on CUDA) or with SDPA's GQA (CPU chunks), on CPU tensors: HF's
+    sdpa_attention_forward's numbers on a ragged mask, 6 query heads over 2 KV heads, and no repeat_kv."""
+    g = torch.Generator().manual_seed(L)
+    q, (k, v) = torch.randn(3, 6, L, 16, generator=g), torch.randn(2, 3, 2, S, 16, generator=g)
+    mask = torch.rand(3, 1, L, S, generator=g) < 0.6  # (b, 1, L, S)
+    mask[..., -1] = True  # no query row without a key
+    want = R.sdpa_attention_forward(SimpleNamespace(num_key_value_groups=3), q, k, v, mask, scaling=0.3)[0]
+    monkeypatch.setattr(hf_sdpa, "repeat_kv", no_repeat_kv)
+    for pack in (True, False):
+        assert torch.allclose(R.gqa_sdpa(q, k, v, mask, scale=0.3, pack=pack), want, atol=1e-6)
+
+
+def test_kr1_sdpa_off_cpu_passes_the_cache_itself(monkeypatch):
+    """Off CPU (meta tensors stand in for CUDA), masked GQA decode and chunks over a cache reach SDPA with the
+    cache's own key/value tensors and equal head counts: no KV head is ever repeated, by HF or by a math kernel.
+    A forward without a cache (training) stays on HF's path."""
+    seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, *a, **kw: seen.append((q, k, kw.get("enable_gqa"))) or sdpa(q, k, *a, **kw))
+    monkeypatch.setattr(hf_sdpa, "repeat_kv", no_repeat_kv)
+    module = SimpleNamespace(num_key_value_groups=3)
+    for L, S in ((1, 9), (5, 12), (4, 4)):
+        q, k, v = torch.empty(3, 6, L, 16, device="meta"), *torch.empty(2, 3, 2, S, 16, device="meta")
+        mask = torch.empty(3, 1, L, S, dtype=torch.bool, device="meta")
+        if S == L:
+            with pytest.raises(AssertionError, match="repeat_kv"):
+                R.kr1_sdpa(module, q, k, v, mask, scaling=0.3)
+            continue
+        assert R.kr1_sdpa(module, q, k, v, mask, scaling=0.3)[0].shape == (3, L, 6, 16)
+        q_in, k_in, gqa = seen.pop()
+        assert k_in is k and q_in.shape[1] == k.shape[1] and not gqa and not seen  # the cache itself, no copy
+
+
+def test_gqa_packed_rollouts_equal_hf_sdpa(tok, tiny, monkeypatch):
+    """The CUDA path forced on CPU for every masked forward (prefill, decode, observation chunks after searches):
+    the same seeded agent rollouts and log-probs as HF's sdpa, without repeat_kv."""
+    packed = copy.deepcopy(tiny)
+    packed.set_attn_implementation("kr1_packed_test")
+    script = {}
+    for q in (QA, QB):
+        p = len(R.prompt_ids(tok, R.prompt_messages(q, "agent")))
+        for n, x in enumerate(ids_of(tok, "<search> alpha</search>")):
+            script[(p + 1 + n, None)] = x  # one free token, then a search; free tokens after the observation
+    cfg = R.RolloutConfig(temperature=1.0, max_turn_tokens=10)
+    a = R.rollout(Scripted(tiny, script), tok, [QA, QB, QA], hits_for("w"), cfg, torch.Generator().manual_seed(1))
+    monkeypatch.setattr(hf_sdpa, "repeat_kv", no_repeat_kv)
+    b = R.rollout(Scripted(packed, script), tok, [QA, QB, QA], hits_for("w"), cfg, torch.Generator().manual_seed(1))
+    assert [t.ids for t in a] == [t.ids for t in b] and sum(t.n_searches for t in a) >= 3
+    assert all(torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5) for x, y in zip(a, b))
 
 
 def test_shared_prefix_prefill_equals_separate_prefills(tok, tiny):
