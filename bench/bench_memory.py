@@ -1,4 +1,4 @@
-"""Analytic per-GPU memory of one train.py GRPO step (Qwen2.5-1.5B / 7B-Instruct on 8x40 GB and 8x80 GB A100s).
+"""Per-GPU memory of one train.py GRPO step, by arithmetic or (--trace) by tracing the real step on fake tensors.
 
 No GPU needed: every number is arithmetic on the public config.json of each model and on what train.py holds at
 four moments of a step, in GiB per rank. All are estimates (see bench/RESULTS_memory.md for the assumptions):
@@ -30,7 +30,7 @@ tensor counted by torch.distributed._tools' MemTracker (load) and FSDPMemTracker
            clipping and AdamW (foreach=False: foreach/fused kernels are over-counted under fake tensors).
 Not traced: allocator fragmentation and cached blocks, the CUDA context, NCCL buffers, cuBLAS workspaces, host RAM.
 
-    python bench/bench_memory.py --trace --model qwen2.5-7b --world 8    # ~1 min on 2 cores, < 1 GB of RAM
+    python bench/bench_memory.py --trace --model qwen2.5-7b --world 8    # ~35 s of CPU, 0.4 GiB of RAM
     python bench/bench_memory.py --trace --model qwen2.5-1.5b --world 8
     python bench/bench_memory.py --trace --model path/to/folder --world 2  # any local folder with a config.json
     python bench/bench_memory.py --trace --model path/to/tiny --real       # the same step on real tensors (small!)
