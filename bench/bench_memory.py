@@ -1,4 +1,4 @@
-"""Analytic per-GPU memory of one train.py GRPO step (Qwen2.5-1.5B / 7B-Instruct on 8x40 GB and 8x80 GB A100s).
+"""Per-GPU memory of one train.py GRPO step, by arithmetic or (--trace) by tracing the real step on fake tensors.
 
 No GPU needed: every number is arithmetic on the public config.json of each model and on what train.py holds at
 four moments of a step, in GiB per rank. All are estimates (see bench/RESULTS_memory.md for the assumptions):
@@ -15,12 +15,43 @@ Each moment adds a CUDA context / NCCL / allocator-fragmentation allowance (--al
     python bench/bench_memory.py --prompts-per-step 16 --json     # numbers as JSON
     python bench/bench_memory.py --ref fp32 --ref-root gathered  # what an fp32, never-resharded reference costs
     python bench/bench_memory.py --check     # measure one real-size layer's saved activations on CPU (~30 s)
+
+--trace runs one real train.py step instead of arithmetic: the model built from its config alone (no weights, no
+GPU) under PyTorch's FakeTensorMode on the CPU device, FSDP2 over a fake process group of --world ranks, every
+tensor counted by torch.distributed._tools' MemTracker (load) and FSDPMemTracker (rollout, update). Peak per rank:
+  load     what train.py does today: each rank builds the full fp32 policy, shards it (train.shard_model: one
+           FSDP2 unit per decoder layer + the root, bf16 compute / fp32 reduce), then the bf16 reference likewise;
+  rollout  fp32 shards + AdamW states (primed by one step) + reference shards, every unit gathered in bf16
+           (train.Unsharded), the rollout's KV cache (rows x prompt+response slots, bf16, as rollout.RaggedCache),
+           one decode step at full width and one chunk forward (rows x --prompt-tokens new tokens) through
+           rollout.CacheStep;
+  update   --trace-micro-batches micro-batches of the GRPO update: the reference's and the policy's log-probs by
+           grpo.token_logprobs (chunked head, activation checkpointing), grpo.grpo_loss, backward, then gradient
+           clipping and AdamW (foreach=False: foreach/fused kernels are over-counted under fake tensors).
+Not traced: allocator fragmentation and cached blocks, the CUDA context, NCCL buffers, cuBLAS workspaces, host RAM.
+
+    python bench/bench_memory.py --trace --model qwen2.5-7b --world 8    # ~35 s of CPU, 0.4 GiB of RAM
+    python bench/bench_memory.py --trace --model qwen2.5-1.5b --world 8
+    python bench/bench_memory.py --trace --model path/to/folder --world 2  # any local folder with a config.json
+    python bench/bench_memory.py --trace --model path/to/tiny --real       # the same step on real tensors (small!)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
+import resource
+import sys
+import time
+import types
+import warnings
+from pathlib import Path
+from unittest import mock
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's train.py / grpo.py / rollout.py, not an installed copy
 
 GiB = 2**30
 MODELS = {  # from each model's public config.json (head_dim = hidden / heads = 128 for both)
@@ -142,11 +173,282 @@ def check_layer(name: str, T: int = 320) -> tuple[float, float]:
     return sum(seen.values()) / T, (12 * H + 3 * kvd + 4 * F) * 2
 
 
+# ------------------------------------------------------------------------------------------------- --trace
+ALIASES = {"qwen2.5-1.5b": "Qwen2.5-1.5B-Instruct", "qwen2.5-7b": "Qwen2.5-7B-Instruct"}
+
+
+def model_config(spec: str):
+    """(label, transformers config) of a MODELS alias (config.json embedded here) or a local folder's config.json."""
+    from transformers import AutoConfig, Qwen2Config
+
+    if spec.lower() in ALIASES:
+        name = ALIASES[spec.lower()]
+        m = MODELS[name]
+        return name, Qwen2Config(hidden_size=m["hidden"], num_hidden_layers=m["layers"],
+                                 num_attention_heads=m["heads"], num_key_value_heads=m["kv_heads"],
+                                 intermediate_size=m["inter"], vocab_size=m["vocab"], tie_word_embeddings=m["tied"],
+                                 max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6)
+    if not (Path(spec) / "config.json").is_file():
+        raise SystemExit(f"bench_memory.py: error: --model {spec!r}: not one of {sorted(ALIASES)} nor a local folder "
+                         "with a config.json (nothing is downloaded)")
+    return Path(spec).name, AutoConfig.from_pretrained(spec, local_files_only=True)
+
+
+def estimate_model(c) -> dict:
+    """The MODELS-style dict of any decoder config, for the arithmetic estimate beside the trace."""
+    return {"hidden": c.hidden_size, "layers": c.num_hidden_layers, "heads": c.num_attention_heads,
+            "kv_heads": c.num_key_value_heads, "inter": c.intermediate_size, "vocab": c.vocab_size,
+            "tied": bool(c.tie_word_embeddings)}
+
+
+def skeleton(c, dtype):
+    """The causal LM of config c on the meta device (no memory), as from_pretrained first builds it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(c, dtype=dtype, attn_implementation="sdpa")  # CUDA's w/o flash-attn
+
+
+def materialised(model):
+    """What from_pretrained leaves on the device: every parameter and buffer allocated once (tied ones once) on the
+    current device, fake under FakeTensorMode. No weights are read: zeros (real tensors) or nothing (fake)."""
+    import torch
+
+    new = {}
+    for mod in model.modules():
+        for table in (mod._parameters, mod._buffers):
+            for k, t in table.items():
+                if t is not None and id(t) not in new:
+                    z = torch.zeros(t.shape, dtype=t.dtype)  # t.shape, on the device
+                    new[id(t)] = torch.nn.Parameter(z, t.requires_grad) if isinstance(t, torch.nn.Parameter) else z
+                if t is not None:
+                    table[k] = new[id(t)]
+    return model
+
+
+def gib_snapshot(tracker) -> dict:
+    """{category: GiB} of a tracker's peak snapshot on the CPU device (which stands for the rank's GPU)."""
+    import torch
+
+    snap = tracker.get_tracker_snapshot("peak").get(torch.device("cpu"), {})
+    return {getattr(k, "value", k): v / GiB for k, v in snap.items() if v}
+
+
+def trace_load(c, mesh, with_ref: bool):
+    """train.main's load as of today: each rank holds the full fp32 policy, then shards it; the reference likewise
+    in bf16. Returns (policy, reference or None, peak GiB by category)."""
+    import torch
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    import train
+
+    model, ref = skeleton(c, torch.float32), skeleton(c, torch.bfloat16) if with_ref else None
+    with MemTracker() as mt:  # counts every tensor created inside: the whole model before it is sharded
+        model = train.shard_model(materialised(model), mesh, cuda=True, train=True, vocab=c.vocab_size)
+        if ref is not None:
+            ref = materialised(ref.requires_grad_(False).eval())
+            ref = train.shard_model(ref, mesh, cuda=True, train=False, vocab=c.vocab_size)
+    return model, ref, gib_snapshot(mt)
+
+
+def primed_adamw(model):
+    """train.main's AdamW (foreach=False, see the docstring) after one step on zero gradients: its exp_avg and
+    exp_avg_sq exist, as in every step after the first."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-6, betas=(0.9, 0.99), weight_decay=0.0, foreach=False)
+    for p in params:
+        p.grad = torch.zeros_like(p)  # DTensor shard (numel / world,) fp32
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return opt
+
+
+def cache_forward(model, cache, rows: int, width: int, new: int):
+    """One rollout forward over a full rollout.RaggedCache, built as rollout.run builds it: a decode step (new = 1,
+    every row) or a chunk of `new` real tokens per row, `width` cached columns shown; last-position logits only."""
+    import torch
+
+    import rollout
+
+    lens = torch.full((rows,), width)  # (b,) cached tokens per row
+    ids = torch.zeros(rows, new, dtype=torch.long)  # (b, new)
+    if new == 1:
+        attn = torch.arange(width + 1) <= lens[:, None]  # (b, width + 1)
+        pos = lens[:, None]  # (b, 1)
+        plan = rollout.Plan(width, width + 1, (torch.arange(rows), slice(None), lens))
+    else:  # every token real: the (row, column) lists rollout.run gets from a nonzero, built without one
+        attn = torch.ones(rows, width + new, dtype=torch.bool)  # (b, width + new)
+        pos = lens[:, None] + torch.arange(new)  # (b, new)
+        b_idx, t_idx = torch.arange(rows).repeat_interleave(new), torch.arange(new).repeat(rows)  # (b * new,) each
+        plan = rollout.Plan(width, width + new, (b_idx, slice(None), pos[b_idx, t_idx]), torch.arange(rows),
+                            (b_idx, slice(None), t_idx))
+    return model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=rollout.CacheStep(cache, plan),
+                 use_cache=True, logits_to_keep=1).logits  # (b, 1, V)
+
+
+def trace_rollout(model, ref, opt, c, rows: int, slots: int, chunk: int) -> dict:
+    """train.rollout_and_score's memory: all units gathered (train.Unsharded), the full KV cache, a chunk forward of
+    `chunk` new tokens per row and a decode step at full width. Peak GiB by category."""
+    import torch
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefType
+
+    import rollout
+    import train
+
+    kvh, hd = c.num_key_value_heads, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    fmt = FSDPMemTracker(model, opt)
+    fmt.track_inputs(tuple(ref.parameters()) + tuple(ref.buffers()) if ref is not None else ())
+    model.eval()
+    with fmt, torch.no_grad(), train.Unsharded(model):
+        for unit in train.Unsharded(model).units:  # label the gathered weights now, as the tracker's pre-forward
+            for p in unit._get_fsdp_state()._fsdp_param_group.fsdp_params:  # hook would (it runs one unit at a time)
+                fmt._update_and_maybe_create_winfos(p.unsharded_param, _FSDPRefType.UNSHARDED_PARAM)
+        cache = rollout.RaggedCache()
+        for bufs in (cache.k, cache.v):  # per layer (b, kv_heads, slots, head_dim) bf16
+            bufs += [torch.zeros(rows, kvh, slots, hd, dtype=torch.bfloat16) for _ in range(c.num_hidden_layers)]
+        for width, new in ((slots - chunk, chunk), (slots - 1, 1)):
+            fmt.reset_mod_stats()  # one root forward per tracked iteration; the peak is kept
+            cache_forward(model, cache, rows, width, new)
+        del cache
+    return gib_snapshot(fmt)
+
+
+def micro_batch(b: int, T: int, vocab: int) -> dict:
+    """train.pad_batch's tensors for b rows of T tokens, every target a loss token (the worst case for the head)."""
+    import torch
+
+    mask = torch.ones(b, T - 1, dtype=torch.bool)  # (b, T-1) bool, not pad_batch's float: .bool() returns it as is
+    mask.nonzero_memo = b * (T - 1)  # token_logprobs' mask indexing: the count a fake tensor cannot know
+    attn = torch.ones(b, T, dtype=torch.long)  # (b, T)
+    attn[1:, -1] = 0  # right padding, as pad_batch's rows of unequal length: HF builds its (b, 1, T, T) mask
+    return {"ids": torch.randint(0, vocab, (b, T)), "attn": attn, "mask": mask, "old": torch.zeros(b, T - 1),
+            "adv": torch.ones(b)}  # (b, T), (b, T-1), (b, T-1), (b,)
+
+
+def trace_update(model, ref, opt, c, a, world: int) -> dict:
+    """train.grpo_update + the optimizer part of train.train_step, for a.trace_micro_batches micro-batches of
+    a.micro_batch rows x (prompt + response) tokens. Peak GiB by category."""
+    import torch
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+    import grpo
+
+    logprobs = functools.partial(grpo.token_logprobs, vocab=c.vocab_size)  # what train.shard_model binds
+    for m in (model, ref) if ref is not None else (model,):  # as forward, not kr1_logprobs: the tracker hooks only
+        m.forward = types.MethodType(logprobs, m)  # module calls, and FSDP runs the same pre/post forward around both
+    fmt = FSDPMemTracker(model, opt)
+    fmt.track_inputs(tuple(ref.parameters()) + tuple(ref.buffers()) if ref is not None else ())
+    T, chunk, beta = a.prompt_tokens + a.response_tokens, a.logprob_chunk, 0.04 if ref is not None else 0.0
+    model.train()
+    with fmt:
+        for _ in range(a.trace_micro_batches):
+            fmt.reset_mod_stats()  # one root forward per micro-batch; the tracker's peak is kept
+            b = micro_batch(a.micro_batch, T, c.vocab_size)
+            ref_logp = None
+            if ref is not None:
+                with torch.no_grad():
+                    ref_logp = ref(b["ids"], b["attn"], 1.0, chunk, loss_mask=b["mask"])  # (b, T-1)
+            logp, ent = model(b["ids"], b["attn"], 1.0, chunk, with_entropy=True, loss_mask=b["mask"])  # (b, T-1)
+            loss, _ = grpo.grpo_loss(logp, b["old"], b["adv"], b["mask"], ref_logp=ref_logp, beta=beta,
+                                     normaliser=float(a.micro_batch * world), entropy=ent)
+            (loss * world).backward()
+            del b, ref_logp, logp, ent, loss
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for m in (model, ref) if ref is not None else (model,):
+        del m.forward
+    return gib_snapshot(fmt)
+
+
+@contextlib.contextmanager
+def fake_world(world: int, fake: bool):
+    """A fake process group of `world` ranks (this process is rank 0; collectives move nothing) and its 1-D CPU
+    mesh, inside FakeTensorMode (fake=True: no tensor holds memory) or on real tensors (fake=False: small configs)."""
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import _sharding_prop
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("--trace needs its own (fake) process group; one is already initialised")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    # a ShapeEnv only so that a mask's preset nonzero count (micro_batch) is honoured; every shape stays static
+    mode = FakeTensorMode(shape_env=ShapeEnv(), static_shapes=True) if fake else contextlib.nullcontext()
+    # DTensor derives each op's global output shape by running it on global-size tensors under the active fake
+    # mode: ours would count them (a whole parameter at a time); on real tensors it makes a fresh mode, so here too
+    fresh = mock.patch.object(_sharding_prop, "detect_fake_mode", lambda *args: None)
+    try:
+        mesh = init_device_mesh("cpu", (world,))  # real: its rank lookup is data-dependent
+        with mode, fresh, warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # transformers: gradient_checkpointing_enable is renamed
+            yield mesh
+    finally:
+        dist.destroy_process_group()
+
+
+def trace(c, a, fake: bool = True) -> dict:
+    """Per-rank peaks (GiB, by category) of load, rollout and update: one train.py step at world size a.ranks."""
+    t0, rows = time.perf_counter(), a.prompts_per_step * a.group_size // a.ranks
+    with fake_world(a.ranks, fake) as mesh:
+        model, ref, load = trace_load(c, mesh, a.ref != "none")
+        opt = primed_adamw(model)
+        roll = trace_rollout(model, ref, opt, c, rows, a.prompt_tokens + a.response_tokens, a.prompt_tokens)
+        upd = trace_update(model, ref, opt, c, a, a.ranks)
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return {"load": load, "rollout": roll, "update": upd, "rows": rows, "seconds": time.perf_counter() - t0,
+            "cpu_seconds": use.ru_utime + use.ru_stime, "max_rss_gib": use.ru_maxrss * 1024 / GiB}
+
+
+NAMES = {"Inputs": "reference shards + batch", "Activation": "activations", "Temp": "backward temporaries",
+         "OptState": "AdamW states"}  # FSDPMemTracker's kinds, as the table shows them
+
+
+def kinds(snap: dict, u: float) -> str:
+    return ", ".join(f"{NAMES.get(k, k.lower())} {v * u:.2f}" for k, v in snap.items() if k != "Total")
+
+
+def print_trace(a) -> dict:
+    """--trace: the traced peaks beside the arithmetic estimate of the same scenario, then the summary line."""
+    if a.ref == "fp32":
+        raise SystemExit("bench_memory.py: error: --trace follows train.py, whose reference is bf16 (or none: beta 0)")
+    name, c = model_config(a.model)
+    res = trace(c, a, fake=not a.real)
+    m, n, alw = estimate_model(c), res["rows"], a.allowance
+    est = totals(memory(m, a, n))
+    P = param_counts(m)["total"]
+    est = {"load": max(4 * P, 4 * P / a.ranks + 2 * P * (a.ref != "none")) / GiB, "rollout": est["rollout"] / GiB,
+           "update": max(est[k] for k in MOMENTS[1:]) / GiB}  # load: the full fp32 policy before sharding
+    peak = {k: res[k].get("Total", 0.0) for k in ("rollout", "update", "load")}
+    unit, u = ("MiB", 1024) if max(peak.values()) < 1 else ("GiB", 1)  # a small config's table in MiB
+    out = {"model": name, "traced_gib": peak, "estimate_gib": est, "trace": res}
+    print(json.dumps(out, indent=1) if a.json else "\n".join([
+        f"### {name}: {P / 1e9:.2f}B params, world {a.ranks}, {n} trajectories/rank, {a.prompt_tokens}+"
+        f"{a.response_tokens} tokens, micro-batch {a.micro_batch} ({a.trace_micro_batches} traced), log-prob chunk "
+        f"{a.logprob_chunk}, reference {a.ref}; {'real' if a.real else 'fake'} tensors on the CPU device\n",
+        f"| phase ({unit} per rank) | traced | estimate | estimate with its allowance | traced at the peak |",
+        "|---|---:|---:|---:|---|",
+        *[f"| {k} | **{peak[k] * u:.2f}** | {(est[k] - alw * (k != 'load')) * u:.2f} | "
+          f"{(est[k] + alw * (k == 'load')) * u:.2f} | {kinds(res[k], u) if k != 'load' else 'all tensors'} |"
+          for k in ("load", "rollout", "update")],
+        f"\nTraced in {res['seconds']:.0f} s ({res['cpu_seconds']:.0f} s of CPU), {res['max_rss_gib']:.2f} GiB of host "
+        "RAM at most. The trace counts tensors only: allocator fragmentation and cached blocks, the CUDA context, "
+        f"NCCL buffers and cuBLAS workspaces are left out (the estimate's --allowance, {alw} GiB, stands for them); "
+        "so is the host RAM that loading takes today (each rank reads the full checkpoint)."]))
+    print(f"traced peak GiB/rank: rollout {peak['rollout']:.2f}, update {peak['update']:.2f}, load {peak['load']:.2f}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts-per-step", type=int, default=32, help="prompts per step over all ranks")
     p.add_argument("--group-size", type=int, default=8, help="G, trajectories per prompt")
-    p.add_argument("--ranks", type=int, default=8, help="GPUs (FSDP world size)")
+    p.add_argument("--ranks", "--world", type=int, default=8, help="GPUs (FSDP world size)")
     p.add_argument("--micro-batch", type=int, default=4, help="trajectories per forward/backward")
     p.add_argument("--prompt-tokens", type=int, default=600, help="prompt incl. system prompt")
     p.add_argument("--response-tokens", type=int, default=2048, help="tokens after the prompt incl. passages")
@@ -157,7 +459,15 @@ def main(argv: list[str] | None = None) -> dict:
                    help="resharded: train.py (sets reshard_after_forward on the ref root); gathered: without that")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON instead of tables")
     p.add_argument("--check", action="store_true", help="measure one layer's saved activations on CPU (~1 GB RAM)")
+    p.add_argument("--trace", action="store_true", help="trace one real step under FakeTensorMode (see above)")
+    p.add_argument("--model", default="qwen2.5-7b", help=f"--trace: {' or '.join(ALIASES)} or a local config folder")
+    p.add_argument("--trace-micro-batches", type=int, default=2, help="--trace: micro-batches of the update traced "
+                   "(the 2nd on has the fp32 grads from its start; later ones repeat it)")
+    p.add_argument("--real", action="store_true", help="--trace on real tensors (a check of the fake trace; small "
+                   "configs only: it allocates what it counts)")
     a = p.parse_args(argv)
+    if a.trace:
+        return print_trace(a)
     if a.check:
         for name in MODELS:
             got, want = check_layer(name)
