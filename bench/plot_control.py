@@ -50,7 +50,8 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    axes = axes.flatten()
     for ax, key in zip(axes[:3], ("accuracy", "reward", "format")):
         for arm, rows, color in (("trained (GRPO)", tr, "C0"), ("control (--no-update)", co, "C3")):
             ys = [rows[s][key] for s in steps]
@@ -64,7 +65,7 @@ def main() -> None:
     axes[3].plot(steps, m, color="k", lw=2)
     axes[3].fill_between(steps, [x - 2 * e for x, e in zip(m, se)], [x + 2 * e for x, e in zip(m, se)], alpha=0.2)
     axes[3].axhline(0, color="grey", lw=1, ls="--")
-    axes[3].set_title("running mean of accuracy(trained) - accuracy(control), ±2 s.e.")
+    axes[3].set_title("accuracy: trained - control, running mean ± 2 s.e.")
     axes[3].set_xlabel("step")
     fig.tight_layout()
     fig.savefig(a.out, dpi=110)
