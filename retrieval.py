@@ -463,20 +463,30 @@ def embedded_corpus_file() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "data" / "summaries_en-us.json"
 
 
+def _built_once(out: Path, build) -> Index:
+    """Index `out`, first running build() if it is missing, under the lock file `out`.lock: of torchrun's ranks the
+    first to take it builds, the others wait, then all load (the OS drops the lock of a builder that dies)."""
+    if not (out / MANIFEST).is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out.with_name(out.name + ".lock"), "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            if not (out / MANIFEST).is_file():
+                build()
+    return Index.load(out)
+
+
 def default_index(show_progress: bool = True) -> Index:
     """The embedded Wikipedia-summaries index, built into the cache on first use (~10 s), loaded after."""
     out = cache_dir() / "index" / "wiki-summaries-en"
-    if (out / MANIFEST).is_file():
-        return Index.load(out)
-    src = embedded_corpus_file()
-    articles = json.loads(src.read_text(encoding="utf-8"))
-    out.parent.mkdir(parents=True, exist_ok=True)
     jsonl = out.parent / "wiki-summaries-en.jsonl"
-    with open(jsonl, "w", encoding="utf-8") as f:
-        for title, a in sorted(articles.items()):
-            if a.get("extract", "").strip():
-                f.write(json.dumps({"id": title, "title": a.get("title", title), "text": a["extract"]}) + "\n")
-    return Index.build(jsonl, out, show_progress=show_progress)
+
+    def build():
+        articles = sorted(json.loads(embedded_corpus_file().read_text(encoding="utf-8")).items())  # 6.5 MB
+        jsonl.write_text("".join(json.dumps({"id": t, "title": a.get("title", t), "text": a["extract"]}) + "\n"
+                                 for t, a in articles if a.get("extract", "").strip()), encoding="utf-8")
+        Index.build(jsonl, out, show_progress=show_progress)
+
+    return _built_once(out, build)
 
 
 def open_index(path: str | Path | None) -> Index:
@@ -492,14 +502,7 @@ def open_index(path: str | Path | None) -> Index:
     st = p.resolve().stat()
     key = hashlib.sha1(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
     out = cache_dir() / "index" / f"{p.stem}-{key}"
-    if not (out / MANIFEST).is_file():
-        lock = cache_dir() / "index" / f"{p.stem}-{key}.lock"  # torchrun ranks: the first builds, the rest wait
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock, "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            if not (out / MANIFEST).is_file():
-                Index.build(p, out)
-    return Index.load(out)
+    return _built_once(out, lambda: Index.build(p, out))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,8 +35,10 @@ import resource
 import shutil
 import sys
 import time
+import traceback
 import types
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -118,6 +120,7 @@ class Config:
     micro_batch: int = opt(4, "trajectories per forward/backward")
     logprob_chunk: int = opt(1024, "tokens per chunk of the (tokens x vocab) log-prob computation")
     seed: int = opt(0, "seed for data order and sampling")
+    dist_timeout: float = opt(0.0, "minutes a rank waits in a collective (0 = torch's default: 10 NCCL, 30 gloo)")
     # bookkeeping
     save_every: int = opt(50, "checkpoint every N steps (and at the end); 0 = only at the end")
     resume: str | None = opt(None, "run dir or checkpoint dir to resume from")
@@ -174,8 +177,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         p.error("--agg must be seq|token|const and --acc em|f1")
     if min(cfg.group_size, cfg.prompts_per_step, cfg.micro_batch, cfg.sft_batch) < 1 or cfg.group_size < 2:
         p.error("--group-size must be >= 2; --prompts-per-step, --micro-batch, --sft-batch >= 1")
-    if min(cfg.steps, cfg.sft_steps, cfg.lora_rank, cfg.sft_probe_every, cfg.search_lag) < 0:
-        p.error("--steps, --sft-steps, --lora-rank, --sft-probe-every, --search-lag must be >= 0 "
+    if min(cfg.steps, cfg.sft_steps, cfg.lora_rank, cfg.sft_probe_every, cfg.search_lag, cfg.dist_timeout) < 0:
+        p.error("--steps, --sft-steps, --lora-rank, --sft-probe-every, --search-lag, --dist-timeout must be >= 0 "
                 "(--steps 0: warm-start only)")
     if cfg.steps + cfg.sft_steps < 1:
         p.error("nothing to train: --steps and --sft-steps are both 0")
@@ -183,7 +186,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 
 # ----------------------------------------------------------------------------- setup
-def init_distributed() -> tuple[int, int, torch.device]:
+def init_distributed(timeout_min: float = 0.0) -> tuple[int, int, torch.device]:
     """torchrun sets RANK/WORLD_SIZE; plain `python train.py` becomes a world of one (same code path)."""
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -192,7 +195,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_min) if timeout_min else None)
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
 
@@ -462,7 +465,7 @@ def train_step(model, ref, tok, optimizer, cfg: Config, rows: list[dict], search
         out["adv_sq"] = (adv.double() ** 2).sum()
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    finite = math.isfinite(grad_norm.item()) and bool(torch.isfinite(out["loss"]))
+    finite = all_finite(grad_norm, out["loss"])
     lr = lr_at(cfg, step)
     if finite and (sft or cfg.update):
         for g in optimizer.param_groups:
@@ -475,6 +478,13 @@ def train_step(model, ref, tok, optimizer, cfg: Config, rows: list[dict], search
     if trajs:
         rec["rollout_tokens_per_s"] = round(rec["response_tokens"] * len(trajs) / t_rollout, 1)
     return rec
+
+
+def all_finite(*xs: torch.Tensor) -> bool:
+    """Whether every rank's tensors are finite: all ranks skip a step or none (one stepping alone drifts the shards)."""
+    ok = torch.stack([torch.isfinite(x).all() for x in xs]).all().float()
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok)
 
 
 def step_metrics(trajs: list, scores: list, out: dict, mixed: int) -> dict:
@@ -558,9 +568,27 @@ def load_checkpoint(ckpt: Path, model, optimizer) -> int:
 
 
 # ----------------------------------------------------------------------------- main
+def fail(e: BaseException, rank: int, world: int) -> int:
+    """A known error is one line, code 2; a world of one raises the rest. With ranks, every error names its rank and
+    the process exits at once, skipping destroy_process_group (it can wait on ranks still in a collective): torchrun
+    sees the exit and stops the others, which would otherwise wait for this rank until the collective timeout."""
+    known = isinstance(e, (retrieval.RetrievalError, rollout.ModelLoadError))
+    if world == 1 and not known:
+        raise e
+    if not known and not isinstance(e, SystemExit):
+        traceback.print_exc()  # unexpected: where it came from
+    why = str(e.code if isinstance(e, SystemExit) else e if known else f"{type(e).__name__}: {e}")
+    where = f"rank {rank}: " if world > 1 else ""
+    print(f"train.py: {where}error: {why.removeprefix('train.py: error: ')}", file=sys.stderr)
+    if world > 1:
+        sys.stdout.flush()
+        os._exit(2 if known else 1)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(cfg.dist_timeout)
     try:
         if cfg.prompts_per_step % world or cfg.sft_batch % world:
             raise SystemExit(f"train.py: error: --prompts-per-step {cfg.prompts_per_step} and --sft-batch "
@@ -608,9 +636,8 @@ def main(argv: list[str] | None = None) -> int:
             if step + 1 in (total, cfg.sft_steps) or (cfg.save_every and (step + 1) % cfg.save_every == 0):
                 save_checkpoint(out, model, tok, optimizer, cfg, step + 1)
         return 0
-    except (retrieval.RetrievalError, rollout.ModelLoadError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
+    except (Exception, SystemExit) as e:
+        return fail(e, rank, world)
     finally:
         dist.destroy_process_group()
 

@@ -274,3 +274,45 @@ def test_a_corpus_file_as_index_is_built_once_into_the_cache(tmp_path, monkeypat
     assert retrieval.open_index(corpus).path != idx.path  # a new index, not the stale one
     with pytest.raises(RetrievalError, match="corpus file not found"):
         retrieval.open_index(tmp_path / "absent.jsonl")
+
+
+def build_default_worker(rank: int, cache: Path, corpus: Path, start) -> None:
+    """One torchrun-like rank on a fresh cache: default_index() on a small stand-in for the embedded corpus."""
+    import os
+
+    os.environ["KR1_CACHE"] = str(cache)
+    retrieval.embedded_corpus_file = lambda: corpus
+    build = retrieval.Index.build
+
+    def counted(*args, **kwargs):
+        with open(cache / "builds.txt", "a") as f:
+            f.write(f"{rank}\n")
+        return build(*args, **kwargs)
+
+    retrieval.Index.build = counted
+    start.wait()  # both look at the empty cache at the same moment
+    idx = retrieval.default_index(show_progress=False)
+    (cache / f"rank{rank}.json").write_text(json.dumps([len(idx), idx.search(["k7"], k=1)[0][0]["id"]]))
+
+
+def test_the_default_index_is_built_once_by_ranks_starting_together(tmp_path):
+    """Two processes open the default index on an empty cache at once (torchrun without --index): one builds, the
+    other waits for it; neither deletes the other's build folder nor reads a half-written corpus."""
+    import multiprocessing as mp
+
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(3000)]
+    articles = {f"Item {i}": {"title": f"Item {i}", "extract": f"Item {i} at k{i}: " + " ".join(rng.sample(words, 60))}
+                for i in range(3000)}
+    (corpus := tmp_path / "summaries.json").write_text(json.dumps(articles))
+    ctx = mp.get_context("spawn")
+    start = ctx.Barrier(2)
+    procs = [ctx.Process(target=build_default_worker, args=(r, tmp_path / "cache", corpus, start)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert (tmp_path / "cache" / "builds.txt").read_text().count("\n") == 1  # built once, loaded by both
+    got = [json.loads((tmp_path / "cache" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert got == [[3000, "Item 7"]] * 2, got

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,19 +31,22 @@ def common_flags(d: Path) -> list[str]:
             "--max-total-tokens", "48", "--micro-batch", "2", "--warmup-steps", "1", "--beta", "0.04"]
 
 
-def run(cmd: list[str], timeout=600) -> subprocess.CompletedProcess:
+def run(cmd: list[str], timeout=600, check=True) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    assert r.returncode == 0 or not check, r.stdout[-3000:] + r.stderr[-6000:]
     return r
 
 
-def torchrun(*args: str) -> subprocess.CompletedProcess:
+def free_port() -> int:
     with socket.socket() as s:  # a free port: two test runs on one machine must not share a rendezvous
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                str(ROOT / "train.py"), *args])
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str, script: Path = ROOT / "train.py", **kw) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                str(script), *args], **kw)
 
 
 def weights(ckpt: Path) -> dict:
@@ -173,10 +177,7 @@ def test_bad_flags_fail_clearly(coin_policy, flags, message, capsys, monkeypatch
 
     import train
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
                  "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}.items():
         monkeypatch.setenv(k, v)  # init_distributed's setdefault would otherwise leave them set in this process
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # both read the env at import
@@ -188,3 +189,88 @@ def test_bad_flags_fail_clearly(coin_policy, flags, message, capsys, monkeypatch
     code = e.value.code
     err = capsys.readouterr().err + (code if isinstance(code, str) else "")
     assert code not in (0, None) and message in err and "Traceback" not in err, err[-3000:]
+
+
+FAULTY = """import os, sys, time
+import train
+def fault(*args, **kwargs):
+    open(sys.argv[-1] + ".t", "w").write(str(time.time()))  # when it failed (the last flag is --out DIR)
+    raise RuntimeError("injected fault")
+if os.environ["RANK"] == "1":  # rank 1 fails at its first rollout; rank 0 goes on into the FSDP all-gather
+    train.rollout_and_score = fault
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_a_failing_rank_ends_the_job_within_seconds_naming_itself(coin_policy, tmp_path):
+    """Rank 1 raises while rank 0 waits for it in a collective: torchrun ends the whole job at once (not at the
+    collective's 30-minute timeout), nonzero, and stderr says which rank failed and why."""
+    (tmp_path / "faulty.py").write_text(FAULTY)
+    r = torchrun(*common_flags(coin_policy), "--steps", "1", "--out", str(tmp_path / "run"),
+                 script=tmp_path / "faulty.py", check=False, timeout=300)
+    took = time.time() - float((tmp_path / "run.t").read_text())
+    assert r.returncode != 0 and "train.py: rank 1: error: RuntimeError: injected fault" in r.stderr, r.stderr[-3000:]
+    assert took < 20, took  # seconds, not the collective's 30-minute timeout
+
+
+def spawn_ranks(fn, *args) -> None:
+    """Run fn(rank, port, ready, *args) on 2 processes (torch.multiprocessing, no torchrun); `ready` for join()."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    torch.multiprocessing.spawn(fn, args=(free_port(), ctx.Barrier(2), *args), nprocs=2, join=True)
+
+
+def join(rank: int, port: int, ready, timeout_min: float = 0.0) -> None:
+    """train.init_distributed as rank `rank` of 2 gloo ranks, once both have imported (a busy machine starts them
+    seconds apart, and the rendezvous must not time out)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      OMP_NUM_THREADS="1")
+    import train
+
+    ready.wait()
+    train.init_distributed(timeout_min)
+
+
+def finite_worker(rank: int, port: int, ready, cases: list, out: Path) -> None:
+    import train
+
+    join(rank, port, ready)
+    got = [train.all_finite(torch.tensor(case[rank][0]), torch.tensor(case[rank][1], dtype=torch.float64))
+           for case in cases]
+    (out / f"rank{rank}.json").write_text(json.dumps(got))
+
+
+def test_the_step_skip_decision_is_the_same_on_every_rank(tmp_path):
+    """A non-finite grad norm or loss on one rank makes every rank skip the step (else the shards drift apart)."""
+    nan, inf = float("nan"), float("inf")
+    cases = [[(1.0, 0.5), (2.0, -0.5)], [(1.0, 0.5), (nan, 0.5)], [(1.0, inf), (2.0, 0.5)], [(nan, 0.5), (1.0, nan)]]
+    spawn_ranks(finite_worker, cases, tmp_path)
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert got == [[True, False, False, False]] * 2, got
+
+
+def timeout_worker(rank: int, port: int, ready, out: Path) -> None:
+    import torch.distributed as dist
+
+    join(rank, port, ready, timeout_min=0.2)  # 12 s
+    if rank == 1:  # never joins the collective; stays until rank 0 has given up, or 2 minutes
+        for _ in range(1200):
+            if (out / "rank0.txt").exists():
+                return
+            time.sleep(0.1)
+        return
+    t0 = time.time()
+    try:
+        dist.all_reduce(torch.zeros(1))
+    except Exception as e:
+        (out / "rank0.txt").write_text(f"{time.time() - t0:.1f} {type(e).__name__}: {e}")
+
+
+def test_dist_timeout_reaches_the_process_group(tmp_path):
+    """--dist-timeout (minutes) is the process group's collective timeout: a rank waiting for an absent peer fails
+    after it, not at torch's default (30 minutes on gloo)."""
+    import train
+
+    assert train.parse_args(["--dist-timeout", "0.2"]).dist_timeout == 0.2
+    spawn_ranks(timeout_worker, tmp_path)
+    waited, why = (tmp_path / "rank0.txt").read_text().split(" ", 1)
+    assert 10 < float(waited) < 60, why  # 12 s: neither the default nor rank 1 leaving after 2 minutes
