@@ -130,32 +130,27 @@ class Config:
                              "watch GRPO learn (bench/grpo_gain.sh; see README)")
 
 
+SMOL = dict(model="default", lora_rank=8, lora_alpha=16.0, max_turns=2, max_turn_tokens=64, max_total_tokens=768,
+            top_k_passages=2, beta=0.0, agg="token", grad_ckpt=False)  # SmolLM2 + LoRA on 2 CPU cores
 PRESETS = {
     # the quick CPU run (~16 min, 2 cores): a LoRA warm-start whose probes show format -1 -> ~0.9, then 6 GRPO steps
-    "offline": dict(model="default", dataset=str(HERE / "data" / "qa.jsonl"), index=None, out="runs/offline",
-                    lora_rank=8, lora_alpha=16.0, sft_steps=20, sft_batch=4, sft_lr=5e-4, sft_probe_every=10,
-                    steps=6, lr=2e-4, warmup_steps=1, group_size=4, prompts_per_step=4, temperature=0.7, max_turns=2,
-                    max_turn_tokens=64, max_total_tokens=768, top_k_passages=2, beta=0.0, agg="token",
-                    micro_batch=1, grad_ckpt=False, save_every=10),
+    "offline": dict(SMOL, dataset=str(HERE / "data" / "qa.jsonl"), index=None, out="runs/offline", sft_steps=20,
+                    sft_batch=4, sft_lr=5e-4, sft_probe_every=10, steps=6, lr=2e-4, warmup_steps=1, group_size=4,
+                    prompts_per_step=4, temperature=0.7, micro_batch=1, save_every=10),
     # the shipped adapter: LoRA warm-start on 2Wiki expert trajectories, then GRPO with expert mixing (~65 min, 2 cores)
-    "smollm2-2wiki": dict(model="default", dataset=str(HERE.parent / "shared" / "data" / "2wiki" / "train.jsonl"),
+    "smollm2-2wiki": dict(SMOL, dataset=str(HERE.parent / "shared" / "data" / "2wiki" / "train.jsonl"),
                           index=str(HERE.parent / "shared" / "data" / "2wiki" / "corpus.jsonl"),
-                          out="runs/smollm2-2wiki", lora_rank=8, lora_alpha=16.0, sft_steps=40, sft_batch=4,
-                          sft_lr=5e-4, sft_probe_every=20, expert_mix=True, steps=28, lr=5e-5, warmup_steps=3,
-                          group_size=4, prompts_per_step=4, max_turns=2, max_turn_tokens=64, max_total_tokens=768,
-                          top_k_passages=2,
-                          beta=0.0, agg="token", micro_batch=1, grad_ckpt=False, save_every=8),
+                          out="runs/smollm2-2wiki", sft_steps=40, sft_batch=4, sft_lr=5e-4, sft_probe_every=20,
+                          expert_mix=True, steps=28, lr=5e-5, warmup_steps=3, group_size=4, prompts_per_step=4,
+                          micro_batch=1, save_every=8),
     # watch GRPO learn (bench/grpo_gain.sh, BENCHMARKS.md): `warmstart-qa` teaches the protocol on the project's own
     # single-hop questions (SFT, embedded corpus; no 2Wiki), then `grpo-2wiki` resumes from it with GRPO alone on
     # 2Wiki questions never evaluated on; the same command with --no-update is the control arm
-    "warmstart-qa": dict(model="default", dataset=str(HERE / "data" / "qa.jsonl"), index=None,
-                         out="runs/grpo-gain/start", lora_rank=8, lora_alpha=16.0, sft_steps=40, sft_batch=4,
-                         sft_lr=5e-4, steps=0, max_turns=2, max_turn_tokens=64, max_total_tokens=768,
-                         top_k_passages=2, beta=0.0, micro_batch=4, grad_ckpt=False, save_every=0),
-    "grpo-2wiki": dict(model="default", out="runs/grpo-gain/trained", lora_rank=8, lora_alpha=16.0, sft_steps=40,
-                       steps=40, lr=5e-4, warmup_steps=3, group_size=4, prompts_per_step=4, temperature=0.7,
-                       acc="f1", w_fmt=0.5, max_turns=2, max_turn_tokens=64, max_total_tokens=768,
-                       top_k_passages=2, beta=0.0, agg="token", micro_batch=4, grad_ckpt=False, save_every=5),
+    "warmstart-qa": dict(SMOL, dataset=str(HERE / "data" / "qa.jsonl"), index=None, out="runs/grpo-gain/start",
+                         sft_steps=40, sft_batch=4, sft_lr=5e-4, steps=0, micro_batch=4, save_every=0),
+    "grpo-2wiki": dict(SMOL, out="runs/grpo-gain/trained", sft_steps=40, steps=40, lr=5e-4, warmup_steps=3,
+                       group_size=4, prompts_per_step=4, temperature=0.7, acc="f1", w_fmt=0.5, micro_batch=4,
+                       save_every=5),
 }
 
 

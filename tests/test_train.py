@@ -237,6 +237,7 @@ def finite_worker(rank: int, port: int, ready, cases: list, out: Path) -> None:
     got = [train.all_finite(torch.tensor(case[rank][0]), torch.tensor(case[rank][1], dtype=torch.float64))
            for case in cases]
     (out / f"rank{rank}.json").write_text(json.dumps(got))
+    os._exit(0)  # no interpreter teardown: gloo's threads can abort it ("terminate called without an active exception")
 
 
 def test_the_step_skip_decision_is_the_same_on_every_rank(tmp_path):
@@ -255,14 +256,15 @@ def timeout_worker(rank: int, port: int, ready, out: Path) -> None:
     if rank == 1:  # never joins the collective; stays until rank 0 has given up, or 2 minutes
         for _ in range(1200):
             if (out / "rank0.txt").exists():
-                return
+                break
             time.sleep(0.1)
-        return
-    t0 = time.time()
-    try:
-        dist.all_reduce(torch.zeros(1))
-    except Exception as e:
-        (out / "rank0.txt").write_text(f"{time.time() - t0:.1f} {type(e).__name__}: {e}")
+    else:
+        t0 = time.time()
+        try:
+            dist.all_reduce(torch.zeros(1))
+        except Exception as e:
+            (out / "rank0.txt").write_text(f"{time.time() - t0:.1f} {type(e).__name__}: {e}")
+    os._exit(0)  # as finite_worker
 
 
 def test_dist_timeout_reaches_the_process_group(tmp_path):
