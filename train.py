@@ -133,7 +133,7 @@ class Config:
 SMOL = dict(model="default", lora_rank=8, lora_alpha=16.0, max_turns=2, max_turn_tokens=64, max_total_tokens=768,
             top_k_passages=2, beta=0.0, agg="token", grad_ckpt=False)  # SmolLM2 + LoRA on 2 CPU cores
 PRESETS = {
-    # the quick CPU run (~16 min, 2 cores): a LoRA warm-start whose probes show format -1 -> ~0.9, then 6 GRPO steps
+    # the quick CPU run (~10 min, 2 cores): a LoRA warm-start (sampled format -1 at its first probe), then 6 GRPO steps
     "offline": dict(SMOL, dataset=str(HERE / "data" / "qa.jsonl"), index=None, out="runs/offline", sft_steps=20,
                     sft_batch=4, sft_lr=5e-4, sft_probe_every=10, steps=6, lr=2e-4, warmup_steps=1, group_size=4,
                     prompts_per_step=4, temperature=0.7, micro_batch=1, save_every=10),

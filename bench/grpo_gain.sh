@@ -29,7 +29,7 @@ arm() {  # out dir, extra flags: resume an unfinished arm, else start it from th
 arm "$R/trained"
 arm "$R/control" --no-update --save-every 0
 
-# shellcheck disable=SC2046  # eval.json holds the flags both adapters are evaluated with
+# eval.json holds the flags both adapters are evaluated with (word-split on purpose below)
 FLAGS=$(python -c "import json; print(' '.join(f'--{k.replace(\"_\", \"-\")} {v}' for k, v in json.load(open('$B/eval.json')).items()))")
 ev() {  # name, adapter dir
   [ -s "$B/eval/$1.jsonl" ] && return
