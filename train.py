@@ -581,6 +581,25 @@ def fail(e: BaseException, rank: int, world: int) -> int:
     return 2
 
 
+def build_models(cfg: Config, device: torch.device, world: int):
+    """The policy (fp32: the optimizer's master; LoRA if asked) and the frozen reference (beta > 0), both sharded
+    with FSDP2, the tokenizer, and AdamW over the trainable parameters."""
+    spec = None if cfg.model in (None, "default") else cfg.model
+    cuda = device.type == "cuda"
+    mesh = init_device_mesh(device.type, (world,))
+    model, tok = rollout.load_model(spec, dtype=torch.float32, device=device)
+    if cfg.lora_rank:
+        add_lora(model, cfg)
+    model = shard_model(model, mesh, cuda, train=True, vocab=len(tok), ckpt=cfg.grad_ckpt)
+    ref = None
+    if cfg.beta > 0:  # frozen copy, sharded the same way, no optimizer state; bf16 on GPU (it computes in bf16)
+        ref, _ = rollout.load_model(spec, dtype=torch.bfloat16 if cuda else torch.float32, device=device)
+        ref = shard_model(ref.requires_grad_(False).eval(), mesh, cuda, train=False, vocab=len(tok))
+    trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: only the adapters
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99), fused=cuda)
+    return model, ref, tok, optimizer
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     rank, world, device = init_distributed(cfg.dist_timeout)
@@ -591,20 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = load_questions(cfg)
         index = retrieval.open_index(cfg.index)  # each rank mmap-loads the same files: the OS shares the pages
         search = lambda qs: index.search(qs, k=cfg.top_k_passages)
-        spec = None if cfg.model in (None, "default") else cfg.model
-        cuda = device.type == "cuda"
-        mesh = init_device_mesh(device.type, (world,))
-        model, tok = rollout.load_model(spec, dtype=torch.float32, device=device)  # fp32 = the optimizer's master
-        if cfg.lora_rank:
-            add_lora(model, cfg)
-        model = shard_model(model, mesh, cuda, train=True, vocab=len(tok), ckpt=cfg.grad_ckpt)
-        ref = None
-        if cfg.beta > 0:  # frozen copy, sharded the same way, no optimizer state; bf16 on GPU (it computes in bf16)
-            ref, _ = rollout.load_model(spec, dtype=torch.bfloat16 if cuda else torch.float32, device=device)
-            ref = shard_model(ref.requires_grad_(False).eval(), mesh, cuda, train=False, vocab=len(tok))
-        trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: only the adapters
-        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99),
-                                      fused=cuda)
+        model, ref, tok, optimizer = build_models(cfg, device, world)
         out = Path(cfg.out)
         start = load_checkpoint(resolve_checkpoint(cfg.resume), model, optimizer) if cfg.resume else 0
         if rank == 0:

@@ -18,7 +18,6 @@ B=bench/results/grpo-gain
 mkdir -p "$R" "$B/eval"
 TRAIN=("--dataset" "$R/grpo-train.jsonl" "--index" "$D/2wiki/corpus.jsonl")
 [ -s "$R/grpo-train.jsonl" ] || cat "$D/2wiki/train.jsonl" <(sed -n 401,1000p "$D/2wiki/test.jsonl") > "$R/grpo-train.jsonl"
-sed -n 1,400p "$D/2wiki/test.jsonl" > "$R/test-1-400.jsonl"
 
 arm() {  # out dir, extra flags: resume an unfinished arm, else start it from the warm-start
   local out=$1; shift
@@ -33,7 +32,7 @@ arm "$R/control" --no-update --save-every 0
 FLAGS=$(python -c "import json; print(' '.join(f'--{k.replace(\"_\", \"-\")} {v}' for k, v in json.load(open('$B/eval.json')).items()))")
 ev() {  # name, adapter dir
   [ -s "$B/eval/$1.jsonl" ] && return
-  python kr1.py --eval "$R/test-1-400.jsonl" --index "$D/2wiki/corpus.jsonl" --adapter "$2" $FLAGS \
+  python kr1.py --eval "$D/2wiki/test.jsonl" --limit 400 --index "$D/2wiki/corpus.jsonl" --adapter "$2" $FLAGS \
     --out "$B/eval/$1.jsonl.tmp" | tail -1 > "$B/eval/$1.summary.json"
   mv "$B/eval/$1.jsonl.tmp" "$B/eval/$1.jsonl"
 }

@@ -13,14 +13,12 @@ import json
 import math
 from pathlib import Path
 
+from plot_log import moving_mean  # bench/ is on sys.path when run as a script
+
 
 def grpo_steps(path: str) -> dict[int, dict]:
     rows = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
     return {r["step"]: r for r in rows if r.get("phase") == "grpo"}
-
-
-def moving_mean(ys: list[float], w: int) -> list[float]:
-    return [sum(ys[max(0, i - w + 1) : i + 1]) / len(ys[max(0, i - w + 1) : i + 1]) for i in range(len(ys))]
 
 
 def running_diff(d: list[float]) -> tuple[list[float], list[float]]:
