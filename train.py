@@ -16,9 +16,9 @@ correct sample gets its expert trajectory as the last sample (David-GRPO). --lor
 One GRPO step: every rank takes its share of the step's prompts, unshards its FSDP parameters once, generates G
 trajectories per prompt with rollout.py (searching retrieval.py's mmap-loaded index), reshards, scores them
 (grpo.reward), turns rewards into group advantages, and runs the GRPO loss over micro-batches with chunked
-log-probs and per-layer activation checkpointing. Parameters are fp32 and sharded (the optimizer's master copy);
-on GPU they are gathered in bf16 for compute and gradients are reduce-scattered in fp32. Logs: one JSON line per
-step in OUT/log.jsonl; checkpoints: OUT/checkpoints/step_N/{hf/, adapter/ (LoRA), state/, trainer.json} and
+log-probs and per-layer activation checkpointing. Parameters are fp32 and sharded (the optimizer's master copy;
+rank 0 alone reads the checkpoint and sends each rank its shards); on GPU they are gathered in bf16 for compute and
+gradients are reduce-scattered in fp32. Logs: one JSON line per step in OUT/log.jsonl; checkpoints: OUT/checkpoints/step_N/{hf/, adapter/ (LoRA), state/, trainer.json} and
 OUT/latest. A CPU world of one trains the plain module (no FSDP wrapper).
 """
 
@@ -49,6 +49,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
@@ -219,8 +220,9 @@ def add_lora(model: torch.nn.Module, cfg: Config) -> None:
     targets = set(cfg.lora_targets.split(","))
     for name, mod in list(model.named_modules()):
         if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
-            mod.lora_A = torch.nn.Linear(mod.in_features, cfg.lora_rank, bias=False, dtype=torch.float32)
-            mod.lora_B = torch.nn.Linear(cfg.lora_rank, mod.out_features, bias=False, dtype=torch.float32)
+            kw = dict(bias=False, dtype=torch.float32, device=mod.weight.device)  # meta in a sharded load
+            mod.lora_A = torch.nn.Linear(mod.in_features, cfg.lora_rank, **kw)
+            mod.lora_B = torch.nn.Linear(cfg.lora_rank, mod.out_features, **kw)
             torch.nn.init.kaiming_uniform_(mod.lora_A.weight, a=math.sqrt(5))
             torch.nn.init.zeros_(mod.lora_B.weight)
             mod.lora_scale = cfg.lora_alpha / cfg.lora_rank
@@ -581,20 +583,45 @@ def fail(e: BaseException, rank: int, world: int) -> int:
     return 2
 
 
+def load_sharded(cfg: Config, spec: str | None, dtype: torch.dtype, device: torch.device, mesh, train: bool):
+    """The policy (train: LoRA if asked) or the frozen reference, read from disk once: rank 0 loads the checkpoint
+    into host memory; every rank builds the model on the meta device, shards it, and receives its shard of each
+    tensor from rank 0 in turn (broadcast_from_rank0): no accelerator holds more than its shard plus one tensor and
+    no other rank reads the file. A CPU world of one trains rank 0's plain module."""
+    rank, cuda, lora = dist.get_rank(), device.type == "cuda", train and cfg.lora_rank
+    if rank == 0:
+        full, tok = rollout.load_model(spec, dtype=dtype)  # host memory
+        if lora:
+            add_lora(full, cfg)
+    if mesh.size() == 1 and not cuda:
+        return shard_model(full if train else full.requires_grad_(False), mesh, cuda, train, len(tok),
+                           cfg.grad_ckpt), tok
+    dist.barrier()  # the embedded model's first conversion is rank 0's
+    model, tok = rollout.load_model(spec, dtype=dtype, device=device, meta=True)
+    if lora:
+        add_lora(model, cfg)
+    model = shard_model(model if train else model.requires_grad_(False), mesh, cuda, train, len(tok), cfg.grad_ckpt)
+    model.to_empty(device=device)
+    set_model_state_dict(model, full.state_dict() if rank == 0 else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    buffers = dict(full.named_buffers()) if rank == 0 else {}
+    for name, buf in model.named_buffers():  # non-persistent buffers (rotary inv_freq) are in no state dict
+        if rank == 0:
+            buf.copy_(buffers[name])
+        dist.broadcast(buf, src=0)
+    return model, tok
+
+
 def build_models(cfg: Config, device: torch.device, world: int):
-    """The policy (fp32: the optimizer's master; LoRA if asked) and the frozen reference (beta > 0), both sharded
-    with FSDP2, the tokenizer, and AdamW over the trainable parameters."""
+    """The policy (fp32: the optimizer's master; LoRA if asked) and the frozen reference (beta > 0; bf16 on GPU, as it
+    computes), both sharded with FSDP2, the tokenizer, and AdamW over the trainable parameters."""
     spec = None if cfg.model in (None, "default") else cfg.model
     cuda = device.type == "cuda"
     mesh = init_device_mesh(device.type, (world,))
-    model, tok = rollout.load_model(spec, dtype=torch.float32, device=device)
-    if cfg.lora_rank:
-        add_lora(model, cfg)
-    model = shard_model(model, mesh, cuda, train=True, vocab=len(tok), ckpt=cfg.grad_ckpt)
+    model, tok = load_sharded(cfg, spec, torch.float32, device, mesh, train=True)
     ref = None
-    if cfg.beta > 0:  # frozen copy, sharded the same way, no optimizer state; bf16 on GPU (it computes in bf16)
-        ref, _ = rollout.load_model(spec, dtype=torch.bfloat16 if cuda else torch.float32, device=device)
-        ref = shard_model(ref.requires_grad_(False).eval(), mesh, cuda, train=False, vocab=len(tok))
+    if cfg.beta > 0:
+        ref, _ = load_sharded(cfg, spec, torch.bfloat16 if cuda else torch.float32, device, mesh, train=False)
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: only the adapters
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99), fused=cuda)
     return model, ref, tok, optimizer

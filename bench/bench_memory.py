@@ -19,8 +19,9 @@ Each moment adds a CUDA context / NCCL / allocator-fragmentation allowance (--al
 --trace runs one real train.py step instead of arithmetic: the model built from its config alone (no weights, no
 GPU) under PyTorch's FakeTensorMode on the CPU device, FSDP2 over a fake process group of --world ranks, every
 tensor counted by torch.distributed._tools' MemTracker (load) and FSDPMemTracker (rollout, update). Peak per rank:
-  load     what train.py does today: each rank builds the full fp32 policy, shards it (train.shard_model: one
-           FSDP2 unit per decoder layer + the root, bf16 compute / fp32 reduce), then the bf16 reference likewise;
+  load     train.load_sharded: each rank builds the fp32 policy on the meta device, shards it (one FSDP2 unit per
+           decoder layer + the root), allocates its shards and receives one whole tensor at a time from rank 0
+           (which alone reads the checkpoint, into host RAM); then the bf16 reference likewise;
   rollout  fp32 shards + AdamW states (primed by one step) + reference shards, every unit gathered in bf16
            (train.Unsharded), the rollout's KV cache (rows x prompt+response slots, bf16, as rollout.RaggedCache),
            one decode step at full width and one chunk forward (rows x --prompt-tokens new tokens) through
@@ -210,23 +211,6 @@ def skeleton(c, dtype):
         return AutoModelForCausalLM.from_config(c, dtype=dtype, attn_implementation="sdpa")  # CUDA's w/o flash-attn
 
 
-def materialised(model):
-    """What from_pretrained leaves on the device: every parameter and buffer allocated once (tied ones once) on the
-    current device, fake under FakeTensorMode. No weights are read: zeros (real tensors) or nothing (fake)."""
-    import torch
-
-    new = {}
-    for mod in model.modules():
-        for table in (mod._parameters, mod._buffers):
-            for k, t in table.items():
-                if t is not None and id(t) not in new:
-                    z = torch.zeros(t.shape, dtype=t.dtype)  # t.shape, on the device
-                    new[id(t)] = torch.nn.Parameter(z, t.requires_grad) if isinstance(t, torch.nn.Parameter) else z
-                if t is not None:
-                    table[k] = new[id(t)]
-    return model
-
-
 def gib_snapshot(tracker) -> dict:
     """{category: GiB} of a tracker's peak snapshot on the CPU device (which stands for the rank's GPU)."""
     import torch
@@ -236,19 +220,25 @@ def gib_snapshot(tracker) -> dict:
 
 
 def trace_load(c, mesh, with_ref: bool):
-    """train.main's load as of today: each rank holds the full fp32 policy, then shards it; the reference likewise
-    in bf16. Returns (policy, reference or None, peak GiB by category)."""
+    """train.load_sharded on one rank: the fp32 policy built on the meta device and sharded (train.shard_model: one
+    FSDP2 unit per decoder layer + the root, bf16 compute / fp32 reduce), its shards allocated, then each tensor
+    received whole from rank 0 in turn and its shard kept (set_model_state_dict broadcast_from_rank0: one tensor
+    at a time); the bf16 reference likewise. Returns (policy, reference or None, peak GiB by category)."""
     import torch
     from torch.distributed._tools.mem_tracker import MemTracker
 
     import train
 
-    model, ref = skeleton(c, torch.float32), skeleton(c, torch.bfloat16) if with_ref else None
-    with MemTracker() as mt:  # counts every tensor created inside: the whole model before it is sharded
-        model = train.shard_model(materialised(model), mesh, cuda=True, train=True, vocab=c.vocab_size)
-        if ref is not None:
-            ref = materialised(ref.requires_grad_(False).eval())
-            ref = train.shard_model(ref, mesh, cuda=True, train=False, vocab=c.vocab_size)
+    def load(model, train_: bool):
+        model = train.shard_model(model, mesh, cuda=True, train=train_, vocab=c.vocab_size)
+        model.to_empty(device="cpu")  # this rank's shards (the CPU device stands for its GPU)
+        for p in model.parameters():
+            torch.empty(p.shape, dtype=p.dtype)  # the whole tensor as broadcast, freed once its shard is copied
+        return model
+
+    with MemTracker() as mt:  # counts every tensor created inside
+        model = load(skeleton(c, torch.float32), True)
+        ref = load(skeleton(c, torch.bfloat16).requires_grad_(False).eval(), False) if with_ref else None
     return model, ref, gib_snapshot(mt)
 
 
@@ -422,8 +412,10 @@ def print_trace(a) -> dict:
     m, n, alw = estimate_model(c), res["rows"], a.allowance
     est = totals(memory(m, a, n))
     P = param_counts(m)["total"]
-    est = {"load": max(4 * P, 4 * P / a.ranks + 2 * P * (a.ref != "none")) / GiB, "rollout": est["rollout"] / GiB,
-           "update": max(est[k] for k in MOMENTS[1:]) / GiB}  # load: the full fp32 policy before sharding
+    W = m["vocab"] * m["hidden"]  # load: the shards and the largest tensor (embeddings) received whole: fp32, then bf16
+    load = max(4 * P / a.ranks + 4 * W, 6 * P / a.ranks + 2 * W) if a.ref != "none" else 4 * P / a.ranks + 4 * W
+    est = {"load": load / GiB, "rollout": est["rollout"] / GiB,
+           "update": max(est[k] for k in MOMENTS[1:]) / GiB}
     peak = {k: res[k].get("Total", 0.0) for k in ("rollout", "update", "load")}
     unit, u = ("MiB", 1024) if max(peak.values()) < 1 else ("GiB", 1)  # a small config's table in MiB
     out = {"model": name, "traced_gib": peak, "estimate_gib": est, "trace": res}
@@ -439,7 +431,7 @@ def print_trace(a) -> dict:
         f"\nTraced in {res['seconds']:.0f} s ({res['cpu_seconds']:.0f} s of CPU), {res['max_rss_gib']:.2f} GiB of host "
         "RAM at most. The trace counts tensors only: allocator fragmentation and cached blocks, the CUDA context, "
         f"NCCL buffers and cuBLAS workspaces are left out (the estimate's --allowance, {alw} GiB, stands for them); "
-        "so is the host RAM that loading takes today (each rank reads the full checkpoint)."]))
+        "so is rank 0's host RAM (it alone reads the whole checkpoint)."]))
     print(f"traced peak GiB/rank: rollout {peak['rollout']:.2f}, update {peak['update']:.2f}, load {peak['load']:.2f}")
     return out
 

@@ -276,3 +276,42 @@ def test_dist_timeout_reaches_the_process_group(tmp_path):
     spawn_ranks(timeout_worker, tmp_path)
     waited, why = (tmp_path / "rank0.txt").read_text().split(" ", 1)
     assert 10 < float(waited) < 60, why  # 12 s: neither the default nor rank 1 leaving after 2 minutes
+
+
+def load_worker(rank: int, port: int, ready, d: Path, out: Path) -> None:
+    import train
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    join(rank, port, ready)
+    cfg = train.Config(model=str(d / "policy"), lora_rank=4, beta=0.04)
+    reads, from_pretrained = [], rollout.AutoModelForCausalLM.from_pretrained
+    rollout.AutoModelForCausalLM.from_pretrained = lambda *a, **k: reads.append(a[0]) or from_pretrained(*a, **k)
+    torch.manual_seed(0)
+    model, ref, tok, _ = train.build_models(cfg, torch.device("cpu"), 2)
+    n_reads = len(reads)
+    torch.manual_seed(0)  # the old path: every rank reads the whole model, adds LoRA (same RNG), then shards
+    mesh = train.init_device_mesh("cpu", (2,))
+    old = rollout.load_model(cfg.model)[0]
+    train.add_lora(old, cfg)
+    old = train.shard_model(old, mesh, False, True, len(tok))
+    old_ref = train.shard_model(rollout.load_model(cfg.model)[0].requires_grad_(False), mesh, False, False, len(tok))
+    full = lambda m: get_model_state_dict(m, options=StateDictOptions(full_state_dict=True))  # on every rank
+    same = lambda a, b: sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ids = torch.tensor([tok("Paris is a city.").input_ids])
+    got = {"reads": n_reads, "policy": same(full(model), full(old)), "ref": same(full(ref), full(old_ref)),
+           "lora": sum(".lora_" in k for k in full(model)),
+           "buffers": all(torch.equal(a, b) for a, b in zip(model.buffers(), old.buffers(), strict=True)),
+           "logits": torch.equal(model(ids).logits, old(ids).logits) and torch.equal(ref(ids).logits, old_ref(ids).logits)}
+    (out / f"rank{rank}.json").write_text(json.dumps(got))
+    os._exit(0)  # as finite_worker
+
+
+def test_sharded_load_reads_once_on_rank0_and_equals_every_rank_loading_all(coin_policy, tmp_path):
+    """The policy (LoRA) and the reference are built on the meta device, sharded, and filled from rank 0's copy:
+    only rank 0 reads the checkpoint (twice: policy, reference), and every parameter, buffer (rotary inv_freq: in
+    no state dict) and logit equals the old path where every rank read the whole model before sharding."""
+    spawn_ranks(load_worker, coin_policy, tmp_path)
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank, g in enumerate(got):
+        assert g["reads"] == (2 if rank == 0 else 0), g
+        assert g["policy"] and g["ref"] and g["buffers"] and g["logits"] and g["lora"] == 2 * 7 * 2, g
