@@ -18,8 +18,8 @@ trajectories per prompt with rollout.py (searching retrieval.py's mmap-loaded in
 (grpo.reward), turns rewards into group advantages, and runs the GRPO loss over micro-batches with chunked
 log-probs and per-layer activation checkpointing. Parameters are fp32 and sharded (the optimizer's master copy;
 rank 0 alone reads the checkpoint and sends each rank its shards); on GPU they are gathered in bf16 for compute and
-gradients are reduce-scattered in fp32. Logs: one JSON line per step in OUT/log.jsonl; checkpoints: OUT/checkpoints/step_N/{hf/, adapter/ (LoRA), state/, trainer.json} and
-OUT/latest. A CPU world of one trains the plain module (no FSDP wrapper).
+gradients are reduce-scattered in fp32. Logs: one JSON line per step in OUT/log.jsonl; checkpoints:
+OUT/checkpoints/step_N/{hf/, adapter/ (LoRA), state/, trainer.json} and OUT/latest. A CPU world of one trains the plain module (no FSDP wrapper).
 """
 
 from __future__ import annotations
