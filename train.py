@@ -138,9 +138,9 @@ PRESETS = {
     "offline": dict(SMOL, dataset=str(HERE / "data" / "qa.jsonl"), index=None, out="runs/offline", sft_steps=20,
                     sft_batch=4, sft_lr=5e-4, sft_probe_every=10, steps=6, lr=2e-4, warmup_steps=1, group_size=4,
                     prompts_per_step=4, temperature=0.7, micro_batch=1, save_every=10),
-    # the shipped adapter: LoRA warm-start on 2Wiki expert trajectories, then GRPO with expert mixing (~65 min, 2 cores)
-    "smollm2-2wiki": dict(SMOL, dataset=str(HERE.parent / "shared" / "data" / "2wiki" / "train.jsonl"),
-                          index=str(HERE.parent / "shared" / "data" / "2wiki" / "corpus.jsonl"),
+    # the shipped adapter: LoRA warm-start on 2Wiki expert trajectories, then GRPO with expert mixing (~65 min, 2 cores);
+    # its files: `python data/prepare_2wiki.py` (from 2WikiMultihopQA's release), or --dataset/--index a local copy
+    "smollm2-2wiki": dict(SMOL, dataset="runs/2wiki/train.jsonl", index="runs/2wiki/corpus.jsonl",
                           out="runs/smollm2-2wiki", sft_steps=40, sft_batch=4, sft_lr=5e-4, sft_probe_every=20,
                           expert_mix=True, steps=28, lr=5e-5, warmup_steps=3, group_size=4, prompts_per_step=4,
                           micro_batch=1, save_every=8),
@@ -149,7 +149,8 @@ PRESETS = {
     # 2Wiki questions never evaluated on; the same command with --no-update is the control arm
     "warmstart-qa": dict(SMOL, dataset=str(HERE / "data" / "qa.jsonl"), index=None, out="runs/grpo-gain/start",
                          sft_steps=40, sft_batch=4, sft_lr=5e-4, steps=0, micro_batch=4, save_every=0),
-    "grpo-2wiki": dict(SMOL, out="runs/grpo-gain/trained", sft_steps=40, steps=40, lr=5e-4, warmup_steps=3,
+    "grpo-2wiki": dict(SMOL, dataset="runs/2wiki/train.jsonl", index="runs/2wiki/corpus.jsonl",
+                       out="runs/grpo-gain/trained", sft_steps=40, steps=40, lr=5e-4, warmup_steps=3,
                        group_size=4, prompts_per_step=4, temperature=0.7, acc="f1", w_fmt=0.5, micro_batch=4,
                        save_every=5),
 }
