@@ -138,8 +138,8 @@ def load_model(spec: str | None = None, dtype=None, device="cpu", adapter: str |
     Raises ModelLoadError."""
     spec = spec or embedded_model_dir()
     cuda = torch.device(device).type == "cuda"
-    kw = dict(dtype=dtype or (torch.bfloat16 if cuda else torch.float32),
-              attn_implementation="flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "kr1_sdpa")
+    attn = "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "kr1_sdpa"
+    kw = dict(dtype=dtype or (torch.bfloat16 if cuda else torch.float32), attn_implementation=attn)
     try:
         tok = AutoTokenizer.from_pretrained(spec)
         if meta:

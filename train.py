@@ -19,7 +19,8 @@ trajectories per prompt with rollout.py (searching retrieval.py's mmap-loaded in
 log-probs and per-layer activation checkpointing. Parameters are fp32 and sharded (the optimizer's master copy;
 rank 0 alone reads the checkpoint and sends each rank its shards); on GPU they are gathered in bf16 for compute and
 gradients are reduce-scattered in fp32. Logs: one JSON line per step in OUT/log.jsonl; checkpoints:
-OUT/checkpoints/step_N/{hf/, adapter/ (LoRA), state/, trainer.json} and OUT/latest. A CPU world of one trains the plain module (no FSDP wrapper).
+OUT/checkpoints/step_N/{hf/, adapter/ (LoRA), state/, trainer.json} and OUT/latest. A CPU world of one trains the
+plain module (no FSDP wrapper).
 """
 
 from __future__ import annotations
@@ -138,8 +139,8 @@ PRESETS = {
     "offline": dict(SMOL, dataset=str(HERE / "data" / "qa.jsonl"), index=None, out="runs/offline", sft_steps=20,
                     sft_batch=4, sft_lr=5e-4, sft_probe_every=10, steps=6, lr=2e-4, warmup_steps=1, group_size=4,
                     prompts_per_step=4, temperature=0.7, micro_batch=1, save_every=10),
-    # the shipped adapter: LoRA warm-start on 2Wiki expert trajectories, then GRPO with expert mixing (~65 min, 2 cores);
-    # its files: `python data/prepare_2wiki.py` (from 2WikiMultihopQA's release), or --dataset/--index a local copy
+    # the shipped adapter: LoRA warm-start on 2Wiki expert trajectories, then GRPO with expert mixing (~65 min,
+    # 2 cores); its files: `python data/prepare_2wiki.py` (from 2WikiMultihopQA's release) or --dataset/--index
     "smollm2-2wiki": dict(SMOL, dataset="runs/2wiki/train.jsonl", index="runs/2wiki/corpus.jsonl",
                           out="runs/smollm2-2wiki", sft_steps=40, sft_batch=4, sft_lr=5e-4, sft_probe_every=20,
                           expert_mix=True, steps=28, lr=5e-5, warmup_steps=3, group_size=4, prompts_per_step=4,
@@ -590,18 +591,20 @@ def load_sharded(cfg: Config, spec: str | None, dtype: torch.dtype, device: torc
     tensor from rank 0 in turn (broadcast_from_rank0): no accelerator holds more than its shard plus one tensor and
     no other rank reads the file. A CPU world of one trains rank 0's plain module."""
     rank, cuda, lora = dist.get_rank(), device.type == "cuda", train and cfg.lora_rank
+    plain = mesh.size() == 1 and not cuda  # a CPU world of one trains rank 0's plain module
     if rank == 0:
         full, tok = rollout.load_model(spec, dtype=dtype)  # host memory
         if lora:
             add_lora(full, cfg)
-    if mesh.size() == 1 and not cuda:
-        return shard_model(full if train else full.requires_grad_(False), mesh, cuda, train, len(tok),
-                           cfg.grad_ckpt), tok
-    dist.barrier()  # the embedded model's first conversion is rank 0's
-    model, tok = rollout.load_model(spec, dtype=dtype, device=device, meta=True)
-    if lora:
-        add_lora(model, cfg)
+        model = full
+    if not plain:
+        dist.barrier()  # the embedded model's first conversion is rank 0's
+        model, tok = rollout.load_model(spec, dtype=dtype, device=device, meta=True)
+        if lora:
+            add_lora(model, cfg)
     model = shard_model(model if train else model.requires_grad_(False), mesh, cuda, train, len(tok), cfg.grad_ckpt)
+    if plain:
+        return model, tok
     model.to_empty(device=device)
     set_model_state_dict(model, full.state_dict() if rank == 0 else {},
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
