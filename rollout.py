@@ -229,10 +229,10 @@ _SETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (
 
 
 def token_sets(tokenizer) -> tuple[list[str], set[int], set[int]]:
-    """(strings sanitize removes, ids that end a turn, ids whose text has a '>'), once per tokenizer (again if it
-    grows): get_added_vocab takes 0.7 s on a 152k vocabulary with 100k added tokens. Removed: tags, special tokens,
-    added tokens that are special or contain '<' (every chat marker/control token we know); other added tokens are
-    plain vocabulary (e.g. padding "xtra7") that can neither open nor close a turn or a tag."""
+    """(strings sanitize removes, ids that end a turn, ids whose text has a '>'), built once per tokenizer (again
+    if it grows): sanitize runs on every passage and reading a large vocabulary is slow. Removed: tags, special
+    tokens, added tokens that are special or contain '<' (every chat marker/control token we know); other added
+    tokens are plain vocabulary (e.g. padding "xtra7") that can neither open nor close a turn or a tag."""
     hit = _SETS.get(tokenizer)
     if hit is None or hit[0] != len(tokenizer):
         added = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special or "<" in t.content]
@@ -328,10 +328,10 @@ def expert_trajectory(tokenizer, question: str, answer: str, queries: list[str],
     return t
 
 
-def _extend(t: Trajectory, ids: list[int], m: int) -> None:
+def _extend(t: Trajectory, ids: list[int], m: int, logprobs: list[float] | None = None) -> None:
     t.ids += ids
     t.mask += [m] * len(ids)
-    t.logprobs += [0.0] * len(ids)
+    t.logprobs += logprobs or [0.0] * len(ids)
 
 
 def _assistant_turn(t: Trajectory, tokenizer, content: str) -> None:
@@ -359,7 +359,7 @@ class Job:
     rows: list[Row]
     queries: list[str]
     due: int                   # loop step after which the results join: the step it was issued + search_lag
-    future: Future | None = None  # the background call (search_lag > 0); None: called in the loop when due
+    future: Future | None      # the background call (search_lag > 0); None: made in the loop when due
 
 
 @dataclass
@@ -400,7 +400,7 @@ class Engine:
     dev: torch.device          # the model's (looked up once, not per forward)
     rows: list[Row]
     stats: RolloutStats
-    pool: ThreadPoolExecutor | None  # the search worker (search_lag > 0)
+    pool: ThreadPoolExecutor   # the search worker (search_lag > 0)
     batch: list[Row] = field(default_factory=list)  # batch position j holds cache row j
     cache: RaggedCache = field(default_factory=lambda: RaggedCache())
     jobs: list[Job] = field(default_factory=list)
@@ -424,14 +424,12 @@ def rollout(model, tokenizer, questions: list[str], search, cfg: RolloutConfig |
     The user turn after assistant turn max_turns also carries FINAL_TURN; a row that does not answer in that
     last turn (turn max_turns + 1) stops with "max_turns". rag/direct: one turn; eos -> stop "eos".
 
-    Token accounting: the sampled tokens stay in `ids` as sampled (mask 1). A sampled end token is mask 1 and ends
-    the turn's content. If the template closes a turn with that same token (<|im_end|>), the glue appended after
-    it starts one token later and `ids` is exactly what the template renders. An end token the template does not
-    render (Qwen2.5's <|endoftext|>) stays in `ids` before the template's own glue: the model did sample it, and
-    its log-prob is trained; decoding `ids` then differs from the template rendering by exactly that token.
-    The last turn gets no closing glue. Ids >= len(tokenizer) (a padded embedding) are never sampled."""
-    e = start(model, tokenizer, questions, search, cfg or RolloutConfig(), generator, stats or RolloutStats())
-    try:
+    Token accounting: sampled tokens stay in `ids` as sampled (mask 1), a sampled end token too (it ends the turn's
+    content). If the template closes a turn with that token (<|im_end|>), its glue starts one token later and `ids`
+    is exactly what the template renders; one it does not render (Qwen2.5's <|endoftext|>) stays before the glue,
+    sampled and trained. The last turn gets no closing glue. Ids >= len(tokenizer) are never sampled."""
+    with ThreadPoolExecutor(1, thread_name_prefix="kr1-search") as pool:  # a thread starts at the first submit
+        e = start(model, tokenizer, questions, search, cfg or RolloutConfig(), generator, stats or RolloutStats(), pool)
         prefill(e)
         while not all(r.done for r in e.rows):
             join_searches(e)
@@ -444,14 +442,11 @@ def rollout(model, tokenizer, questions: list[str], search, cfg: RolloutConfig |
                 protocol(e, turn_ends(e, rows, tok, logp))
             drop_finished(e)
             e.step += 1
-    finally:
-        if e.pool is not None:
-            e.pool.shutdown(wait=True)
     e.stats.max_len = max(len(r.t.ids) for r in e.rows)
     return [r.t for r in e.rows]
 
 
-def start(model, tokenizer, questions: list[str], search, cfg: RolloutConfig, generator, stats) -> Engine:
+def start(model, tokenizer, questions: list[str], search, cfg: RolloutConfig, generator, stats, pool) -> Engine:
     """Prompts rendered (rag: retrieved once, in one batched call), one Row per question."""
     if cfg.search_lag < 0:
         raise ValueError(f"search_lag must be >= 0, not {cfg.search_lag}")
@@ -470,7 +465,6 @@ def start(model, tokenizer, questions: list[str], search, cfg: RolloutConfig, ge
         if cfg.mode == "rag":
             t.queries, t.doc_ids = [qs[i]], [[str(h["id"]) for h in hits[i]]]
         rows.append(Row(t, pending=list(ids), turn_start=len(ids)))
-    pool = ThreadPoolExecutor(1, thread_name_prefix="kr1-search") if cfg.search_lag and cfg.mode == "agent" else None
     return Engine(model, tokenizer, cfg, search, generator, end_ids(tokenizer, model), token_sets(tokenizer)[2],
                   len(tokenizer), tokenizer.pad_token_id or 0, next(model.parameters()).device, rows, stats, pool,
                   batch=list(rows))
@@ -523,9 +517,7 @@ def turn_ends(e: Engine, rows: list[Row], tok: list[int], logp: list[float]) -> 
         if r.done or not r.pending:  # finished or waiting for a search: fed a pad, output ignored
             continue
         t = r.t
-        t.ids.append(x)
-        t.mask.append(1)
-        t.logprobs.append(lp)
+        _extend(t, [x], 1, [lp])
         r.pending = [x]
         why = None
         if x in e.ends:
@@ -557,24 +549,17 @@ def protocol(e: Engine, ended: list[tuple[Row, str]]) -> None:
             t.stop, r.done, r.pending = "max_turns", True, []
         elif why == "search" and last_tag(content, "search"):
             searching.append(r)
+            r.pending = []  # feeds nothing until its search joins (join_searches)
         else:  # ended without a tag, or an empty / unopened query
             observe(e, r, None)
-    if searching:
-        submit(e, searching, [last_tag(r.t.responses[-1], "search") for r in searching])
-
-
-def submit(e: Engine, rows: list[Row], queries: list[str]) -> None:
-    """Issue one batched search: started in the worker now (search_lag > 0), or called when it joins (0). The rows
-    feed nothing until its results join."""
-    future = e.pool.submit(e.search, queries) if e.pool is not None else None
-    e.jobs.append(Job(rows, queries, due=e.step + e.cfg.search_lag, future=future))
-    for r in rows:
-        r.pending = []
+    if searching:  # one batched call: started in the worker now (search_lag > 0), or made when it joins (0)
+        queries, lag = [last_tag(r.t.responses[-1], "search") for r in searching], e.cfg.search_lag
+        e.jobs.append(Job(searching, queries, e.step + lag, e.pool.submit(e.search, queries) if lag else None))
 
 
 def join_searches(e: Engine) -> None:
-    """Feed the observation of every search whose step has come; if no row could run otherwise, of the first one
-    now. The loop is blocked while a search runs (search_lag 0) or until a background one is done."""
+    """Feed the observation of every search whose step has come (if no row could run otherwise, of the first one
+    now); the loop waits while the search runs (search_lag 0) or until the background call is done."""
     idle = not any(r.pending for r in e.batch)
     for job in list(e.jobs):
         if e.step > job.due or (idle and job is e.jobs[0]):
@@ -645,11 +630,10 @@ class RaggedCache:
 
 
 class CacheStep(DynamicCache):
-    """One forward over the RaggedCache: built from the rows that run (their feeds and cached lengths), it holds
-    the model's inputs and is its past_key_values, whose update writes each new token's keys/values at its
-    position and returns what the queries attend to. Decode (rows None): every batch row feeds one token and
-    reads its buffer row in place. Chunk: only `rows` run, feeds right-aligned after their cached prefixes, which
-    are gathered. Either way, what lies past a row's own columns is masked."""
+    """One forward's plan over the RaggedCache, built from the rows that run: the model's inputs, and its
+    past_key_values, whose update writes each new token's keys/values at its position and returns what the queries
+    attend to. Decode (rows None): every batch row feeds one token and reads its cache row in place. Chunk: only
+    `rows` run, their feeds right-aligned after their gathered cached prefixes. Past a row's own columns: masked."""
 
     def __init__(self, store: RaggedCache, feeds: list[list[int]], cached: list[int], rows: list[int] | None,
                  pad: int, dev: torch.device):
