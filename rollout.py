@@ -4,10 +4,11 @@ The model thinks in <think>, searches with <search>query</search>, reads passage
 <context>...</context>, and ends with <answer>short answer</answer>. The conversation is rendered with the model's
 own chat template. Each distinct prompt is prefilled once and its cache rows copied to its samples (GRPO's G);
 all rows then decode together over one KV cache without pad slots (RaggedCache); rows that stop on </search> are
-searched in one batched `search` call (optionally in a background thread while the other rows decode) and their
-observation turn (template glue + user turn + next generation prompt, exactly the ids the template produces) is
-fed by one chunk forward of those rows over their cache: no re-prefill, no decode->re-tokenise of model output.
-Output per row: a `Trajectory` (the contract). The loop's per-row state is a `Row`; its phases are functions.
+searched in one batched `search` call (in the loop, or in a background thread while the other rows decode) and
+their observation turn (template glue + user turn + next generation prompt, exactly the ids the template produces)
+is fed by one chunk forward of those rows over their cache: no re-prefill, no decode->re-tokenise of model output.
+Output per row: a `Trajectory` (the contract). The loop's per-row state is a `Row`; its phases are functions; each
+forward's cache plan is a `CacheStep`. CPU speed tricks sit in one marked section at the end.
 
 Modes: "agent" (multi-turn loop), "rag" (retrieve once with the question, passages in the user turn, one answer
 turn), "direct" (no retrieval, one answer turn). Also home of `load_model` (used by kr1.py and train.py).
