@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-turn-tokens", type=int, help="tokens per assistant turn (default 64 / 512)")
     p.add_argument("--max-total-tokens", type=int, help="tokens after the prompt (default 1024 / 2048)")
     p.add_argument("--search-lag", type=int, default=0, help="--eval: searches run in a background thread while the "
-                   "other rows decode, joined N decode steps later (-1: as soon as ready); pays with a big index "
+                   "other rows decode, joined exactly N decode steps later (reproducible); pays with a big index "
                    "(default 0: every row waits for each search)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
@@ -182,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         setattr(args, key, v if getattr(args, key) is None else getattr(args, key))
     if args.k < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         p.error("--k, --batch-size and --limit must be >= 1")
+    if args.search_lag < 0:
+        p.error("--search-lag must be >= 0")
     torch.manual_seed(args.seed)
     try:
         rows = retrieval.read_qa(args.eval)[: args.limit] if args.eval else None  # a bad file fails before loading

@@ -4,10 +4,11 @@ The model thinks in <think>, searches with <search>query</search>, reads passage
 <context>...</context>, and ends with <answer>short answer</answer>. The conversation is rendered with the model's
 own chat template. Each distinct prompt is prefilled once and its cache rows copied to its samples (GRPO's G);
 all rows then decode together over one KV cache without pad slots (RaggedCache); rows that stop on </search> are
-searched in one batched `search` call (optionally in a background thread while the other rows decode) and their
-observation turn (template glue + user turn + next generation prompt, exactly the ids the template produces) is
-fed by one chunk forward of those rows over their cache: no re-prefill, no decode->re-tokenise of model output.
-Output per row: a `Trajectory` (the contract). The loop's per-row state is a `Row`; its phases are functions.
+searched in one batched `search` call (in the loop, or in a background thread while the other rows decode) and
+their observation turn (template glue + user turn + next generation prompt, exactly the ids the template produces)
+is fed by one chunk forward of those rows over their cache: no re-prefill, no decode->re-tokenise of model output.
+Output per row: a `Trajectory` (the contract). The loop's per-row state is a `Row`; its phases are functions; each
+forward's cache plan is a `CacheStep`. CPU speed tricks sit in one marked section at the end.
 
 Modes: "agent" (multi-turn loop), "rag" (retrieve once with the question, passages in the user turn, one answer
 turn), "direct" (no retrieval, one answer turn). Also home of `load_model` (used by kr1.py and train.py).
@@ -80,8 +81,8 @@ class RolloutConfig:
     top_k: int = 0               # 0 = off
     greedy: bool = False         # argmax; log-probs then use temperature 1.0
     share_prefix: bool = True    # prefill each distinct prompt once, copy its cache rows to its samples
-    search_lag: int = 0          # 0: search in the loop (every row waits); k > 0: in a background thread, results
-                                 # join exactly k steps later (reproducible); -1: as soon as ready (fastest)
+    search_lag: int = 0          # 0: rows wait for search, in the loop; k > 0: in a background thread while the
+                                 # other rows decode, results join exactly k steps later (reproducible)
 
 
 @dataclass
@@ -98,10 +99,6 @@ class Trajectory:
     stop: str = ""               # "answer" | "eos" | "length" | "max_turns"
     turns: int = 0               # assistant turns
     expert: bool = False         # built by expert_trajectory (not sampled; logprobs are placeholders)
-
-    @property
-    def n_searches(self) -> int:
-        return len(self.queries)
 
 
 def embedded_model_dir() -> str:
@@ -233,10 +230,10 @@ _SETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (
 
 
 def token_sets(tokenizer) -> tuple[list[str], set[int], set[int]]:
-    """(strings sanitize removes, ids that end a turn, ids whose text has a '>'), once per tokenizer (again if it
-    grows): get_added_vocab takes 0.7 s on a 152k vocabulary with 100k added tokens. Removed: tags, special tokens,
-    added tokens that are special or contain '<' (every chat marker/control token we know); other added tokens are
-    plain vocabulary (e.g. padding "xtra7") that can neither open nor close a turn or a tag."""
+    """(strings sanitize removes, ids that end a turn, ids whose text has a '>'), built once per tokenizer (again
+    if it grows): sanitize runs on every passage and reading a large vocabulary is slow. Removed: tags, special
+    tokens, added tokens that are special or contain '<' (every chat marker/control token we know); other added
+    tokens are plain vocabulary (e.g. padding "xtra7") that can neither open nor close a turn or a tag."""
     hit = _SETS.get(tokenizer)
     if hit is None or hit[0] != len(tokenizer):
         added = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special or "<" in t.content]
@@ -332,10 +329,10 @@ def expert_trajectory(tokenizer, question: str, answer: str, queries: list[str],
     return t
 
 
-def _extend(t: Trajectory, ids: list[int], m: int) -> None:
+def _extend(t: Trajectory, ids: list[int], m: int, logprobs: list[float] | None = None) -> None:
     t.ids += ids
     t.mask += [m] * len(ids)
-    t.logprobs += [0.0] * len(ids)
+    t.logprobs += logprobs or [0.0] * len(ids)
 
 
 def _assistant_turn(t: Trajectory, tokenizer, content: str) -> None:
@@ -343,102 +340,6 @@ def _assistant_turn(t: Trajectory, tokenizer, content: str) -> None:
     t.messages.append({"role": "assistant", "content": content})
     t.responses.append(content)
     t.turns += 1
-
-
-# -------------------------------------------------------------------------------------------------- sampling
-
-def sample(logits: torch.Tensor, cfg: RolloutConfig, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next token per row and its log-prob under log_softmax(logits / T), taken before top-k/top-p truncation."""
-    logits = logits.float()  # (b, V)
-    if cfg.greedy:
-        tok = logits.argmax(-1)  # (b,)
-        return tok, logits.log_softmax(-1).gather(1, tok[:, None])[:, 0]
-    logits = logits / cfg.temperature
-    top = logits.amax(-1, keepdim=True)  # (b, 1)
-    mass = (logits - top).exp_()  # (b, V) unnormalised probabilities (max 1)
-    logz = top[:, 0] + mass.sum(-1).log()  # (b,) log-partition of the recorded distribution
-    if cfg.top_k > 0:
-        kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (b, 1)
-        mass.masked_fill_(logits < kth, 0.0)
-    if cfg.top_p < 1.0:
-        srt, order = mass.sort(-1, descending=True)  # (b, V)
-        run = srt.cumsum(-1)
-        drop = run - srt > cfg.top_p * run[:, -1:]  # keep the smallest prefix whose mass reaches top_p
-        mass.scatter_(1, order, srt.masked_fill(drop, 0.0))
-    # Exponential race in two stages (exact): a race over 256-token blocks with their masses picks a block, a race
-    # inside it the token; 2 x 256 random numbers per row instead of V (drawing V cost more than the rest of
-    # sampling on CPU). Inverse CDF needs one number but flips tokens on 1e-7 changes of a running sum.
-    b, v = mass.shape
-    blocks = (torch.nn.functional.pad(mass, (0, -v % 256)) if v % 256 else mass).view(b, -1, 256)  # (b, nb, 256)
-    blk = race(blocks.sum(-1), generator)  # (b,)
-    tok = blk * 256 + race(blocks[torch.arange(b, device=mass.device), blk], generator)  # (b,)
-    return tok, logits.gather(1, tok[:, None])[:, 0] - logz
-
-
-def race(mass: torch.Tensor, generator) -> torch.Tensor:
-    """argmax_i mass_i / E_i, E_i = -log U_i ~ Exp(1): index i with probability mass_i / sum(mass). (b, n) -> (b,)"""
-    return (mass / torch.rand(mass.shape, generator=generator, device=mass.device).log_().neg_()).argmax(-1)  # E > 0
-
-
-# ------------------------------------------------------------------------------------------------------ cache
-
-class RaggedCache:
-    """KV store without pad slots: each row holds exactly its own tokens, left-aligned, so column j of row r is its
-    position j (keys are cached after RoPE). Per layer a buffer (B, kv_heads, capacity, head_dim) written in place,
-    grown GROW columns at a time (DynamicCache torch.cat's the whole cache every step: 3x a decode step's KV
-    traffic). The model never sees this object: each forward gets a `CacheStep` that carries that forward's plan."""
-
-    def __init__(self):
-        self.k, self.v = [], []  # per layer (B, kv_heads, capacity, head_dim)
-
-    def select(self, idx: torch.Tensor):
-        """Keep / repeat batch rows (one copy): drops finished rows, or copies a shared prompt's row to its samples."""
-        self.k, self.v = [b.index_select(0, idx) for b in self.k], [b.index_select(0, idx) for b in self.v]  # 2x b[idx]
-
-
-@dataclass
-class Plan:
-    """One forward over a RaggedCache. Decode (rows None): every batch row writes its one token at its own column
-    and attends to the columns up to it. Chunk: only `rows` run; their cached prefixes are gathered in front of the
-    chunk and only real (non-pad) tokens are written back."""
-    width: int                 # cached columns shown to the model (the widest row among those that run)
-    need: int                  # columns the store must hold after this forward's writes
-    dst: tuple                 # (batch rows, :, columns) each written token goes to
-    rows: torch.Tensor | None = None  # a chunk's batch rows (None = decode)
-    src: tuple | None = None   # (input rows, :, input columns) of each written token (chunks)
-
-
-class CacheStep(DynamicCache):
-    """What the model gets as past_key_values for one forward: the shared RaggedCache and this forward's Plan."""
-
-    def __init__(self, store: RaggedCache, plan: Plan):
-        super().__init__()
-        self.store, self.plan = store, plan
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.plan.width  # HF places the queries right after the cached columns it is shown
-
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self.plan.width + query_length, 0
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):  # (b, kv_heads, L, head_dim) each
-        p, out = self.plan, []
-        for bufs, x in ((self.store.k, key_states), (self.store.v, value_states)):
-            if len(bufs) == layer_idx:  # first forward: the prompts
-                bufs.append(x.new_zeros(len(p.rows), x.shape[1], p.need + GROW, x.shape[3]))  # zeros: finite
-            buf = bufs[layer_idx]
-            if buf.shape[2] < p.need:  # grow (one copy per GROW columns)
-                b, h, c, d = buf.shape
-                buf = bufs[layer_idx] = torch.cat([buf, buf.new_zeros(b, h, p.need + GROW - c, d)], 2)
-            if p.rows is None:
-                buf[p.dst] = x[:, :, 0]  # (b, kv_heads, head_dim) -> each row's own next column
-                out.append(buf[:, :, :p.width + 1])  # (b, kv_heads, width + 1, head_dim) a view, no copy
-            else:
-                out.append(kv := x.new_empty(*x.shape[:2], p.width + x.shape[2], x.shape[3]))  # (c, h, width + L, d)
-                torch.index_select(buf[:, :, :p.width], 0, p.rows, out=kv[:, :, :p.width])  # gathered in place: 4x
-                kv[:, :, p.width:] = x  # faster on CPU than index + torch.cat (two copies and a temporary)
-                buf[p.dst] = x[p.src]  # (n_real, kv_heads, head_dim)
-        return out
 
 
 # ---------------------------------------------------------------------------------------------------- rollout
@@ -458,9 +359,31 @@ class Job:
     """One batched search call for the rows that ended a turn on </search> in the same step."""
     rows: list[Row]
     queries: list[str]
-    due: int                   # loop step after which the results join (search_lag); -1: as soon as they are ready
-    future: Future | None = None  # background worker (search_lag != 0)
-    results: list | None = None   # synchronous call (search_lag 0)
+    due: int                   # loop step after which the results join: the step it was issued + search_lag
+    future: Future | None      # the background call (search_lag > 0); None: made in the loop when due
+
+
+@dataclass
+class RolloutStats:
+    """What one rollout() did (tests and benchmarks read it): pass a fresh one as rollout(..., stats=)."""
+    forwards: int = 0          # model forwards, the prefill included
+    chunks: int = 0            # of them chunk forwards (the prefill, observations)
+    chunk_slots: int = 0       # input slots of chunk forwards, pads included
+    prefill_rows: int = 0      # prompt rows prefilled (one per distinct prompt with share_prefix)
+    slots: int = 0             # widest cache row
+    capacity: int = 0          # cache columns allocated
+    max_len: int = 0           # longest trajectory
+    drops: int = 0             # times finished rows left the batch
+    searches: int = 0          # batched search calls
+    search_wait_s: float = 0.0  # seconds the loop was blocked on search
+    forward_s: float = 0.0     # seconds of the steps after the prefill: forward + sampling
+
+    def count(self, step: CacheStep) -> None:
+        self.forwards += 1
+        if step.rows is not None:
+            self.chunks, self.chunk_slots = self.chunks + 1, self.chunk_slots + step.input_ids.numel()
+        self.slots = max(self.slots, step.need)
+        self.capacity = max(self.capacity, step.store.k[0].shape[2])
 
 
 @dataclass
@@ -474,25 +397,24 @@ class Engine:
     ends: set[int]             # ids that end a turn (eos, <|im_end|>, every generation_config eos)
     maybe_stop: set[int]       # ids with a '>': only these can complete a stop tag
     vocab: int                 # len(tokenizer): logits past it (a padded embedding) are never sampled
+    pad: int                   # fed to a decode row with nothing to feed (finished or waiting); its output is ignored
     dev: torch.device          # the model's (looked up once, not per forward)
     rows: list[Row]
+    stats: RolloutStats
+    pool: ThreadPoolExecutor   # the search worker (search_lag > 0)
     batch: list[Row] = field(default_factory=list)  # batch position j holds cache row j
-    cache: RaggedCache = field(default_factory=RaggedCache)
+    cache: RaggedCache = field(default_factory=lambda: RaggedCache())
     jobs: list[Job] = field(default_factory=list)
-    pool: ThreadPoolExecutor | None = None
     step: int = 0
-    st: dict = field(default_factory=lambda: dict(forwards=0, chunks=0, chunk_slots=0, prefill_rows=0, slots=0,
-                                                  capacity=0, drops=0, searches=0, search_wait_s=0.0,
-                                                  forward_s=0.0))
 
 
 @torch.no_grad()  # not inference_mode: FSDP2 forward hooks and later autograd use of the weights prefer no_grad
 def rollout(model, tokenizer, questions: list[str], search, cfg: RolloutConfig | None = None,
-            generator: torch.Generator | None = None, stats: dict | None = None) -> list[Trajectory]:
+            generator: torch.Generator | None = None, stats: RolloutStats | None = None) -> list[Trajectory]:
     """Roll out one trajectory per question. `search(queries) -> per query a list of hit dicts` ({"id", "title",
     "text", ...}); the caller binds k (e.g. `lambda qs: index.search(qs, k=3)`). `generator` lives on the model's
-    device. The model only ever sees model(input_ids, attention_mask, position_ids, past_key_values,
-    use_cache=True, logits_to_keep=1), so any HF causal LM works, FSDP2-wrapped ones included.
+    device; `stats`, if given, is filled. The model only ever sees model(input_ids, attention_mask, position_ids,
+    past_key_values, use_cache=True, logits_to_keep=1), so any HF causal LM works, FSDP2-wrapped ones included.
 
     Protocol (agent): a turn ends on </search>, </answer>, a sampled end token (eos, <|im_end|>, every id of the
     model's generation_config.eos_token_id), or a budget.
@@ -503,42 +425,32 @@ def rollout(model, tokenizer, questions: list[str], search, cfg: RolloutConfig |
     The user turn after assistant turn max_turns also carries FINAL_TURN; a row that does not answer in that
     last turn (turn max_turns + 1) stops with "max_turns". rag/direct: one turn; eos -> stop "eos".
 
-    Token accounting: the sampled tokens stay in `ids` as sampled (mask 1). A sampled end token is mask 1 and ends
-    the turn's content. If the template closes a turn with that same token (<|im_end|>), the glue appended after
-    it starts one token later and `ids` is exactly what the template renders. An end token the template does not
-    render (Qwen2.5's <|endoftext|>) stays in `ids` before the template's own glue: the model did sample it, and
-    its log-prob is trained; decoding `ids` then differs from the template rendering by exactly that token.
-    The last turn gets no closing glue. Ids >= len(tokenizer) (a padded embedding) are never sampled.
-
-    The loop, one step: join searches whose results are due -> schedule (a chunk forward of the rows with
-    several pending ids, else a decode forward of every batch row) -> forward and sample -> detect turn ends ->
-    protocol (answers, searches, corrections) -> drop finished rows. First, one prefill per distinct prompt (the G
-    samples of a GRPO group share its cache rows, copied). With cfg.search_lag != 0 searches run in a background
-    thread while the other rows decode (see RolloutConfig). `stats` (optional dict) receives forwards, chunks,
-    chunk_slots (input slots of chunk forwards, pads included), prefill_rows, slots (widest cache row), capacity
-    (columns allocated), max_len, drops, searches (batched calls), search_wait_s (loop blocked on search),
-    forward_s (steps after the prefill: forward + sampling)."""
-    e = start(model, tokenizer, questions, search, cfg or RolloutConfig(), generator)
-    try:
+    Token accounting: sampled tokens stay in `ids` as sampled (mask 1), a sampled end token too (it ends the turn's
+    content). If the template closes a turn with that token (<|im_end|>), its glue starts one token later and `ids`
+    is exactly what the template renders; one it does not render (Qwen2.5's <|endoftext|>) stays before the glue,
+    sampled and trained. The last turn gets no closing glue. Ids >= len(tokenizer) are never sampled."""
+    with ThreadPoolExecutor(1, thread_name_prefix="kr1-search") as pool:  # a thread starts at the first submit
+        e = start(model, tokenizer, questions, search, cfg or RolloutConfig(), generator, stats or RolloutStats(), pool)
         prefill(e)
         while not all(r.done for r in e.rows):
             join_searches(e)
-            rows = schedule(e)
+            rows, cache_rows = schedule(e)
             if rows:
-                tok, logp = forward(e, rows)
+                t0 = time.perf_counter()
+                tok, logp = sample(forward(e, rows, cache_rows), e.cfg, e.generator)  # (c,) each
+                tok, logp = tok.tolist(), logp.tolist()  # the host sync: forward_s is wall time on GPU too
+                e.stats.forward_s += time.perf_counter() - t0
                 protocol(e, turn_ends(e, rows, tok, logp))
             drop_finished(e)
             e.step += 1
-    finally:
-        if e.pool is not None:
-            e.pool.shutdown(wait=True)
-    if stats is not None:
-        stats.update(e.st, max_len=max(len(r.t.ids) for r in e.rows))
+    e.stats.max_len = max(len(r.t.ids) for r in e.rows)
     return [r.t for r in e.rows]
 
 
-def start(model, tokenizer, questions: list[str], search, cfg: RolloutConfig, generator) -> Engine:
+def start(model, tokenizer, questions: list[str], search, cfg: RolloutConfig, generator, stats, pool) -> Engine:
     """Prompts rendered (rag: retrieved once, in one batched call), one Row per question."""
+    if cfg.search_lag < 0:
+        raise ValueError(f"search_lag must be >= 0, not {cfg.search_lag}")
     qs = [sanitize(q, tokenizer) for q in questions]
     if cfg.mode == "rag":
         hits = search(qs)
@@ -554,9 +466,9 @@ def start(model, tokenizer, questions: list[str], search, cfg: RolloutConfig, ge
         if cfg.mode == "rag":
             t.queries, t.doc_ids = [qs[i]], [[str(h["id"]) for h in hits[i]]]
         rows.append(Row(t, pending=list(ids), turn_start=len(ids)))
-    pool = ThreadPoolExecutor(1, thread_name_prefix="kr1-search") if cfg.search_lag and cfg.mode == "agent" else None
     return Engine(model, tokenizer, cfg, search, generator, end_ids(tokenizer, model), token_sets(tokenizer)[2],
-                  len(tokenizer), next(model.parameters()).device, rows, batch=list(rows), pool=pool)
+                  len(tokenizer), tokenizer.pad_token_id or 0, next(model.parameters()).device, rows, stats, pool,
+                  batch=list(rows))
 
 
 def prefill(e: Engine) -> None:
@@ -566,65 +478,36 @@ def prefill(e: Engine) -> None:
     src = [first.setdefault(tuple(r.pending), len(first)) if e.cfg.share_prefix else i
            for i, r in enumerate(e.rows)]  # cache row of each sample's prompt
     lead = [e.rows[src.index(u)] for u in range(len(set(src)))]
-    logits = run(e, [r.pending for r in lead], [0] * len(lead), rows=list(range(len(lead))))  # (u, V)
+    logits = forward(e, lead, list(range(len(lead))))  # (u, V)
     idx = torch.tensor(src, device=e.dev)
     if len(lead) < len(e.rows):
         e.cache.select(idx)  # (u, ...) -> (b, ...): copy each prompt's rows to its samples
-    e.st["prefill_rows"] = len(lead)
-    tok, logp = sample(logits[idx], e.cfg, e.generator)  # (b,) each sample draws its own token
     for r in e.rows:
         r.cached = len(r.pending)
+    e.stats.prefill_rows = len(lead)
+    tok, logp = sample(logits[idx], e.cfg, e.generator)  # (b,) each sample draws its own token
     protocol(e, turn_ends(e, e.rows, tok.tolist(), logp.tolist()))
     drop_finished(e)
 
 
-def schedule(e: Engine) -> list[Row]:
-    """The rows that feed this step: those with several pending ids (a chunk: only they run), else every batch row
-    (a decode; finished and waiting rows are fed a pad and their output is ignored). Empty: all rows wait."""
-    chunk = [r for r in e.batch if len(r.pending) > 1]
-    return chunk or (list(e.batch) if any(r.pending for r in e.batch) else [])
+def schedule(e: Engine) -> tuple[list[Row], list[int] | None]:
+    """The rows that feed this step and their cache rows. A chunk: only the rows with several pending ids run.
+    Else a decode of every batch row (cache rows None: all; finished and waiting rows are fed a pad, their output
+    ignored). No rows: every row waits for a search."""
+    chunk = [j for j, r in enumerate(e.batch) if len(r.pending) > 1]
+    if chunk:
+        return [e.batch[j] for j in chunk], chunk
+    return (list(e.batch) if any(r.pending for r in e.batch) else []), None
 
 
-def forward(e: Engine, rows: list[Row]) -> tuple[list[int], list[float]]:
-    """One forward of `rows` over the cache and one sampled token each (one host sync)."""
-    t0, pos = time.perf_counter(), {id(r): j for j, r in enumerate(e.batch)}
-    decode = len(rows) == len(e.batch) and all(len(r.pending) <= 1 for r in rows)
-    logits = run(e, [r.pending for r in rows], [r.cached for r in rows],
-                 rows=None if decode else [pos[id(r)] for r in rows])
+def forward(e: Engine, rows: list[Row], cache_rows: list[int] | None) -> torch.Tensor:
+    """One model forward: each row feeds its pending ids after its cached ones. Last-position logits (c, vocab)."""
+    step = CacheStep(e.cache, [r.pending or [e.pad] for r in rows], [r.cached for r in rows], cache_rows, e.pad, e.dev)
+    logits = e.model(input_ids=step.input_ids, attention_mask=step.attention_mask, position_ids=step.position_ids,
+                     past_key_values=step, use_cache=True, logits_to_keep=1).logits[:, -1, :e.vocab]  # (c, vocab)
     for r in rows:
         r.cached += len(r.pending)
-    tok, logp = sample(logits, e.cfg, e.generator)
-    tok, logp = tok.tolist(), logp.tolist()  # the host sync: forward_s is wall time on GPU too
-    e.st["forward_s"] += time.perf_counter() - t0
-    return tok, logp
-
-
-def run(e: Engine, feeds: list[list[int]], cached: list[int], rows: list[int] | None) -> torch.Tensor:
-    """Build one forward's inputs and Plan, run the model; last-position logits (c, vocab). rows None: decode."""
-    dev = e.dev
-    pad = e.tokenizer.pad_token_id if e.tokenizer.pad_token_id is not None else 0
-    width, m = max(len(f) for f in feeds), max(cached)  # input width; cached columns shown
-    inp = torch.tensor([[pad] * (width - len(f)) + f for f in feeds], device=dev)  # (c, L) right-aligned
-    lens = torch.tensor(cached, device=dev)  # (c,) each row's cached tokens
-    if rows is None:  # decode: one token per batch row (a pad for rows with nothing pending), at its own column
-        attn = torch.arange(m + 1, device=dev) <= lens[:, None]  # (b, m + 1) own prefix + own new token
-        position_ids = lens[:, None]  # (b, 1)
-        plan = Plan(m, m + 1, (torch.arange(len(feeds), device=dev), slice(None), lens))
-    else:  # chunk: only these rows run; their cached prefix is gathered in front of the chunk
-        new = torch.tensor([[0] * (width - len(f)) + [1] * len(f) for f in feeds], device=dev)  # (c, L)
-        attn = torch.cat([torch.arange(m, device=dev) < lens[:, None], new.bool()], 1)  # (c, m + L)
-        position_ids = (lens[:, None] + new.cumsum(1) - 1).clamp(min=0)  # (c, L) pads: any valid value, masked
-        b_idx, t_idx = new.nonzero(as_tuple=True)  # every real token (a host sync, once per chunk)
-        rows_t = torch.tensor(rows, device=dev)
-        plan = Plan(m, max(n + len(f) for n, f in zip(cached, feeds)),
-                    (rows_t[b_idx], slice(None), position_ids[b_idx, t_idx]), rows_t, (b_idx, slice(None), t_idx))
-        e.st["chunks"], e.st["chunk_slots"] = e.st["chunks"] + 1, e.st["chunk_slots"] + len(feeds) * width
-    logits = e.model(input_ids=inp, attention_mask=attn, position_ids=position_ids,
-                     past_key_values=CacheStep(e.cache, plan), use_cache=True,
-                     logits_to_keep=1).logits[:, -1, :e.vocab]  # (c, vocab) last slot only; no padded ids
-    e.st["forwards"] += 1
-    e.st["capacity"] = max(e.st["capacity"], e.cache.k[0].shape[2])  # columns allocated
-    e.st["slots"] = max(e.st["slots"], plan.need)
+    e.stats.count(step)
     return logits
 
 
@@ -635,9 +518,7 @@ def turn_ends(e: Engine, rows: list[Row], tok: list[int], logp: list[float]) -> 
         if r.done or not r.pending:  # finished or waiting for a search: fed a pad, output ignored
             continue
         t = r.t
-        t.ids.append(x)
-        t.mask.append(1)
-        t.logprobs.append(lp)
+        _extend(t, [x], 1, [lp])
         r.pending = [x]
         why = None
         if x in e.ends:
@@ -669,41 +550,26 @@ def protocol(e: Engine, ended: list[tuple[Row, str]]) -> None:
             t.stop, r.done, r.pending = "max_turns", True, []
         elif why == "search" and last_tag(content, "search"):
             searching.append(r)
+            r.pending = []  # feeds nothing until its search joins (join_searches)
         else:  # ended without a tag, or an empty / unopened query
             observe(e, r, None)
-    if searching:
-        submit(e, searching, [last_tag(r.t.responses[-1], "search") for r in searching])
-
-
-def submit(e: Engine, rows: list[Row], queries: list[str]) -> None:
-    """Start one batched search; the rows feed nothing until its results join (join_searches)."""
-    lag = e.cfg.search_lag
-    job = Job(rows, queries, due=-1 if lag < 0 else e.step + lag)
-    if e.pool is None:  # synchronous: the whole loop waits here (search_lag 0)
-        t0 = time.perf_counter()
-        job.results = e.search(queries)
-        e.st["search_wait_s"] += time.perf_counter() - t0
-    else:
-        job.future = e.pool.submit(e.search, queries)
-    e.st["searches"] += 1
-    for r in rows:
-        r.pending = []
-    e.jobs.append(job)
+    if searching:  # one batched call: started in the worker now (search_lag > 0), or made when it joins (0)
+        queries, lag = [last_tag(r.t.responses[-1], "search") for r in searching], e.cfg.search_lag
+        e.jobs.append(Job(searching, queries, e.step + lag, e.pool.submit(e.search, queries) if lag else None))
 
 
 def join_searches(e: Engine) -> None:
-    """Feed the observation of every search whose step has come (waiting for it if it is still running); with
-    search_lag -1, of every finished one. If no row could run otherwise, wait for the first one."""
+    """Feed the observation of every search whose step has come (if no row could run otherwise, of the first one
+    now); the loop waits while the search runs (search_lag 0) or until the background call is done."""
     idle = not any(r.pending for r in e.batch)
     for job in list(e.jobs):
-        ready = job.future is None or job.future.done()
-        if (job.due >= 0 and e.step > job.due) or (job.due < 0 and ready) or (idle and job is e.jobs[0]):
-            if job.future is not None:
-                t0 = time.perf_counter()
-                job.results = job.future.result()  # blocks only if not done yet
-                e.st["search_wait_s"] += time.perf_counter() - t0
+        if e.step > job.due or (idle and job is e.jobs[0]):
+            t0 = time.perf_counter()
+            results = e.search(job.queries) if job.future is None else job.future.result()
+            e.stats.search_wait_s += time.perf_counter() - t0
+            e.stats.searches += 1
             e.jobs.remove(job)
-            for r, q, hits in zip(job.rows, job.queries, job.results):
+            for r, q, hits in zip(job.rows, job.queries, results):
                 r.t.queries.append(q)
                 r.t.doc_ids.append([str(h["id"]) for h in hits])
                 observe(e, r, sanitize(format_passages(hits), e.tokenizer))
@@ -727,11 +593,132 @@ def observe(e: Engine, r: Row, passages: str | None) -> None:
 
 
 def drop_finished(e: Engine) -> None:
-    """Finished rows first stay in the batch (fed a pad, output ignored) and leave once >= DROP_FRACTION of it: a
-    drop copies the whole cache (CPU, SmolLM2, b=8, S=700: 87 ms vs 425 ms per decode step) while a dead row costs
-    1/b of a step's KV reads."""
+    """Finished rows stay in the batch (fed a pad, output ignored) until they are DROP_FRACTION of it: a drop
+    copies the whole cache, a finished row costs only 1/b of a decode step's KV reads."""
     keep = [j for j, r in enumerate(e.batch) if not r.done]
     if keep and len(e.batch) - len(keep) >= DROP_FRACTION * len(e.batch):
         e.batch = [e.batch[j] for j in keep]
-        e.cache.select(torch.tensor(keep, device=e.dev))  # drop finished rows from every layer's keys/values
-        e.st["drops"] += 1
+        e.cache.select(torch.tensor(keep, device=e.dev))  # (b, ...) -> (kept, ...) every layer's keys and values
+        e.stats.drops += 1
+
+
+# ------------------------------------------------------------------------------------------------------ cache
+
+class RaggedCache:
+    """KV store without pad slots: each row holds exactly its own tokens, left-aligned, so column j of row r is its
+    position j (keys are cached after RoPE). Per layer a buffer (B, kv_heads, capacity, head_dim), written in place
+    and grown GROW columns at a time (DynamicCache torch.cat's the whole cache every step). The model never sees
+    this object: each forward gets a CacheStep over it."""
+
+    def __init__(self):
+        self.k, self.v = [], []  # per layer (B, kv_heads, capacity, head_dim)
+
+    def select(self, idx: torch.Tensor) -> None:
+        """Keep / repeat batch rows (one copy): drops finished rows, or copies a shared prompt's row to its samples.
+        index_select, not b[idx]: faster on CPU."""
+        self.k, self.v = [b.index_select(0, idx) for b in self.k], [b.index_select(0, idx) for b in self.v]
+
+    @staticmethod
+    def room(bufs: list[torch.Tensor], layer: int, x: torch.Tensor, need: int) -> torch.Tensor:
+        """bufs[layer] with at least `need` columns: made at the first forward (zeros: masked columns stay finite),
+        grown to need + GROW when full (one copy per GROW steps)."""
+        if len(bufs) == layer:
+            bufs.append(x.new_zeros(x.shape[0], x.shape[1], need + GROW, x.shape[3]))  # (c, kv_heads, S, head_dim)
+        elif bufs[layer].shape[2] < need:
+            b, h, c, d = bufs[layer].shape
+            bufs[layer] = torch.cat([bufs[layer], bufs[layer].new_zeros(b, h, need + GROW - c, d)], 2)
+        return bufs[layer]
+
+
+class CacheStep(DynamicCache):
+    """One forward's plan over the RaggedCache, built from the rows that run: the model's inputs, and its
+    past_key_values, whose update writes each new token's keys/values at its position and returns what the queries
+    attend to. Decode (rows None): every batch row feeds one token and reads its cache row in place. Chunk: only
+    `rows` run, their feeds right-aligned after their gathered cached prefixes. Past a row's own columns: masked."""
+
+    def __init__(self, store: RaggedCache, feeds: list[list[int]], cached: list[int], rows: list[int] | None,
+                 pad: int, dev: torch.device):
+        super().__init__()
+        m, n = max(cached), max(len(f) for f in feeds)  # m: cached columns shown, the widest row that runs
+        self.store, self.cached_cols = store, m
+        self.need = max(c + len(f) for c, f in zip(cached, feeds))  # columns the store holds after the writes
+        self.rows = None if rows is None else torch.tensor(rows, device=dev)  # (c,) cache rows that run
+        self.input_ids = torch.tensor([[pad] * (n - len(f)) + f for f in feeds], device=dev)  # (c, n) right-aligned
+        lens = torch.tensor(cached, device=dev)  # (c,) each row's cached tokens = its first new position
+        if rows is None:  # decode (n = 1): own prefix + own new token, at its own column
+            self.attention_mask = torch.arange(m + 1, device=dev) <= lens[:, None]  # (b, m + 1)
+            self.position_ids = lens[:, None]  # (b, 1)
+        else:  # chunk: the gathered prefix (m columns, the row's own first) + the feed (its real tokens last)
+            new = torch.tensor([[0] * (n - len(f)) + [1] * len(f) for f in feeds], device=dev)  # (c, n)
+            self.attention_mask = torch.cat([torch.arange(m, device=dev) < lens[:, None], new.bool()], 1)  # (c, m + n)
+            self.position_ids = (lens[:, None] + new.cumsum(1) - 1).clamp(min=0)  # (c, n) pads: masked, any value
+        real = [(i, n - len(f) + k, c + k) for i, (f, c) in enumerate(zip(feeds, cached)) for k in range(len(f))]
+        row, col, pos = torch.tensor(real, device=dev).T  # (n_new,) each: input row, input column, position
+        self.new_at = (row, slice(None), col)  # where each new token's keys/values are in this forward's input
+        self.write_to = (row if rows is None else self.rows[row], slice(None), pos)  # its cache row and column
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.cached_cols  # HF places the queries right after the cached columns it is shown
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.cached_cols + query_length, 0
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):  # (c, kv_heads, n, head_dim) each
+        out, m = [], self.cached_cols
+        for bufs, x in ((self.store.k, key_states), (self.store.v, value_states)):
+            buf = self.store.room(bufs, layer_idx, x, self.need)
+            buf[self.write_to] = x[self.new_at]  # (n_new, kv_heads, head_dim)
+            out.append(buf[:, :, :m + 1] if self.rows is None  # (b, kv_heads, m + 1, head_dim) a view, no copy
+                       else gather_prefix(buf, self.rows, m, x))  # (c, kv_heads, m + n, head_dim)
+        return out
+
+
+# -------------------------------------------------------------------------------------------------- sampling
+
+def sample(logits: torch.Tensor, cfg: RolloutConfig, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next token per row and its log-prob under log_softmax(logits / T), taken before top-k/top-p truncation."""
+    logits = logits.float()  # (b, V)
+    if cfg.greedy:
+        tok = logits.argmax(-1)  # (b,)
+        return tok, logits.log_softmax(-1).gather(1, tok[:, None])[:, 0]
+    logits = logits / cfg.temperature
+    top = logits.amax(-1, keepdim=True)  # (b, 1)
+    mass = (logits - top).exp_()  # (b, V) unnormalised probabilities (max 1)
+    logz = top[:, 0] + mass.sum(-1).log()  # (b,) log-partition of the recorded distribution
+    if cfg.top_k > 0:
+        kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (b, 1)
+        mass.masked_fill_(logits < kth, 0.0)
+    if cfg.top_p < 1.0:
+        srt, order = mass.sort(-1, descending=True)  # (b, V)
+        run = srt.cumsum(-1)
+        drop = run - srt > cfg.top_p * run[:, -1:]  # keep the smallest prefix whose mass reaches top_p
+        mass.scatter_(1, order, srt.masked_fill(drop, 0.0))
+    tok = two_stage_race(mass, generator)  # (b,) token i with probability mass_i / sum(mass)
+    return tok, logits.gather(1, tok[:, None])[:, 0] - logz
+
+
+def race(mass: torch.Tensor, generator) -> torch.Tensor:  # (b, n) -> (b,)
+    """argmax_i mass_i / E_i, E_i = -log U_i ~ Exp(1): index i with probability mass_i / sum(mass). Unlike inverse
+    CDF (one uniform), a 1e-7 change of a running sum never flips the token."""
+    return (mass / torch.rand(mass.shape, generator=generator, device=mass.device).log_().neg_()).argmax(-1)  # E > 0
+
+
+# ------------------------------------------------------------------------------------------------- CPU speed
+# Each replaces a plain operation (named in its docstring) with a faster one on CPU; numbers: BENCHMARKS.md.
+
+def two_stage_race(mass: torch.Tensor, generator) -> torch.Tensor:  # (b, V) -> (b,)
+    """race(mass, generator) in two exact stages: a block of 256 tokens by its mass, then a token inside it. Why:
+    2 x 256 uniforms per row instead of V (drawing V cost more than the rest of sampling)."""
+    b, v = mass.shape
+    blocks = (torch.nn.functional.pad(mass, (0, -v % 256)) if v % 256 else mass).view(b, -1, 256)  # (b, nb, 256)
+    blk = race(blocks.sum(-1), generator)  # (b,)
+    return blk * 256 + race(blocks[torch.arange(b, device=mass.device), blk], generator)  # (b,)
+
+
+def gather_prefix(buf: torch.Tensor, rows: torch.Tensor, m: int, x: torch.Tensor) -> torch.Tensor:
+    """torch.cat([buf[rows, :, :m], x], 2) in one copy: index_select(out=) writes the rows' cached prefixes straight
+    into the attention input. Why: indexing + cat is two copies and a temporary."""
+    kv = x.new_empty(*x.shape[:2], m + x.shape[2], x.shape[3])  # (c, kv_heads, m + n, head_dim)
+    torch.index_select(buf[:, :, :m], 0, rows, out=kv[:, :, :m])  # buf (B, kv_heads, S, head_dim)
+    kv[:, :, m:] = x  # x (c, kv_heads, n, head_dim)
+    return kv

@@ -257,26 +257,14 @@ def primed_adamw(model):
 
 
 def cache_forward(model, cache, rows: int, width: int, new: int):
-    """One rollout forward over a full rollout.RaggedCache, built as rollout.run builds it: a decode step (new = 1,
+    """One rollout forward over a full rollout.RaggedCache, as rollout.forward runs it: a decode step (new = 1,
     every row) or a chunk of `new` real tokens per row, `width` cached columns shown; last-position logits only."""
-    import torch
-
     import rollout
 
-    lens = torch.full((rows,), width)  # (b,) cached tokens per row
-    ids = torch.zeros(rows, new, dtype=torch.long)  # (b, new)
-    if new == 1:
-        attn = torch.arange(width + 1) <= lens[:, None]  # (b, width + 1)
-        pos = lens[:, None]  # (b, 1)
-        plan = rollout.Plan(width, width + 1, (torch.arange(rows), slice(None), lens))
-    else:  # every token real: the (row, column) lists rollout.run gets from a nonzero, built without one
-        attn = torch.ones(rows, width + new, dtype=torch.bool)  # (b, width + new)
-        pos = lens[:, None] + torch.arange(new)  # (b, new)
-        b_idx, t_idx = torch.arange(rows).repeat_interleave(new), torch.arange(new).repeat(rows)  # (b * new,) each
-        plan = rollout.Plan(width, width + new, (b_idx, slice(None), pos[b_idx, t_idx]), torch.arange(rows),
-                            (b_idx, slice(None), t_idx))
-    return model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=rollout.CacheStep(cache, plan),
-                 use_cache=True, logits_to_keep=1).logits  # (b, 1, V)
+    step = rollout.CacheStep(cache, [[0] * new] * rows, [width] * rows, None if new == 1 else list(range(rows)), 0,
+                             "cpu")
+    return model(input_ids=step.input_ids, attention_mask=step.attention_mask, position_ids=step.position_ids,
+                 past_key_values=step, use_cache=True, logits_to_keep=1).logits  # (b, 1, V)
 
 
 def trace_rollout(model, ref, opt, c, rows: int, slots: int, chunk: int) -> dict:

@@ -27,6 +27,7 @@ GPU (--gpu): the Qwen2.5-1.5B architecture with random bf16 weights (random weig
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -268,12 +269,13 @@ def compare_turns(model, tok, questions, index, k: int, searches: int, turn_toke
     engines = [("ours", R)] + ([(f"rollout@{old_rev}", engine_from_git(old_rev))] if old_rev else [])
     for name, mod in engines:
         log(f"  {name}: {len(questions)} rows x {searches} searches")
-        wrapped, st = ScriptModel(model, script), {}
+        wrapped, st = ScriptModel(model, script), R.RolloutStats()
         kw = {"stats": st} if mod is R else {}
         trajs, sec = timed(lambda: mod.rollout(wrapped, tok, questions, search, cfg, **kw), model.device)
         assert [t.ids for t in trajs] == [ids for ids, _ in rows], f"{name}: not the scripted trajectories"
-        assert all(t.n_searches == searches and t.stop == "answer" for t in trajs)
-        res[name] = {"s": round(sec, 2), "slots": wrapped.slots, "token_slots": wrapped.computed, **st}
+        assert all(len(t.queries) == searches and t.stop == "answer" for t in trajs)
+        res[name] = {"s": round(sec, 2), "slots": wrapped.slots, "token_slots": wrapped.computed,
+                     **(dataclasses.asdict(st) if kw else {})}
     log(f"  re-prefill (HF generate per turn): {len(questions)} rows")
     (msgs, computed), sec = timed(lambda: reprefill(model, tok, questions, search, cfg, script), model.device)
     assert msgs == [m for _, m in rows], "re-prefill: not the scripted conversations"

@@ -109,6 +109,7 @@ def test_ask_default_model_and_corpus_prints_a_trace():
     (["--ask", "hi", "--index", "/nonexistent/index"], "index directory not found"),
     (["--ask", "hi", "--adapter", "/nonexistent/adapter"], "cannot load LoRA adapter"),
     (["--ask", "hi", "--adapter", "/nonexistent/adapter", "--no-adapter"], "exclude each other"),
+    (["--ask", "hi", "--search-lag", "-1"], "--search-lag must be >= 0"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, capsys, monkeypatch, args, message):
     bad = tmp_path / "qa.jsonl"

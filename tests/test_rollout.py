@@ -254,7 +254,7 @@ def test_scripted_search_then_answer_batched_equals_alone(tok, tiny, monkeypatch
     a, hi, b = batched
     assert (a.answer, hi.answer, b.answer) == ("Frank Herbert", "hello", "1965")
     assert a.queries == ["alpha"] and a.doc_ids == [["a1"]] and b.queries == ["beta", "gamma"]
-    assert b.doc_ids == [["a1"], ["b1"]] and hi.n_searches == 0
+    assert b.doc_ids == [["a1"], ["b1"]] and len(hi.queries) == 0
     ctx = a.messages[3]["content"]
     assert a.messages[3]["role"] == "user" and ctx.startswith("<context>") and "Frank Herbert." in ctx
     k = a.mask.index(0, a.prompt_len)  # the observation span: glue + user turn + generation prompt, all mask 0
@@ -279,7 +279,7 @@ def test_logprobs_match_teacher_forcing_and_second_turn_sees_context(tok, tiny):
         assert len(ids_of(tok, word)) == 1
         runs.append(R.rollout(model, tok, qs, hits_for(word), cfg, torch.Generator().manual_seed(3)))
     for one, two in zip(*runs):
-        assert one.n_searches == 1 and one.turns == 2 and one.stop == "length"
+        assert len(one.queries) == 1 and one.turns == 2 and one.stop == "length"
         for t in (one, two):
             check_template(tok, t)
             assert max_logp_err(model, t, 0.8, vocab=len(tok)) < 1e-4
@@ -301,14 +301,14 @@ def test_staggered_searches_add_no_pad_slots(tok, tiny):
     search = lambda qs: [long for _ in qs]  # noqa: E731
     rows = {q: expected(tok, q, c, [obs_text(tok, long)] * (len(c) - 1)) for q, c in plan.items()}
     model = Scripted(tiny, positional([(ids, mask) for ids, mask, _ in rows.values()]))
-    cfg, stats = R.RolloutConfig(greedy=True, max_turn_tokens=30), {}
+    cfg, stats = R.RolloutConfig(greedy=True, max_turn_tokens=30), R.RolloutStats()
     trajs = R.rollout(model, tok, list(plan), search, cfg, stats=stats)
     obs_chunks = [b for b, w in model.shapes[1:] if w > 1]  # SmolLM2: [1, 1, 1, 1]; Qwen2.5: [1, 2, 1]
     assert sum(obs_chunks) == 4 and max(obs_chunks) <= 2  # four observations, only the rows that searched
-    assert stats["chunks"] == 1 + len(obs_chunks) and stats["forwards"] == len(model.shapes)
+    assert stats.chunks == 1 + len(obs_chunks) and stats.forwards == len(model.shapes)
     longest = max(len(t.ids) for t in trajs)
-    assert longest - 1 <= stats["slots"] <= longest  # the cache is as wide as the longest row, not one slot more
-    assert stats["capacity"] <= stats["slots"] + R.GROW + 200
+    assert longest - 1 <= stats.slots <= longest  # the cache is as wide as the longest row, not one slot more
+    assert stats.capacity <= stats.slots + R.GROW + 200
     for t, q in zip(trajs, plan):
         assert t.ids == rows[q][0] and t.mask == rows[q][1] and t.stop == "answer"
         check_template(tok, t)
@@ -470,7 +470,7 @@ def test_gqa_packed_rollouts_equal_hf_sdpa(tok, tiny, monkeypatch):
     a = R.rollout(Scripted(tiny, script), tok, [QA, QB, QA], hits_for("w"), cfg, torch.Generator().manual_seed(1))
     monkeypatch.setattr(hf_sdpa, "repeat_kv", no_repeat_kv)
     b = R.rollout(Scripted(packed, script), tok, [QA, QB, QA], hits_for("w"), cfg, torch.Generator().manual_seed(1))
-    assert [t.ids for t in a] == [t.ids for t in b] and sum(t.n_searches for t in a) >= 3
+    assert [t.ids for t in a] == [t.ids for t in b] and sum(len(t.queries) for t in a) >= 3
     assert all(torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5) for x, y in zip(a, b))
 
 
@@ -481,12 +481,12 @@ def test_shared_prefix_prefill_equals_separate_prefills(tok, tiny):
     qs, cfg = [QA] * 4 + [QB] * 4, R.RolloutConfig(mode="direct", max_turn_tokens=12)
     runs, stats = [], []
     for share in (True, False):
-        st = {}
+        st = R.RolloutStats()
         runs.append(R.rollout(tiny, tok, qs, hits_for("x"), dataclasses.replace(cfg, share_prefix=share),
                               torch.Generator().manual_seed(5), st))
         stats.append(st)
-    assert stats[0]["prefill_rows"] == 2 and stats[1]["prefill_rows"] == 8
-    assert stats[0]["chunk_slots"] * 4 == stats[1]["chunk_slots"]  # 2 of 8 prompt rows run (same width)
+    assert stats[0].prefill_rows == 2 and stats[1].prefill_rows == 8
+    assert stats[0].chunk_slots * 4 == stats[1].chunk_slots  # 2 of 8 prompt rows run (same width)
     for a, b in zip(*runs):
         assert a.ids == b.ids and a.mask == b.mask
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-5
@@ -517,15 +517,17 @@ def test_background_search_joins_at_a_fixed_step(tok, tiny):
     a, b = (R.rollout(model, tok, qs, slow(hits_for("w"), seed), cfg, torch.Generator().manual_seed(1))
             for seed in (1, 2))
     assert [t.ids for t in a] == [t.ids for t in b] and [t.logprobs for t in a] == [t.logprobs for t in b]
-    assert sum(t.n_searches for t in a) >= 3
+    assert sum(len(t.queries) for t in a) >= 3
     for t in a:
         check_template(tok, t)
         assert max_logp_err(model, t, vocab=len(tok)) < 1e-4
     greedy = [R.rollout(model, tok, qs, slow(hits_for("w"), 3), dataclasses.replace(cfg, greedy=True,
-                        search_lag=lag)) for lag in (0, 2, -1)]
-    for t0, t2, tn in zip(*greedy):
-        assert t0.ids == t2.ids == tn.ids and t0.mask == t2.mask == tn.mask
-    assert [t.n_searches for t in greedy[0]] == [1, 1, 1, 0]  # "Hi" is not scripted to search
+                        search_lag=lag)) for lag in (0, 2)]
+    for t0, t2 in zip(*greedy):
+        assert t0.ids == t2.ids and t0.mask == t2.mask
+    assert [len(t.queries) for t in greedy[0]] == [1, 1, 1, 0]  # "Hi" is not scripted to search
+    with pytest.raises(ValueError, match="search_lag"):  # 0 (rows wait) or k > 0 (k steps later): nothing else
+        R.rollout(model, tok, qs, hits_for("w"), dataclasses.replace(cfg, search_lag=-1))
 
 
 def test_every_generation_config_end_token_ends_a_turn(tok, tiny):
@@ -599,7 +601,7 @@ def test_malformed_turns_get_corrective_turn(tok, tiny):
     for text in ("Hmm, no idea" + eos, "<search>  </search>"):  # no tag (ended by eos), empty query
         model = Scripted(tiny, bigram(tok, text))
         t = R.rollout(model, tok, [QA], hits_for("x"), R.RolloutConfig(greedy=True, max_turns=2))[0]
-        assert t.stop == "max_turns" and t.turns == 3 and t.n_searches == 0
+        assert t.stop == "max_turns" and t.turns == 3 and len(t.queries) == 0
         assert [m["content"] for m in t.messages[3::2]] == [R.CORRECTION, R.CORRECTION + "\n\n" + R.FINAL_TURN]
         check_template(tok, t)
         if text.endswith(eos):  # the sampled end token is the model's (mask 1), the glue goes on after it
