@@ -104,17 +104,21 @@ def _passage(rec: dict, path, lineno: int) -> tuple[str, str, str]:
     return str(rec.get("id", lineno - 1)), title, text
 
 
+def qa_row(rec: dict, where: str) -> dict:
+    """One QA record in this project's fields: `question` (or `problem`) and `answers` (or `golden_answers` /
+    `answer`), a list of strings; its other fields (supporting_titles, type, id) stay. `where` names it in errors."""
+    q = rec.get("question", rec.get("problem"))
+    answers = rec.get("answers", rec.get("golden_answers", rec.get("answer")))
+    if isinstance(answers, str):
+        answers = [answers]
+    if not isinstance(q, str) or not q.strip() or not answers or not all(isinstance(a, str) for a in answers):
+        raise RetrievalError(f"{where}: needs a non-empty 'question' and 'answers' (list of strings)")
+    return {**rec, "question": q, "answers": list(answers)}
+
+
 def read_qa(path: str | Path) -> list[dict]:
-    """Questions from JSONL: `question` (or `problem`) and `answers` (or `golden_answers` / `answer`)."""
-    rows = []
-    for lineno, rec in read_jsonl(path, "QA file"):
-        q = rec.get("question", rec.get("problem"))
-        answers = rec.get("answers", rec.get("golden_answers", rec.get("answer")))
-        if isinstance(answers, str):
-            answers = [answers]
-        if not isinstance(q, str) or not q.strip() or not answers or not all(isinstance(a, str) for a in answers):
-            raise RetrievalError(f"{path}:{lineno}: needs a non-empty 'question' and 'answers' (list of strings)")
-        rows.append({**rec, "question": q, "answers": list(answers)})
+    """Questions from a JSONL file, one qa_row per line."""
+    rows = [qa_row(rec, f"{path}:{lineno}") for lineno, rec in read_jsonl(path, "QA file")]
     if not rows:
         raise RetrievalError(f"QA file is empty: {path}")
     return rows
