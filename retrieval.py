@@ -528,9 +528,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("queries", nargs="+", metavar="QUERY")
     args = p.parse_args(argv)
     try:
-        for flag in ("workers", "k", "threads"):  # those of args.cmd: the others are absent
-            if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
-                raise RetrievalError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+        for flag in ("workers", "k", "threads"):  # those of args.cmd; the others are absent
+            value = getattr(args, flag, None)
+            if value is not None and value < 1:
+                raise RetrievalError(f"--{flag} must be >= 1, got {value}")
         if args.cmd == "build":
             t0 = time.perf_counter()
             idx = Index.build(args.corpus, args.out, workers=args.workers)

@@ -231,35 +231,30 @@ def lora_pairs(state: dict) -> dict[str, tuple]:
     return out
 
 
-def lora_update(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """W + scale * B @ A in fp32, cast back to W's dtype: one LoRA pair folded into its base weight."""
-    return (w.float() + scale * b.float() @ a.float()).to(w.dtype)  # (out, r) @ (r, in)
-
-
 def merged(state: dict, scale: float) -> dict:
-    """The plain model's state dict: every LoRA pair of a live model's state dict folded into its base weight."""
+    """The plain model's state dict: every LoRA pair folded into its base weight, W + scale * B @ A in fp32 (cast
+    back to W's dtype), and dropped."""
     out = {k: v for k, v in state.items() if ".lora_" not in k}
     for name, (a, b) in lora_pairs(state).items():
-        out[name] = lora_update(out[name], a, b, scale)
+        out[name] = (out[name].float() + scale * b.float() @ a.float()).to(out[name].dtype)  # (out, r) @ (r, in)
     return out
 
 
 @torch.no_grad()
 def merge_lora(model, adapter: str | Path) -> None:
-    """W += (alpha / r) * B @ A for every adapted Linear of a PEFT LoRA folder (adapter_config.json +
-    adapter_model.safetensors). Raises ModelLoadError if the folder or its shapes do not fit the model."""
+    """Fold a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) into the model's weights. Raises
+    ModelLoadError if the folder or its shapes do not fit the model."""
     adapter = Path(adapter)
     try:
         conf = json.loads((adapter / "adapter_config.json").read_text())
-        pairs = lora_pairs(load_file(adapter / "adapter_model.safetensors"))
+        lora = load_file(adapter / "adapter_model.safetensors")
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load LoRA adapter {str(adapter)!r}: {e}") from None
-    params = dict(model.named_parameters())
-    for name, (a, b) in pairs.items():
-        w = params.get(name)
-        if w is None or w.shape != (b.shape[0], a.shape[1]):
+    state = model.state_dict()
+    for name, (a, b) in lora_pairs(lora).items():
+        if name not in state or state[name].shape != (b.shape[0], a.shape[1]):
             raise ModelLoadError(f"LoRA adapter {str(adapter)!r} does not fit this model ({name}): wrong base model?")
-        w.copy_(lora_update(w, a, b, conf["lora_alpha"] / conf["r"]))
+    model.load_state_dict(merged({**state, **lora}, conf["lora_alpha"] / conf["r"]))
 
 
 def bf16_autocast(device: torch.device | str, enabled: bool):

@@ -215,7 +215,7 @@ class LogProbs(torch.nn.Module):
         self.lm, self.vocab = lm, vocab
 
     def forward(self, ids=None, attn=None, temperature=1.0, chunk_size=1024, with_entropy=False, loss_mask=None):
-        if ids is None:  # a call without input runs FSDP's root hooks only (see unsharded)
+        if ids is None:  # unsharded() calls it without input to run FSDP's root hooks
             return None
         return grpo.token_logprobs(self.lm, ids, attn, temperature, chunk_size, with_entropy, loss_mask, self.vocab)
 
@@ -247,8 +247,7 @@ def unsharded(model: LogProbs):
     for m in units:
         m.unshard()
         m.set_reshard_after_forward(False)
-    if units:
-        model()
+    model()  # no input: FSDP's root hooks only (none on a plain module)
     try:
         yield
     finally:
