@@ -317,13 +317,13 @@ def rollout_and_score(model: LogProbs, tok, cfg: Config, rows: list[dict], searc
                                  max_total_tokens=cfg.max_total_tokens, temperature=cfg.temperature,
                                  search_lag=cfg.search_lag)
     device = next(model.parameters()).device
-    questions = [r["question"] for r in rows for _ in range(cfg.group_size)]  # G consecutive copies per prompt
+    group = [r for r in rows for _ in range(cfg.group_size)]  # G consecutive copies per prompt
     gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + dist.get_rank())  # resumable
     t0 = time.perf_counter()
     model.eval()  # HF skips checkpointing and keeps the KV cache in eval mode
     with torch.no_grad(), unsharded(model), rollout.bf16_autocast(device, cfg.bf16):
-        trajs = rollout.rollout(model.lm, tok, questions, search, rcfg, generator=gen)
-    scores = [score(cfg, t, r) for t, r in zip(trajs, [r for r in rows for _ in range(cfg.group_size)])]
+        trajs = rollout.rollout(model.lm, tok, [r["question"] for r in group], search, rcfg, generator=gen)
+    scores = [score(cfg, t, r) for t, r in zip(trajs, group)]
     return trajs, scores, time.perf_counter() - t0
 
 
@@ -365,7 +365,7 @@ def grpo_update(model, ref, cfg: Config, trajs: list, adv: torch.Tensor, experts
                   "const": float(cfg.max_total_tokens * len(trajs) * world)}[cfg.agg]
     per_tok = ("kl", "clip_frac", "entropy", "ratio_mean")  # token-weighted means over the whole step
     sums = dict.fromkeys(("loss", *per_tok), torch.zeros((), dtype=torch.float64, device=device))
-    ratio_max, ratio_min = torch.zeros((), device=device), torch.full((), 9.0, device=device)
+    extremes = torch.tensor([0.0, -9.0], device=device)  # (ratio max, -ratio min) over the step
     for s in range(0, len(trajs), cfg.micro_batch):
         b = pad_batch(trajs[s : s + cfg.micro_batch], device)
         with rollout.bf16_autocast(device, cfg.bf16):
@@ -383,8 +383,7 @@ def grpo_update(model, ref, cfg: Config, trajs: list, adv: torch.Tensor, experts
         sums["loss"] = sums["loss"] + loss.detach()  # tensors, not .item(): no host sync per micro-batch
         for k in per_tok:
             sums[k] = sums[k] + m[k] * m["n_tokens"]
-        ratio_max, ratio_min = torch.maximum(ratio_max, m["ratio_max"]), torch.minimum(ratio_min, m["ratio_min"])
-    extremes = torch.stack([ratio_max, -ratio_min])
+        extremes = torch.maximum(extremes, torch.stack([m["ratio_max"], -m["ratio_min"]]))
     dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
     return {**sums, "ratio_max": extremes[0], "ratio_min": -extremes[1], "n_tok": n_tok}
 
