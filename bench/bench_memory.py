@@ -3,7 +3,7 @@
 No GPU needed: every number is arithmetic on the public config.json of each model and on what train.py holds at
 four moments of a step, in GiB per rank. All are estimates (see bench/RESULTS_memory.md for the assumptions):
   rollout      fp32 shards (grads None after zero_grad(set_to_none)) + AdamW + reference, ALL policy units
-               unsharded in bf16 (train.Unsharded), the padded KV cache, one layer's forward transient;
+               unsharded in bf16 (train.unsharded), the padded KV cache, one layer's forward transient;
   logits       update, chunked log-probs: shards + grads, policy root (embeddings + head) gathered, head grad,
                checkpointed layer inputs, one logits chunk (chunk x vocab fp32, 4 live copies);
   layer bwd    update, a decoder layer's backward: two layers gathered (current + prefetch), its recompute
@@ -23,7 +23,7 @@ tensor counted by torch.distributed._tools' MemTracker (load) and FSDPMemTracker
            decoder layer + the root), allocates its shards and receives one whole tensor at a time from rank 0
            (which alone reads the checkpoint, into host RAM); then the bf16 reference likewise;
   rollout  fp32 shards + AdamW states (primed by one step) + reference shards, every unit gathered in bf16
-           (train.Unsharded), the rollout's KV cache (rows x prompt+response slots, bf16, as rollout.RaggedCache),
+           (train.unsharded), the rollout's KV cache (rows x prompt+response slots, bf16, as rollout.RaggedCache),
            one decode step at full width and one chunk forward (rows x --prompt-tokens new tokens) through
            rollout.CacheStep;
   update   --trace-micro-batches micro-batches of the GRPO update: the reference's and the policy's log-probs by
@@ -41,12 +41,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import resource
 import sys
 import time
-import types
 import warnings
 from pathlib import Path
 from unittest import mock
@@ -268,10 +266,11 @@ def cache_forward(model, cache, rows: int, width: int, new: int):
 
 
 def trace_rollout(model, ref, opt, c, rows: int, slots: int, chunk: int) -> dict:
-    """train.rollout_and_score's memory: all units gathered (train.Unsharded), the full KV cache, a chunk forward of
+    """train.rollout_and_score's memory: all units gathered (train.unsharded), the full KV cache, a chunk forward of
     `chunk` new tokens per row and a decode step at full width. Peak GiB by category."""
     import torch
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefType
+    from torch.distributed.fsdp import FSDPModule
 
     import rollout
     import train
@@ -280,16 +279,17 @@ def trace_rollout(model, ref, opt, c, rows: int, slots: int, chunk: int) -> dict
     fmt = FSDPMemTracker(model, opt)
     fmt.track_inputs(tuple(ref.parameters()) + tuple(ref.buffers()) if ref is not None else ())
     model.eval()
-    with fmt, torch.no_grad(), train.Unsharded(model):
-        for unit in train.Unsharded(model).units:  # label the gathered weights now, as the tracker's pre-forward
-            for p in unit._get_fsdp_state()._fsdp_param_group.fsdp_params:  # hook would (it runs one unit at a time)
+    with fmt, torch.no_grad(), train.unsharded(model):
+        # label the gathered weights now, as the tracker's pre-forward hook would (it runs one unit at a time)
+        for unit in [m for m in model.modules() if isinstance(m, FSDPModule)]:
+            for p in unit._get_fsdp_state()._fsdp_param_group.fsdp_params:
                 fmt._update_and_maybe_create_winfos(p.unsharded_param, _FSDPRefType.UNSHARDED_PARAM)
         cache = rollout.RaggedCache()
         for bufs in (cache.k, cache.v):  # per layer (b, kv_heads, slots, head_dim) bf16
             bufs += [torch.zeros(rows, kvh, slots, hd, dtype=torch.bfloat16) for _ in range(c.num_hidden_layers)]
         for width, new in ((slots - chunk, chunk), (slots - 1, 1)):
             fmt.reset_mod_stats()  # one root forward per tracked iteration; the peak is kept
-            cache_forward(model, cache, rows, width, new)
+            cache_forward(model.lm, cache, rows, width, new)
         del cache
     return gib_snapshot(fmt)
 
@@ -307,16 +307,13 @@ def micro_batch(b: int, T: int, vocab: int) -> dict:
 
 
 def trace_update(model, ref, opt, c, a, world: int) -> dict:
-    """train.grpo_update + the optimizer part of train.train_step, for a.trace_micro_batches micro-batches of
+    """train.grpo_update + train.optimizer_step, for a.trace_micro_batches micro-batches of
     a.micro_batch rows x (prompt + response) tokens. Peak GiB by category."""
     import torch
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
     import grpo
 
-    logprobs = functools.partial(grpo.token_logprobs, vocab=c.vocab_size)  # what train.shard_model binds
-    for m in (model, ref) if ref is not None else (model,):  # as forward, not kr1_logprobs: the tracker hooks only
-        m.forward = types.MethodType(logprobs, m)  # module calls, and FSDP runs the same pre/post forward around both
     fmt = FSDPMemTracker(model, opt)
     fmt.track_inputs(tuple(ref.parameters()) + tuple(ref.buffers()) if ref is not None else ())
     T, chunk, beta = a.prompt_tokens + a.response_tokens, a.logprob_chunk, 0.04 if ref is not None else 0.0
@@ -337,8 +334,6 @@ def trace_update(model, ref, opt, c, a, world: int) -> dict:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    for m in (model, ref) if ref is not None else (model,):
-        del m.forward
     return gib_snapshot(fmt)
 
 

@@ -111,12 +111,12 @@ def main() -> None:
     if cuda:
         torch.cuda.synchronize()
     static = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
-    train.train_step(model, ref, tok, optimizer, cfg, questions[:1], no_search, 0)  # warm-up (kernels)
+    train.grpo_step(model, ref, tok, optimizer, cfg, questions[:1], no_search, 0)  # warm-up (kernels)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    rec = train.train_step(model, ref, tok, optimizer, cfg, questions, no_search, 1)
+    rec = train.grpo_step(model, ref, tok, optimizer, cfg, questions, no_search, 1)
     wall = time.perf_counter() - t0
     res = results(a, model, tok, questions, rec, wall, rows, world, cfg.logprob_chunk, static, cuda)
     if rank == 0:

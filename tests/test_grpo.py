@@ -398,7 +398,7 @@ def test_token_logprobs_padding_side_does_not_matter(tiny_model):
         torch.testing.assert_close(lr[b, :n], ll[b, n_pad:], rtol=1e-5, atol=1e-5)
 
 
-def test_token_logprobs_chunk_invariance_and_bound_method(tiny_model):
+def test_token_logprobs_chunk_invariance_and_as_a_module(tiny_model):
     ids, am = padded_batch("left")
     outs, grads = [], []
     for chunk in (1, 7, 33, 4096):
@@ -410,10 +410,10 @@ def test_token_logprobs_chunk_invariance_and_bound_method(tiny_model):
     for o, g in zip(outs[1:], grads[1:]):
         torch.testing.assert_close(o, outs[0], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(g, grads[0], rtol=1e-4, atol=1e-6)  # only the summation order differs
-    tiny_model.kr1_logprobs = types.MethodType(token_logprobs, tiny_model)  # how train.py registers it
+    from train import LogProbs  # how train.py calls it: the forward of a module around the causal LM
+
     with torch.no_grad():
-        torch.testing.assert_close(tiny_model.kr1_logprobs(ids, am, chunk_size=4), outs[0], rtol=1e-6, atol=1e-6)
-    del tiny_model.kr1_logprobs
+        torch.testing.assert_close(LogProbs(tiny_model)(ids, am, chunk_size=4), outs[0], rtol=1e-6, atol=1e-6)
 
 
 def test_token_logprobs_over_the_tokenizer_vocab_only(tiny_model):

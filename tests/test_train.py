@@ -102,11 +102,27 @@ def test_lora_adapter_loads_in_peft_with_the_same_logits(coin_policy, tmp_path):
         via_peft = peft.PeftModel.from_pretrained(base, ckpt / "adapter").eval()(ids).logits
         ours = rollout.load_model(str(d / "policy"), adapter=ckpt / "adapter")[0](ids).logits
         folder = Qwen2ForCausalLM.from_pretrained(ckpt / "hf").eval()(ids).logits
+    conf = peft.PeftConfig.from_pretrained(ckpt / "adapter")
+    assert (conf.peft_type, conf.r, conf.base_model_name_or_path) == ("LORA", 4, str(d / "policy"))
     torch.testing.assert_close(ours, via_peft, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(folder, via_peft, atol=1e-4, rtol=1e-4)
     assert (via_peft - ref).abs().max() > 1e-3
     with pytest.raises(rollout.ModelLoadError, match="LoRA adapter"):
         rollout.load_model(str(d / "policy"), adapter=tmp_path / "no-adapter-here")
+
+
+def test_adapters_name_their_base_model_by_hub_id(tmp_path):
+    """An adapter of the embedded model (its GGUF is SmolLM2-135M-Instruct, quantised) names that model's hub id, so
+    peft (AutoPeftModelForCausalLM) finds its base: a fresh save_adapter with base None, and the shipped adapters."""
+    peft = pytest.importorskip("peft")
+    state = {"model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 8),
+             "model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(8, 4)}
+    rollout.save_adapter(tmp_path / "a", state, 4, 16.0, "q_proj", base=None)
+    gain = ROOT / "bench" / "results" / "grpo-gain"
+    for path in (tmp_path / "a", ROOT / "data" / "smollm2-kr1-lora", gain / "start", gain / "final"):
+        conf = peft.PeftConfig.from_pretrained(path)
+        assert (conf.peft_type, conf.base_model_name_or_path) == ("LORA", "HuggingFaceTB/SmolLM2-135M-Instruct"), path
+    assert sorted(load_file(tmp_path / "a" / "adapter_model.safetensors")) == ["base_model.model." + k for k in state]
 
 
 def test_resume_drops_log_lines_past_the_checkpoint(tmp_path):
@@ -279,8 +295,9 @@ def test_dist_timeout_reaches_the_process_group(tmp_path):
 
 
 def load_worker(rank: int, port: int, ready, d: Path, out: Path) -> None:
-    import train
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    import train
 
     join(rank, port, ready)
     cfg = train.Config(model=str(d / "policy"), lora_rank=4, beta=0.04)
@@ -292,16 +309,21 @@ def load_worker(rank: int, port: int, ready, d: Path, out: Path) -> None:
     torch.manual_seed(0)  # the old path: every rank reads the whole model, adds LoRA (same RNG), then shards
     mesh = train.init_device_mesh("cpu", (2,))
     old = rollout.load_model(cfg.model)[0]
-    train.add_lora(old, cfg)
+    rollout.add_lora(old, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     old = train.shard_model(old, mesh, False, True, len(tok))
-    old_ref = train.shard_model(rollout.load_model(cfg.model)[0].requires_grad_(False), mesh, False, False, len(tok))
+    old_ref = train.shard_model(rollout.load_model(cfg.model)[0], mesh, False, False, len(tok))
     full = lambda m: get_model_state_dict(m, options=StateDictOptions(full_state_dict=True))  # on every rank
     same = lambda a, b: sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
-    ids = torch.tensor([tok("Paris is a city.").input_ids])
+    ids = torch.tensor([tok("Paris is a city.").input_ids])  # (1, T)
+    logits, logprobs = [], []
+    for new, was in ((model, old), (ref, old_ref)):
+        with torch.no_grad(), train.unsharded(new), train.unsharded(was):  # the rollout's path: the LM, gathered
+            logits.append(torch.equal(new.lm(ids).logits, was.lm(ids).logits))
+        logprobs.append(torch.equal(new(ids, torch.ones_like(ids)), was(ids, torch.ones_like(ids))))  # the root's
     got = {"reads": n_reads, "policy": same(full(model), full(old)), "ref": same(full(ref), full(old_ref)),
            "lora": sum(".lora_" in k for k in full(model)),
            "buffers": all(torch.equal(a, b) for a, b in zip(model.buffers(), old.buffers(), strict=True)),
-           "logits": torch.equal(model(ids).logits, old(ids).logits) and torch.equal(ref(ids).logits, old_ref(ids).logits)}
+           "logits": all(logits), "logprobs": all(logprobs)}
     (out / f"rank{rank}.json").write_text(json.dumps(got))
     os._exit(0)  # as finite_worker
 
@@ -314,4 +336,5 @@ def test_sharded_load_reads_once_on_rank0_and_equals_every_rank_loading_all(coin
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for rank, g in enumerate(got):
         assert g["reads"] == (2 if rank == 0 else 0), g
-        assert g["policy"] and g["ref"] and g["buffers"] and g["logits"] and g["lora"] == 2 * 7 * 2, g
+        assert g["policy"] and g["ref"] and g["buffers"] and g["logits"] and g["logprobs"], g
+        assert g["lora"] == 2 * 7 * 2, g
