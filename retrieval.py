@@ -29,7 +29,8 @@ import shutil
 import sys
 import time
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import ExitStack
 from itertools import repeat
 from pathlib import Path
 
@@ -59,26 +60,27 @@ def _tokenizer() -> bm25s.tokenization.Tokenizer:
     return bm25s.tokenization.Tokenizer(stopwords="en", stemmer=Stemmer.Stemmer("english"))
 
 
-def _parse(line: bytes | str, path, lineno: int) -> dict:
-    """One JSONL line -> dict; errors name the file and line."""
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise RetrievalError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(rec, dict):
-        raise RetrievalError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-    return rec
+def _records(lines, path, first: int = 1):
+    """Yield (line number, object) per non-blank JSONL line of `path`; errors name the file and line."""
+    for lineno, line in enumerate(lines, first):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RetrievalError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(rec, dict):
+            raise RetrievalError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+        yield lineno, rec
 
 
 def read_jsonl(path: str | Path, what: str = "file"):
-    """Yield (line number, object) from a JSONL file; every error names the file and line."""
+    """_records of a JSONL file; `what` names it when it is missing."""
     path = Path(path)
     if not path.is_file():
         raise RetrievalError(f"{what} not found: {path}")
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                yield lineno, _parse(line, path, lineno)
+        yield from _records(f, path)
 
 
 def _passage(rec: dict, path, lineno: int) -> tuple[str, str, str]:
@@ -143,10 +145,8 @@ def _count_block(task: tuple[str, int, bytes]):
     tok = _tokenizer()
     split, stop = tok.splitter, set(tok.stopwords)
     lines, doclen, tokens, words = [], [], [], {}  # words: block-local ids in order of first appearance
-    for lineno, line in enumerate(raw.split(b"\n"), first):
-        if not line.strip():
-            continue
-        pid, title, text = _passage(_parse(line, path, lineno), path, lineno)
+    for lineno, rec in _records(raw.split(b"\n"), path, first):
+        pid, title, text = _passage(rec, path, lineno)
         lines.append(json.dumps({"id": pid, "title": title, "text": text}, ensure_ascii=False).encode() + b"\n")
         ws = [w for w in split(f"{title}\n{text}".lower()) if w not in stop] or [""]  # bm25s: "" marks an empty one
         tokens += [words.setdefault(w, len(words)) for w in ws]
@@ -164,10 +164,7 @@ def _count_block(task: tuple[str, int, bytes]):
 
 
 def _ordered(pool, fn, tasks, window: int):
-    """fn over tasks, results in task order, at most `window` in flight (so the corpus is never read far ahead)."""
-    if pool is None:
-        yield from map(fn, tasks)
-        return
+    """fn over tasks on `pool`, results in task order, at most `window` in flight (never reading far ahead)."""
     pending: deque = deque()
     for t in tasks:
         pending.append(pool.submit(fn, t))
@@ -213,24 +210,21 @@ def _bucket_pass(tmp: Path, segments: list[Path], edges: np.ndarray, progress: b
     """Pass 2: split the spilled postings into one file per term range [edges[i], edges[i+1]), in passage order."""
     paths = [tmp / f"postings.r{i:04d}.bin" for i in range(len(edges) - 1)]
     range_of = np.repeat(np.arange(len(paths), dtype=np.int16), np.diff(edges))  # (V,) int16: a radix sort below
-    files = [open(p, "wb") for p in paths]
     total = sum(p.stat().st_size for p in segments) // POSTING.itemsize
-    try:
-        with tqdm(total=total, desc="split postings", unit=" postings", unit_scale=True, disable=not progress) as bar:
-            for segment in segments:
-                with open(segment, "rb") as f:
-                    while len(rec := np.fromfile(f, POSTING, SPILL_BLOCK)):
-                        r = range_of[rec["term"]]
-                        order = np.argsort(r, kind="stable")  # stable: passage order survives inside each range
-                        cuts = np.searchsorted(r[order], np.arange(len(paths) + 1))
-                        rec = rec[order]
-                        for i in np.flatnonzero(np.diff(cuts)):
-                            rec[cuts[i] : cuts[i + 1]].tofile(files[i])
-                        bar.update(len(rec))
-                segment.unlink()  # disk holds the spill about once, not twice
-    finally:
-        for f in files:
-            f.close()
+    with ExitStack() as files_open, \
+            tqdm(total=total, desc="split postings", unit=" postings", unit_scale=True, disable=not progress) as bar:
+        files = [files_open.enter_context(open(p, "wb")) for p in paths]
+        for segment in segments:
+            with open(segment, "rb") as f:
+                while len(rec := np.fromfile(f, POSTING, SPILL_BLOCK)):
+                    r = range_of[rec["term"]]
+                    order = np.argsort(r, kind="stable")  # stable: passage order survives inside each range
+                    cuts = np.searchsorted(r[order], np.arange(len(paths) + 1))
+                    rec = rec[order]
+                    for i in np.flatnonzero(np.diff(cuts)):
+                        rec[cuts[i] : cuts[i + 1]].tofile(files[i])
+                    bar.update(len(rec))
+            segment.unlink()  # disk holds the spill about once, not twice
     return paths
 
 
@@ -318,18 +312,17 @@ class Index:
         tmp.mkdir(parents=True)
         start = _clock()
         # spawn, not fork: the caller may hold torch's threads, which fork would copy in a broken state
-        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) if workers > 1 else None
-        done = False
+        pool = (ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) if workers > 1
+                else ThreadPoolExecutor(1))  # in-process: one thread
         try:
             vocab, df, offsets, doclen, segments = _tokenize_pass(corpus, tmp, pool, 2 * workers, show_progress)
             seconds = {"tokenize": _since(start)}
             seconds |= _score_pass(tmp, segments, vocab, df, doclen, pool, 2 * workers, show_progress)
-            done = True
+        except BaseException:  # a failed or interrupted build leaves nothing behind, and does not wait for the workers
+            shutil.rmtree(tmp, ignore_errors=True)  # before the shutdown, so a second Ctrl-C cannot leave it
+            raise
         finally:
-            if not done:  # first, so a second Ctrl-C cannot leave it: a failed build leaves nothing behind
-                shutil.rmtree(tmp, ignore_errors=True)
-            if pool is not None:
-                pool.shutdown(wait=done, cancel_futures=True)
+            pool.shutdown(wait=False, cancel_futures=True)
         np.save(tmp / "passages.offsets.npy", offsets)
         manifest = {"format": INDEX_FORMAT, "passages": len(offsets), "terms": len(vocab), "corpus": str(corpus),
                     "workers": workers, "build_seconds": _since(start)[0], "bm25s": bm25s.__version__,
@@ -350,8 +343,7 @@ class Index:
         if not (path / MANIFEST).is_file():
             raise RetrievalError(f"not a Knowledge-R1 index (no {MANIFEST}): {path}")
         manifest = json.loads((path / MANIFEST).read_text())
-        fmt = manifest.get("format")
-        if fmt != INDEX_FORMAT:
+        if (fmt := manifest.get("format")) != INDEX_FORMAT:
             raise RetrievalError(f"{path}: index format {fmt}, this code reads {INDEX_FORMAT}; rebuild it")
         bm25 = bm25s.BM25.load(path, mmap=mmap_matrices, load_corpus=False, backend="numpy")  # ours decides below
         if backend == "auto":
@@ -447,7 +439,7 @@ def default_index(show_progress: bool = True) -> Index:
     jsonl = out.parent / "wiki-summaries-en.jsonl"
 
     def build():
-        articles = sorted(json.loads(embedded_corpus_file().read_text(encoding="utf-8")).items())  # 6.5 MB
+        articles = sorted(json.loads(embedded_corpus_file().read_text(encoding="utf-8")).items())
         jsonl.write_text("".join(json.dumps({"id": t, "title": a.get("title", t), "text": a["extract"]}) + "\n"
                                  for t, a in articles if a.get("extract", "").strip()), encoding="utf-8")
         Index.build(jsonl, out, show_progress=show_progress)
