@@ -92,8 +92,8 @@ def _passage(rec: dict, path, lineno: int) -> tuple[str, str, str]:
 
 
 def qa_row(rec: dict, where: str) -> dict:
-    """One QA record in this project's fields: `question` (or `problem`) and `answers` (or `golden_answers` /
-    `answer`), a list of strings; its other fields (supporting_titles, type, id) stay. `where` names it in errors."""
+    """`rec` with `question` (or `problem`) and `answers` (or `golden_answers` / `answer`): a list of strings; its
+    other fields (supporting_titles, type, id) stay. `where` names it in errors."""
     q = rec.get("question", rec.get("problem"))
     answers = rec.get("answers", rec.get("golden_answers", rec.get("answer")))
     if isinstance(answers, str):
@@ -154,9 +154,8 @@ def _count_block(task: tuple[str, int, bytes]):
     width = max(len(stems), 1)
     key, tf = np.unique(doc * width + word_term[np.array(tokens, dtype=np.int64)], return_counts=True)  # (postings,)
     term, doc = key % width, (key // width).astype(np.int32)  # sorted by passage
-    line_len = np.array([len(x) for x in lines], dtype=np.int64)
-    return (len(raw), b"".join(lines), line_len, list(stems), term, doc, tf.astype(np.int32),
-            np.array(doclen, dtype=np.int32), np.bincount(term, minlength=len(stems)))
+    return (len(raw), b"".join(lines), np.array([len(x) for x in lines], dtype=np.int64), list(stems), term, doc,
+            tf.astype(np.int32), np.array(doclen, dtype=np.int32), np.bincount(term, minlength=len(stems)))
 
 
 def _ordered(pool, fn, tasks, window: int):
@@ -188,8 +187,7 @@ def _tokenize_pass(corpus: Path, tmp: Path, pool, window: int, progress: bool):
             if len(vocab) > len(df):  # grow geometrically
                 df = np.concatenate([df, np.zeros(len(vocab), dtype=np.int64)])
             df[ids] += block_df  # ids are distinct, so += adds once per term
-            rec = np.empty(len(term), POSTING)
-            rec["term"], rec["doc"], rec["tf"] = ids[term], n + doc, tf
+            rec = np.rec.fromarrays([ids[term], n + doc, tf], dtype=POSTING)  # (postings,)
             if not segments or segments[-1].stat().st_size >= SEGMENT_POSTINGS * POSTING.itemsize:
                 segments.append(tmp / f"postings.s{len(segments):04d}.bin")
             with open(segments[-1], "ab") as spill:
@@ -374,18 +372,14 @@ class Index:
         threads = self.threads if threads is None else threads  # 1 -> 0: bm25s then scores in this thread
         docs, scores = self.bm25.retrieve([q_ids[i] for i in live], k=k, n_threads=threads if threads > 1 else 0,
                                           show_progress=False)
-        for i, row_docs, row_scores in zip(live, docs, scores):
-            for d, s in zip(row_docs, row_scores):
-                if s > 0:  # bm25s pads with zero-score docs when fewer than k match
-                    results[i].append({**self.passage(int(d)), "score": float(s)})
+        for i, row_docs, row_scores in zip(live, docs, scores):  # s > 0: bm25s pads with zero-score docs
+            results[i] = [{**self.passage(int(d)), "score": float(s)} for d, s in zip(row_docs, row_scores) if s > 0]
         return results
 
 
 def _shorten(text: str, limit: int) -> str:
-    if len(text) <= limit:
-        return text
-    cut = text[:limit].rsplit(" ", 1)[0] if " " in text[:limit] else text[:limit]
-    return cut.rstrip() + "…"
+    """`text`, or its first `limit` characters cut back to a word boundary and marked "…"."""
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0].rstrip() + "…"
 
 
 def format_passages(hits: list[dict], max_chars_per_passage: int = 600, max_chars_total: int = 2000) -> str:
@@ -470,8 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         for flag in ("workers", "k", "threads"):  # those of args.cmd; the others are absent
-            value = getattr(args, flag, None)
-            if value is not None and value < 1:
+            if (value := getattr(args, flag, None)) is not None and value < 1:
                 raise RetrievalError(f"--{flag} must be >= 1, got {value}")
         if args.cmd == "build":
             t0 = time.perf_counter()
