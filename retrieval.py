@@ -119,8 +119,7 @@ def read_qa(path: str | Path) -> list[dict]:
 # Memory: the term vocabulary, 12 bytes per passage and a few blocks; never the corpus or all postings.
 BUILD_BLOCK = 4 << 20  # corpus bytes per pass-1 task
 FILL_POSTINGS = 4_000_000  # postings per pass-3 task (bounds a worker's memory)
-SPILL_BLOCK = 4_000_000  # postings read at a time in pass 2
-SEGMENT_POSTINGS = 32_000_000  # postings per pass-1 spill file, each deleted once pass 2 has split it
+SEGMENT_POSTINGS = 4_000_000  # postings per pass-1 spill file, which pass 2 reads whole (bounding its memory)
 PARALLEL_MIN_BYTES = 64 << 20  # smaller corpora are tokenised in-process: starting workers costs more than it saves
 POSTING = np.dtype([("term", np.int32), ("doc", np.int32), ("tf", np.int32)])
 
@@ -200,28 +199,6 @@ def _tokenize_pass(corpus: Path, tmp: Path, pool, window: int, progress: bool):
     return vocab, df[: len(vocab)], np.concatenate(offsets), np.concatenate(doclens), segments
 
 
-def _bucket_pass(tmp: Path, segments: list[Path], edges: np.ndarray, progress: bool) -> list[Path]:
-    """Pass 2: split the spilled postings into one file per term range [edges[i], edges[i+1]), in passage order."""
-    paths = [tmp / f"postings.r{i:04d}.bin" for i in range(len(edges) - 1)]
-    range_of = np.repeat(np.arange(len(paths), dtype=np.int16), np.diff(edges))  # (V,) int16: a radix sort below
-    total = sum(p.stat().st_size for p in segments) // POSTING.itemsize
-    with ExitStack() as files_open, \
-            tqdm(total=total, desc="split postings", unit=" postings", unit_scale=True, disable=not progress) as bar:
-        files = [files_open.enter_context(open(p, "wb")) for p in paths]
-        for segment in segments:
-            with open(segment, "rb") as f:
-                while len(rec := np.fromfile(f, POSTING, SPILL_BLOCK)):
-                    r = range_of[rec["term"]]
-                    order = np.argsort(r, kind="stable")  # stable: passage order survives inside each range
-                    cuts = np.searchsorted(r[order], np.arange(len(paths) + 1))
-                    rec = rec[order]
-                    for i in np.flatnonzero(np.diff(cuts)):
-                        rec[cuts[i] : cuts[i + 1]].tofile(files[i])
-                    bar.update(len(rec))
-            segment.unlink()  # disk holds the spill about once, not twice
-    return paths
-
-
 def _fill_range(task):
     """Pass 3 worker: BM25 scores of one term range's postings, sorted by (term, passage) = CSC order, written in
     place. The arithmetic is bm25s' own (Lucene BM25, same operation order and dtypes), so the files are identical."""
@@ -244,8 +221,8 @@ def _stopwatch():
 
 
 def _score_pass(tmp: Path, segments: list[Path], vocab: dict, df: np.ndarray, doclen: np.ndarray, pool, window: int,
-                progress: bool):
-    """Passes 2 and 3, then the vocabulary and parameter files: everything `bm25s.BM25.load` reads; their timings."""
+                progress: bool, seconds: dict):
+    """Passes 2 and 3 (timed into `seconds`), then the vocabulary and parameter files: all `bm25s.BM25.load` reads."""
     bm, n = bm25s.BM25(), len(doclen)
     assert (bm.method, bm.idf_method) == ("lucene", "lucene"), "the idf below is Lucene's"
     idf = np.array([math.log(1 + (n - d + 0.5) / (d + 0.5)) if d else 0.0 for d in df.tolist()], dtype=np.float32)
@@ -256,17 +233,31 @@ def _score_pass(tmp: Path, segments: list[Path], vocab: dict, df: np.ndarray, do
     np.save(tmp / "doclen.npy", doclen)
     for name, dtype in (("data", np.float32), ("indices", np.int32)):  # sparse files, filled in place by pass 3
         np.lib.format.open_memmap(tmp / f"{name}.csc.index.npy", mode="w+", dtype=dtype, shape=(nnz,))
+    stopwatch = _stopwatch()
+    paths = [tmp / f"postings.r{i:04d}.bin" for i in range(len(edges) - 1)]  # term range [edges[i], edges[i+1])
+    range_of = np.repeat(np.arange(len(paths), dtype=np.int16), np.diff(edges))  # (V,) int16: a radix sort below
+    with ExitStack() as files_open, \
+            tqdm(total=nnz, desc="split postings", unit=" postings", unit_scale=True, disable=not progress) as bar:
+        files = [files_open.enter_context(open(p, "wb")) for p in paths]
+        for segment in segments:  # pass 2: the spill split by term range, each in passage order
+            rec = np.fromfile(segment, POSTING)
+            r = range_of[rec["term"]]
+            order = np.argsort(r, kind="stable")  # stable: passage order survives inside each range
+            cuts = np.searchsorted(r[order], np.arange(len(paths) + 1))
+            rec = rec[order]
+            for i in np.flatnonzero(np.diff(cuts)):
+                rec[cuts[i] : cuts[i + 1]].tofile(files[i])
+            bar.update(len(rec))
+            segment.unlink()  # disk holds the spill about once, not twice
+    seconds["split"], stopwatch = stopwatch(), _stopwatch()
     l_avg = doclen.mean()  # np.float64, as bm25s' mean over passage lengths
-    split_time = _stopwatch()
-    paths = _bucket_pass(tmp, segments, edges, progress)
-    split, score_time = split_time(), _stopwatch()
     tasks = [(str(p), int(t0), idf[t0:t1], l_avg, bm.k1, bm.b, str(tmp), int(indptr[t0]))
              for p, t0, t1 in zip(paths, edges[:-1], edges[1:])]
     with tqdm(total=nnz, desc="score postings", unit=" postings", unit_scale=True, disable=not progress) as bar:
         for done in _ordered(pool, _fill_range, tasks, window):
             bar.update(done)
     (tmp / "doclen.npy").unlink()
-    score = score_time()
+    seconds["score"] = stopwatch()
     tok = _tokenizer()
     tok.stem_to_sid, tok.word_to_stem, tok.word_to_id = vocab, {"": ""}, {"": 0}  # queries stem unseen words
     tok.save_vocab(tmp)
@@ -275,7 +266,6 @@ def _score_pass(tmp: Path, segments: list[Path], vocab: dict, df: np.ndarray, do
     params = dict(k1=bm.k1, b=bm.b, delta=bm.delta, method=bm.method, idf_method=bm.idf_method, dtype=bm.dtype,
                   int_dtype=bm.int_dtype, num_docs=n, version=bm25s.__version__, backend=bm.backend)
     (tmp / "params.index.json").write_text(json.dumps(params, indent=4))
-    return {"split": split, "score": score}
 
 
 class Index:
@@ -307,7 +297,7 @@ class Index:
         try:
             vocab, df, offsets, doclen, segments = _tokenize_pass(corpus, tmp, pool, 2 * workers, show_progress)
             seconds = {"tokenize": elapsed()}
-            seconds |= _score_pass(tmp, segments, vocab, df, doclen, pool, 2 * workers, show_progress)
+            _score_pass(tmp, segments, vocab, df, doclen, pool, 2 * workers, show_progress, seconds)
         except BaseException:  # a failed or interrupted build leaves nothing behind, and does not wait for the workers
             shutil.rmtree(tmp, ignore_errors=True)  # before the shutdown, so a second Ctrl-C cannot leave it
             raise
