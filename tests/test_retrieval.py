@@ -154,8 +154,7 @@ def test_build_writes_exactly_what_bm25s_index_writes(tmp_path, monkeypatch):
     """Tiny blocks, spill segments and term ranges, so every pass runs many times; then file for file against
     bm25s' own in-memory index() on the same corpus, and the same top-k through both."""
     corpus = random_corpus(tmp_path / "c.jsonl", 300)
-    for name, value in [("BUILD_BLOCK", 2_000), ("SEGMENT_POSTINGS", 500), ("SPILL_BLOCK", 300),
-                        ("FILL_POSTINGS", 400)]:
+    for name, value in [("BUILD_BLOCK", 2_000), ("SEGMENT_POSTINGS", 500), ("FILL_POSTINGS", 400)]:
         monkeypatch.setattr(retrieval, name, value)
     ours = Index.build(corpus, tmp_path / "ours", show_progress=False, workers=1)
     bm25s_own_build(corpus, tmp_path / "ref")
