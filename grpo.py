@@ -3,31 +3,23 @@
 Run the checks:  python -m pytest -q tests/test_grpo.py   and   ruff check grpo.py tests/test_grpo.py
 
 Rewards (plain Python, one trajectory at a time)
-  accuracy  exact match (EM) after SQuAD/HotpotQA normalisation (lowercase, drop punctuation, drop a/an/the,
-            collapse whitespace) against any gold alias; token F1 as an option (`acc="f1"`, with HotpotQA's
-            yes/no/noanswer rule). Reward-hack guards: a missing or empty answer scores 0; in F1 mode an answer
-            that is a *candidate list* scores 0 -- it splits on , ; / | newline or the word "or" into more
-            pieces than every gold does, or it has more than 2 x (longest gold) + 3 normalised words. ("and" is
-            not a separator: "Tom and Jerry", "Bosnia and Herzegovina" are real answers.) EM needs no guard: a
-            list never equals a gold after normalisation, and an exact match always earns its credit.
-            `cover_exact_match` (a gold is a whole-word substring of the prediction) is for evaluation only --
-            as a reward it pays for listing candidates.
-  format    the original Knowledge-R1 rule, +1 / -1: every assistant turn but the last is
-            <think>..</think><search>..</search>, the last is <think>..</think><answer>..</answer>, each tag
-            exactly once and in that order. Stricter than the original (which counted tags and checked order):
-            only whitespace may stand outside the tags (so text after </answer> fails), and no tag content may be
-            blank or hold another tag (an empty <answer></answer> or a nested/duplicated tag fails).
+  accuracy  exact match (EM) after SQuAD/HotpotQA normalisation against any gold alias, or token F1 (`acc="f1"`,
+            HotpotQA's yes/no rule). Reward-hack guards: an empty answer scores 0; in F1 mode so does a *candidate
+            list* (more pieces split on , ; / | newline or "or" than every gold has, or over 2 x longest gold + 3
+            words; "and" is no separator: "Bosnia and Herzegovina"). EM needs no guard: a list never equals a gold.
+            `cover_exact_match` is for evaluation only: as a reward it pays for listing candidates.
+  format    the original Knowledge-R1 rule, +1 / -1: every turn but the last is <think>..</think><search>..</search>,
+            the last <think>..</think><answer>..</answer>. Stricter than the original (which counted tags and
+            checked order): only whitespace outside the tags, no tag content blank or holding another tag.
   reward    w_acc * accuracy + w_fmt * format, default 1 and 1: the original's plain sum. A well-formed wrong
             answer (1) then beats a malformed right one (0): the protocol is learnt first, as the searches need it.
 
 Against the GRPO paper (DeepSeekMath, Shao et al. 2024), choice by choice:
-  advantage  A_i = (r_i - mean(r)) / (std(r) + eps) over the G samples of one prompt (paper, outcome
-             supervision), population std; `scale_std=False` drops the division (Dr. GRPO, Liu et al. 2025:
-             it up-weights groups that are almost all right or all wrong). Rewards are laid out (P*G,), the G
-             samples of one prompt consecutive; a group with equal rewards has zero advantage (no signal).
+  advantage  A_i = (r_i - mean(r)) / (std(r) + eps) over the G consecutive samples of one prompt (paper, outcome
+             supervision), population std; `scale_std=False` drops the division (Dr. GRPO, Liu et al. 2025: it
+             up-weights groups almost all right or all wrong). A group with equal rewards carries no signal.
   clip       PPO's per-token clipped surrogate, min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A), with DAPO's
-             decoupled "clip-higher" (Yu et al. 2025): defaults eps_low = eps_high = 0.2, the paper's symmetric
-             clip (and train.py's defaults); eps_high = 0.28 is DAPO's value.
+             decoupled "clip-higher" (Yu et al. 2025): default 0.2 both, the paper's; eps_high = 0.28 is DAPO's.
   ratio      rho = exp(logp - old_logp). With one optimizer step per rollout batch old_logp == logp, rho == 1 and
              the gradient is exactly the policy gradient A * grad logp (clipping never fires); it matters only
              with several updates per batch (ppo epochs / mini-batches) or stale rollouts. old_logp may be the
@@ -37,11 +29,11 @@ Against the GRPO paper (DeepSeekMath, Shao et al. 2024), choice by choice:
   aggregate  "seq": mean over each sequence's tokens, then mean over sequences (paper: 1/G sum_i 1/|o_i| sum_t);
              "token": sum over all tokens / number of tokens (DAPO, no length bias between sequences);
              "const": sum / constant, e.g. max_response_len * num_sequences (Dr. GRPO).
-             `normaliser` is the *global* count (tokens, sequences or the constant) over every micro-batch and
-             rank of one optimizer step, so accumulated micro-batch gradients equal the one-big-batch gradient.
+             `normaliser` is the count over every micro-batch and rank of one optimizer step, so accumulated
+             gradients equal the one-big-batch gradient.
   warm-start `sft_loss`: masked mean of -log p over expert trajectories' assistant tokens, before GRPO. Not in the
-             paper (its policy already follows the format); below ~1B a model that never emits the protocol gives
-             every group equal rewards and GRPO exactly zero gradient (Search-R1-style GRPO at 0.5B: 0 EM).
+             paper (its policy already follows the format); a small model that never emits the protocol gives
+             every group equal rewards and GRPO exactly zero gradient.
   mixing     David-GRPO (arXiv 2601.21699): an expert trajectory replaces one sample of a group in which no sample
              is correct (train.py --expert-mix); its old log-probs are the current ones, so ratio = 1 there.
 Masked positions (prompt, retrieved passages, template glue, padding) are selected away with torch.where, never
@@ -53,6 +45,7 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -79,8 +72,7 @@ def exact_match(prediction: str | None, golds: list[str]) -> float:
 def _f1(p: str, g: str) -> float:
     if p != g and (p in ("yes", "no", "noanswer") or g in ("yes", "no", "noanswer")):
         return 0.0  # HotpotQA: a yes/no question is all or nothing
-    common = Counter(p.split()) & Counter(g.split())
-    same = sum(common.values())
+    same = sum((Counter(p.split()) & Counter(g.split())).values())
     if same == 0:
         return 0.0
     precision, recall = same / len(p.split()), same / len(g.split())
@@ -114,11 +106,9 @@ def answer_accuracy(answer: str | None, golds: list[str], acc: str = "em") -> fl
     """Accuracy reward in [0, 1]: EM (default) or guarded F1 (see the module docstring)."""
     if acc not in ("em", "f1"):
         raise ValueError(f"acc must be 'em' or 'f1', got {acc!r}")
-    if answer is None or not normalize_answer(answer):
-        return 0.0
     if exact_match(answer, golds):
         return 1.0
-    if acc == "em" or is_candidate_list(answer, golds):
+    if acc == "em" or not answer or is_candidate_list(answer, golds):  # f1_score gives an empty answer 0
         return 0.0
     return f1_score(answer, golds)
 
@@ -143,9 +133,8 @@ def format_reward(responses: list[str]) -> float:
 
 
 def reward(traj, golds: list[str], w_acc: float = 1.0, w_fmt: float = 1.0, acc: str = "em") -> dict[str, float]:
-    """Score one trajectory (anything with .answer and .responses, e.g. rollout.Trajectory) against its gold
-    aliases: "reward" = w_acc * accuracy + w_fmt * format, plus each term. train.py logs every key of this dict
-    (mean over trajectories), so a new reward term is one new key here and one line in the sum."""
+    """Score one trajectory (.answer, .responses) against its gold aliases; train.py logs every key (mean over
+    trajectories), so a new reward term is one new key here and one line in the sum."""
     a, f = answer_accuracy(traj.answer, golds, acc), format_reward(traj.responses)
     return {"reward": w_acc * a + w_fmt * f, "accuracy": a, "format": f}
 
@@ -181,13 +170,11 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
                    loss_mask: torch.Tensor | None = None, vocab: int | None = None):
     """logp[:, t] = log softmax(logits_t / temperature)[input_ids[:, t+1]], (B, T-1), never holding (B*T, V).
 
-    Left- or right-padded rows both work (positions restart at each row's first real token). With grad enabled,
-    each chunk of `chunk_size` tokens is checkpointed: backward recomputes its logits instead of storing them.
-    `loss_mask` (B, T-1): compute the head only where it is 1 (0.0 elsewhere): a trajectory's loss tokens are a
-    small part of it (prompt and passages are context only), and a 49k-152k-wide head is a large part of a small
-    model's FLOPs (BENCHMARKS.md). `vocab`: the softmax runs over the first `vocab` logits only, the tokenizer's ids,
-    as rollout() samples them (Qwen2.5's embedding has 151,936 rows for 151,665 ids); None = all. Returns logp, or
-    (logp, entropy) with `with_entropy`.
+    Rows may be left- or right-padded (positions restart at each row's first real token). With grad, each chunk of
+    `chunk_size` tokens is checkpointed: backward rebuilds its logits. `loss_mask` (B, T-1): run the LM head only
+    where it is 1 (0.0 elsewhere), as prompt and passages need no head. `vocab`: softmax over the tokenizer's first
+    `vocab` ids only, as rollout() samples (Qwen2.5 has more embedding rows than ids). Returns logp, or (logp,
+    entropy) with `with_entropy`.
     """
     B, T = input_ids.shape
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
@@ -196,21 +183,18 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     hidden = out.last_hidden_state[:, :-1][sel]  # (N, H), N = selected positions
     targets = input_ids[:, 1:][sel]  # (N,)
     head = model.get_output_embeddings()
-    grad = torch.is_grad_enabled() and hidden.requires_grad
-    logps, ents = [], []
-    for s in range(0, hidden.shape[0], chunk_size):
-        h, y = hidden[s : s + chunk_size], targets[s : s + chunk_size]  # (n, H), (n,)
-        if grad:  # store only h (n, H); the (n, V) logits are rebuilt in backward
-            lp, ent = checkpoint(_chunk_logp, head, h, y, temperature, with_entropy, vocab, use_reentrant=False)
-        else:
-            lp, ent = _chunk_logp(head, h, y, temperature, with_entropy, vocab)
-        logps.append(lp)
-        ents.append(ent)
+    if torch.is_grad_enabled() and hidden.requires_grad:  # store only h (n, H); backward rebuilds the (n, V) logits
+        chunk = partial(checkpoint, _chunk_logp, use_reentrant=False)
+    else:
+        chunk = _chunk_logp
+    parts = [chunk(head, hidden[s : s + chunk_size], targets[s : s + chunk_size], temperature, with_entropy, vocab)
+             for s in range(0, hidden.shape[0], chunk_size)]  # [((n,), (n,) or None)]
     zeros = hidden.new_zeros(B, T - 1, dtype=torch.float32)  # (B, T-1)
-    logp = zeros.masked_scatter(sel, torch.cat(logps)) if logps else zeros  # (B, T-1) float32
+    lps, ents = zip(*parts) if parts else ((), ())
+    logp = zeros.masked_scatter(sel, torch.cat(lps)) if parts else zeros  # (B, T-1) float32
     if not with_entropy:
         return logp
-    return logp, (zeros.masked_scatter(sel, torch.cat(ents)) if ents else zeros).detach()  # (B, T-1)
+    return logp, (zeros.masked_scatter(sel, torch.cat(ents)) if parts else zeros).detach()  # (B, T-1)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -225,6 +209,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     """
     if agg not in ("token", "seq", "const"):
         raise ValueError(f"agg must be 'token', 'seq' or 'const', got {agg!r}")
+    if agg == "const" and normaliser is None:
+        raise ValueError("agg='const' needs normaliser (e.g. max_response_len * num_sequences)")
     if beta > 0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp")
     m = mask.bool()  # (B, T)
@@ -241,17 +227,11 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
         if beta > 0:
             per_tok = per_tok + beta * kl
     per_tok = torch.where(m, per_tok, zero)  # (B, T)
-
-    n_tok = m.sum()
-    if agg == "token":
-        loss = per_tok.sum() / (n_tok.clamp(min=1) if normaliser is None else normaliser)
-    elif agg == "seq":
-        seq_mean = per_tok.sum(1) / m.sum(1).clamp(min=1)  # (B,)
-        loss = seq_mean.sum() / (m.shape[0] if normaliser is None else normaliser)
-    else:
-        if normaliser is None:
-            raise ValueError("agg='const' needs normaliser (e.g. max_response_len * num_sequences)")
-        loss = per_tok.sum() / normaliser
+    if agg == "seq":
+        per_tok = per_tok / m.sum(1, keepdim=True).clamp(min=1)  # (B, T) each sequence's tokens sum to its mean
+    if normaliser is None:
+        normaliser = m.sum().clamp(min=1) if agg == "token" else m.shape[0]
+    loss = per_tok.sum() / normaliser
     return loss, loss_metrics(m, ratio, advantages, clip_low, clip_high, kl, entropy)
 
 
@@ -287,9 +267,8 @@ def loss_metrics(m: torch.Tensor, ratio: torch.Tensor, advantages: torch.Tensor,
 
 # ----------------------------------------------------------------------------- warm-start
 def sft_loss(logp: torch.Tensor, mask: torch.Tensor, normaliser: float | torch.Tensor | None = None) -> torch.Tensor:
-    """Supervised warm-start on expert trajectories: masked mean of -log p over the expert's own tokens (mask 1 =
-    assistant content; prompt, passages and template glue are context only). logp, mask: (B, T). `normaliser` is
-    the global token count over micro-batches and ranks (default: this batch's), as in grpo_loss."""
+    """Warm-start on expert trajectories: masked mean of -log p over the expert's own tokens (mask 1); logp, mask:
+    (B, T). `normaliser`: the token count over micro-batches and ranks (default: this batch's), as in grpo_loss."""
     m = mask.bool()  # (B, T)
     nll = torch.where(m, -logp, logp.new_zeros(())).sum()  # where, not *: inf at a masked slot cannot leak
     return nll / (m.sum().clamp(min=1) if normaliser is None else normaliser)
