@@ -499,10 +499,10 @@ def save_checkpoint(out: Path, model: LogProbs, tok, optimizer, cfg: Config, ste
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
+    torch.save(torch.get_rng_state(), tmp / f"rng_rank{rank}.pt")  # before dcp.save's collectives: rank 0 renames after
     msd, osd = get_state_dict(lm, optimizer)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "state"))  # sharded: each rank writes its part
     full = get_model_state_dict(lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    torch.save(torch.get_rng_state(), tmp / f"rng_rank{rank}.pt")
     if rank == 0:  # a plain Hugging Face folder: from_pretrained / kr1.py --model; LoRA: also adapter/ (PEFT)
         if cfg.lora_rank:
             rollout.save_adapter(tmp / "adapter", full, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
