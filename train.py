@@ -44,10 +44,8 @@ import retrieval
 import rollout
 
 HERE = Path(__file__).resolve().parent
-
-
-def opt(default, help: str):
-    return field(default=default, metadata={"help": help})
+PER_TOKEN = ("kl", "clip_frac", "entropy", "ratio_mean")  # grpo_loss metrics, logged as token-weighted step means
+opt = lambda default, help: field(default=default, metadata={"help": help})  # a Config field and its --help text
 
 
 @dataclass
@@ -109,23 +107,19 @@ class Config:
 
 SMOL = dict(model="default", lora_rank=8, lora_alpha=16.0, max_turns=2, max_turn_tokens=64, max_total_tokens=768,
             top_k_passages=2, beta=0.0, agg="token", grad_ckpt=False)  # SmolLM2 + LoRA, sized for a small CPU
-PRESETS = {  # their runs and times: BENCHMARKS.md
-    # the quick CPU run: a LoRA warm-start with sampled probes, then a few GRPO steps
-    "offline": dict(SMOL, dataset=str(HERE / "data" / "qa.jsonl"), index=None, out="runs/offline", sft_steps=20,
-                    sft_batch=4, sft_lr=5e-4, sft_probe_every=10, steps=6, lr=2e-4, warmup_steps=1, group_size=4,
-                    prompts_per_step=4, temperature=0.7, micro_batch=1, save_every=10),
-    # the shipped adapter: LoRA warm-start on 2Wiki expert trajectories, then GRPO with expert mixing;
-    # its files: `python data/prepare_2wiki.py` (from 2WikiMultihopQA's release) or --dataset/--index
-    "smollm2-2wiki": dict(SMOL, dataset="runs/2wiki/train.jsonl", index="runs/2wiki/corpus.jsonl",
-                          out="runs/smollm2-2wiki", sft_steps=40, sft_batch=4, sft_lr=5e-4, sft_probe_every=20,
+QA = dict(SMOL, dataset=str(HERE / "data" / "qa.jsonl"), index=None)  # the project's own questions, embedded corpus
+WIKI = dict(SMOL, dataset="runs/2wiki/train.jsonl", index="runs/2wiki/corpus.jsonl")  # from data/prepare_2wiki.py
+PRESETS = {  # what each is for: --preset's help; their runs and times: BENCHMARKS.md
+    "offline": dict(QA, out="runs/offline", sft_steps=20, sft_batch=4, sft_lr=5e-4, sft_probe_every=10, steps=6,
+                    lr=2e-4, warmup_steps=1, group_size=4, prompts_per_step=4, temperature=0.7, micro_batch=1,
+                    save_every=10),
+    "smollm2-2wiki": dict(WIKI, out="runs/smollm2-2wiki", sft_steps=40, sft_batch=4, sft_lr=5e-4, sft_probe_every=20,
                           expert_mix=True, steps=28, lr=5e-5, warmup_steps=3, group_size=4, prompts_per_step=4,
                           micro_batch=1, save_every=8),
-    # watch GRPO learn (bench/grpo_gain.sh): warmstart-qa teaches the protocol by SFT on data/qa.jsonl (no 2Wiki);
-    # grpo-2wiki resumes from it with GRPO alone on 2Wiki questions never evaluated on (--no-update: the control arm)
-    "warmstart-qa": dict(SMOL, dataset=str(HERE / "data" / "qa.jsonl"), index=None, out="runs/grpo-gain/start",
-                         sft_steps=40, sft_batch=4, sft_lr=5e-4, steps=0, micro_batch=4, save_every=0),
-    "grpo-2wiki": dict(SMOL, dataset="runs/2wiki/train.jsonl", index="runs/2wiki/corpus.jsonl",
-                       out="runs/grpo-gain/trained", sft_steps=40, steps=40, lr=5e-4, warmup_steps=3,
+    # bench/grpo_gain.sh: grpo-2wiki resumes from warmstart-qa (SFT, no 2Wiki), GRPO alone; --no-update: control arm
+    "warmstart-qa": dict(QA, out="runs/grpo-gain/start", sft_steps=40, sft_batch=4, sft_lr=5e-4, steps=0, micro_batch=4,
+                         save_every=0),
+    "grpo-2wiki": dict(WIKI, out="runs/grpo-gain/trained", sft_steps=40, steps=40, lr=5e-4, warmup_steps=3,
                        group_size=4, prompts_per_step=4, temperature=0.7, acc="f1", w_fmt=0.5, micro_batch=4,
                        save_every=5),
 }
@@ -248,8 +242,7 @@ def lr_at(cfg: Config, step: int) -> float:
 
 def step_rows(cfg: Config, rows: list[dict], step: int) -> list[dict]:
     """This rank's questions: SFT and GRPO steps walk their own seeded orders, by (seed, step) alone (exact resume)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    sft = step < cfg.sft_steps
+    sft, rank, world = step < cfg.sft_steps, dist.get_rank(), dist.get_world_size()
     per_step = cfg.sft_batch if sft else cfg.prompts_per_step
     idx = step_prompts(len(rows), step if sft else step - cfg.sft_steps, per_step, cfg.seed + sft)
     per_rank = per_step // world
@@ -266,15 +259,11 @@ def truncate_log(path: Path, step: int) -> None:
 
 
 def step_prompts(n: int, step: int, per_step: int, seed: int) -> list[int]:
-    """Row indices for a step: a fresh seeded permutation each epoch; the data position is the step number."""
-    out, pos = [], step * per_step
-    while len(out) < per_step:
-        epoch, i = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
-        take = min(per_step - len(out), n - i)
-        out += perm[i : i + take]
-        pos += take
-    return out
+    """Row indices for a step: its window of a stream that is a fresh seeded permutation of the rows each epoch."""
+    first, last = step * per_step, (step + 1) * per_step - 1  # the step's positions in the stream
+    perm = lambda epoch: torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+    stream = [i for epoch in range(first // n, last // n + 1) for i in perm(epoch)]  # the epochs it spans
+    return stream[first % n : first % n + per_step]
 
 
 # ----------------------------------------------------------------------------- one step
@@ -316,52 +305,48 @@ def expert(cfg: Config, tok, row: dict, search) -> rollout.Trajectory:
 def mix_experts(cfg: Config, tok, rows: list[dict], search, trajs: list, scores: list) -> int:
     """David-GRPO: in a group where no sample is correct, the last sample becomes the expert trajectory, so the
     group has a reward spread and the right answer a positive advantage. In place; returns how many rows."""
-    G, mixed = cfg.group_size, 0
-    for p, row in enumerate(rows):
-        if not any(s["accuracy"] > 0 for s in scores[p * G : (p + 1) * G]):
-            trajs[p * G + G - 1] = t = expert(cfg, tok, row, search)
-            scores[p * G + G - 1] = score(cfg, t, row)
-            mixed += 1
-    return mixed
+    G = cfg.group_size
+    wrong = [p for p in range(len(rows)) if not any(s["accuracy"] > 0 for s in scores[p * G : (p + 1) * G])]
+    for p in wrong:
+        trajs[p * G + G - 1] = t = expert(cfg, tok, rows[p], search)
+        scores[p * G + G - 1] = score(cfg, t, rows[p])
+    return len(wrong)
 
 
-def token_count(trajs: list, device) -> torch.Tensor:
-    """Loss tokens (mask 1 at target positions) over every rank: the global normaliser of one step."""
+def step_sums(trajs: list, device, keys: tuple[str, ...] = ("loss",)) -> dict[str, torch.Tensor]:
+    """Zeroed fp64 sums of `keys` (tensors: no host sync per micro-batch) and `n_tok`, the loss tokens of all ranks."""
     n_tok = torch.tensor(float(sum(sum(t.mask[1:]) for t in trajs)), device=device)
     dist.all_reduce(n_tok)
-    return n_tok
+    return {**dict.fromkeys(keys, torch.zeros((), dtype=torch.float64, device=device)), "n_tok": n_tok}
 
 
 def grpo_update(model, ref, cfg: Config, trajs: list, adv: torch.Tensor, experts: list[bool]) -> dict:
     """Accumulate the GRPO loss over micro-batches (backward only; the caller steps). Token-weighted metric sums.
     Expert rows were not sampled: their old log-probs are the current ones (ratio 1, a plain policy gradient)."""
     world, device = dist.get_world_size(), adv.device
-    n_tok = token_count(trajs, device)
-    normaliser = {"token": n_tok.item(), "seq": float(len(trajs) * world),
+    sums = step_sums(trajs, device, ("loss", *PER_TOKEN))
+    normaliser = {"token": sums["n_tok"].item(), "seq": float(len(trajs) * world),
                   "const": float(cfg.max_total_tokens * len(trajs) * world)}[cfg.agg]
-    per_tok = ("kl", "clip_frac", "entropy", "ratio_mean")  # token-weighted means over the whole step
-    sums = dict.fromkeys(("loss", *per_tok), torch.zeros((), dtype=torch.float64, device=device))
     extremes = torch.tensor([0.0, -9.0], device=device)  # (ratio max, -ratio min) over the step
     for s in range(0, len(trajs), cfg.micro_batch):
         b = pad_batch(trajs[s : s + cfg.micro_batch], device)
+        x = (b["ids"], b["attn"], cfg.temperature, cfg.logprob_chunk)
         with rollout.bf16_autocast(device, cfg.bf16):
             with torch.no_grad():
-                ref_logp = None if ref is None else ref(b["ids"], b["attn"], cfg.temperature, cfg.logprob_chunk,
-                                                        loss_mask=b["mask"])  # (b, T-1)
-            logp, ent = model(b["ids"], b["attn"], cfg.temperature, cfg.logprob_chunk, with_entropy=True,
-                              loss_mask=b["mask"])  # (b, T-1) each
+                ref_logp = None if ref is None else ref(*x, loss_mask=b["mask"])  # (b, T-1)
+            logp, ent = model(*x, with_entropy=True, loss_mask=b["mask"])  # (b, T-1) each
         is_exp = torch.tensor(experts[s : s + cfg.micro_batch], device=device)[:, None]  # (b, 1)
         old = torch.where(is_exp, logp.detach(), b["old"])  # (b, T-1)
         loss, m = grpo.grpo_loss(logp, old, adv[s : s + cfg.micro_batch], b["mask"], ref_logp=ref_logp,
                                  beta=cfg.beta, clip_low=cfg.clip_low, clip_high=cfg.clip_high, agg=cfg.agg,
                                  normaliser=normaliser, entropy=ent)
         (loss * world).backward()  # FSDP averages gradients over ranks; the loss is already globally normalised
-        sums["loss"] = sums["loss"] + loss.detach()  # tensors, not .item(): no host sync per micro-batch
-        for k in per_tok:
+        sums["loss"] = sums["loss"] + loss.detach()
+        for k in PER_TOKEN:
             sums[k] = sums[k] + m[k] * m["n_tokens"]
         extremes = torch.maximum(extremes, torch.stack([m["ratio_max"], -m["ratio_min"]]))
     dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
-    return {**sums, "ratio_max": extremes[0], "ratio_min": -extremes[1], "n_tok": n_tok}
+    return {**sums, "ratio_max": extremes[0], "ratio_min": -extremes[1]}
 
 
 def sft_step(model: LogProbs, tok, optimizer, cfg: Config, rows: list[dict], search, step: int) -> dict:
@@ -370,20 +355,20 @@ def sft_step(model: LogProbs, tok, optimizer, cfg: Config, rows: list[dict], sea
     world, device = dist.get_world_size(), next(model.parameters()).device
     trajs, scores, t_rollout = [], [], 0.0
     if cfg.sft_probe_every and step % cfg.sft_probe_every == 0:
-        trajs, scores, t_rollout = rollout_and_score(model, tok, cfg, rows[: cfg.prompts_per_step // world], search,
-                                                     step)
+        probe = rows[: cfg.prompts_per_step // world]  # this rank's share of --prompts-per-step
+        trajs, scores, t_rollout = rollout_and_score(model, tok, cfg, probe, search, step)
     t1 = time.perf_counter()
     model.train()
     experts = [expert(cfg, tok, r, search) for r in rows]
-    n_tok, total = token_count(experts, device), torch.zeros((), dtype=torch.float64, device=device)
+    sums = step_sums(experts, device)
     for s in range(0, len(experts), cfg.micro_batch):
         b = pad_batch(experts[s : s + cfg.micro_batch], device)
         with rollout.bf16_autocast(device, cfg.bf16):
             logp = model(b["ids"], b["attn"], 1.0, cfg.logprob_chunk, loss_mask=b["mask"])  # (b, T-1)
-        loss = grpo.sft_loss(logp, b["mask"], normaliser=n_tok)
+        loss = grpo.sft_loss(logp, b["mask"], normaliser=sums["n_tok"])
         (loss * world).backward()  # as in grpo_update
-        total = total + loss.detach()
-    return optimizer_step(model, optimizer, cfg, step, {"loss": total, "n_tok": n_tok}, trajs, scores, t_rollout, t1)
+        sums["loss"] = sums["loss"] + loss.detach()
+    return optimizer_step(model, optimizer, cfg, step, sums, trajs, scores, t_rollout, t1)
 
 
 def grpo_step(model: LogProbs, ref, tok, optimizer, cfg: Config, rows: list[dict], search, step: int) -> dict:
@@ -395,7 +380,7 @@ def grpo_step(model: LogProbs, ref, tok, optimizer, cfg: Config, rows: list[dict
     mixed = mix_experts(cfg, tok, rows, search, batch, batch_scores) if cfg.expert_mix else 0
     adv = grpo.group_advantages([s["reward"] for s in batch_scores], cfg.group_size, cfg.scale_std)  # (B,)
     out = (grpo_update(model, ref, cfg, batch, adv.to(device), [t.expert for t in batch]) if cfg.update else
-           {"loss": torch.zeros((), dtype=torch.float64, device=device), "n_tok": token_count(batch, device)})
+           step_sums(batch, device))  # the control arm: no loss, no gradient
     out.update(adv_sq=(adv.double() ** 2).sum(), expert_rows=mixed)
     return optimizer_step(model, optimizer, cfg, step, out, trajs, scores, t_rollout, t1, cfg.update)
 
@@ -405,9 +390,8 @@ def optimizer_step(model, optimizer, cfg: Config, step: int, out: dict, trajs: l
     """The tail of both steps: clip the gradient norm; step AdamW at lr_at(step) unless `update` is off or some rank
     saw a non-finite loss or norm; return the step's log record (reduced over ranks)."""
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    finite = all_finite(grad_norm, out["loss"])
-    lr = lr_at(cfg, step)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+    finite, lr = all_finite(grad_norm, out["loss"]), lr_at(cfg, step)
     if finite and update:
         for g in optimizer.param_groups:
             g["lr"] = lr
@@ -415,8 +399,7 @@ def optimizer_step(model, optimizer, cfg: Config, step: int, out: dict, trajs: l
     optimizer.zero_grad(set_to_none=True)
     rec = {"step": step + 1, "phase": "sft" if step < cfg.sft_steps else "grpo", **step_metrics(trajs, scores, out),
            "grad_norm": grad_norm.item(), "lr": lr, "skipped": not finite, "rollout_s": round(t_rollout, 3),
-           "update_s": round(time.perf_counter() - t1, 3),
-           "peak_mem_gb": round(peak_memory_gib(out["loss"].device), 3)}
+           "update_s": round(time.perf_counter() - t1, 3), "peak_mem_gb": round(peak_memory_gib(out["loss"].device), 3)}
     if trajs:
         rec["rollout_tokens_per_s"] = round(rec["response_tokens"] * len(trajs) / t_rollout, 1)
     return rec
@@ -430,28 +413,24 @@ def all_finite(*xs: torch.Tensor) -> bool:
 
 
 def step_metrics(trajs: list, scores: list, out: dict) -> dict:
-    """Reduce over ranks in one collective: the loss, token-weighted loss metrics, and per trajectory every key of
-    the reward dicts (whatever grpo.reward returns), searches, response tokens and the advantage spread."""
-    per_tok = [k for k in ("kl", "clip_frac", "entropy", "ratio_mean") if k in out]
+    """Sum over ranks in one collective, then the loss, the token-weighted loss metrics, and per-trajectory means of
+    every reward key (whatever grpo.reward returns), searches, response tokens and the advantage spread."""
+    per_tok = [k for k in PER_TOKEN if k in out]
     per_traj = {**{k: sum(s[k] for s in scores) for k in (scores[0] if scores else {})},
                 "searches": sum(len(t.queries) for t in trajs), "response_tokens": sum(sum(t.mask) for t in trajs)}
     if "adv_sq" in out:
         per_traj["adv_sq"] = out["adv_sq"]
-    vals = {"loss": out["loss"], "expert_rows": out.get("expert_rows", 0), "n": len(trajs),
-            **{k: out[k] for k in per_tok}, **per_traj}
+    sums = {"loss": out["loss"], "expert_rows": out.get("expert_rows", 0), **{k: out[k] for k in per_tok}, **per_traj}
     totals = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=out["loss"].device).reshape(())
-                          for v in vals.values()])
+                          for v in sums.values()])
     dist.all_reduce(totals)
-    tot = dict(zip(vals, totals.tolist(), strict=True))
-    n, ntok = max(tot["n"], 1.0), max(out["n_tok"].item(), 1.0)
-    rec = {"loss": tot["loss"], **{k: tot[k] / ntok for k in per_tok}}
-    if trajs:
-        rec.update({k: tot[k] / n for k in per_traj}, expert_rows=tot["expert_rows"])
+    tot = dict(zip(sums, totals.tolist(), strict=True))
+    rec = {"loss": tot["loss"], **{k: tot[k] / max(out["n_tok"].item(), 1.0) for k in per_tok}}
+    if trajs:  # every rank has as many
+        rec.update({k: tot[k] / (len(trajs) * dist.get_world_size()) for k in per_traj}, expert_rows=tot["expert_rows"])
     if "adv_sq" in rec:
         rec["adv_std"] = math.sqrt(rec.pop("adv_sq"))
-    if "ratio_max" in out:
-        rec.update(ratio_max=out["ratio_max"].item(), ratio_min=out["ratio_min"].item())
-    return rec
+    return {**rec, **{k: out[k].item() for k in ("ratio_max", "ratio_min") if k in out}}
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -499,9 +478,8 @@ def load_checkpoint(path: str, model: LogProbs, optimizer) -> int:
     if not (ckpt / "trainer.json").is_file():
         raise SystemExit(f"train.py: error: --resume {path}: no checkpoint there (expected trainer.json or latest)")
     msd, osd = dsd.get_state_dict(model.lm, optimizer)
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(ckpt / "state"))
-    dsd.set_state_dict(model.lm, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(ckpt / "state"))  # in place
+    dsd.set_state_dict(model.lm, optimizer, model_state_dict=msd, optim_state_dict=osd)
     rng = ckpt / f"rng_rank{dist.get_rank()}.pt"
     if rng.is_file():
         torch.set_rng_state(torch.load(rng))
@@ -545,10 +523,9 @@ def load_sharded(cfg: Config, spec: str | None, dtype: torch.dtype, device: torc
     model.to_empty(device=device)
     dsd.set_model_state_dict(lm, full.state_dict() if rank == 0 else {},
                              options=dsd.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    buffers = dict(full.named_buffers()) if rank == 0 else {}
     for name, buf in lm.named_buffers():  # non-persistent buffers (rotary inv_freq) are in no state dict
         if rank == 0:
-            buf.copy_(buffers[name])
+            buf.copy_(full.get_buffer(name))
         dist.broadcast(buf, src=0)
     return model, tok
 
@@ -559,9 +536,8 @@ def build_models(cfg: Config, device: torch.device, world: int):
     spec, cuda = None if cfg.model in (None, "default") else cfg.model, device.type == "cuda"
     mesh = init_device_mesh(device.type, (world,))
     model, tok = load_sharded(cfg, spec, torch.float32, device, mesh, train=True)
-    ref = None
-    if cfg.beta > 0:
-        ref, _ = load_sharded(cfg, spec, torch.bfloat16 if cuda else torch.float32, device, mesh, train=False)
+    ref_dtype = torch.bfloat16 if cuda else torch.float32  # frozen: it only computes
+    ref = load_sharded(cfg, spec, ref_dtype, device, mesh, train=False)[0] if cfg.beta > 0 else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99), fused=cuda)
     return model, ref, tok, optimizer
