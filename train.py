@@ -8,10 +8,9 @@ r"""GRPO training of a search-while-reasoning policy: rollouts on every rank, FS
     python train.py --resume runs/kr1                      # continue exactly where the last checkpoint stopped
     python train.py --preset smollm2-2wiki                 # the shipped adapter: LoRA, SFT warm-start, GRPO + mixing
 
-One GRPO step: each rank rolls out G trajectories for each of its prompts (rollout.py, searching retrieval.py's
-index), scores them (grpo.reward) and runs the GRPO loss over micro-batches. Optional: an SFT warm-start on expert
-trajectories (--sft-steps), expert mixing (--expert-mix), LoRA (--lora-rank). Logs: OUT/log.jsonl, a JSON line per
-step; checkpoints: OUT/checkpoints/step_N/{hf/, adapter/ (LoRA), state/, trainer.json} and OUT/latest.
+One GRPO step: each rank rolls out G trajectories for each of its prompts (rollout.py, searching retrieval.py's index),
+scores them (grpo.reward) and runs the GRPO loss over micro-batches; optional: SFT warm-start, expert mixing, LoRA.
+Logs: OUT/log.jsonl; checkpoints: OUT/checkpoints/step_N/{hf/, adapter/ (LoRA), state/, trainer.json} and OUT/latest.
 """
 
 from __future__ import annotations
@@ -195,13 +194,12 @@ class LogProbs(torch.nn.Module):
 
 
 def shard_model(lm: torch.nn.Module, mesh, cuda: bool, train: bool, vocab: int, ckpt: bool = True) -> LogProbs:
-    """LogProbs(lm) under FSDP2 (frozen unless `train`): one unit per decoder layer, and the root. A CPU world of one
-    keeps the plain module: there FSDP would only copy every layer per forward and backward."""
+    """LogProbs(lm) under FSDP2 (frozen unless `train`): one unit per decoder layer, and the root."""
     mp = MixedPrecisionPolicy(torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
     if train and ckpt:  # recompute each layer in backward: activations kept per layer = its input only
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = LogProbs(lm if train else lm.requires_grad_(False), vocab)
-    if mesh.size() == 1 and not cuda:
+    if mesh.size() == 1 and not cuda:  # a CPU world of one: FSDP would only copy every layer per forward and backward
         return model
     for layer in lm.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
@@ -229,8 +227,7 @@ def unsharded(model: LogProbs):
 
 
 def lr_at(cfg: Config, step: int) -> float:
-    """--sft-lr through the warm-start, then linear warm-up and cosine decay to 0 over the GRPO steps. A pure function
-    of (config, 0-based step), as in nanoGPT: nothing to checkpoint; --resume with a new --lr follows the new one."""
+    """--sft-lr, then linear warm-up and cosine decay to 0: a pure function of (cfg, step), nothing to checkpoint."""
     if step < cfg.sft_steps:
         return cfg.sft_lr
     step -= cfg.sft_steps
@@ -321,8 +318,7 @@ def step_sums(trajs: list, device, keys: tuple[str, ...] = ("loss",)) -> dict[st
 
 
 def grpo_update(model, ref, cfg: Config, trajs: list, adv: torch.Tensor, experts: list[bool]) -> dict:
-    """Accumulate the GRPO loss over micro-batches (backward only; the caller steps). Token-weighted metric sums.
-    Expert rows were not sampled: their old log-probs are the current ones (ratio 1, a plain policy gradient)."""
+    """Accumulate the GRPO loss over micro-batches (backward only; the caller steps) and its metrics' sums."""
     world, device = dist.get_world_size(), adv.device
     sums = step_sums(trajs, device, ("loss", *PER_TOKEN))
     normaliser = {"token": sums["n_tok"].item(), "seq": float(len(trajs) * world),
@@ -336,7 +332,7 @@ def grpo_update(model, ref, cfg: Config, trajs: list, adv: torch.Tensor, experts
                 ref_logp = None if ref is None else ref(*x, loss_mask=b["mask"])  # (b, T-1)
             logp, ent = model(*x, with_entropy=True, loss_mask=b["mask"])  # (b, T-1) each
         is_exp = torch.tensor(experts[s : s + cfg.micro_batch], device=device)[:, None]  # (b, 1)
-        old = torch.where(is_exp, logp.detach(), b["old"])  # (b, T-1)
+        old = torch.where(is_exp, logp.detach(), b["old"])  # (b, T-1); expert rows, never sampled: ratio 1
         loss, m = grpo.grpo_loss(logp, old, adv[s : s + cfg.micro_batch], b["mask"], ref_logp=ref_logp,
                                  beta=cfg.beta, clip_low=cfg.clip_low, clip_high=cfg.clip_high, agg=cfg.agg,
                                  normaliser=normaliser, entropy=ent)
@@ -350,12 +346,11 @@ def grpo_update(model, ref, cfg: Config, trajs: list, adv: torch.Tensor, experts
 
 
 def sft_step(model: LogProbs, tok, optimizer, cfg: Config, rows: list[dict], search, step: int) -> dict:
-    """A warm-start step: the masked NLL (grpo.sft_loss) of the expert trajectories of `rows`; every
-    --sft-probe-every steps first a sampled rollout of this rank's share of --prompts-per-step, to log rewards."""
+    """A warm-start step: the masked NLL (grpo.sft_loss) of the expert trajectories of `rows` (this rank's share)."""
     world, device = dist.get_world_size(), next(model.parameters()).device
     trajs, scores, t_rollout = [], [], 0.0
     if cfg.sft_probe_every and step % cfg.sft_probe_every == 0:
-        probe = rows[: cfg.prompts_per_step // world]  # this rank's share of --prompts-per-step
+        probe = rows[: cfg.prompts_per_step // world]  # sampled to log rewards: this rank's share of --prompts-per-step
         trajs, scores, t_rollout = rollout_and_score(model, tok, cfg, probe, search, step)
     t1 = time.perf_counter()
     model.train()
@@ -387,8 +382,7 @@ def grpo_step(model: LogProbs, ref, tok, optimizer, cfg: Config, rows: list[dict
 
 def optimizer_step(model, optimizer, cfg: Config, step: int, out: dict, trajs: list, scores: list, t_rollout: float,
                    t1: float, update: bool = True) -> dict:
-    """The tail of both steps: clip the gradient norm; step AdamW at lr_at(step) unless `update` is off or some rank
-    saw a non-finite loss or norm; return the step's log record (reduced over ranks)."""
+    """Clip the gradient norm; step AdamW unless `update` is off or a rank saw a non-finite value; the log record."""
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
     finite, lr = all_finite(grad_norm, out["loss"]), lr_at(cfg, step)
@@ -505,15 +499,14 @@ def fail(e: BaseException, rank: int, world: int) -> int:
 
 
 def load_sharded(cfg: Config, spec: str | None, dtype: torch.dtype, device: torch.device, mesh, train: bool):
-    """The policy (train: LoRA if asked) or the frozen reference, read by rank 0 alone into host memory; every rank
-    builds it on the meta device, shards it, and receives its shards from rank 0 tensor by tensor (no rank holds more
-    than its shard plus one tensor). A CPU world of one trains rank 0's plain module."""
+    """The policy (train: LoRA if asked) or the frozen reference, read by rank 0 alone; every rank builds it on the meta
+    device, shards it, and receives its shards from rank 0 tensor by tensor (memory: its shard plus one tensor)."""
     rank, cuda, lora = dist.get_rank(), device.type == "cuda", train and cfg.lora_rank
     if rank == 0:
         full, tok = rollout.load_model(spec, dtype=dtype)  # host memory
         if lora:
             rollout.add_lora(full, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-    if mesh.size() == 1 and not cuda:
+    if mesh.size() == 1 and not cuda:  # a CPU world of one trains rank 0's plain module
         return shard_model(full, mesh, cuda, train, len(tok), cfg.grad_ckpt), tok
     dist.barrier()  # the embedded model's first conversion is rank 0's
     lm, tok = rollout.load_model(spec, dtype=dtype, device=device, meta=True)
@@ -531,14 +524,13 @@ def load_sharded(cfg: Config, spec: str | None, dtype: torch.dtype, device: torc
 
 
 def build_models(cfg: Config, device: torch.device, world: int):
-    """The policy (fp32: the optimizer's master copy; gathered in bf16 on GPU) and the frozen reference (beta > 0; bf16
-    on GPU), both sharded, the tokenizer, and AdamW over the trainable parameters (LoRA: only the adapters)."""
+    """The policy (fp32: the optimizer's master copy), the frozen reference (beta > 0), the tokenizer and AdamW."""
     spec, cuda = None if cfg.model in (None, "default") else cfg.model, device.type == "cuda"
     mesh = init_device_mesh(device.type, (world,))
     model, tok = load_sharded(cfg, spec, torch.float32, device, mesh, train=True)
     ref_dtype = torch.bfloat16 if cuda else torch.float32  # frozen: it only computes
     ref = load_sharded(cfg, spec, ref_dtype, device, mesh, train=False)[0] if cfg.beta > 0 else None
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: only the adapters
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99), fused=cuda)
     return model, ref, tok, optimizer
 
