@@ -1,4 +1,4 @@
-"""GRPO training of a search-while-reasoning policy: rollouts on every rank, FSDP2, activation checkpointing.
+r"""GRPO training of a search-while-reasoning policy: rollouts on every rank, FSDP2, activation checkpointing.
 
     python train.py --preset offline                      # SmolLM2-135M on data/qa.jsonl + embedded corpus, CPU-sized
     torchrun --nproc_per_node=2 train.py --preset offline --steps 4
@@ -8,19 +8,9 @@
     python train.py --resume runs/kr1                      # continue exactly where the last checkpoint stopped
     python train.py --preset smollm2-2wiki                 # the shipped adapter: LoRA, SFT warm-start, GRPO + mixing
 
-Optional warm-start first (--sft-steps): SFT on expert trajectories (rollout.expert_trajectory: search the
-supporting titles, answer the gold), the masked NLL of grpo.sft_loss. With --expert-mix, a GRPO group with no
-correct sample gets its expert trajectory as the last sample (David-GRPO). --lora-rank R trains LoRA adapters
-(rollout.add_lora: forward hooks, PEFT's parameter names) and saves them as a PEFT adapter beside the merged model.
-
-One GRPO step: every rank takes its share of the step's prompts, unshards its FSDP parameters once, generates G
-trajectories per prompt with rollout.py (searching retrieval.py's mmap-loaded index), reshards, scores them
-(grpo.reward), turns rewards into group advantages, and runs the GRPO loss over micro-batches with chunked
-log-probs and per-layer activation checkpointing. Parameters are fp32 and sharded (the optimizer's master copy;
-rank 0 alone reads the checkpoint and sends each rank its shards); on GPU they are gathered in bf16 for compute and
-gradients are reduce-scattered in fp32; a CPU world of one trains the plain module (no FSDP). Logs: one JSON line
-per step in OUT/log.jsonl; checkpoints: OUT/checkpoints/step_N/{hf/, adapter/ (LoRA), state/, trainer.json} and
-OUT/latest.
+One GRPO step: each rank rolls out G trajectories for each of its prompts (rollout.py, searching retrieval.py's index),
+scores them (grpo.reward) and runs the GRPO loss over micro-batches; optional: SFT warm-start, expert mixing, LoRA.
+Logs: OUT/log.jsonl; checkpoints: OUT/checkpoints/step_N/{hf/, adapter/ (LoRA), state/, trainer.json} and OUT/latest.
 """
 
 from __future__ import annotations
@@ -43,13 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
+import torch.distributed.checkpoint.state_dict as dsd  # FSDP2 module/optimizer <-> (full or sharded) state dicts
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
@@ -59,10 +43,8 @@ import retrieval
 import rollout
 
 HERE = Path(__file__).resolve().parent
-
-
-def opt(default, help: str):
-    return field(default=default, metadata={"help": help})
+PER_TOKEN = ("kl", "clip_frac", "entropy", "ratio_mean")  # grpo_loss metrics, logged as token-weighted step means
+opt = lambda default, help: field(default=default, metadata={"help": help})  # a Config field and its --help text
 
 
 @dataclass
@@ -89,14 +71,12 @@ class Config:
     sft_lr: float = opt(3e-4, "SFT learning rate (constant; GRPO then warms up from 0 to --lr)")
     sft_probe_every: int = opt(0, "during SFT, roll out and score --prompts-per-step prompts every N steps (0 = off)")
     expert_mix: bool = opt(False, "David-GRPO: a group with no correct sample gets the expert trajectory as its last")
-    update: bool = opt(True, "--no-update: the control arm: roll out and score the same prompts with the same seeds, "
-                       "never change a weight (its curve is the frozen policy's, read step by step beside the trained)")
+    update: bool = opt(True, "--no-update: the control arm (same prompts and seeds, scored; no weight changes)")
     # parameters
     lora_rank: int = opt(0, "LoRA rank on --lora-targets (0 = full fine-tuning); saved in PEFT format (adapter/)")
     lora_alpha: float = opt(16.0, "LoRA alpha: the update is (alpha / rank) * B @ A")
     lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "Linear names to adapt")
-    bf16: bool = opt(False, "CPU: bf16 autocast where the CPU has AVX512-BF16 (fp32 master weights); off by "
-                     "default: whether it pays depends on the CPU (BENCHMARKS.md)")
+    bf16: bool = opt(False, "CPU: bf16 autocast where the CPU has AVX512-BF16 (fp32 master weights); pays on some CPUs")
     grad_ckpt: bool = opt(True, "activation checkpointing per decoder layer (saves memory, costs a re-forward)")
     # loss (see grpo.py for each choice against the paper; clip and agg default to the paper's, as grpo_loss's do)
     beta: float = opt(0.04, "k3 KL coefficient to the reference model; 0 loads no reference (TRL's default then)")
@@ -120,31 +100,25 @@ class Config:
     save_every: int = opt(50, "checkpoint every N steps (and at the end); 0 = only at the end")
     resume: str | None = opt(None, "run dir or checkpoint dir to resume from")
     wandb: bool = opt(False, "also log to Weights & Biases (needs `pip install wandb`)")
-    preset: str | None = opt(None, "'offline': SmolLM2 + data/qa.jsonl + embedded corpus, a quick CPU run; "
-                             "'smollm2-2wiki': the shipped adapter's recipe; 'warmstart-qa' then 'grpo-2wiki': "
-                             "watch GRPO learn (bench/grpo_gain.sh; see README)")
+    preset: str | None = opt(None, "'offline': a quick CPU run (SmolLM2, data/qa.jsonl); 'smollm2-2wiki': the shipped "
+                             "adapter's recipe; 'warmstart-qa' then 'grpo-2wiki': watch GRPO learn (see README)")
 
 
 SMOL = dict(model="default", lora_rank=8, lora_alpha=16.0, max_turns=2, max_turn_tokens=64, max_total_tokens=768,
-            top_k_passages=2, beta=0.0, agg="token", grad_ckpt=False)  # SmolLM2 + LoRA on 2 CPU cores
-PRESETS = {
-    # the quick CPU run (~10 min, 2 cores): a LoRA warm-start (sampled format -1 at its first probe), then 6 GRPO steps
-    "offline": dict(SMOL, dataset=str(HERE / "data" / "qa.jsonl"), index=None, out="runs/offline", sft_steps=20,
-                    sft_batch=4, sft_lr=5e-4, sft_probe_every=10, steps=6, lr=2e-4, warmup_steps=1, group_size=4,
-                    prompts_per_step=4, temperature=0.7, micro_batch=1, save_every=10),
-    # the shipped adapter: LoRA warm-start on 2Wiki expert trajectories, then GRPO with expert mixing (~65 min,
-    # 2 cores); its files: `python data/prepare_2wiki.py` (from 2WikiMultihopQA's release) or --dataset/--index
-    "smollm2-2wiki": dict(SMOL, dataset="runs/2wiki/train.jsonl", index="runs/2wiki/corpus.jsonl",
-                          out="runs/smollm2-2wiki", sft_steps=40, sft_batch=4, sft_lr=5e-4, sft_probe_every=20,
+            top_k_passages=2, beta=0.0, agg="token", grad_ckpt=False)  # SmolLM2 + LoRA, sized for a small CPU
+QA = dict(SMOL, dataset=str(HERE / "data" / "qa.jsonl"), index=None)  # the project's own questions, embedded corpus
+WIKI = dict(SMOL, dataset="runs/2wiki/train.jsonl", index="runs/2wiki/corpus.jsonl")  # from data/prepare_2wiki.py
+PRESETS = {  # what each is for: --preset's help; their runs and times: BENCHMARKS.md
+    "offline": dict(QA, out="runs/offline", sft_steps=20, sft_batch=4, sft_lr=5e-4, sft_probe_every=10, steps=6,
+                    lr=2e-4, warmup_steps=1, group_size=4, prompts_per_step=4, temperature=0.7, micro_batch=1,
+                    save_every=10),
+    "smollm2-2wiki": dict(WIKI, out="runs/smollm2-2wiki", sft_steps=40, sft_batch=4, sft_lr=5e-4, sft_probe_every=20,
                           expert_mix=True, steps=28, lr=5e-5, warmup_steps=3, group_size=4, prompts_per_step=4,
                           micro_batch=1, save_every=8),
-    # watch GRPO learn (bench/grpo_gain.sh, BENCHMARKS.md): `warmstart-qa` teaches the protocol on the project's own
-    # single-hop questions (SFT, embedded corpus; no 2Wiki), then `grpo-2wiki` resumes from it with GRPO alone on
-    # 2Wiki questions never evaluated on; the same command with --no-update is the control arm
-    "warmstart-qa": dict(SMOL, dataset=str(HERE / "data" / "qa.jsonl"), index=None, out="runs/grpo-gain/start",
-                         sft_steps=40, sft_batch=4, sft_lr=5e-4, steps=0, micro_batch=4, save_every=0),
-    "grpo-2wiki": dict(SMOL, dataset="runs/2wiki/train.jsonl", index="runs/2wiki/corpus.jsonl",
-                       out="runs/grpo-gain/trained", sft_steps=40, steps=40, lr=5e-4, warmup_steps=3,
+    # bench/grpo_gain.sh: grpo-2wiki resumes from warmstart-qa (SFT, no 2Wiki), GRPO alone; --no-update: control arm
+    "warmstart-qa": dict(QA, out="runs/grpo-gain/start", sft_steps=40, sft_batch=4, sft_lr=5e-4, steps=0, micro_batch=4,
+                         save_every=0),
+    "grpo-2wiki": dict(WIKI, out="runs/grpo-gain/trained", sft_steps=40, steps=40, lr=5e-4, warmup_steps=3,
                        group_size=4, prompts_per_step=4, temperature=0.7, acc="f1", w_fmt=0.5, micro_batch=4,
                        save_every=5),
 }
@@ -206,10 +180,8 @@ def load_questions(cfg: Config) -> list[dict]:
 
 
 class LogProbs(torch.nn.Module):
-    """A causal LM whose forward returns token log-probs: grpo.token_logprobs over the first `vocab` logits (the
-    tokenizer's ids, as rollout() samples them). It is the FSDP root because FSDP2 gathers the root's own parameters
-    (embeddings, final norm, head) around the root's forward only, and token_logprobs runs the head outside the
-    LM's forward. Rollouts call the LM itself (`.lm`) inside unsharded()."""
+    """The FSDP root: a causal LM whose forward returns token log-probs over the tokenizer's `vocab` ids, so that the
+    head (gathered with the root, around its forward only) runs inside it. Rollouts call `.lm` within unsharded()."""
 
     def __init__(self, lm: torch.nn.Module, vocab: int | None = None):
         super().__init__()
@@ -222,14 +194,12 @@ class LogProbs(torch.nn.Module):
 
 
 def shard_model(lm: torch.nn.Module, mesh, cuda: bool, train: bool, vocab: int, ckpt: bool = True) -> LogProbs:
-    """LogProbs(lm) under FSDP2: one unit per decoder layer, and the root (embeddings, final norm, head). A CPU world
-    of one keeps the plain module: there FSDP would only copy every layer per forward and backward. `train=False`:
-    frozen. `vocab` = len(tokenizer)."""
+    """LogProbs(lm) under FSDP2 (frozen unless `train`): one unit per decoder layer, and the root."""
     mp = MixedPrecisionPolicy(torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
     if train and ckpt:  # recompute each layer in backward: activations kept per layer = its input only
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = LogProbs(lm if train else lm.requires_grad_(False), vocab)
-    if mesh.size() == 1 and not cuda:
+    if mesh.size() == 1 and not cuda:  # a CPU world of one: FSDP would only copy every layer per forward and backward
         return model
     for layer in lm.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
@@ -241,9 +211,8 @@ def shard_model(lm: torch.nn.Module, mesh, cuda: bool, train: bool, vocab: int, 
 
 @contextlib.contextmanager
 def unsharded(model: LogProbs):
-    """Gather every FSDP unit once for a whole generation instead of once per token (decode is ~1 token/step). The
-    rollout calls the LM, not the root, so the root's hooks run first (a call without input): FSDP2 makes the first
-    unit to run forward its root, and that must be the root, not a decoder layer."""
+    """Gather every FSDP unit once per generation, not per decoded token. The root runs first (no input): FSDP2 makes
+    the first unit to run forward its root, and the rollout calls the LM, whose first unit is a decoder layer."""
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in units:
         m.unshard()
@@ -258,9 +227,7 @@ def unsharded(model: LogProbs):
 
 
 def lr_at(cfg: Config, step: int) -> float:
-    """The learning rate of 0-based `step`: --sft-lr through the warm-start, then linear warm-up and cosine decay to 0
-    over the GRPO steps. A pure function of (config, step), as in nanoGPT: no scheduler state to checkpoint, and a
-    --resume with a new --lr follows the new schedule from the checkpoint's step."""
+    """--sft-lr, then linear warm-up and cosine decay to 0: a pure function of (cfg, step), nothing to checkpoint."""
     if step < cfg.sft_steps:
         return cfg.sft_lr
     step -= cfg.sft_steps
@@ -271,10 +238,8 @@ def lr_at(cfg: Config, step: int) -> float:
 
 
 def step_rows(cfg: Config, rows: list[dict], step: int) -> list[dict]:
-    """This rank's questions for a step: SFT steps draw --sft-batch from their own seeded order, GRPO steps
-    --prompts-per-step from theirs; both depend on (seed, step) only, so a resumed run sees the same data."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    sft = step < cfg.sft_steps
+    """This rank's questions: SFT and GRPO steps walk their own seeded orders, by (seed, step) alone (exact resume)."""
+    sft, rank, world = step < cfg.sft_steps, dist.get_rank(), dist.get_world_size()
     per_step = cfg.sft_batch if sft else cfg.prompts_per_step
     idx = step_prompts(len(rows), step if sft else step - cfg.sft_steps, per_step, cfg.seed + sft)
     per_rank = per_step // world
@@ -291,15 +256,11 @@ def truncate_log(path: Path, step: int) -> None:
 
 
 def step_prompts(n: int, step: int, per_step: int, seed: int) -> list[int]:
-    """Row indices for a step: a fresh seeded permutation each epoch; the data position is the step number."""
-    out, pos = [], step * per_step
-    while len(out) < per_step:
-        epoch, i = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
-        take = min(per_step - len(out), n - i)
-        out += perm[i : i + take]
-        pos += take
-    return out
+    """Row indices for a step: its window of a stream that is a fresh seeded permutation of the rows each epoch."""
+    first, last = step * per_step, (step + 1) * per_step - 1  # the step's positions in the stream
+    perm = lambda epoch: torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+    stream = [i for epoch in range(first // n, last // n + 1) for i in perm(epoch)]  # the epochs it spans
+    return stream[first % n : first % n + per_step]
 
 
 # ----------------------------------------------------------------------------- one step
@@ -341,80 +302,72 @@ def expert(cfg: Config, tok, row: dict, search) -> rollout.Trajectory:
 def mix_experts(cfg: Config, tok, rows: list[dict], search, trajs: list, scores: list) -> int:
     """David-GRPO: in a group where no sample is correct, the last sample becomes the expert trajectory, so the
     group has a reward spread and the right answer a positive advantage. In place; returns how many rows."""
-    G, mixed = cfg.group_size, 0
-    for p, row in enumerate(rows):
-        if not any(s["accuracy"] > 0 for s in scores[p * G : (p + 1) * G]):
-            trajs[p * G + G - 1] = t = expert(cfg, tok, row, search)
-            scores[p * G + G - 1] = score(cfg, t, row)
-            mixed += 1
-    return mixed
+    G = cfg.group_size
+    wrong = [p for p in range(len(rows)) if not any(s["accuracy"] > 0 for s in scores[p * G : (p + 1) * G])]
+    for p in wrong:
+        trajs[p * G + G - 1] = t = expert(cfg, tok, rows[p], search)
+        scores[p * G + G - 1] = score(cfg, t, rows[p])
+    return len(wrong)
 
 
-def token_count(trajs: list, device) -> torch.Tensor:
-    """Loss tokens (mask 1 at target positions) over every rank: the global normaliser of one step."""
+def step_sums(trajs: list, device, keys: tuple[str, ...] = ("loss",)) -> dict[str, torch.Tensor]:
+    """Zeroed fp64 sums of `keys` (tensors: no host sync per micro-batch) and `n_tok`, the loss tokens of all ranks."""
     n_tok = torch.tensor(float(sum(sum(t.mask[1:]) for t in trajs)), device=device)
     dist.all_reduce(n_tok)
-    return n_tok
+    return {**dict.fromkeys(keys, torch.zeros((), dtype=torch.float64, device=device)), "n_tok": n_tok}
 
 
 def grpo_update(model, ref, cfg: Config, trajs: list, adv: torch.Tensor, experts: list[bool]) -> dict:
-    """Accumulate the GRPO loss over micro-batches (backward only; the caller steps). Token-weighted metric sums.
-    Expert rows were not sampled: their old log-probs are the current ones (ratio 1, a plain policy gradient)."""
+    """Accumulate the GRPO loss over micro-batches (backward only; the caller steps) and its metrics' sums."""
     world, device = dist.get_world_size(), adv.device
-    n_tok = token_count(trajs, device)
-    normaliser = {"token": n_tok.item(), "seq": float(len(trajs) * world),
+    sums = step_sums(trajs, device, ("loss", *PER_TOKEN))
+    normaliser = {"token": sums["n_tok"].item(), "seq": float(len(trajs) * world),
                   "const": float(cfg.max_total_tokens * len(trajs) * world)}[cfg.agg]
-    per_tok = ("kl", "clip_frac", "entropy", "ratio_mean")  # token-weighted means over the whole step
-    sums = dict.fromkeys(("loss", *per_tok), torch.zeros((), dtype=torch.float64, device=device))
     extremes = torch.tensor([0.0, -9.0], device=device)  # (ratio max, -ratio min) over the step
     for s in range(0, len(trajs), cfg.micro_batch):
         b = pad_batch(trajs[s : s + cfg.micro_batch], device)
+        x = (b["ids"], b["attn"], cfg.temperature, cfg.logprob_chunk)
         with rollout.bf16_autocast(device, cfg.bf16):
             with torch.no_grad():
-                ref_logp = None if ref is None else ref(b["ids"], b["attn"], cfg.temperature, cfg.logprob_chunk,
-                                                        loss_mask=b["mask"])  # (b, T-1)
-            logp, ent = model(b["ids"], b["attn"], cfg.temperature, cfg.logprob_chunk, with_entropy=True,
-                              loss_mask=b["mask"])  # (b, T-1) each
+                ref_logp = None if ref is None else ref(*x, loss_mask=b["mask"])  # (b, T-1)
+            logp, ent = model(*x, with_entropy=True, loss_mask=b["mask"])  # (b, T-1) each
         is_exp = torch.tensor(experts[s : s + cfg.micro_batch], device=device)[:, None]  # (b, 1)
-        old = torch.where(is_exp, logp.detach(), b["old"])  # (b, T-1)
+        old = torch.where(is_exp, logp.detach(), b["old"])  # (b, T-1); expert rows, never sampled: ratio 1
         loss, m = grpo.grpo_loss(logp, old, adv[s : s + cfg.micro_batch], b["mask"], ref_logp=ref_logp,
                                  beta=cfg.beta, clip_low=cfg.clip_low, clip_high=cfg.clip_high, agg=cfg.agg,
                                  normaliser=normaliser, entropy=ent)
         (loss * world).backward()  # FSDP averages gradients over ranks; the loss is already globally normalised
-        sums["loss"] = sums["loss"] + loss.detach()  # tensors, not .item(): no host sync per micro-batch
-        for k in per_tok:
+        sums["loss"] = sums["loss"] + loss.detach()
+        for k in PER_TOKEN:
             sums[k] = sums[k] + m[k] * m["n_tokens"]
         extremes = torch.maximum(extremes, torch.stack([m["ratio_max"], -m["ratio_min"]]))
     dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
-    return {**sums, "ratio_max": extremes[0], "ratio_min": -extremes[1], "n_tok": n_tok}
+    return {**sums, "ratio_max": extremes[0], "ratio_min": -extremes[1]}
 
 
 def sft_step(model: LogProbs, tok, optimizer, cfg: Config, rows: list[dict], search, step: int) -> dict:
-    """A warm-start step: the masked NLL (grpo.sft_loss) of the expert trajectories of `rows` (this rank's
-    questions), accumulated over micro-batches; every --sft-probe-every steps first a sampled rollout of this
-    rank's share of --prompts-per-step, to log format and accuracy."""
+    """A warm-start step: the masked NLL (grpo.sft_loss) of the expert trajectories of `rows` (this rank's share)."""
     world, device = dist.get_world_size(), next(model.parameters()).device
     trajs, scores, t_rollout = [], [], 0.0
     if cfg.sft_probe_every and step % cfg.sft_probe_every == 0:
-        trajs, scores, t_rollout = rollout_and_score(model, tok, cfg, rows[: cfg.prompts_per_step // world], search,
-                                                     step)
+        probe = rows[: cfg.prompts_per_step // world]  # sampled to log rewards: this rank's share of --prompts-per-step
+        trajs, scores, t_rollout = rollout_and_score(model, tok, cfg, probe, search, step)
     t1 = time.perf_counter()
     model.train()
     experts = [expert(cfg, tok, r, search) for r in rows]
-    n_tok, total = token_count(experts, device), torch.zeros((), dtype=torch.float64, device=device)
+    sums = step_sums(experts, device)
     for s in range(0, len(experts), cfg.micro_batch):
         b = pad_batch(experts[s : s + cfg.micro_batch], device)
         with rollout.bf16_autocast(device, cfg.bf16):
             logp = model(b["ids"], b["attn"], 1.0, cfg.logprob_chunk, loss_mask=b["mask"])  # (b, T-1)
-        loss = grpo.sft_loss(logp, b["mask"], normaliser=n_tok)
+        loss = grpo.sft_loss(logp, b["mask"], normaliser=sums["n_tok"])
         (loss * world).backward()  # as in grpo_update
-        total = total + loss.detach()
-    return optimizer_step(model, optimizer, cfg, step, {"loss": total, "n_tok": n_tok}, trajs, scores, t_rollout, t1)
+        sums["loss"] = sums["loss"] + loss.detach()
+    return optimizer_step(model, optimizer, cfg, step, sums, trajs, scores, t_rollout, t1)
 
 
 def grpo_step(model: LogProbs, ref, tok, optimizer, cfg: Config, rows: list[dict], search, step: int) -> dict:
-    """A GRPO step on `rows` (this rank's prompts): rollout -> rewards (-> expert mixing) -> group advantages ->
-    GRPO loss -> update (none with --no-update: the control arm)."""
+    """On this rank's prompts: rollout, rewards (expert mixing), group advantages, loss, update (unless --no-update)."""
     trajs, scores, t_rollout = rollout_and_score(model, tok, cfg, rows, search, step)
     t1, device = time.perf_counter(), next(model.parameters()).device
     model.train()
@@ -422,19 +375,17 @@ def grpo_step(model: LogProbs, ref, tok, optimizer, cfg: Config, rows: list[dict
     mixed = mix_experts(cfg, tok, rows, search, batch, batch_scores) if cfg.expert_mix else 0
     adv = grpo.group_advantages([s["reward"] for s in batch_scores], cfg.group_size, cfg.scale_std)  # (B,)
     out = (grpo_update(model, ref, cfg, batch, adv.to(device), [t.expert for t in batch]) if cfg.update else
-           {"loss": torch.zeros((), dtype=torch.float64, device=device), "n_tok": token_count(batch, device)})
+           step_sums(batch, device))  # the control arm: no loss, no gradient
     out.update(adv_sq=(adv.double() ** 2).sum(), expert_rows=mixed)
     return optimizer_step(model, optimizer, cfg, step, out, trajs, scores, t_rollout, t1, cfg.update)
 
 
 def optimizer_step(model, optimizer, cfg: Config, step: int, out: dict, trajs: list, scores: list, t_rollout: float,
                    t1: float, update: bool = True) -> dict:
-    """The tail of both steps: clip the gradient norm; step AdamW at lr_at(step) unless `update` is off or some rank
-    saw a non-finite loss or norm; return the step's log record (reduced over ranks)."""
+    """Clip the gradient norm; step AdamW unless `update` is off or a rank saw a non-finite value; the log record."""
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    finite = all_finite(grad_norm, out["loss"])
-    lr = lr_at(cfg, step)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+    finite, lr = all_finite(grad_norm, out["loss"]), lr_at(cfg, step)
     if finite and update:
         for g in optimizer.param_groups:
             g["lr"] = lr
@@ -442,8 +393,7 @@ def optimizer_step(model, optimizer, cfg: Config, step: int, out: dict, trajs: l
     optimizer.zero_grad(set_to_none=True)
     rec = {"step": step + 1, "phase": "sft" if step < cfg.sft_steps else "grpo", **step_metrics(trajs, scores, out),
            "grad_norm": grad_norm.item(), "lr": lr, "skipped": not finite, "rollout_s": round(t_rollout, 3),
-           "update_s": round(time.perf_counter() - t1, 3),
-           "peak_mem_gb": round(peak_memory_gib(out["loss"].device), 3)}
+           "update_s": round(time.perf_counter() - t1, 3), "peak_mem_gb": round(peak_memory_gib(out["loss"].device), 3)}
     if trajs:
         rec["rollout_tokens_per_s"] = round(rec["response_tokens"] * len(trajs) / t_rollout, 1)
     return rec
@@ -457,28 +407,24 @@ def all_finite(*xs: torch.Tensor) -> bool:
 
 
 def step_metrics(trajs: list, scores: list, out: dict) -> dict:
-    """Reduce over ranks in one collective: the loss, token-weighted loss metrics, and per trajectory every key of
-    the reward dicts (whatever grpo.reward returns), searches, response tokens and the advantage spread."""
-    per_tok = [k for k in ("kl", "clip_frac", "entropy", "ratio_mean") if k in out]
+    """Sum over ranks in one collective, then the loss, the token-weighted loss metrics, and per-trajectory means of
+    every reward key (whatever grpo.reward returns), searches, response tokens and the advantage spread."""
+    per_tok = [k for k in PER_TOKEN if k in out]
     per_traj = {**{k: sum(s[k] for s in scores) for k in (scores[0] if scores else {})},
                 "searches": sum(len(t.queries) for t in trajs), "response_tokens": sum(sum(t.mask) for t in trajs)}
     if "adv_sq" in out:
         per_traj["adv_sq"] = out["adv_sq"]
-    vals = {"loss": out["loss"], "expert_rows": out.get("expert_rows", 0), "n": len(trajs),
-            **{k: out[k] for k in per_tok}, **per_traj}
+    sums = {"loss": out["loss"], "expert_rows": out.get("expert_rows", 0), **{k: out[k] for k in per_tok}, **per_traj}
     totals = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=out["loss"].device).reshape(())
-                          for v in vals.values()])
+                          for v in sums.values()])
     dist.all_reduce(totals)
-    tot = dict(zip(vals, totals.tolist(), strict=True))
-    n, ntok = max(tot["n"], 1.0), max(out["n_tok"].item(), 1.0)
-    rec = {"loss": tot["loss"], **{k: tot[k] / ntok for k in per_tok}}
-    if trajs:
-        rec.update({k: tot[k] / n for k in per_traj}, expert_rows=tot["expert_rows"])
+    tot = dict(zip(sums, totals.tolist(), strict=True))
+    rec = {"loss": tot["loss"], **{k: tot[k] / max(out["n_tok"].item(), 1.0) for k in per_tok}}
+    if trajs:  # every rank has as many
+        rec.update({k: tot[k] / (len(trajs) * dist.get_world_size()) for k in per_traj}, expert_rows=tot["expert_rows"])
     if "adv_sq" in rec:
         rec["adv_std"] = math.sqrt(rec.pop("adv_sq"))
-    if "ratio_max" in out:
-        rec.update(ratio_max=out["ratio_max"].item(), ratio_min=out["ratio_min"].item())
-    return rec
+    return {**rec, **{k: out[k].item() for k in ("ratio_max", "ratio_min") if k in out}}
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -490,8 +436,7 @@ def peak_memory_gib(device: torch.device) -> float:
 
 # ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(out: Path, model: LogProbs, tok, optimizer, cfg: Config, step: int) -> Path:
-    """Write OUT/checkpoints/step_N atomically: a `.tmp` dir renamed into place, then OUT/latest updated. State dicts
-    are the LM's (its parameter names, as in the HF folder)."""
+    """OUT/checkpoints/step_N, atomically (a `.tmp` dir renamed into place), then OUT/latest; the LM's state dicts."""
     rank, lm = dist.get_rank(), model.lm
     final = out / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -499,10 +444,10 @@ def save_checkpoint(out: Path, model: LogProbs, tok, optimizer, cfg: Config, ste
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    msd, osd = get_state_dict(lm, optimizer)
+    torch.save(torch.get_rng_state(), tmp / f"rng_rank{rank}.pt")  # before dcp.save's collectives: rank 0 renames after
+    msd, osd = dsd.get_state_dict(lm, optimizer)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "state"))  # sharded: each rank writes its part
-    full = get_model_state_dict(lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    torch.save(torch.get_rng_state(), tmp / f"rng_rank{rank}.pt")
+    full = dsd.get_model_state_dict(lm, options=dsd.StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:  # a plain Hugging Face folder: from_pretrained / kr1.py --model; LoRA: also adapter/ (PEFT)
         if cfg.lora_rank:
             rollout.save_adapter(tmp / "adapter", full, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
@@ -526,10 +471,9 @@ def load_checkpoint(path: str, model: LogProbs, optimizer) -> int:
         ckpt = ckpt / (ckpt / "latest").read_text().strip()
     if not (ckpt / "trainer.json").is_file():
         raise SystemExit(f"train.py: error: --resume {path}: no checkpoint there (expected trainer.json or latest)")
-    msd, osd = get_state_dict(model.lm, optimizer)
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(ckpt / "state"))
-    set_state_dict(model.lm, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    msd, osd = dsd.get_state_dict(model.lm, optimizer)
+    dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(ckpt / "state"))  # in place
+    dsd.set_state_dict(model.lm, optimizer, model_state_dict=msd, optim_state_dict=osd)
     rng = ckpt / f"rng_rank{dist.get_rank()}.pt"
     if rng.is_file():
         torch.set_rng_state(torch.load(rng))
@@ -538,9 +482,8 @@ def load_checkpoint(path: str, model: LogProbs, optimizer) -> int:
 
 # ----------------------------------------------------------------------------- main
 def fail(e: BaseException, rank: int, world: int) -> int:
-    """A known error is one line, code 2; a world of one raises the rest. With ranks, every error names its rank and
-    the process exits at once, skipping destroy_process_group (it can wait on ranks still in a collective): torchrun
-    sees the exit and stops the others, which would otherwise wait for this rank until the collective timeout."""
+    """A known error is one line, code 2; a world of one raises the rest. With ranks, the error names its rank and the
+    process exits at once (destroy_process_group could wait in a collective), so torchrun stops the others."""
     known = isinstance(e, (retrieval.RetrievalError, rollout.ModelLoadError))
     if world == 1 and not known:
         raise e
@@ -556,16 +499,14 @@ def fail(e: BaseException, rank: int, world: int) -> int:
 
 
 def load_sharded(cfg: Config, spec: str | None, dtype: torch.dtype, device: torch.device, mesh, train: bool):
-    """The policy (train: LoRA if asked) or the frozen reference, read from disk once: rank 0 loads the checkpoint
-    into host memory; every rank builds the model on the meta device, shards it, and receives its shard of each
-    tensor from rank 0 in turn (broadcast_from_rank0): no accelerator holds more than its shard plus one tensor and
-    no other rank reads the file. A CPU world of one trains rank 0's plain module."""
+    """The policy (train: LoRA if asked) or the frozen reference, read by rank 0 alone; every rank builds it on the meta
+    device, shards it, and receives its shards from rank 0 tensor by tensor (memory: its shard plus one tensor)."""
     rank, cuda, lora = dist.get_rank(), device.type == "cuda", train and cfg.lora_rank
     if rank == 0:
         full, tok = rollout.load_model(spec, dtype=dtype)  # host memory
         if lora:
             rollout.add_lora(full, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-    if mesh.size() == 1 and not cuda:
+    if mesh.size() == 1 and not cuda:  # a CPU world of one trains rank 0's plain module
         return shard_model(full, mesh, cuda, train, len(tok), cfg.grad_ckpt), tok
     dist.barrier()  # the embedded model's first conversion is rank 0's
     lm, tok = rollout.load_model(spec, dtype=dtype, device=device, meta=True)
@@ -573,25 +514,22 @@ def load_sharded(cfg: Config, spec: str | None, dtype: torch.dtype, device: torc
         rollout.add_lora(lm, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     model = shard_model(lm, mesh, cuda, train, len(tok), cfg.grad_ckpt)
     model.to_empty(device=device)
-    set_model_state_dict(lm, full.state_dict() if rank == 0 else {},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    buffers = dict(full.named_buffers()) if rank == 0 else {}
+    dsd.set_model_state_dict(lm, full.state_dict() if rank == 0 else {},
+                             options=dsd.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     for name, buf in lm.named_buffers():  # non-persistent buffers (rotary inv_freq) are in no state dict
         if rank == 0:
-            buf.copy_(buffers[name])
+            buf.copy_(full.get_buffer(name))
         dist.broadcast(buf, src=0)
     return model, tok
 
 
 def build_models(cfg: Config, device: torch.device, world: int):
-    """The policy (fp32: the optimizer's master; LoRA if asked) and the frozen reference (beta > 0; bf16 on GPU, as it
-    computes), both sharded with FSDP2, the tokenizer, and AdamW over the trainable parameters."""
+    """The policy (fp32: the optimizer's master copy), the frozen reference (beta > 0), the tokenizer and AdamW."""
     spec, cuda = None if cfg.model in (None, "default") else cfg.model, device.type == "cuda"
     mesh = init_device_mesh(device.type, (world,))
     model, tok = load_sharded(cfg, spec, torch.float32, device, mesh, train=True)
-    ref = None
-    if cfg.beta > 0:
-        ref, _ = load_sharded(cfg, spec, torch.bfloat16 if cuda else torch.float32, device, mesh, train=False)
+    ref_dtype = torch.bfloat16 if cuda else torch.float32  # frozen: it only computes
+    ref = load_sharded(cfg, spec, ref_dtype, device, mesh, train=False)[0] if cfg.beta > 0 else None
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: only the adapters
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99), fused=cuda)
     return model, ref, tok, optimizer
@@ -614,10 +552,10 @@ def main(argv: list[str] | None = None) -> int:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
             truncate_log(out / "log.jsonl", start)
-        if cfg.wandb and rank == 0:
-            import wandb
+            if cfg.wandb:
+                import wandb
 
-            wandb.init(project="knowledge-r1", config=dataclasses.asdict(cfg))
+                wandb.init(project="knowledge-r1", config=dataclasses.asdict(cfg))
         total = cfg.sft_steps + cfg.steps
         bar = tqdm(range(start, total), initial=start, total=total, desc="train", unit="step", disable=rank != 0)
         for step in bar:
