@@ -123,7 +123,7 @@ def load_model(spec: str | None = None, dtype=None, device="cpu", adapter: str |
     installed, else kr1_sdpa. Tokenizer: pad = eos if missing, left padding. Raises ModelLoadError."""
     spec = spec or embedded_model_dir()
     cuda = torch.device(device).type == "cuda"
-    flash = cuda and importlib.util.find_spec("flash_attn") is not None
+    flash = cuda and importlib.util.find_spec("flash_attn") is not None  # else kr1_sdpa: see the speed tricks
     kw = dict(dtype=dtype or (torch.bfloat16 if cuda else torch.float32),
               attn_implementation="flash_attention_2" if flash else "kr1_sdpa")
     try:
@@ -350,7 +350,7 @@ class Job:
     rows: list[Row]
     queries: list[str]
     due: int                   # loop step after which the results join: the step it was issued + search_lag
-    future: Future | None      # the background call (search_lag > 0); None: made in the loop when due
+    future: Future             # the call, running in the search worker
 
 
 @dataclass
@@ -445,12 +445,9 @@ def start(model, tokenizer, questions: list[str], search, cfg: RolloutConfig, ge
         msgs = [prompt_messages(q, cfg.mode) for q in qs]
     else:
         raise ValueError(f"unknown mode {cfg.mode!r} (agent | rag | direct)")
-    rows = []
-    for i, m in enumerate(msgs):
-        t = _opening(tokenizer, m)
-        if cfg.mode == "rag":
-            _searched(t, qs[i], hits[i])
-        rows.append(Row(t, pending=list(t.ids), turn_start=t.prompt_len))
+    rows = [Row(t, pending=list(t.ids), turn_start=t.prompt_len) for t in (_opening(tokenizer, m) for m in msgs)]
+    for r, q, h in zip(rows, qs, hits if cfg.mode == "rag" else []):
+        _searched(r.t, q, h)
     return Engine(model, tokenizer, cfg, search, generator, end_ids(tokenizer, model), token_sets(tokenizer)[2],
                   len(tokenizer), tokenizer.pad_token_id or 0, next(model.parameters()).device, rows, stats, pool,
                   batch=list(rows))
@@ -476,9 +473,8 @@ def prefill(e: Engine) -> None:
 
 
 def schedule(e: Engine) -> tuple[list[Row], list[int] | None]:
-    """The rows that feed this step and their cache rows. A chunk: only the rows with several pending ids run.
-    Else a decode of every batch row (cache rows None: all; finished and waiting rows are fed a pad, their output
-    ignored). No rows: every row waits for a search."""
+    """The rows that feed this step and their cache rows: a chunk of the rows with several pending ids; else a decode
+    of every batch row (cache rows None; finished and waiting rows fed a pad); none while every row waits."""
     chunk = [j for j, r in enumerate(e.batch) if len(r.pending) > 1]
     if chunk:
         return [e.batch[j] for j in chunk], chunk
@@ -536,19 +532,19 @@ def protocol(e: Engine, ended: list[tuple[Row, str]]) -> None:
             r.pending = []  # feeds nothing until its search joins (join_searches)
         else:  # ended without a tag, or an empty / unopened query
             observe(e, r, None)
-    if searching:  # one batched call: started in the worker now (search_lag > 0), or made when it joins (0)
-        queries, lag = [last_tag(r.t.responses[-1], "search") for r in searching], e.cfg.search_lag
-        e.jobs.append(Job(searching, queries, e.step + lag, e.pool.submit(e.search, queries) if lag else None))
+    if searching:  # one batched call, started in the worker now; the rows feed its results from step `due` + 1
+        queries = [last_tag(r.t.responses[-1], "search") for r in searching]
+        e.jobs.append(Job(searching, queries, e.step + e.cfg.search_lag, e.pool.submit(e.search, queries)))
 
 
 def join_searches(e: Engine) -> None:
     """Feed the observation of every search whose step has come (if no row could run otherwise, of the first one
-    now); the loop waits while the search runs (search_lag 0) or until the background call is done."""
+    now), waiting for the call to finish."""
     idle = not any(r.pending for r in e.batch)
     for job in list(e.jobs):
         if e.step > job.due or (idle and job is e.jobs[0]):
             t0 = time.perf_counter()
-            results = e.search(job.queries) if job.future is None else job.future.result()
+            results = job.future.result()
             e.stats.search_wait_s += time.perf_counter() - t0
             e.stats.searches += 1
             e.jobs.remove(job)
@@ -585,7 +581,6 @@ def drop_finished(e: Engine) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ cache
-
 class RaggedCache:
     """KV store without pad slots: each row holds exactly its own tokens, left-aligned, so column j of row r is its
     position j (keys are cached after RoPE). Per layer a buffer (B, kv_heads, capacity, head_dim), written in place
@@ -596,9 +591,8 @@ class RaggedCache:
         self.k, self.v = [], []  # per layer (B, kv_heads, capacity, head_dim)
 
     def select(self, idx: torch.Tensor) -> None:
-        """Keep / repeat batch rows (one copy): drops finished rows, or copies a shared prompt's row to its samples.
-        index_select, not b[idx]: faster on CPU."""
-        self.k, self.v = [b.index_select(0, idx) for b in self.k], [b.index_select(0, idx) for b in self.v]
+        """Keep / repeat batch rows in one copy: drop finished rows, or copy each prompt's row to its samples."""
+        self.k, self.v = ([b.index_select(0, idx) for b in bufs] for bufs in (self.k, self.v))  # b[idx], faster on CPU
 
     @staticmethod
     def room(bufs: list[torch.Tensor], layer: int, x: torch.Tensor, need: int) -> torch.Tensor:
@@ -655,7 +649,6 @@ class CacheStep(DynamicCache):
 
 
 # -------------------------------------------------------------------------------------------------- sampling
-
 def sample(logits: torch.Tensor, cfg: RolloutConfig, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Next token per row and its log-prob under log_softmax(logits / T), taken before top-k/top-p truncation."""
     logits = logits.float()  # (b, V)
@@ -706,9 +699,8 @@ def gather_prefix(buf: torch.Tensor, rows: torch.Tensor, m: int, x: torch.Tensor
 
 
 def kr1_sdpa(module, query, key, value, attention_mask, **kw):  # (b, heads, L, d), (b, kv_heads, S, d) x 2
-    """HF's sdpa without its repeat_kv copies (the whole KV cache per layer per step) for masked GQA. CPU: multi-token
-    forwards use SDPA's own GQA (faster), decode stays HF's (its pack_gqa is faster). Other devices (CUDA): query
-    heads packed per KV head when there are cached columns (rollouts); a forward without a cache (training): HF's."""
+    """HF's sdpa without repeat_kv's copy of the KV cache, for masked GQA. CPU: multi-token forwards use SDPA's GQA,
+    decode HF's; CUDA: query heads packed per KV head over cached columns (rollouts), else (training) HF's."""
     cpu, n = query.device.type == "cpu", query.shape[2]
     if attention_mask is None or key.shape[1] == query.shape[1] or (n == 1 if cpu else key.shape[2] == n):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
