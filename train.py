@@ -105,22 +105,19 @@ class Config:
 
 
 SMOL = dict(model="default", lora_rank=8, lora_alpha=16.0, max_turns=2, max_turn_tokens=64, max_total_tokens=768,
-            top_k_passages=2, beta=0.0, agg="token", grad_ckpt=False)  # SmolLM2 + LoRA, sized for a small CPU
+            top_k_passages=2, beta=0.0, agg="token", grad_ckpt=False, group_size=4, prompts_per_step=4)  # SmolLM2+LoRA
 QA = dict(SMOL, dataset=str(HERE / "data" / "qa.jsonl"), index=None)  # the project's own questions, embedded corpus
 WIKI = dict(SMOL, dataset="runs/2wiki/train.jsonl", index="runs/2wiki/corpus.jsonl")  # from data/prepare_2wiki.py
 PRESETS = {  # what each is for: --preset's help; their runs and times: BENCHMARKS.md
     "offline": dict(QA, out="runs/offline", sft_steps=20, sft_batch=4, sft_lr=5e-4, sft_probe_every=10, steps=6,
-                    lr=2e-4, warmup_steps=1, group_size=4, prompts_per_step=4, temperature=0.7, micro_batch=1,
-                    save_every=10),
+                    lr=2e-4, warmup_steps=1, temperature=0.7, micro_batch=1, save_every=10),
     "smollm2-2wiki": dict(WIKI, out="runs/smollm2-2wiki", sft_steps=40, sft_batch=4, sft_lr=5e-4, sft_probe_every=20,
-                          expert_mix=True, steps=28, lr=5e-5, warmup_steps=3, group_size=4, prompts_per_step=4,
-                          micro_batch=1, save_every=8),
+                          expert_mix=True, steps=28, lr=5e-5, warmup_steps=3, micro_batch=1, save_every=8),
     # bench/grpo_gain.sh: grpo-2wiki resumes from warmstart-qa (SFT, no 2Wiki), GRPO alone; --no-update: control arm
     "warmstart-qa": dict(QA, out="runs/grpo-gain/start", sft_steps=40, sft_batch=4, sft_lr=5e-4, steps=0, micro_batch=4,
                          save_every=0),
     "grpo-2wiki": dict(WIKI, out="runs/grpo-gain/trained", sft_steps=40, steps=40, lr=5e-4, warmup_steps=3,
-                       group_size=4, prompts_per_step=4, temperature=0.7, acc="f1", w_fmt=0.5, micro_batch=4,
-                       save_every=5),
+                       temperature=0.7, acc="f1", w_fmt=0.5, micro_batch=4, save_every=5),
 }
 
 
@@ -153,8 +150,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
 # ----------------------------------------------------------------------------- setup
 def init_distributed(timeout_min: float = 0.0) -> tuple[int, int, torch.device]:
     """torchrun sets RANK/WORLD_SIZE; plain `python train.py` becomes a world of one (same code path)."""
-    env = dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000))
-    for k, v in env.items():
+    port = str(29500 + os.getpid() % 1000)
+    for k, v in dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port).items():
         os.environ.setdefault(k, v)
     cuda = torch.cuda.is_available()
     if cuda:
@@ -250,9 +247,8 @@ def truncate_log(path: Path, step: int) -> None:
     """On resume, drop log lines past the checkpoint's step (a killed run may have logged steps it never saved)."""
     if path.is_file():
         keep = [x for x in path.read_text().splitlines(keepends=True) if x.strip() and json.loads(x)["step"] <= step]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(keep))
-        os.replace(tmp, path)
+        (tmp := path.with_suffix(".tmp")).write_text("".join(keep))
+        os.replace(tmp, path)  # atomic: a kill here leaves the old log or the new one
 
 
 def step_prompts(n: int, step: int, per_step: int, seed: int) -> list[int]:
@@ -411,9 +407,8 @@ def step_metrics(trajs: list, scores: list, out: dict) -> dict:
     every reward key (whatever grpo.reward returns), searches, response tokens and the advantage spread."""
     per_tok = [k for k in PER_TOKEN if k in out]
     per_traj = {**{k: sum(s[k] for s in scores) for k in (scores[0] if scores else {})},
-                "searches": sum(len(t.queries) for t in trajs), "response_tokens": sum(sum(t.mask) for t in trajs)}
-    if "adv_sq" in out:
-        per_traj["adv_sq"] = out["adv_sq"]
+                "searches": sum(len(t.queries) for t in trajs), "response_tokens": sum(sum(t.mask) for t in trajs),
+                **{k: out[k] for k in ("adv_sq",) if k in out}}
     sums = {"loss": out["loss"], "expert_rows": out.get("expert_rows", 0), **{k: out[k] for k in per_tok}, **per_traj}
     totals = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=out["loss"].device).reshape(())
                           for v in sums.values()])
