@@ -168,14 +168,13 @@ def _chunk_logp(head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor, tempera
 def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    temperature: float = 1.0, chunk_size: int = 1024, with_entropy: bool = False,
                    loss_mask: torch.Tensor | None = None, vocab: int | None = None):
-    """logp[:, t] = log softmax(logits_t / temperature)[input_ids[:, t+1]], (B, T-1), never holding (B*T, V).
+    """logp[:, t] = log softmax(logits_t / temperature)[input_ids[:, t+1]], (B, T-1), never holding (B*T, V); with
+    `with_entropy`, (logp, entropy).
 
     Rows may be left- or right-padded (positions restart at each row's first real token). With grad, each chunk of
     `chunk_size` tokens is checkpointed: backward rebuilds its logits. `loss_mask` (B, T-1): run the LM head only
     where it is 1 (0.0 elsewhere), as prompt and passages need no head. `vocab`: softmax over the tokenizer's first
-    `vocab` ids only, as rollout() samples (Qwen2.5 has more embedding rows than ids). Returns logp, or (logp,
-    entropy) with `with_entropy`.
-    """
+    `vocab` ids only, as rollout() samples (Qwen2.5 has more embedding rows than ids)."""
     B, T = input_ids.shape
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
     out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
@@ -247,17 +246,12 @@ def loss_metrics(m: torch.Tensor, ratio: torch.Tensor, advantages: torch.Tensor,
     a = advantages.detach().float()
     inf, one, has = torch.full_like(zero, float("inf")), torch.ones_like(zero), n_tok > 0  # no host sync
     metrics = {
-        "clip_frac_low": low.sum() / den,
-        "clip_frac_high": high.sum() / den,
-        "clip_frac": (low | high).sum() / den,
+        "clip_frac_low": low.sum() / den, "clip_frac_high": high.sum() / den, "clip_frac": (low | high).sum() / den,
         "ratio_mean": torch.where(m, r, zero).sum() / den,
         "ratio_min": torch.where(has, torch.where(m, r, inf).amin(), one),
         "ratio_max": torch.where(has, torch.where(m, r, -inf).amax(), one),
         "kl": kl.detach().sum() / den if kl is not None else zero,
-        "adv_mean": a.mean(),
-        "adv_std": a.std(correction=0),
-        "adv_min": a.min(),
-        "adv_max": a.max(),
+        "adv_mean": a.mean(), "adv_std": a.std(correction=0), "adv_min": a.min(), "adv_max": a.max(),
         "n_tokens": n_tok.float(),
     }
     if entropy is not None:
