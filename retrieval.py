@@ -92,8 +92,7 @@ def qa_row(rec: dict, where: str) -> dict:
     """`rec` with `question` (or `problem`) and `answers` (or `golden_answers` / `answer`) as a list of strings."""
     q = rec.get("question", rec.get("problem"))
     answers = rec.get("answers", rec.get("golden_answers", rec.get("answer")))
-    if isinstance(answers, str):
-        answers = [answers]
+    answers = [answers] if isinstance(answers, str) else answers
     if not isinstance(q, str) or not q.strip() or not answers or not all(isinstance(a, str) for a in answers):
         raise RetrievalError(f"{where}: needs a non-empty 'question' and 'answers' (list of strings)")
     return {**rec, "question": q, "answers": list(answers)}
