@@ -66,8 +66,9 @@ def main() -> None:
                        check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
     got = {f.stem: json.loads(f.read_text()) for f in out.glob("*.json")}
     print(f"peak RSS per rank (MiB), 2 gloo ranks, model {a.model or 'embedded SmolLM2-135M'}, LoRA r {a.lora_rank}, "
-          "policy + reference:\n| rank | after imports | every rank reads the whole model | train.load_sharded | ratio |"
-          "\n|---|---:|---:|---:|---:|")
+          "policy + reference:\n"
+          "| rank | after imports | every rank reads the whole model | train.load_sharded | ratio |\n"
+          "|---|---:|---:|---:|---:|")
     for r in (0, 1):
         w, s = got[f"whole-rank{r}"], got[f"sharded-rank{r}"]
         print(f"| {r} | {s['before']:.0f} | {w['after']:.0f} | {s['after']:.0f} | {s['after'] / w['after']:.2f} |")

@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
         paragraphs.setdefault(title, " ".join(s.strip() for s in sents))
     (out / "corpus.jsonl").write_text("".join(json.dumps({"id": f"2wm{i:05d}", "title": t, "text": x}) + "\n"
                                               for i, (t, x) in enumerate(paragraphs.items())))
-    print(f"{out}: test {len(recs[: a.test])}, train {len(recs[a.test :])} questions, corpus {len(paragraphs)} passages")
+    n_test = len(recs[: a.test])
+    print(f"{out}: test {n_test}, train {len(recs) - n_test} questions, corpus {len(paragraphs)} passages")
 
 
 if __name__ == "__main__":
