@@ -105,17 +105,17 @@ class Config:
 
 
 SMOL = dict(model="default", lora_rank=8, lora_alpha=16.0, max_turns=2, max_turn_tokens=64, max_total_tokens=768,
-            top_k_passages=2, beta=0.0, agg="token", grad_ckpt=False, group_size=4, prompts_per_step=4)  # SmolLM2+LoRA
+            top_k_passages=2, beta=0.0, agg="token", grad_ckpt=False, group_size=4, prompts_per_step=4, sft_batch=4,
+            sft_lr=5e-4)  # SmolLM2 + LoRA on a small CPU
 QA = dict(SMOL, dataset=str(HERE / "data" / "qa.jsonl"), index=None)  # the project's own questions, embedded corpus
 WIKI = dict(SMOL, dataset="runs/2wiki/train.jsonl", index="runs/2wiki/corpus.jsonl")  # from data/prepare_2wiki.py
 PRESETS = {  # what each is for: --preset's help; their runs and times: BENCHMARKS.md
-    "offline": dict(QA, out="runs/offline", sft_steps=20, sft_batch=4, sft_lr=5e-4, sft_probe_every=10, steps=6,
-                    lr=2e-4, warmup_steps=1, temperature=0.7, micro_batch=1, save_every=10),
-    "smollm2-2wiki": dict(WIKI, out="runs/smollm2-2wiki", sft_steps=40, sft_batch=4, sft_lr=5e-4, sft_probe_every=20,
-                          expert_mix=True, steps=28, lr=5e-5, warmup_steps=3, micro_batch=1, save_every=8),
+    "offline": dict(QA, out="runs/offline", sft_steps=20, sft_probe_every=10, steps=6, lr=2e-4, warmup_steps=1,
+                    temperature=0.7, micro_batch=1, save_every=10),
+    "smollm2-2wiki": dict(WIKI, out="runs/smollm2-2wiki", sft_steps=40, sft_probe_every=20, expert_mix=True, steps=28,
+                          lr=5e-5, warmup_steps=3, micro_batch=1, save_every=8),
     # bench/grpo_gain.sh: grpo-2wiki resumes from warmstart-qa (SFT, no 2Wiki), GRPO alone; --no-update: control arm
-    "warmstart-qa": dict(QA, out="runs/grpo-gain/start", sft_steps=40, sft_batch=4, sft_lr=5e-4, steps=0, micro_batch=4,
-                         save_every=0),
+    "warmstart-qa": dict(QA, out="runs/grpo-gain/start", sft_steps=40, steps=0, micro_batch=4, save_every=0),
     "grpo-2wiki": dict(WIKI, out="runs/grpo-gain/trained", sft_steps=40, steps=40, lr=5e-4, warmup_steps=3,
                        temperature=0.7, acc="f1", w_fmt=0.5, micro_batch=4, save_every=5),
 }
