@@ -171,13 +171,18 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     """logp[:, t] = log softmax(logits_t / temperature)[input_ids[:, t+1]], (B, T-1), never holding (B*T, V); with
     `with_entropy`, (logp, entropy).
 
-    Rows may be left- or right-padded (positions restart at each row's first real token). With grad, each chunk of
-    `chunk_size` tokens is checkpointed: backward rebuilds its logits. `loss_mask` (B, T-1): run the LM head only
-    where it is 1 (0.0 elsewhere), as prompt and passages need no head. `vocab`: softmax over the tokenizer's first
-    `vocab` ids only, as rollout() samples (Qwen2.5 has more embedding rows than ids)."""
+    Rows may be left- or right-padded (positions restart at each row's first real token); right-padded rows run
+    unmasked, as no pad is left of a real token (pad positions' values are then arbitrary: mask them out). With
+    grad, each chunk of `chunk_size` tokens is checkpointed: backward rebuilds its logits. `loss_mask` (B, T-1):
+    run the LM head only where it is 1 (0.0 elsewhere), as prompt and passages need no head. `vocab`: softmax over
+    the tokenizer's first `vocab` ids only, as rollout() samples (Qwen2.5 has more embedding rows than ids)."""
     B, T = input_ids.shape
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    if bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):  # right-padded: causal attention never looks
+        out = model.model(input_ids=input_ids, use_cache=False)  # right, so no mask: SDPA's fused causal kernel
+    else:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False)
     sel = torch.ones(B, T - 1, dtype=torch.bool, device=input_ids.device) if loss_mask is None else loss_mask.bool()
     hidden = out.last_hidden_state[:, :-1][sel]  # (N, H), N = selected positions
     targets = input_ids[:, 1:][sel]  # (N,)

@@ -320,16 +320,18 @@ def grpo_update(model, ref, cfg: Config, trajs: list, adv: torch.Tensor, experts
     normaliser = {"token": sums["n_tok"].item(), "seq": float(len(trajs) * world),
                   "const": float(cfg.max_total_tokens * len(trajs) * world)}[cfg.agg]
     extremes = torch.tensor([0.0, -9.0], device=device)  # (ratio max, -ratio min) over the step
+    order = sorted(range(len(trajs)), key=lambda i: len(trajs[i].ids))  # like lengths share a micro-batch: less pad
     for s in range(0, len(trajs), cfg.micro_batch):
-        b = pad_batch(trajs[s : s + cfg.micro_batch], device)
+        idx = order[s : s + cfg.micro_batch]
+        b = pad_batch([trajs[i] for i in idx], device)
         x = (b["ids"], b["attn"], cfg.temperature, cfg.logprob_chunk)
         with rollout.bf16_autocast(device, cfg.bf16):
             with torch.no_grad():
                 ref_logp = None if ref is None else ref(*x, loss_mask=b["mask"])  # (b, T-1)
             logp, ent = model(*x, with_entropy=True, loss_mask=b["mask"])  # (b, T-1) each
-        is_exp = torch.tensor(experts[s : s + cfg.micro_batch], device=device)[:, None]  # (b, 1)
+        is_exp = torch.tensor([experts[i] for i in idx], device=device)[:, None]  # (b, 1)
         old = torch.where(is_exp, logp.detach(), b["old"])  # (b, T-1); expert rows, never sampled: ratio 1
-        loss, m = grpo.grpo_loss(logp, old, adv[s : s + cfg.micro_batch], b["mask"], ref_logp=ref_logp,
+        loss, m = grpo.grpo_loss(logp, old, adv[idx], b["mask"], ref_logp=ref_logp,
                                  beta=cfg.beta, clip_low=cfg.clip_low, clip_high=cfg.clip_high, agg=cfg.agg,
                                  normaliser=normaliser, entropy=ent)
         (loss * world).backward()  # FSDP averages gradients over ranks; the loss is already globally normalised

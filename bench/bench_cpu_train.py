@@ -24,22 +24,25 @@ import train
 LENS = (700, 640, 600, 560)
 
 
-def batch(rows: list[int]):
+def batch(rows: list[int], masked: bool):
+    """Right-padded rows (token_logprobs runs them unmasked), or left-padded ones (`masked`: the masked kernel, as
+    every padded micro-batch ran before right-padded rows went unmasked)."""
     torch.manual_seed(0)
     seqs = [torch.randint(100, 40000, (LENS[i],)) for i in rows]
     T = max(len(s) for s in seqs)
     ids = torch.zeros(len(rows), T, dtype=torch.long)  # (b, T)
     attn, mask = torch.zeros(len(rows), T), torch.zeros(len(rows), T - 1)  # (b, T), (b, T-1)
     for j, s in enumerate(seqs):
-        ids[j, : len(s)], attn[j, : len(s)] = s, 1
-        mask[j, len(s) - 95 : len(s) - 5] = 1  # the sampled tokens sit among prompt and passages
+        at = slice(T - len(s), T) if masked else slice(0, len(s))
+        ids[j, at], attn[j, at] = s, 1
+        mask[j, at.stop - 96 : at.stop - 6] = 1  # the sampled tokens sit among prompt and passages
     return ids, attn.long(), mask
 
 
-def fwd_bwd(model, micro: int, head_at_loss: bool, bf16: bool = False) -> float:
+def fwd_bwd(model, micro: int, head_at_loss: bool, bf16: bool = False, masked: bool = False) -> float:
     t0 = time.perf_counter()
     for s in range(0, len(LENS), micro):
-        ids, attn, mask = batch(list(range(s, min(s + micro, len(LENS)))))
+        ids, attn, mask = batch(list(range(s, min(s + micro, len(LENS)))), masked)
         with rollout.bf16_autocast("cpu", bf16):
             lp = model(ids, attn, loss_mask=mask if head_at_loss else None)  # (b, T-1)
         grpo.grpo_loss(lp, lp.detach(), torch.ones(len(ids)), mask, agg="token")[0].backward()
@@ -77,13 +80,17 @@ def main() -> None:
     dist.init_process_group("gloo", rank=0, world_size=1)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, AVX512-BF16: "
           f"{torch.cpu._is_avx512_bf16_supported()}; 4 trajectories of {LENS} tokens, forward + backward")
-    rows = [("FSDP2 world of 1, padded micro-batch 4, head everywhere, full FT (baseline)",
-             lambda: fwd_bwd(fresh(fsdp=True), 4, False)),
-            ("plain module, same", lambda: fwd_bwd(fresh(), 4, False)),
+    rows = [("FSDP2 world of 1, padded micro-batch 4 (masked), head everywhere, full FT (baseline)",
+             lambda: fwd_bwd(fresh(fsdp=True), 4, False, masked=True)),
+            ("plain module, same", lambda: fwd_bwd(fresh(), 4, False, masked=True)),
             ("plain, micro-batch 1 (no pad: SDPA's causal kernel)", lambda: fwd_bwd(fresh(), 1, False)),
             ("plain, micro-batch 1, head at loss tokens only", lambda: fwd_bwd(fresh(), 1, True)),
             ("  + LoRA rank 8 (the preset)", lambda: fwd_bwd(fresh(lora=True), 1, True)),
-            ("  + bf16 autocast", lambda: fwd_bwd(fresh(lora=True), 1, True, bf16=True))]
+            ("  + bf16 autocast", lambda: fwd_bwd(fresh(lora=True), 1, True, bf16=True)),
+            ("LoRA, head at loss, micro-batch 4 masked (train.py before right-padded rows went unmasked)",
+             lambda: fwd_bwd(fresh(lora=True), 4, True, masked=True)),
+            ("LoRA, head at loss, micro-batch 4 right-padded, unmasked (train.py now)",
+             lambda: fwd_bwd(fresh(lora=True), 4, True))]
     base = None
     print("| variant | seconds | speed-up vs baseline |\n|---|---:|---:|")
     for name, f in rows:

@@ -207,6 +207,43 @@ def test_bad_flags_fail_clearly(coin_policy, flags, message, capsys, monkeypatch
     assert code not in (0, None) and message in err and "Traceback" not in err, err[-3000:]
 
 
+def test_update_gradient_is_the_same_for_any_micro_batch(coin_policy, monkeypatch):
+    """grpo_update over 5 trajectories of unequal lengths, one an expert row: micro-batches of 1 (no padding) and of
+    3 (sorted by length, right-padded, run unmasked) over the same rows in reverse order give the same loss and
+    gradient, so each row keeps its own advantage and expert flag whatever order they run in."""
+    import torch.distributed as dist
+
+    import train
+
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(k, v)
+    dist.init_process_group("gloo")
+    try:
+        lm, _ = rollout.load_model(str(coin_policy / "policy"))  # the attention train.py runs (kr1_sdpa)
+        model, g = train.LogProbs(lm.train()), torch.Generator().manual_seed(0)
+        trajs = []
+        for n in (9, 14, 6, 12, 11):
+            ids = torch.randint(10, 200, (1, n), generator=g)  # (1, n)
+            mask = [0] * (n // 2) + [1] * (n - n // 2)
+            with torch.no_grad():
+                old = model(ids, torch.ones_like(ids))[0] + 0.01 * torch.randn(n - 1, generator=g)  # (n-1,)
+            trajs.append(rollout.Trajectory(ids[0].tolist(), mask, [0.0, *old.tolist()], n // 2, []))
+        trajs[2].expert = True
+        adv = torch.tensor([1.0, -0.5, 0.8, -1.2, 0.3])  # (5,)
+        out = []
+        for micro, rows, a in ((1, trajs, adv), (3, trajs[::-1], adv.flip(0))):
+            lm.zero_grad()
+            cfg = train.Config(micro_batch=micro, temperature=1.0, beta=0.0, agg="token")
+            loss = train.grpo_update(model, None, cfg, rows, a, [t.expert for t in rows])["loss"]
+            out.append((loss, {n: p.grad.clone() for n, p in lm.named_parameters()}))
+        torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-5, atol=1e-7)
+        for n, grad in out[0][1].items():
+            torch.testing.assert_close(out[1][1][n], grad, rtol=1e-4, atol=1e-6, msg=n)
+        assert sum(grad.abs().sum() for grad in out[0][1].values()) > 0
+    finally:
+        dist.destroy_process_group()
+
+
 FAULTY = """import os, sys, time
 import train
 def fault(*args, **kwargs):
