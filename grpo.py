@@ -165,20 +165,21 @@ def _chunk_logp(head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor, tempera
     return logp, ent
 
 
-def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                    temperature: float = 1.0, chunk_size: int = 1024, with_entropy: bool = False,
                    loss_mask: torch.Tensor | None = None, vocab: int | None = None):
     """logp[:, t] = log softmax(logits_t / temperature)[input_ids[:, t+1]], (B, T-1), never holding (B*T, V); with
     `with_entropy`, (logp, entropy).
 
-    Rows may be left- or right-padded (positions restart at each row's first real token); right-padded rows run
-    unmasked, as no pad is left of a real token (pad positions' values are then arbitrary: mask them out). With
-    grad, each chunk of `chunk_size` tokens is checkpointed: backward rebuilds its logits. `loss_mask` (B, T-1):
-    run the LM head only where it is 1 (0.0 elsewhere), as prompt and passages need no head. `vocab`: softmax over
-    the tokenizer's first `vocab` ids only, as rollout() samples (Qwen2.5 has more embedding rows than ids)."""
+    Rows may be left- or right-padded (positions restart at each row's first real token). attention_mask None: rows
+    start at position 0 and any pads are on the right, so no mask is needed (no pad is left of a real token; pad
+    positions' values are then arbitrary: mask them out) and SDPA runs its fused causal kernel. With grad, each
+    chunk of `chunk_size` tokens is checkpointed: backward rebuilds its logits. `loss_mask` (B, T-1): run the LM
+    head only where it is 1 (0.0 elsewhere), as prompt and passages need no head. `vocab`: softmax over the
+    tokenizer's first `vocab` ids only, as rollout() samples (Qwen2.5 has more embedding rows than ids)."""
     B, T = input_ids.shape
-    if bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):  # right-padded: causal attention never looks
-        out = model.model(input_ids=input_ids, use_cache=False)  # right, so no mask: SDPA's fused causal kernel
+    if attention_mask is None:  # right-padded (or unpadded) rows: causal attention never looks right of a token
+        out = model.model(input_ids=input_ids, use_cache=False)
     else:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
         out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

@@ -261,10 +261,11 @@ def step_prompts(n: int, step: int, per_step: int, seed: int) -> list[int]:
 
 # ----------------------------------------------------------------------------- one step
 def pad_batch(trajs: list[rollout.Trajectory], device) -> dict[str, torch.Tensor]:
-    """Right-pad trajectories; targets are ids[1:], so the loss mask and old log-probs shift by one."""
+    """Right-pad trajectories (they run unmasked: grpo.token_logprobs with attention_mask None); targets are ids[1:],
+    so the loss mask and old log-probs shift by one."""
     pad = lambda rows, dtype: torch.nn.utils.rnn.pad_sequence([torch.tensor(r, dtype=dtype) for r in rows],
                                                               batch_first=True).to(device)  # (B, T)
-    return {"ids": pad([t.ids for t in trajs], torch.long), "attn": pad([[1] * len(t.ids) for t in trajs], torch.long),
+    return {"ids": pad([t.ids for t in trajs], torch.long),
             "mask": pad([t.mask for t in trajs], torch.float32)[:, 1:],  # (B, T-1)
             "old": pad([t.logprobs for t in trajs], torch.float32)[:, 1:]}  # (B, T-1)
 
@@ -324,7 +325,7 @@ def grpo_update(model, ref, cfg: Config, trajs: list, adv: torch.Tensor, experts
     for s in range(0, len(trajs), cfg.micro_batch):
         idx = order[s : s + cfg.micro_batch]
         b = pad_batch([trajs[i] for i in idx], device)
-        x = (b["ids"], b["attn"], cfg.temperature, cfg.logprob_chunk)
+        x = (b["ids"], None, cfg.temperature, cfg.logprob_chunk)
         with rollout.bf16_autocast(device, cfg.bf16):
             with torch.no_grad():
                 ref_logp = None if ref is None else ref(*x, loss_mask=b["mask"])  # (b, T-1)
@@ -357,7 +358,7 @@ def sft_step(model: LogProbs, tok, optimizer, cfg: Config, rows: list[dict], sea
     for s in range(0, len(experts), cfg.micro_batch):
         b = pad_batch(experts[s : s + cfg.micro_batch], device)
         with rollout.bf16_autocast(device, cfg.bf16):
-            logp = model(b["ids"], b["attn"], 1.0, cfg.logprob_chunk, loss_mask=b["mask"])  # (b, T-1)
+            logp = model(b["ids"], None, 1.0, cfg.logprob_chunk, loss_mask=b["mask"])  # (b, T-1)
         loss = grpo.sft_loss(logp, b["mask"], normaliser=sums["n_tok"])
         (loss * world).backward()  # as in grpo_update
         sums["loss"] = sums["loss"] + loss.detach()
@@ -406,11 +407,12 @@ def all_finite(*xs: torch.Tensor) -> bool:
 
 def step_metrics(trajs: list, scores: list, out: dict) -> dict:
     """Sum over ranks in one collective, then the loss, the token-weighted loss metrics, and per-trajectory means of
-    every reward key (whatever grpo.reward returns), searches, response tokens and the advantage spread."""
+    every reward key (whatever grpo.reward returns), searches, response tokens, tokens (prompt and all) and the
+    advantage spread."""
     per_tok = [k for k in PER_TOKEN if k in out]
     per_traj = {**{k: sum(s[k] for s in scores) for k in (scores[0] if scores else {})},
                 "searches": sum(len(t.queries) for t in trajs), "response_tokens": sum(sum(t.mask) for t in trajs),
-                **{k: out[k] for k in ("adv_sq",) if k in out}}
+                "tokens": sum(len(t.ids) for t in trajs), **{k: out[k] for k in ("adv_sq",) if k in out}}
     sums = {"loss": out["loss"], "expert_rows": out.get("expert_rows", 0), **{k: out[k] for k in per_tok}, **per_traj}
     totals = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=out["loss"].device).reshape(())
                           for v in sums.values()])

@@ -301,7 +301,7 @@ def micro_batch(b: int, T: int, vocab: int) -> dict:
     mask = torch.ones(b, T - 1, dtype=torch.bool)  # (b, T-1) bool, not pad_batch's float: .bool() returns it as is
     mask.nonzero_memo = b * (T - 1)  # token_logprobs' mask indexing: the count a fake tensor cannot know
     attn = torch.ones(b, T, dtype=torch.long)  # (b, T)
-    attn[1:, -1] = 0  # right padding, as pad_batch's rows of unequal length: HF builds its (b, 1, T, T) mask
+    attn[1:, -1] = 0  # padded rows with a mask, HF's (b, 1, T, T): train.py's rows run unmasked, so an upper bound
     return {"ids": torch.randint(0, vocab, (b, T)), "attn": attn, "mask": mask, "old": torch.zeros(b, T - 1),
             "adv": torch.ones(b)}  # (b, T), (b, T-1), (b, T-1), (b,)
 

@@ -388,14 +388,17 @@ def test_token_logprobs_match_full_logits(tiny_model, side, temperature):
 
 
 def test_token_logprobs_padding_side_does_not_matter(tiny_model):
-    """The same real tokens give the same log-probs whether the row is left- or right-padded."""
+    """The same real tokens give the same log-probs whether the row is left- or right-padded, and right-padded rows
+    the same without a mask (train.py's path: SDPA's causal kernel)."""
     ids_r, am_r = padded_batch("right")
     ids_l, am_l = padded_batch("left")
     with torch.no_grad():
         lr, ll = token_logprobs(tiny_model, ids_r, am_r), token_logprobs(tiny_model, ids_l, am_l)
+        lr_unmasked = token_logprobs(tiny_model, ids_r, None)
     for b, n_pad in enumerate([0, 3, 7]):
         n = 11 - n_pad  # real (prefix, target) pairs in the row
         torch.testing.assert_close(lr[b, :n], ll[b, n_pad:], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lr_unmasked[b, :n], lr[b, :n], rtol=1e-5, atol=1e-5)
 
 
 def test_token_logprobs_chunk_invariance_and_as_a_module(tiny_model):
