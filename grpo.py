@@ -171,19 +171,14 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     """logp[:, t] = log softmax(logits_t / temperature)[input_ids[:, t+1]], (B, T-1), never holding (B*T, V); with
     `with_entropy`, (logp, entropy).
 
-    Rows may be left- or right-padded (positions restart at each row's first real token). attention_mask None: rows
-    start at position 0 and any pads are on the right, so no mask is needed (no pad is left of a real token; pad
-    positions' values are then arbitrary: mask them out) and SDPA runs its fused causal kernel. With grad, each
-    chunk of `chunk_size` tokens is checkpointed: backward rebuilds its logits. `loss_mask` (B, T-1): run the LM
-    head only where it is 1 (0.0 elsewhere), as prompt and passages need no head. `vocab`: softmax over the
+    Rows may be left- or right-padded (positions restart at each row's first real token); attention_mask None: pads
+    only on the right, unseen by causal attention (mask their values out), so SDPA runs its fused causal kernel. With
+    grad, each chunk of `chunk_size` tokens is checkpointed: backward rebuilds its logits. `loss_mask` (B, T-1): the
+    head runs only where it is 1 (0.0 elsewhere: prompt and passages need none). `vocab`: softmax over the
     tokenizer's first `vocab` ids only, as rollout() samples (Qwen2.5 has more embedding rows than ids)."""
     B, T = input_ids.shape
-    if attention_mask is None:  # right-padded (or unpadded) rows: causal attention never looks right of a token
-        out = model.model(input_ids=input_ids, use_cache=False)
-    else:
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
-        out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=False)
+    position_ids = None if attention_mask is None else (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     sel = torch.ones(B, T - 1, dtype=torch.bool, device=input_ids.device) if loss_mask is None else loss_mask.bool()
     hidden = out.last_hidden_state[:, :-1][sel]  # (N, H), N = selected positions
     targets = input_ids[:, 1:][sel]  # (N,)

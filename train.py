@@ -261,8 +261,7 @@ def step_prompts(n: int, step: int, per_step: int, seed: int) -> list[int]:
 
 # ----------------------------------------------------------------------------- one step
 def pad_batch(trajs: list[rollout.Trajectory], device) -> dict[str, torch.Tensor]:
-    """Right-pad trajectories (they run unmasked: grpo.token_logprobs with attention_mask None); targets are ids[1:],
-    so the loss mask and old log-probs shift by one."""
+    """Right-pad trajectories (they run unmasked); targets are ids[1:], so the loss mask and old log-probs shift."""
     pad = lambda rows, dtype: torch.nn.utils.rnn.pad_sequence([torch.tensor(r, dtype=dtype) for r in rows],
                                                               batch_first=True).to(device)  # (B, T)
     return {"ids": pad([t.ids for t in trajs], torch.long),
@@ -314,7 +313,7 @@ def step_sums(trajs: list, device, keys: tuple[str, ...] = ("loss",)) -> dict[st
     return {**dict.fromkeys(keys, torch.zeros((), dtype=torch.float64, device=device)), "n_tok": n_tok}
 
 
-def grpo_update(model, ref, cfg: Config, trajs: list, adv: torch.Tensor, experts: list[bool]) -> dict:
+def grpo_update(model, ref, cfg: Config, trajs: list, adv: torch.Tensor) -> dict:
     """Accumulate the GRPO loss over micro-batches (backward only; the caller steps) and its metrics' sums."""
     world, device = dist.get_world_size(), adv.device
     sums = step_sums(trajs, device, ("loss", *PER_TOKEN))
@@ -322,19 +321,17 @@ def grpo_update(model, ref, cfg: Config, trajs: list, adv: torch.Tensor, experts
                   "const": float(cfg.max_total_tokens * len(trajs) * world)}[cfg.agg]
     extremes = torch.tensor([0.0, -9.0], device=device)  # (ratio max, -ratio min) over the step
     order = sorted(range(len(trajs)), key=lambda i: len(trajs[i].ids))  # like lengths share a micro-batch: less pad
-    for s in range(0, len(trajs), cfg.micro_batch):
-        idx = order[s : s + cfg.micro_batch]
+    for idx in (order[s : s + cfg.micro_batch] for s in range(0, len(trajs), cfg.micro_batch)):
         b = pad_batch([trajs[i] for i in idx], device)
         x = (b["ids"], None, cfg.temperature, cfg.logprob_chunk)
         with rollout.bf16_autocast(device, cfg.bf16):
             with torch.no_grad():
                 ref_logp = None if ref is None else ref(*x, loss_mask=b["mask"])  # (b, T-1)
             logp, ent = model(*x, with_entropy=True, loss_mask=b["mask"])  # (b, T-1) each
-        is_exp = torch.tensor([experts[i] for i in idx], device=device)[:, None]  # (b, 1)
+        is_exp = torch.tensor([trajs[i].expert for i in idx], device=device)[:, None]  # (b, 1)
         old = torch.where(is_exp, logp.detach(), b["old"])  # (b, T-1); expert rows, never sampled: ratio 1
-        loss, m = grpo.grpo_loss(logp, old, adv[idx], b["mask"], ref_logp=ref_logp,
-                                 beta=cfg.beta, clip_low=cfg.clip_low, clip_high=cfg.clip_high, agg=cfg.agg,
-                                 normaliser=normaliser, entropy=ent)
+        loss, m = grpo.grpo_loss(logp, old, adv[idx], b["mask"], ref_logp=ref_logp, beta=cfg.beta, agg=cfg.agg,
+                                 clip_low=cfg.clip_low, clip_high=cfg.clip_high, normaliser=normaliser, entropy=ent)
         (loss * world).backward()  # FSDP averages gradients over ranks; the loss is already globally normalised
         sums["loss"] = sums["loss"] + loss.detach()
         for k in PER_TOKEN:
@@ -373,8 +370,7 @@ def grpo_step(model: LogProbs, ref, tok, optimizer, cfg: Config, rows: list[dict
     batch, batch_scores = list(trajs), list(scores)  # logged metrics stay on-policy; the loss sees the mix
     mixed = mix_experts(cfg, tok, rows, search, batch, batch_scores) if cfg.expert_mix else 0
     adv = grpo.group_advantages([s["reward"] for s in batch_scores], cfg.group_size, cfg.scale_std)  # (B,)
-    out = (grpo_update(model, ref, cfg, batch, adv.to(device), [t.expert for t in batch]) if cfg.update else
-           step_sums(batch, device))  # the control arm: no loss, no gradient
+    out = grpo_update(model, ref, cfg, batch, adv.to(device)) if cfg.update else step_sums(batch, device)  # control arm
     out.update(adv_sq=(adv.double() ** 2).sum(), expert_rows=mixed)
     return optimizer_step(model, optimizer, cfg, step, out, trajs, scores, t_rollout, t1, cfg.update)
 
@@ -407,8 +403,7 @@ def all_finite(*xs: torch.Tensor) -> bool:
 
 def step_metrics(trajs: list, scores: list, out: dict) -> dict:
     """Sum over ranks in one collective, then the loss, the token-weighted loss metrics, and per-trajectory means of
-    every reward key (whatever grpo.reward returns), searches, response tokens, tokens (prompt and all) and the
-    advantage spread."""
+    every reward key (whatever grpo.reward returns), searches, response tokens, all tokens and the advantage spread."""
     per_tok = [k for k in PER_TOKEN if k in out]
     per_traj = {**{k: sum(s[k] for s in scores) for k in (scores[0] if scores else {})},
                 "searches": sum(len(t.queries) for t in trajs), "response_tokens": sum(sum(t.mask) for t in trajs),

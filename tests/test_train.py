@@ -234,7 +234,7 @@ def test_update_gradient_is_the_same_for_any_micro_batch(coin_policy, monkeypatc
         for micro, rows, a in ((1, trajs, adv), (3, trajs[::-1], adv.flip(0))):
             lm.zero_grad()
             cfg = train.Config(micro_batch=micro, temperature=1.0, beta=0.0, agg="token")
-            loss = train.grpo_update(model, None, cfg, rows, a, [t.expert for t in rows])["loss"]
+            loss = train.grpo_update(model, None, cfg, rows, a)["loss"]
             out.append((loss, {n: p.grad.clone() for n, p in lm.named_parameters()}))
         torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-5, atol=1e-7)
         for n, grad in out[0][1].items():
