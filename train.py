@@ -323,11 +323,11 @@ def grpo_update(model, ref, cfg: Config, trajs: list, adv: torch.Tensor) -> dict
     order = sorted(range(len(trajs)), key=lambda i: len(trajs[i].ids))  # like lengths share a micro-batch: less pad
     for idx in (order[s : s + cfg.micro_batch] for s in range(0, len(trajs), cfg.micro_batch)):
         b = pad_batch([trajs[i] for i in idx], device)
-        x = (b["ids"], None, cfg.temperature, cfg.logprob_chunk)
+        kw = dict(temperature=cfg.temperature, chunk_size=cfg.logprob_chunk, loss_mask=b["mask"])  # no attn: unmasked
         with rollout.bf16_autocast(device, cfg.bf16):
             with torch.no_grad():
-                ref_logp = None if ref is None else ref(*x, loss_mask=b["mask"])  # (b, T-1)
-            logp, ent = model(*x, with_entropy=True, loss_mask=b["mask"])  # (b, T-1) each
+                ref_logp = None if ref is None else ref(b["ids"], **kw)  # (b, T-1)
+            logp, ent = model(b["ids"], with_entropy=True, **kw)  # (b, T-1) each
         is_exp = torch.tensor([trajs[i].expert for i in idx], device=device)[:, None]  # (b, 1)
         old = torch.where(is_exp, logp.detach(), b["old"])  # (b, T-1); expert rows, never sampled: ratio 1
         loss, m = grpo.grpo_loss(logp, old, adv[idx], b["mask"], ref_logp=ref_logp, beta=cfg.beta, agg=cfg.agg,
@@ -355,7 +355,7 @@ def sft_step(model: LogProbs, tok, optimizer, cfg: Config, rows: list[dict], sea
     for s in range(0, len(experts), cfg.micro_batch):
         b = pad_batch(experts[s : s + cfg.micro_batch], device)
         with rollout.bf16_autocast(device, cfg.bf16):
-            logp = model(b["ids"], None, 1.0, cfg.logprob_chunk, loss_mask=b["mask"])  # (b, T-1)
+            logp = model(b["ids"], chunk_size=cfg.logprob_chunk, loss_mask=b["mask"])  # (b, T-1)
         loss = grpo.sft_loss(logp, b["mask"], normaliser=sums["n_tok"])
         (loss * world).backward()  # as in grpo_update
         sums["loss"] = sums["loss"] + loss.detach()
