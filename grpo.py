@@ -91,6 +91,15 @@ def cover_exact_match(prediction: str | None, golds: list[str]) -> float:
     return float(any(g and f" {g} " in f" {p} " for g in map(normalize_answer, golds)))
 
 
+def question_kind(question: str, golds: list[str]) -> str:
+    """What a question asks: "yes-no" (the gold is yes or no), "two-option" (a gold alias is named in the question,
+    as in "Which film came out first, X or Y?": a guess among the names scores) or "open" (it must be found)."""
+    if normalize_answer(golds[0]) in ("yes", "no"):
+        return "yes-no"
+    q = f" {normalize_answer(question)} "
+    return "two-option" if any(g and f" {g} " in q for g in map(normalize_answer, golds)) else "open"
+
+
 def _n_parts(s: str) -> int:
     return sum(1 for part in _SEP.split(s) if normalize_answer(part))
 

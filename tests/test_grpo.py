@@ -23,6 +23,7 @@ from grpo import (
     grpo_loss,
     is_candidate_list,
     normalize_answer,
+    question_kind,
     reward,
     sft_loss,
     token_logprobs,
@@ -508,3 +509,12 @@ def test_token_logprobs_loss_mask_equals_full_head_at_masked_positions():
     assert torch.all(part[~m] == 0) and torch.all(ent_part[~m] == 0)
     part[m].sum().backward()  # gradients flow through the scatter to the selected positions' head inputs
     assert model.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_question_kind_names_what_a_guess_can_score():
+    assert question_kind("Is Oslo in Norway?", ["yes"]) == "yes-no"
+    assert question_kind("Which film came out first, Heat or Alien?", ["Alien", "Alien (film)"]) == "two-option"
+    assert question_kind("Who directed Alien?", ["Ridley Scott"]) == "open"
+    # whole words after normalisation: the alias "fr" of France is not named by "from"
+    assert question_kind("Which country is Anthony I's father from?", ["France", "fr"]) == "open"
+    assert question_kind("Who was born first, The Edge or Bono?", ["the Edge"]) == "two-option"
