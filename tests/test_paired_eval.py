@@ -11,9 +11,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import paired_eval  # noqa: E402
 
 
-def write(path: Path, rows: list[tuple[str, str, float]]) -> str:
-    path.write_text("".join(json.dumps({"id": i, "type": t, "question": i, "em": em, "f1": em}) + "\n"
-                            for i, t, em in rows))
+def write(path: Path, rows: list[tuple[str, str, float]], question="Who built {}?", answers=("Ada",)) -> str:
+    """kr1.py --eval rows; by default open questions (the answer is not named in the question)."""
+    path.write_text("".join(json.dumps({"id": i, "type": t, "question": question.format(i), "answers": list(answers),
+                                        "em": em, "f1": em}) + "\n" for i, t, em in rows))
     return str(path)
 
 
@@ -55,9 +56,28 @@ def test_clustered_samples_average_per_question(tmp_path):
 def test_bad_file_names_the_line(tmp_path):
     good = write(tmp_path / "a.jsonl", [("q0", "x", 1.0)])
     bad = tmp_path / "b.jsonl"
-    bad.write_text('{"id": "q0", "em": 1.0}\n{"id": "q1"}\n')
+    bad.write_text('{"id": "q0", "question": "?", "answers": ["a"], "em": 1.0}\n{"id": "q1"}\n')
     with pytest.raises(SystemExit, match=r"b\.jsonl:2: .*'em'"):
         paired_eval.report(good, str(bad))
     other = write(tmp_path / "c.jsonl", [("z", "x", 1.0)])
     with pytest.raises(SystemExit, match="share no question ids"):
         paired_eval.report(good, other)
+
+
+def test_kinds_beside_their_chance(tmp_path):
+    """Two-option questions name the answer; yes-no ones have yes/no golds: each kind is reported beside what a guess
+    scores (0.5; the majority answer's share, 3 of 4 'yes' here) and B's exact binomial p against it."""
+    two = [(f"t{i}", "comparison", float(i < 9)) for i in range(10)]  # B: 9 of 10 two-option answers right
+    a = tmp_path / "a.jsonl"
+    b = tmp_path / "b.jsonl"
+    lines = [write(tmp_path / "part.jsonl", two, "Who came first, Ada or Bob ({})?", ["Ada"]),
+             write(tmp_path / "yes.jsonl", [(f"y{i}", "comparison", 1.0) for i in range(3)], "Is {} blue?", ["yes"]),
+             write(tmp_path / "no.jsonl", [("n0", "comparison", 0.0)], "Is {} red?", ["no"]),
+             write(tmp_path / "open.jsonl", [("o0", "compositional", 1.0)])]
+    b.write_text("".join(Path(f).read_text() for f in lines))
+    a.write_text(b.read_text().replace('"em": 1.0', '"em": 0.0'))
+    k = paired_eval.report(str(a), str(b))["by_kind"]
+    assert list(k) == ["open", "two-option", "yes-no"]
+    assert (k["two-option"]["n"], k["two-option"]["b"], k["two-option"]["chance"]) == (10, 0.9, 0.5)
+    assert k["two-option"]["b_vs_chance_p"] == pytest.approx(2 * 11 / 1024)  # P(>= 9 or <= 1 of 10 at 1/2)
+    assert (k["yes-no"]["n"], k["yes-no"]["chance"]) == (4, 0.75) and k["open"]["chance"] is None
