@@ -41,3 +41,14 @@ def test_release_files_become_qa_and_corpus_files_the_project_reads(tmp_path):
     assert corpus[0]["text"] == "Octavie Coudreau was a French explorer. She married Henri Coudreau."
     index = retrieval.Index.build(out / "corpus.jsonl", tmp_path / "index", show_progress=False)
     assert index.search(["husband of Octavie Coudreau"], k=1)[0][0]["title"] == "Octavie Coudreau"
+
+
+def test_a_release_without_answer_ids_is_refused_in_one_line(tmp_path):
+    """data.zip's dev.json has no answer_id: with --aliases nothing could be mapped, so the script says so and stops."""
+    (tmp_path / "dev.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "answer_id"} for r in DEV]))
+    (tmp_path / "id_aliases.json").write_text("".join(json.dumps(r) + "\n" for r in ALIASES))
+    cmd = [sys.executable, str(ROOT / "data" / "prepare_2wiki.py"), str(tmp_path / "dev.json"), "--out", str(tmp_path)]
+    p = subprocess.run([*cmd, "--aliases", str(tmp_path / "id_aliases.json")], capture_output=True, text=True)
+    assert p.returncode == 2 and not (tmp_path / "test.jsonl").exists()
+    assert p.stderr.strip().splitlines()[-1].startswith("prepare_2wiki.py: error:") and "answer_id" in p.stderr
+    assert subprocess.run([*cmd, "--no-aliases"], capture_output=True).returncode == 0  # asked for: one answer each
