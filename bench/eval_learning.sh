@@ -3,13 +3,14 @@
 # the shipped (final) adapter, the warm-start-only checkpoint and the untrained base on 2Wiki test (first 200) in
 # agent / rag / direct modes, data/qa.jsonl, and MuSiQue + HotpotQA (first 100 each; transfer). Then bench/eval_table.py.
 #
-#   bash bench/eval_learning.sh [RUN_DIR] [WARM_STEP] [FINAL_STEP]     # default runs/smollm2-2wiki 40 68
+#   bash bench/eval_learning.sh DATA_DIR [RUN_DIR] [WARM_STEP] [FINAL_STEP]   # default runs/smollm2-2wiki 40 68
+# DATA_DIR holds 2wiki/ (data/prepare_2wiki.py), musique/ and hotpotqa/ ({question, answers} JSONL + corpus.jsonl).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RUN=${1:-runs/smollm2-2wiki}
-WARM=$RUN/checkpoints/step_$(printf %06d "${2:-40}")/adapter
-FINAL=$RUN/checkpoints/step_$(printf %06d "${3:-68}")/adapter
-D=../shared/data
+D=${1:?usage: bash bench/eval_learning.sh DATA_DIR [RUN_DIR] [WARM_STEP] [FINAL_STEP]}
+RUN=${2:-runs/smollm2-2wiki}
+WARM=$RUN/checkpoints/step_$(printf %06d "${3:-40}")/adapter
+FINAL=$RUN/checkpoints/step_$(printf %06d "${4:-68}")/adapter
 O=$RUN/eval
 mkdir -p "$O"
 SET=(--k 2 --max-turns 2 --max-turn-tokens 64 --max-total-tokens 768 --batch-size 32)

@@ -9,11 +9,12 @@
 #      the paired test (bench/paired_eval.py) and the trained-vs-control figure (bench/plot_control.py).
 # Every stage skips what is already done, so the script can be re-run after a kill (train.py resumes itself).
 #
-#   bash bench/grpo_gain.sh [DATA_DIR] [RUN_DIR]    # DATA_DIR/2wiki/{train,test,corpus}.jsonl; default runs runs/grpo-gain
-#   (python data/prepare_2wiki.py writes runs/2wiki from 2WikiMultihopQA's release; this project ran it on ../shared/data)
+#   python data/prepare_2wiki.py dev.json --aliases id_aliases.json --out runs/2wiki     # first: the data (README)
+#   bash bench/grpo_gain.sh [DATA_DIR] [RUN_DIR]     # DATA_DIR/2wiki/{train,test,corpus}.jsonl; default runs runs/grpo-gain
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D=${1:-runs}
+[ -f "$D/2wiki/train.jsonl" ] || { echo "grpo_gain.sh: error: no $D/2wiki/train.jsonl (run data/prepare_2wiki.py)" >&2; exit 2; }
 R=${2:-runs/grpo-gain}
 B=bench/results/grpo-gain
 mkdir -p "$R" "$B/eval"

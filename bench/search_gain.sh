@@ -9,6 +9,7 @@
 #      with the flags of eval.json, the paired test per set and pooled, and the trained-vs-control figure.
 # Every stage skips what is already done, so the script can be re-run after a kill (train.py resumes itself).
 #
+#   python data/prepare_2wiki.py dev.json --aliases id_aliases.json --out DATA_DIR/2wiki   # first (README)
 #   bash bench/search_gain.sh DATA_DIR [RUN_DIR]   # DATA_DIR/{2wiki,hotpotqa,musique}; RUN_DIR: runs/search-gain
 set -euo pipefail
 cd "$(dirname "$0")/.."
