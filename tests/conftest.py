@@ -41,9 +41,17 @@ def qwen_tok():
     return qwen25_tokenizer()  # ~7 s the first time on a machine (conversion), ~2 s after (cached in $KR1_CACHE)
 
 
+def announce(request, message: str) -> None:
+    """One line on the terminal even while pytest captures output: what a slow fixture is doing."""
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        print(f"\n[conftest] {message}", flush=True)
+
+
 @pytest.fixture(scope="session")
-def coin_policy(tmp_path_factory, tokenizer_dir):
+def coin_policy(request, tmp_path_factory, tokenizer_dir):
     """A dir with policy/ (tiny Qwen2 + tokenizer), corpus.jsonl, index/ and qa.jsonl (the one question)."""
+    announce(request, "coin_policy: 300 supervised steps teach a tiny Qwen2 the protocol (~10 s of 2 idle cores)")
     d = tmp_path_factory.mktemp("coin")
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)

@@ -226,7 +226,7 @@ def test_update_gradient_is_the_same_for_any_micro_batch(coin_policy, monkeypatc
             ids = torch.randint(10, 200, (1, n), generator=g)  # (1, n)
             mask = [0] * (n // 2) + [1] * (n - n // 2)
             with torch.no_grad():
-                old = model(ids, torch.ones_like(ids))[0] + 0.01 * torch.randn(n - 1, generator=g)  # (n-1,)
+                old = model(ids, torch.ones_like(ids))[0] + 0.1 * torch.randn(n - 1, generator=g)  # (n-1,)
             trajs.append(rollout.Trajectory(ids[0].tolist(), mask, [0.0, *old.tolist()], n // 2, []))
         trajs[2].expert = True
         adv = torch.tensor([1.0, -0.5, 0.8, -1.2, 0.3])  # (5,)
@@ -236,10 +236,17 @@ def test_update_gradient_is_the_same_for_any_micro_batch(coin_policy, monkeypatc
             cfg = train.Config(micro_batch=micro, temperature=1.0, beta=0.0, agg="token")
             loss = train.grpo_update(model, None, cfg, rows, a)["loss"]
             out.append((loss, {n: p.grad.clone() for n, p in lm.named_parameters()}))
-        torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-5, atol=1e-7)
-        for n, grad in out[0][1].items():
-            torch.testing.assert_close(out[1][1][n], grad, rtol=1e-4, atol=1e-6, msg=n)
-        assert sum(grad.abs().sum() for grad in out[0][1].values()) > 0
+        # The tolerance is fp32's: the same sums in another order (micro-batches, padding, the CPU's own kernels)
+        # differ by a few ulps, which the log-softmax gradient of a confident model (1 - p, p near 1) amplifies:
+        # 2.5e-5 of the gradient's norm measured on AVX-512, 1.4e-4 element-wise on AVX2. The bugs this test is for
+        # are far larger: a row that loses its expert flag moves the gradient by ~3e-2 (its old log-probs are 0.1
+        # off), one that loses its advantage by ~0.5. So compare the whole gradient at 1e-3 of its norm.
+        flat = [torch.cat([g.flatten() for g in grads.values()]) for _, grads in out]
+        rel = ((flat[1] - flat[0]).norm() / flat[0].norm()).item()
+        tol = 1e-3
+        assert abs(out[1][0] - out[0][0]) <= tol * abs(out[0][0]), f"loss {out[1][0]:.9g} vs {out[0][0]:.9g}"
+        assert rel < tol, f"gradients differ by {rel:.2e} of their norm at micro-batch 1 vs 3 (tolerance {tol:.0e})"
+        assert flat[0].abs().sum() > 0
     finally:
         dist.destroy_process_group()
 
