@@ -2,8 +2,9 @@
 trainer's log-probs of the same tokens, before any update, must equal them. train.grpo_update logs how far apart
 they are on each step's first micro-batch: logp_diff_mean, logp_diff_max, logp_diff_over_0.1.
 
-The policy is an untrained tiny Qwen2 over the SmolLM2 tokenizer (its near-flat distributions keep torch's CPU
-fp32 log_softmax exact to ~1e-6; on a peaked one it is off by ~1e-4, see test_fp32_...).
+The policy is conftest's tiny_policy, an untrained tiny Qwen2 over the SmolLM2 tokenizer: its near-flat
+distributions keep torch's CPU fp32 log_softmax within ~1e-6 of fp64. On a peaked one (conftest's coin_policy) that
+kernel is ~1e-4 off (it sums exp over 49k ids per SIMD lane), and the logged drift with it; the engine is not.
 
     python -m pytest -q tests/test_agreement.py
 """
@@ -17,32 +18,11 @@ import pytest
 import torch
 import torch.distributed as dist
 from test_train import free_port, spawn_ranks
-from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 import retrieval
 
-QUESTION = "In which city was item 3 founded?"
 SETTING = dict(group_size=4, max_turns=1, max_turn_tokens=16, max_total_tokens=40, temperature=1.0, beta=0.0,
                agg="token", grad_ckpt=False, lr=1e-2, warmup_steps=1)
-
-
-@pytest.fixture(scope="module")
-def random_policy(tmp_path_factory, tokenizer_dir):
-    """A dir with policy/ (an untrained tiny Qwen2 + the SmolLM2 tokenizer), index/ (8 passages), qa.jsonl."""
-    d = tmp_path_factory.mktemp("random")
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    cfg = Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=128, vocab_size=len(tok), tie_word_embeddings=True,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    Qwen2ForCausalLM(cfg).save_pretrained(d / "policy")
-    tok.save_pretrained(d / "policy")
-    rows = [{"id": f"p{i}", "title": f"Item {i}", "text": f"Item {i} was founded in {c}."}
-            for i, c in enumerate(["Paris", "Rome", "Oslo", "Lima"] * 2)]
-    (d / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    retrieval.Index.build(d / "corpus.jsonl", d / "index", show_progress=False)
-    (d / "qa.jsonl").write_text(json.dumps({"question": QUESTION, "answers": ["Paris"]}) + "\n")
-    return d
 
 
 def setting(d: Path, **kw):
@@ -64,13 +44,13 @@ def world_of_one(monkeypatch):
     dist.destroy_process_group()
 
 
-def test_fp32_engine_and_trainer_log_probs_agree(random_policy, world_of_one):
+def test_fp32_engine_and_trainer_log_probs_agree(tiny_policy, world_of_one):
     """fp32 on CPU, full fine-tuning, one micro-batch with an expert row (its log-probs are 0.0 placeholders): the
     sampled tokens' log-probs agree to 1e-5 on average, the expert row does not count, and a drift of 0.5 planted on
     one sampled token shows in the max and the share over 0.1."""
     import train
 
-    cfg, search, rows = setting(random_policy, micro_batch=16)
+    cfg, search, rows = setting(tiny_policy, micro_batch=16)
     model, _, tok, _ = train.build_models(cfg, torch.device("cpu"), 1)
     trajs, scores, _ = train.rollout_and_score(model, tok, cfg, rows, search, 0)
     trajs[-1] = train.expert(cfg, tok, rows[-1], search)
@@ -111,11 +91,11 @@ def lora_worker(rank: int, port: int, ready, d: Path, out: Path) -> None:
     os._exit(0)  # as test_train.finite_worker
 
 
-def test_a_lora_update_reaches_the_next_rollout(random_policy, tmp_path):
+def test_a_lora_update_reaches_the_next_rollout(tiny_policy, tmp_path):
     """FSDP2 on 2 gloo ranks with LoRA: after an optimizer step the engine samples with the new weights (no stale
     copy): the second rollout's log-probs differ from the first's for the same tokens, and equal the trainer's
     post-update log-probs, while the first rollout's no longer do."""
-    spawn_ranks(lora_worker, random_policy, tmp_path)
+    spawn_ranks(lora_worker, tiny_policy, tmp_path)
     for rank in (0, 1):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got["step"]["logp_diff_mean"] <= 1e-5 and not got["step"]["skipped"], got["step"]
