@@ -95,7 +95,8 @@ class Config:
     micro_batch: int = opt(4, "trajectories per forward/backward")
     logprob_chunk: int = opt(1024, "tokens per chunk of the (tokens x vocab) log-prob computation")
     seed: int = opt(0, "seed for data order and sampling")
-    dist_timeout: float = opt(0.0, "minutes a rank waits in a collective (0 = torch's default: 10 NCCL, 30 gloo)")
+    dist_timeout: float = opt(0.0, "minutes a collective may stall before the job fails (0 = torch's default: 10 NCCL, "
+                              "30 gloo); the others wait for rank 0 reading the model or writing hf/ up to a day")
     # bookkeeping
     save_every: int = opt(50, "checkpoint every N steps (and at the end); 0 = only at the end")
     resume: str | None = opt(None, "run dir or checkpoint dir to resume from")
@@ -148,8 +149,14 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 
 # ----------------------------------------------------------------------------- setup
+SOLO_WAIT = timedelta(days=1)  # how long the others wait for rank 0 alone: reading the model, writing hf/
+solo = None  # init_distributed's gloo group over every rank for those waits (its timeout is SOLO_WAIT)
+
+
 def init_distributed(timeout_min: float = 0.0) -> tuple[int, int, torch.device]:
-    """torchrun sets RANK/WORLD_SIZE; plain `python train.py` becomes a world of one (same code path)."""
+    """torchrun sets RANK/WORLD_SIZE; plain `python train.py` becomes a world of one (same code path). Collectives
+    time out after `timeout_min` (--dist-timeout); waits for rank 0's solo phases (wait_for_rank0) do not."""
+    global solo
     port = str(29500 + os.getpid() % 1000)
     for k, v in dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port).items():
         os.environ.setdefault(k, v)
@@ -157,8 +164,15 @@ def init_distributed(timeout_min: float = 0.0) -> tuple[int, int, torch.device]:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_min) if timeout_min else None)
+    solo = dist.new_group(backend="gloo", timeout=SOLO_WAIT)
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def wait_for_rank0() -> None:
+    """A barrier for the end of a phase rank 0 runs alone: it is not a stalled collective, so --dist-timeout does not
+    bound it (a rank that fails ends the job at once: fail())."""
+    dist.barrier(group=solo)
 
 
 def load_questions(cfg: Config) -> list[dict]:
@@ -454,7 +468,7 @@ def save_checkpoint(out: Path, model: LogProbs, tok, optimizer, cfg: Config, ste
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    dist.barrier()
+    wait_for_rank0()
     torch.save(torch.get_rng_state(), tmp / f"rng_rank{rank}.pt")  # before dcp.save's collectives: rank 0 renames after
     msd, osd = dsd.get_state_dict(lm, optimizer)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "state"))  # sharded: each rank writes its part
@@ -471,7 +485,7 @@ def save_checkpoint(out: Path, model: LogProbs, tok, optimizer, cfg: Config, ste
         tmp.rename(final)
         (out / "latest.tmp").write_text(str(final.relative_to(out)))
         os.replace(out / "latest.tmp", out / "latest")  # atomic pointer swap
-    dist.barrier()
+    wait_for_rank0()
     return final
 
 
@@ -519,7 +533,7 @@ def load_sharded(cfg: Config, spec: str | None, dtype: torch.dtype, device: torc
             rollout.add_lora(full, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     if mesh.size() == 1 and not cuda:  # a CPU world of one trains rank 0's plain module
         return shard_model(full, mesh, cuda, train, len(tok), cfg.grad_ckpt), tok
-    dist.barrier()  # the embedded model's first conversion is rank 0's
+    wait_for_rank0()  # its read, and the embedded model's first conversion
     lm, tok = rollout.load_model(spec, dtype=dtype, device=device, meta=True)
     if lora:
         rollout.add_lora(lm, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)

@@ -1,5 +1,5 @@
 """train.py across processes beyond tests/test_train.py: two "nodes" of one machine (two torchrun agents, one rank
-each, a c10d rendezvous on localhost, a $KR1_CACHE each).
+each, a c10d rendezvous on localhost, a $KR1_CACHE each), and --dist-timeout against a rank 0 that is slow alone.
 
     python -m pytest -q tests/test_distributed.py
 """
@@ -8,9 +8,10 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from test_train import ROOT, free_port
+from test_train import ROOT, common_flags, free_port, torchrun
 
 FLAGS = ["--group-size", "2", "--prompts-per-step", "2", "--max-turns", "1", "--max-turn-tokens", "12",
          "--max-total-tokens", "32", "--micro-batch", "2", "--warmup-steps", "1", "--lr", "1e-3", "--beta", "0.04",
@@ -54,3 +55,30 @@ def test_two_nodes_train_then_resume(tiny_policy, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints" / "step_000002").glob("rng_rank*")) == [
         "rng_rank0.pt", "rng_rank1.pt"]
 
+
+SLOW = """import os, sys, time
+import rollout, train
+load, merged = rollout.load_model, rollout.merged
+def slow(f):
+    def call(*args, **kwargs):
+        if not kwargs.get("meta"):
+            time.sleep(float(os.environ["KR1_TEST_SLOW"]))
+        return f(*args, **kwargs)
+    return call
+if os.environ["RANK"] == "0":  # rank 0 alone: reading the model (not the meta skeleton), merging LoRA into hf/
+    rollout.load_model, rollout.merged = slow(load), slow(merged)
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_dist_timeout_spares_rank0_alone(tiny_policy, tmp_path, monkeypatch):
+    """--dist-timeout 0.25 (15 s) bounds a stalled collective, not rank 0 reading the model or writing the merged
+    hf/ folder: rank 0 takes 25 s over each while rank 1 waits, and the job completes."""
+    (tmp_path / "slow.py").write_text(SLOW)
+    monkeypatch.setenv("KR1_TEST_SLOW", "25")
+    flags = [*common_flags(tiny_policy), "--beta", "0", "--lora-rank", "4", "--steps", "1", "--dist-timeout", "0.25"]
+    t0 = time.time()
+    torchrun(*flags, "--out", str(tmp_path / "run"), script=tmp_path / "slow.py", timeout=300)
+    assert time.time() - t0 > 50  # both sleeps ran
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1] and (tmp_path / "run" / "checkpoints" / "step_000001" / "hf").is_dir()
