@@ -150,7 +150,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 # ----------------------------------------------------------------------------- setup
 SOLO_WAIT = timedelta(days=1)  # how long the others wait for rank 0 alone: reading the model, writing hf/
-solo = None  # init_distributed's gloo group over every rank for those waits (its timeout is SOLO_WAIT)
+solo = (None, None)  # (the default group, init_distributed's gloo group over its ranks for those waits)
 
 
 def init_distributed(timeout_min: float = 0.0) -> tuple[int, int, torch.device]:
@@ -164,15 +164,15 @@ def init_distributed(timeout_min: float = 0.0) -> tuple[int, int, torch.device]:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_min) if timeout_min else None)
-    solo = dist.new_group(backend="gloo", timeout=SOLO_WAIT)
+    solo = dist.group.WORLD, dist.new_group(backend="gloo", timeout=SOLO_WAIT)
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
 
 
 def wait_for_rank0() -> None:
     """A barrier for the end of a phase rank 0 runs alone: it is not a stalled collective, so --dist-timeout does not
-    bound it (a rank that fails ends the job at once: fail())."""
-    dist.barrier(group=solo)
+    bound it (a rank that fails ends the job at once: fail()). A process group made elsewhere: its own barrier."""
+    dist.barrier(group=solo[1] if solo[0] is dist.group.WORLD else None)
 
 
 def load_questions(cfg: Config) -> list[dict]:
