@@ -53,7 +53,8 @@ CORRECTION = ("Your previous turn had no valid action. To search, put a query be
               "To give the final answer, put it between <answer> and </answer>. Try again.")
 FINAL_TURN = "This is your final turn: answer now inside <answer></answer>, no more searches."
 TAGS = ("<think>", "</think>", "<search>", "</search>", "<answer>", "</answer>", "<context>", "</context>")
-_SENTINEL = "KR1SENTINEL"  # stands in for an assistant turn's content when cutting the template's glue
+_SENTINEL = "<think>KR1</think>KR1SENTINEL"  # an assistant turn's content when cutting the template's glue; its
+# think block makes turn_glue fail on a template that drops earlier turns' reasoning where render cannot keep it
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DROP_FRACTION = 0.25  # finished rows leave the batch once they are this fraction of it (drop_finished)
 GROW = 256  # cache columns added at a time: one copy of the cache per 256 steps, not one per step
@@ -264,7 +265,10 @@ def last_tag(text: str, tag: str) -> str | None:
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    """The template's text. Assistant turns carry reasoning_content "": Qwen3's template then shows an earlier turn as
+    written instead of dropping its <think>...</think>, as the KV-cached model saw it (other templates ignore it)."""
+    shown = [{**m, "reasoning_content": ""} if m["role"] == "assistant" else m for m in messages]
+    return tokenizer.apply_chat_template(shown, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:

@@ -95,7 +95,8 @@ class Config:
     micro_batch: int = opt(4, "trajectories per forward/backward")
     logprob_chunk: int = opt(1024, "tokens per chunk of the (tokens x vocab) log-prob computation")
     seed: int = opt(0, "seed for data order and sampling")
-    dist_timeout: float = opt(0.0, "minutes a rank waits in a collective (0 = torch's default: 10 NCCL, 30 gloo)")
+    dist_timeout: float = opt(0.0, "minutes a collective may stall before the job fails (0 = torch's default: 10 NCCL, "
+                              "30 gloo); the others wait for rank 0 reading the model or writing hf/ up to a day")
     # bookkeeping
     save_every: int = opt(50, "checkpoint every N steps (and at the end); 0 = only at the end")
     resume: str | None = opt(None, "run dir or checkpoint dir to resume from")
@@ -148,8 +149,14 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 
 # ----------------------------------------------------------------------------- setup
+SOLO_WAIT = timedelta(days=1)  # how long the others wait for rank 0 alone: reading the model, writing hf/
+solo = (None, None)  # (the default group, init_distributed's gloo group over its ranks for those waits)
+
+
 def init_distributed(timeout_min: float = 0.0) -> tuple[int, int, torch.device]:
-    """torchrun sets RANK/WORLD_SIZE; plain `python train.py` becomes a world of one (same code path)."""
+    """torchrun sets RANK/WORLD_SIZE; plain `python train.py` becomes a world of one (same code path). Collectives
+    time out after `timeout_min` (--dist-timeout); waits for rank 0's solo phases (wait_for_rank0) do not."""
+    global solo
     port = str(29500 + os.getpid() % 1000)
     for k, v in dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port).items():
         os.environ.setdefault(k, v)
@@ -157,8 +164,15 @@ def init_distributed(timeout_min: float = 0.0) -> tuple[int, int, torch.device]:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_min) if timeout_min else None)
+    solo = dist.group.WORLD, dist.new_group(backend="gloo", timeout=SOLO_WAIT)
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def wait_for_rank0() -> None:
+    """A barrier for the end of a phase rank 0 runs alone: it is not a stalled collective, so --dist-timeout does not
+    bound it (a rank that fails ends the job at once: fail()). A process group made elsewhere: its own barrier."""
+    dist.barrier(group=solo[1] if solo[0] is dist.group.WORLD else None)
 
 
 def load_questions(cfg: Config) -> list[dict]:
@@ -319,9 +333,10 @@ def grpo_update(model, ref, cfg: Config, trajs: list, adv: torch.Tensor) -> dict
     sums = step_sums(trajs, device, ("loss", *PER_TOKEN))
     normaliser = {"token": sums["n_tok"].item(), "seq": float(len(trajs) * world),
                   "const": float(cfg.max_total_tokens * len(trajs) * world)}[cfg.agg]
-    extremes = torch.tensor([0.0, -9.0], device=device)  # (ratio max, -ratio min) over the step
+    extremes = torch.tensor([0.0, -9.0, 0.0], device=device)  # (ratio max, -ratio min, logp diff max) over the step
     order = sorted(range(len(trajs)), key=lambda i: len(trajs[i].ids))  # like lengths share a micro-batch: less pad
-    for idx in (order[s : s + cfg.micro_batch] for s in range(0, len(trajs), cfg.micro_batch)):
+    for s in range(0, len(trajs), cfg.micro_batch):
+        idx = order[s : s + cfg.micro_batch]
         b = pad_batch([trajs[i] for i in idx], device)
         kw = dict(temperature=cfg.temperature, chunk_size=cfg.logprob_chunk, loss_mask=b["mask"])  # no attn: unmasked
         with rollout.bf16_autocast(device, cfg.bf16):
@@ -330,15 +345,26 @@ def grpo_update(model, ref, cfg: Config, trajs: list, adv: torch.Tensor) -> dict
             logp, ent = model(b["ids"], with_entropy=True, **kw)  # (b, T-1) each
         is_exp = torch.tensor([trajs[i].expert for i in idx], device=device)[:, None]  # (b, 1)
         old = torch.where(is_exp, logp.detach(), b["old"])  # (b, T-1); expert rows, never sampled: ratio 1
+        if s == 0:  # before any backward: the trainer's log-probs of the sampled tokens against the engine's
+            drift, extremes[2] = engine_drift(logp.detach(), b["old"], b["mask"] * ~is_exp)
+            sums.update(drift)
         loss, m = grpo.grpo_loss(logp, old, adv[idx], b["mask"], ref_logp=ref_logp, beta=cfg.beta, agg=cfg.agg,
                                  clip_low=cfg.clip_low, clip_high=cfg.clip_high, normaliser=normaliser, entropy=ent)
         (loss * world).backward()  # FSDP averages gradients over ranks; the loss is already globally normalised
         sums["loss"] = sums["loss"] + loss.detach()
         for k in PER_TOKEN:
             sums[k] = sums[k] + m[k] * m["n_tokens"]
-        extremes = torch.maximum(extremes, torch.stack([m["ratio_max"], -m["ratio_min"]]))
+        extremes[:2] = torch.maximum(extremes[:2], torch.stack([m["ratio_max"], -m["ratio_min"]]))
     dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
-    return {**sums, "ratio_max": extremes[0], "ratio_min": -extremes[1]}
+    return {**sums, "ratio_max": extremes[0], "ratio_min": -extremes[1], "logp_diff_max": extremes[2]}
+
+
+def engine_drift(logp: torch.Tensor, old: torch.Tensor, mask: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """How far the engine's sampling log-probs (PPO's old ones) are from the trainer's over the `mask` tokens: the
+    sums step_metrics turns into the mean and the share over 0.1 (all ranks), and the largest |logp - old|."""
+    diff = (logp - old).abs() * mask  # (b, T-1)
+    sums = {"logp_diff_sum": diff.sum(), "logp_diff_over": (diff > 0.1).sum(), "logp_diff_n": mask.sum()}
+    return sums, diff.max()
 
 
 def sft_step(model: LogProbs, tok, optimizer, cfg: Config, rows: list[dict], search, step: int) -> dict:
@@ -408,7 +434,9 @@ def step_metrics(trajs: list, scores: list, out: dict) -> dict:
     per_traj = {**{k: sum(s[k] for s in scores) for k in (scores[0] if scores else {})},
                 "searches": sum(len(t.queries) for t in trajs), "response_tokens": sum(sum(t.mask) for t in trajs),
                 "tokens": sum(len(t.ids) for t in trajs), **{k: out[k] for k in ("adv_sq",) if k in out}}
-    sums = {"loss": out["loss"], "expert_rows": out.get("expert_rows", 0), **{k: out[k] for k in per_tok}, **per_traj}
+    drift = {k: out[k] for k in ("logp_diff_sum", "logp_diff_over", "logp_diff_n") if k in out}
+    sums = {"loss": out["loss"], "expert_rows": out.get("expert_rows", 0), **{k: out[k] for k in per_tok}, **per_traj,
+            **drift}
     totals = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=out["loss"].device).reshape(())
                           for v in sums.values()])
     dist.all_reduce(totals)
@@ -418,6 +446,9 @@ def step_metrics(trajs: list, scores: list, out: dict) -> dict:
         rec.update({k: tot[k] / (len(trajs) * dist.get_world_size()) for k in per_traj}, expert_rows=tot["expert_rows"])
     if "adv_sq" in rec:
         rec["adv_std"] = math.sqrt(rec.pop("adv_sq"))
+    if tot.get("logp_diff_n"):  # engine vs trainer on the sampled tokens of each rank's first micro-batch
+        rec.update(logp_diff_mean=tot["logp_diff_sum"] / tot["logp_diff_n"], logp_diff_max=out["logp_diff_max"].item())
+        rec["logp_diff_over_0.1"] = tot["logp_diff_over"] / tot["logp_diff_n"]
     return {**rec, **{k: out[k].item() for k in ("ratio_max", "ratio_min") if k in out}}
 
 
@@ -437,7 +468,7 @@ def save_checkpoint(out: Path, model: LogProbs, tok, optimizer, cfg: Config, ste
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    dist.barrier()
+    wait_for_rank0()
     torch.save(torch.get_rng_state(), tmp / f"rng_rank{rank}.pt")  # before dcp.save's collectives: rank 0 renames after
     msd, osd = dsd.get_state_dict(lm, optimizer)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "state"))  # sharded: each rank writes its part
@@ -454,7 +485,7 @@ def save_checkpoint(out: Path, model: LogProbs, tok, optimizer, cfg: Config, ste
         tmp.rename(final)
         (out / "latest.tmp").write_text(str(final.relative_to(out)))
         os.replace(out / "latest.tmp", out / "latest")  # atomic pointer swap
-    dist.barrier()
+    wait_for_rank0()
     return final
 
 
@@ -502,7 +533,7 @@ def load_sharded(cfg: Config, spec: str | None, dtype: torch.dtype, device: torc
             rollout.add_lora(full, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     if mesh.size() == 1 and not cuda:  # a CPU world of one trains rank 0's plain module
         return shard_model(full, mesh, cuda, train, len(tok), cfg.grad_ckpt), tok
-    dist.barrier()  # the embedded model's first conversion is rank 0's
+    wait_for_rank0()  # its read, and the embedded model's first conversion
     lm, tok = rollout.load_model(spec, dtype=dtype, device=device, meta=True)
     if lora:
         rollout.add_lora(lm, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)

@@ -33,6 +33,7 @@ Not traced: allocator fragmentation and cached blocks, the CUDA context, NCCL bu
 
     python bench/bench_memory.py --trace --model qwen2.5-7b --world 8    # ~35 s of CPU, 0.4 GiB of RAM
     python bench/bench_memory.py --trace --model qwen2.5-1.5b --world 8
+    python bench/bench_memory.py --trace --model qwen3-1.7b --world 8     # Qwen3 (q/k norms, 8 KV heads)
     python bench/bench_memory.py --trace --model path/to/folder --world 2  # any local folder with a config.json
     python bench/bench_memory.py --trace --model path/to/tiny --real       # the same step on real tensors (small!)
 """
@@ -174,12 +175,21 @@ def check_layer(name: str, T: int = 320) -> tuple[float, float]:
 
 # ------------------------------------------------------------------------------------------------- --trace
 ALIASES = {"qwen2.5-1.5b": "Qwen2.5-1.5B-Instruct", "qwen2.5-7b": "Qwen2.5-7B-Instruct"}
+CONFIGS = {  # --trace only (the estimate beside it assumes Qwen2's layer): a public config.json's fields
+    "qwen3-1.7b": ("Qwen3-1.7B", "qwen3", dict(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16,
+                                               num_key_value_heads=8, head_dim=128, intermediate_size=6144,
+                                               vocab_size=151936, tie_word_embeddings=True,
+                                               max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6)),
+}
 
 
 def model_config(spec: str):
     """(label, transformers config) of a MODELS alias (config.json embedded here) or a local folder's config.json."""
     from transformers import AutoConfig, Qwen2Config
 
+    if spec.lower() in CONFIGS:
+        name, kind, fields = CONFIGS[spec.lower()]
+        return name, AutoConfig.for_model(kind, **fields)
     if spec.lower() in ALIASES:
         name = ALIASES[spec.lower()]
         m = MODELS[name]
@@ -188,8 +198,9 @@ def model_config(spec: str):
                                  intermediate_size=m["inter"], vocab_size=m["vocab"], tie_word_embeddings=m["tied"],
                                  max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6)
     if not (Path(spec) / "config.json").is_file():
-        raise SystemExit(f"bench_memory.py: error: --model {spec!r}: not one of {sorted(ALIASES)} nor a local folder "
-                         "with a config.json (nothing is downloaded)")
+        known = sorted([*ALIASES, *CONFIGS])
+        raise SystemExit(f"bench_memory.py: error: --model {spec!r}: not one of {known} nor a local folder with a "
+                         "config.json (nothing is downloaded)")
     return Path(spec).name, AutoConfig.from_pretrained(spec, local_files_only=True)
 
 
@@ -435,7 +446,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", action="store_true", help="print the numbers as JSON instead of tables")
     p.add_argument("--check", action="store_true", help="measure one layer's saved activations on CPU (~1 GB RAM)")
     p.add_argument("--trace", action="store_true", help="trace one real step under FakeTensorMode (see above)")
-    p.add_argument("--model", default="qwen2.5-7b", help=f"--trace: {' or '.join(ALIASES)} or a local config folder")
+    p.add_argument("--model", default="qwen2.5-7b",
+                   help=f"--trace: {', '.join([*ALIASES, *CONFIGS])} or a local config folder")
     p.add_argument("--trace-micro-batches", type=int, default=2, help="--trace: micro-batches of the update traced "
                    "(the 2nd on has the fp32 grads from its start; later ones repeat it)")
     p.add_argument("--real", action="store_true", help="--trace on real tensors (a check of the fake trace; small "

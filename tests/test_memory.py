@@ -94,3 +94,11 @@ def test_fake_trace_equals_the_real_tensor_trace(fake_run, tiny_dir):
 def test_unknown_model_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="config.json"):
         bench_memory.main(["--trace", "--model", str(tmp_path / "nowhere")])
+
+
+def test_qwen3_alias_is_the_public_config():
+    """--model qwen3-1.7b: Qwen3-1.7B's config.json fields, 1.72B parameters (tied embeddings) on the meta device."""
+    name, c = bench_memory.model_config("qwen3-1.7b")
+    assert (name, c.model_type, c.head_dim, c.num_key_value_heads) == ("Qwen3-1.7B", "qwen3", 128, 8)
+    n = sum(p.numel() for p in bench_memory.skeleton(c, None).parameters())
+    assert 1.71e9 < n < 1.73e9, n

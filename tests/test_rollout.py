@@ -22,7 +22,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers.integrations.sdpa_attention as hf_sdpa
-from transformers import AttentionInterface, AttentionMaskInterface, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AttentionInterface,
+    AttentionMaskInterface,
+    AutoTokenizer,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 from transformers.masking_utils import sdpa_mask
 
 import rollout as R
@@ -55,24 +63,32 @@ def smol_tok():
     return t
 
 
-@pytest.fixture(scope="module", params=["smollm2", "qwen2.5"])
+@pytest.fixture(scope="module", params=["smollm2", "qwen2.5", "qwen3"])
 def tok(request, smol_tok):
-    """The engine tests run on both templates: SmolLM2's and the real target's (Qwen2.5-Instruct, rebuilt offline)."""
+    """The engine tests run on three templates: SmolLM2's, the real target's (Qwen2.5-Instruct) and Qwen3's (it
+    moves <think> out of earlier turns; rollout.render keeps them), the Qwen ones rebuilt offline."""
     if request.param == "smollm2":
         return smol_tok
-    t = request.getfixturevalue("qwen_tok")
+    t = request.getfixturevalue({"qwen2.5": "qwen_tok", "qwen3": "qwen3_tok"}[request.param])
     t.padding_side = "left"
     return t
 
 
+def is_qwen3(tok) -> bool:
+    return len(tok) == 151_669
+
+
 @pytest.fixture(scope="module")
 def tiny(tok):
+    """A tiny random Qwen2 (Qwen3 for Qwen3's tokenizer: q/k norms, explicit head_dim); the Qwen vocabularies get
+    their real padded embedding size, 151,936."""
     torch.manual_seed(0)
-    vocab = 151_936 if len(tok) == 151_665 else len(tok)  # Qwen2.5's real (padded) embedding size
-    cfg = Qwen2Config(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=128, initializer_range=0.2,  # peaked logits: no ties
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    return Qwen2ForCausalLM(cfg).eval()
+    vocab = 151_936 if len(tok) > 151_643 else len(tok)
+    kind, config = (Qwen3ForCausalLM, Qwen3Config) if is_qwen3(tok) else (Qwen2ForCausalLM, Qwen2Config)
+    cfg = config(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, head_dim=16,
+                 num_key_value_heads=2, intermediate_size=128, initializer_range=0.2,  # peaked logits: no ties
+                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return kind(cfg).eval()
 
 
 class Scripted(torch.nn.Module):
@@ -143,10 +159,20 @@ def positional(rows):
     return script
 
 
+def finished(tok, messages):
+    """The template's rendering of a conversation ending in an assistant turn, that turn as written. Qwen3's template
+    rewrites a final assistant turn as '<think>\n' + reasoning + '\n</think>\n\n' + answer (an empty block if it has
+    none), a form a sampled turn need not have: there, the generation prompt + the turn + the template's closing."""
+    if not is_qwen3(tok):
+        return R.render(tok, messages, False)
+    closing = R.render(tok, messages[:-1] + [{"role": "assistant", "content": "KR1END"}], False)
+    return R.render(tok, messages[:-1], True) + messages[-1]["content"] + closing.split("KR1END")[-1]
+
+
 def check_template(tok, t):
     """Invariant 2: decoding ids = the template rendering of messages cut after the last sampled token, and every
     non-sampled span is token for token the template's ids for it (prompt; glue + user turn + generation prompt)."""
-    full, text = R.render(tok, t.messages, False), tok.decode(t.ids)
+    full, text = finished(tok, t.messages), tok.decode(t.ids)
     assert full.startswith(text)
     closing = R.render(tok, t.messages[:-1] + [{"role": "assistant", "content": R._SENTINEL}], False)
     assert closing.endswith(full[len(text):])  # only the closing glue of the open last turn is missing
@@ -741,3 +767,35 @@ def test_qwen25_tokenizer_is_the_real_one(qwen_tok):
     assert ids[-1] == 151645 and t.decode(ids) == text
     assert t.convert_ids_to_tokens(t("<search> Dune </search>").input_ids) == [
         "<", "search", ">", "ĠD", "une", "Ġ</", "search", ">"]  # protocol tags are plain text to Qwen
+
+
+def test_qwen3_tokenizer_is_the_real_one(qwen3_tok):
+    """The rebuilt Qwen3 tokenizer (tests/qwen3.py): Qwen2.5's ids plus 4 plain added tokens, <think> one token."""
+    t = qwen3_tok
+    assert len(t) == 151669 and t.bos_token is None
+    assert t.convert_tokens_to_ids(["<tool_response>", "</tool_response>", "<think>", "</think>"]) == [
+        151665, 151666, 151667, 151668]
+    assert {i for i, a in t.added_tokens_decoder.items() if not a.special} == set(range(151657, 151669))
+    assert (t.eos_token_id, t.pad_token_id) == (151645, 151643) and t("Hello world").input_ids == [9707, 1879]
+    assert t("<think> Dune </think>").input_ids == [151667, 422, 2886, 220, 151668]
+    msgs = [{"role": "user", "content": QA}]
+    assert t.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == (
+        f"<|im_start|>user\n{QA}<|im_end|>\n<|im_start|>assistant\n")  # no default system prompt
+    assert t.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=False).endswith(
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def test_qwen3_earlier_reasoning_is_kept_and_a_template_that_drops_it_is_refused(qwen3_tok):
+    """Qwen3's template drops the <think> block of an assistant turn before the last user turn; the KV-cached
+    engine fed that turn as sampled, so rollout.render shows it as written (reasoning_content ""), and the glue
+    after it is the template's own. A template that drops it whatever the message says fails turn_glue loudly."""
+    tok = copy.deepcopy(qwen3_tok)
+    turn = "<think> Who wrote it? </think>\n<search> Dune </search>"
+    msgs = [*R.prompt_messages(QA, "agent"), {"role": "assistant", "content": turn}, {"role": "user", "content": "ok"}]
+    stock = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert "Who wrote it?" not in stock and "<search> Dune </search>" in stock  # the stock rendering drops it
+    ours = R.render(tok, msgs, True)
+    assert ours == R.render(tok, msgs[:2], True) + turn + tok.decode(R.turn_glue(tok, msgs))  # append-only
+    tok.chat_template = tok.chat_template.replace("message.reasoning_content is string", "false")
+    with pytest.raises(ValueError, match="rewrites earlier turns"):
+        R.turn_glue(tok, msgs)
