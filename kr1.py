@@ -30,10 +30,18 @@ import retrieval
 import rollout
 
 DEFAULT_QA = Path(__file__).resolve().parent / "data" / "qa.jsonl"
-DEFAULT_ADAPTER = Path(__file__).resolve().parent / "data" / "smollm2-kr1-lora"  # trained by train.py, see README
-SHIPPED = dict(k=2, max_turns=2, max_turn_tokens=64, max_total_tokens=768)  # what the shipped adapter trained with
-ASK = dict(SHIPPED, max_total_tokens=1024)  # its defaults here: with 1024, the rows that ran out of 768 answer too
-GENERIC = dict(k=3, max_turns=4, max_turn_tokens=512, max_total_tokens=2048)  # any other model (the 1.5B recipe)
+DEFAULT_ADAPTER = (
+    Path(__file__).resolve().parent / "data" / "smollm2-kr1-lora"
+)  # trained by train.py, see README
+SHIPPED = dict(
+    k=2, max_turns=2, max_turn_tokens=64, max_total_tokens=768
+)  # what the shipped adapter trained with
+ASK = dict(
+    SHIPPED, max_total_tokens=1024
+)  # its defaults here: with 1024, the rows that ran out of 768 answer too
+GENERIC = dict(
+    k=3, max_turns=4, max_turn_tokens=512, max_total_tokens=2048
+)  # any other model (the 1.5B recipe)
 
 
 def prediction(traj: rollout.Trajectory) -> str:
@@ -46,10 +54,12 @@ def prediction(traj: rollout.Trajectory) -> str:
 
 def recording_search(index: retrieval.Index, k: int, titles: dict):
     """The search callable handed to rollout; it remembers each hit's title for the trace."""
+
     def search(queries: list[str]) -> list[list[dict]]:
         results = index.search(queries, k=k)
         titles.update((h["id"], h["title"]) for hits in results for h in hits)
         return results
+
     return search
 
 
@@ -57,13 +67,18 @@ def print_trace(traj: rollout.Trajectory, titles: dict) -> None:
     """Each assistant turn, then what came back: retrieved titles or the corrective instruction."""
     searches = iter(zip(traj.queries, traj.doc_ids))
     turn = 0
-    for msg in traj.messages[traj.messages.index(next(m for m in traj.messages if m["role"] == "user")) + 1:]:
+    for msg in traj.messages[
+        traj.messages.index(next(m for m in traj.messages if m["role"] == "user")) + 1 :
+    ]:
         if msg["role"] == "assistant":
             turn += 1
             print(f"\n── turn {turn} " + "─" * 60 + f"\n{msg['content'].strip()}")
         elif msg["content"].startswith("<context>"):
             query, ids = next(searches)
-            print(f"   ↳ searched {query!r}: " + ("; ".join(titles.get(d, d) for d in ids) or "(no hits)"))
+            print(
+                f"   ↳ searched {query!r}: "
+                + ("; ".join(titles.get(d, d) for d in ids) or "(no hits)")
+            )
         else:
             print(f"   ↳ [{msg['content'].splitlines()[0][:100]}]")
 
@@ -71,40 +86,72 @@ def print_trace(traj: rollout.Trajectory, titles: dict) -> None:
 def ask(args, model, tok, index) -> None:
     titles: dict = {}
     t0 = time.perf_counter()
-    traj = rollout.rollout(model, tok, [args.ask], recording_search(index, args.k, titles), rollout_config(args))[0]
+    traj = rollout.rollout(
+        model, tok, [args.ask], recording_search(index, args.k, titles), rollout_config(args)
+    )[0]
     secs = time.perf_counter() - t0
     n_gen = sum(traj.mask)
     if args.json:
         retrieved = [[titles.get(d, d) for d in ids] for ids in traj.doc_ids]
-        print(json.dumps({"question": args.ask, "answer": traj.answer, "stop": traj.stop, "turns": traj.turns,
-                          "queries": traj.queries, "retrieved": retrieved, "generated_tokens": n_gen,
-                          "total_tokens": len(traj.ids), "seconds": round(secs, 3)}, ensure_ascii=False))
+        print(
+            json.dumps(
+                {
+                    "question": args.ask,
+                    "answer": traj.answer,
+                    "stop": traj.stop,
+                    "turns": traj.turns,
+                    "queries": traj.queries,
+                    "retrieved": retrieved,
+                    "generated_tokens": n_gen,
+                    "total_tokens": len(traj.ids),
+                    "seconds": round(secs, 3),
+                },
+                ensure_ascii=False,
+            )
+        )
         return
     print(f"Q: {args.ask}")
     print_trace(traj, titles)
     print("\n" + "═" * 70)
-    print(f"Answer: {traj.answer if traj.answer is not None else '(no <answer> given)'}   [stop: {traj.stop}]")
-    print(f"{len(traj.queries)} searches, {traj.turns} turns, {n_gen} generated / {len(traj.ids)} total tokens "
-          f"in {secs:.2f} s ({n_gen / secs:.1f} generated tokens/s)")
+    print(
+        f"Answer: {traj.answer if traj.answer is not None else '(no <answer> given)'}   [stop: {traj.stop}]"
+    )
+    print(
+        f"{len(traj.queries)} searches, {traj.turns} turns, {n_gen} generated / {len(traj.ids)} total tokens "
+        f"in {secs:.2f} s ({n_gen / secs:.1f} generated tokens/s)"
+    )
 
 
 def record(r: dict, t: rollout.Trajectory, titles: dict) -> dict:
     """One evaluated question, as its --out JSONL row; well_formed is the training format rule (+1)."""
     pred = prediction(t)
-    return {"id": r.get("id"), "type": r.get("type"), "question": r["question"], "prediction": pred,
-            "tagged": t.answer is not None, "well_formed": grpo.format_reward(t.responses) > 0, "answers": r["answers"],
-            "em": grpo.exact_match(pred, r["answers"]), "f1": grpo.f1_score(pred, r["answers"]),
-            "cover_em": grpo.cover_exact_match(pred, r["answers"]), "stop": t.stop, "turns": t.turns,
-            "queries": t.queries, "retrieved": [[titles.get(d, d) for d in ids] for ids in t.doc_ids],
-            "generated_tokens": sum(t.mask)}
+    return {
+        "id": r.get("id"),
+        "type": r.get("type"),
+        "question": r["question"],
+        "prediction": pred,
+        "tagged": t.answer is not None,
+        "well_formed": grpo.format_reward(t.responses) > 0,
+        "answers": r["answers"],
+        "em": grpo.exact_match(pred, r["answers"]),
+        "f1": grpo.f1_score(pred, r["answers"]),
+        "cover_em": grpo.cover_exact_match(pred, r["answers"]),
+        "stop": t.stop,
+        "turns": t.turns,
+        "queries": t.queries,
+        "retrieved": [[titles.get(d, d) for d in ids] for ids in t.doc_ids],
+        "generated_tokens": sum(t.mask),
+    }
 
 
 def evaluate(args, rows: list[dict], model, tok, index) -> dict:
     titles: dict = {}
     search, cfg, done = recording_search(index, args.k, titles), rollout_config(args), []
     t0 = time.perf_counter()
-    with tqdm(total=len(rows), desc=f"eval {args.mode}", unit="q") as bar, \
-            open(args.out or os.devnull, "w", encoding="utf-8") as out:
+    with (
+        tqdm(total=len(rows), desc=f"eval {args.mode}", unit="q") as bar,
+        open(args.out or os.devnull, "w", encoding="utf-8") as out,
+    ):
         for start in range(0, len(rows), args.batch_size):
             batch = rows[start : start + args.batch_size]
             trajs = rollout.rollout(model, tok, [r["question"] for r in batch], search, cfg)
@@ -112,53 +159,107 @@ def evaluate(args, rows: list[dict], model, tok, index) -> dict:
                 done.append(record(r, t, titles))
                 out.write(json.dumps(done[-1], ensure_ascii=False) + "\n")
             bar.update(len(batch))
-            bar.set_postfix({key: f"{sum(d[key] for d in done) / len(done):.3f}" for key in ("em", "f1")})
+            bar.set_postfix(
+                {key: f"{sum(d[key] for d in done) / len(done):.3f}" for key in ("em", "f1")}
+            )
     n = len(rows)
-    summary = {"file": str(args.eval), "mode": args.mode, "n": n,
-               **{k: round(sum(d[k] for d in done) / n, 4) for k in ("em", "f1", "cover_em", "tagged", "well_formed")},
-               "searches_per_q": round(sum(len(d["queries"]) for d in done) / n, 3),
-               "gen_tokens_per_q": round(sum(d["generated_tokens"] for d in done) / n, 1),
-               "seconds": round(time.perf_counter() - t0, 1)}
+    summary = {
+        "file": str(args.eval),
+        "mode": args.mode,
+        "n": n,
+        **{
+            k: round(sum(d[k] for d in done) / n, 4)
+            for k in ("em", "f1", "cover_em", "tagged", "well_formed")
+        },
+        "searches_per_q": round(sum(len(d["queries"]) for d in done) / n, 3),
+        "gen_tokens_per_q": round(sum(d["generated_tokens"] for d in done) / n, 1),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     print(json.dumps(summary))
     return summary
 
 
 def rollout_config(args) -> rollout.RolloutConfig:
-    return rollout.RolloutConfig(mode=args.mode, max_turns=args.max_turns, max_turn_tokens=args.max_turn_tokens,
-                                 max_total_tokens=args.max_total_tokens, greedy=args.temperature == 0,
-                                 temperature=args.temperature or 1.0, search_lag=args.search_lag)
+    return rollout.RolloutConfig(
+        mode=args.mode,
+        max_turns=args.max_turns,
+        max_turn_tokens=args.max_turn_tokens,
+        max_total_tokens=args.max_total_tokens,
+        greedy=args.temperature == 0,
+        temperature=args.temperature or 1.0,
+        search_lag=args.search_lag,
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The flags, checked; args.adapter is the PEFT folder to merge, or None."""
     head, examples = __doc__.split("\n\n", 1)
-    p = argparse.ArgumentParser(description=head, epilog="Examples:\n" + examples,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=head,
+        epilog="Examples:\n" + examples,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--ask", metavar="QUESTION", help="answer one question and print the reasoning trace")
-    what.add_argument("--eval", nargs="?", const=str(DEFAULT_QA), metavar="FILE.jsonl",
-                      help=f"evaluate a QA JSONL file (question, answers) (default: {DEFAULT_QA.name})")
+    what.add_argument(
+        "--ask", metavar="QUESTION", help="answer one question and print the reasoning trace"
+    )
+    what.add_argument(
+        "--eval",
+        nargs="?",
+        const=str(DEFAULT_QA),
+        metavar="FILE.jsonl",
+        help=f"evaluate a QA JSONL file (question, answers) (default: {DEFAULT_QA.name})",
+    )
     p.add_argument("--model", help="HF id or local dir (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--adapter", help="PEFT LoRA folder merged into the model (default with no --model: the shipped "
-                   f"{DEFAULT_ADAPTER.name}, trained with Knowledge-R1)")
-    p.add_argument("--no-adapter", action="store_true", help="the raw base model, without the shipped adapter")
-    p.add_argument("--index", help="index dir from `retrieval.py build`, or a corpus .jsonl (built once into the "
-                   "cache) (default: embedded Wikipedia summaries)")
-    p.add_argument("--mode", choices=["direct", "rag", "agent"], default="agent", help="default: agent")
-    p.add_argument("--k", type=int, help="passages per search (default 2 with the shipped adapter, else 3)")
-    p.add_argument("--max-turns", type=int, help="searches allowed before the forced answer (default 2 / 4)")
-    p.add_argument("--max-turn-tokens", type=int, help="tokens per assistant turn (default 64 / 512)")
-    p.add_argument("--max-total-tokens", type=int, help="tokens after the prompt (default 1024 / 2048)")
-    p.add_argument("--search-lag", type=int, default=0, help="--eval: search in a background thread, joined exactly N "
-                   "decode steps later (reproducible; pays with a big index; default 0: each row waits for its search)")
+    p.add_argument(
+        "--adapter",
+        help="PEFT LoRA folder merged into the model (default with no --model: the shipped "
+        f"{DEFAULT_ADAPTER.name}, trained with Knowledge-R1)",
+    )
+    p.add_argument(
+        "--no-adapter", action="store_true", help="the raw base model, without the shipped adapter"
+    )
+    p.add_argument(
+        "--index",
+        help="index dir from `retrieval.py build`, or a corpus .jsonl (built once into the "
+        "cache) (default: embedded Wikipedia summaries)",
+    )
+    p.add_argument(
+        "--mode", choices=["direct", "rag", "agent"], default="agent", help="default: agent"
+    )
+    p.add_argument(
+        "--k", type=int, help="passages per search (default 2 with the shipped adapter, else 3)"
+    )
+    p.add_argument(
+        "--max-turns", type=int, help="searches allowed before the forced answer (default 2 / 4)"
+    )
+    p.add_argument(
+        "--max-turn-tokens", type=int, help="tokens per assistant turn (default 64 / 512)"
+    )
+    p.add_argument(
+        "--max-total-tokens", type=int, help="tokens after the prompt (default 1024 / 2048)"
+    )
+    p.add_argument(
+        "--search-lag",
+        type=int,
+        default=0,
+        help="--eval: search in a background thread, joined exactly N "
+        "decode steps later (reproducible; pays with a big index; default 0: each row waits for its search)",
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
-    p.add_argument("--batch-size", type=int, default=16, help="questions per batched rollout (default 16)")
+    p.add_argument(
+        "--batch-size", type=int, default=16, help="questions per batched rollout (default 16)"
+    )
     p.add_argument("--out", help="write per-question results (JSONL) here")
     p.add_argument("--json", action="store_true", help="--ask: print one JSON object")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--bf16", action="store_true", help="CPU: bf16 autocast where the CPU has AVX512-BF16 (off by "
-                   "default: whether it pays depends on the CPU, see BENCHMARKS.md)")
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="CPU: bf16 autocast where the CPU has AVX512-BF16 (off by "
+        "default: whether it pays depends on the CPU, see BENCHMARKS.md)",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.ask is not None and not args.ask.strip():
@@ -166,9 +267,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.adapter and args.no_adapter:
         p.error("--adapter and --no-adapter exclude each other")
     args.adapter = args.adapter or (None if args.model or args.no_adapter else DEFAULT_ADAPTER)
-    for key, v in (ASK if args.adapter == DEFAULT_ADAPTER else GENERIC).items():  # unset budgets: the adapter's own
+    for key, v in (
+        ASK if args.adapter == DEFAULT_ADAPTER else GENERIC
+    ).items():  # unset budgets: the adapter's own
         setattr(args, key, v if getattr(args, key) is None else getattr(args, key))
-    if min(args.k, args.batch_size, 1 if args.limit is None else args.limit) < 1 or args.search_lag < 0:
+    if (
+        min(args.k, args.batch_size, 1 if args.limit is None else args.limit) < 1
+        or args.search_lag < 0
+    ):
         p.error("--k, --batch-size and --limit must be >= 1; --search-lag must be >= 0")
     return args
 
@@ -177,15 +283,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     try:
-        rows = retrieval.read_qa(args.eval)[: args.limit] if args.eval else None  # a bad file fails before loading
+        rows = (
+            retrieval.read_qa(args.eval)[: args.limit] if args.eval else None
+        )  # a bad file fails before loading
         index = retrieval.open_index(args.index) if args.mode != "direct" or args.ask else None
         t0 = time.perf_counter()
         model, tok = rollout.load_model(args.model, device=args.device, adapter=args.adapter)
         if not args.json:
             name = args.model or "SmolLM2-135M-Instruct (embedded)"
             name += f" + adapter {args.adapter}" if args.adapter else ""
-            print(f"loaded {name} in {time.perf_counter() - t0:.1f} s on {args.device}"
-                  + (f"; corpus: {len(index):,} passages" if index else ""), file=sys.stderr)
+            print(
+                f"loaded {name} in {time.perf_counter() - t0:.1f} s on {args.device}"
+                + (f"; corpus: {len(index):,} passages" if index else ""),
+                file=sys.stderr,
+            )
         with rollout.bf16_autocast(args.device, args.bf16):
             if args.ask:
                 ask(args, model, tok, index)

