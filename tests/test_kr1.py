@@ -63,6 +63,17 @@ def two_golds(coin_policy, tmp_path_factory) -> Path:
     return f
 
 
+@pytest.fixture
+def zero_adapter(coin_policy, tmp_path) -> Path:
+    """A real PEFT LoRA folder for the coin policy, its B zero: merged, the policy is unchanged."""
+    state = {
+        "model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 64),
+        "model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(64, 2),
+    }
+    rollout.save_adapter(tmp_path / "adapter", state, 2, 4.0, "q_proj", base=str(coin_policy))
+    return tmp_path / "adapter"
+
+
 def test_eval_agent_scores_and_writes_per_question_results(coin_policy, two_golds, tmp_path):
     out = tmp_path / "res.jsonl"
     r = cli("--eval", str(two_golds), *small(coin_policy), "--out", str(out))
@@ -145,13 +156,85 @@ def test_ask_default_model_and_corpus_prints_a_trace():
     r = cli("--ask", "Who painted the Mona Lisa?")
     assert "── turn 1" in r.stdout and "↳ searched" in r.stdout and "generated tokens/s" in r.stdout
     assert "Answer:" in r.stdout and "(no <answer> given)" not in r.stdout
+    # the shipped adapter's kr1_rollout.json gave the budgets, no note asked for flags
+    assert (
+        "--k 2 --max-turns 2 --max-turn-tokens 64 --max-total-tokens 1024 --mode agent" in r.stderr
+    )
+    assert "note:" not in r.stderr
+
+
+# ------------------------------------------------------------------------------ kr1_rollout.json
+def test_rollout_settings_round_trip_and_bad_files_name_the_file(tmp_path):
+    settings = dict(k=1, max_turns=3, max_turn_tokens=5, max_total_tokens=64, mode="rag")
+    path = kr1.write_rollout_settings(tmp_path / "a", **settings)
+    assert path == tmp_path / "a" / kr1.ROLLOUT_FILE
+    assert kr1.read_rollout_settings(tmp_path / "a") == kr1.RolloutSettings(**settings)
+    assert kr1.read_rollout_settings(tmp_path) is None  # no file: the caller's defaults
+    with pytest.raises(kr1.RolloutSettingsError, match="unknown key top_k"):
+        kr1.write_rollout_settings(tmp_path / "b", **settings, top_k=3)
+    bad = [
+        ('{"k": 1', "not a readable JSON file"),
+        ("[1]", "expected a JSON object, got list"),
+        ('{"k": 1}', "missing max_turns, max_turn_tokens, max_total_tokens, mode"),
+        (json.dumps({**settings, "k": True}), "k must be an integer >= 1, not True"),
+        (json.dumps({**settings, "max_turns": 0}), "max_turns must be an integer >= 1, not 0"),
+        (json.dumps({**settings, "mode": "search"}), "mode must be one of agent, rag, direct"),
+    ]
+    for text, message in bad:
+        path.write_text(text)
+        with pytest.raises(kr1.RolloutSettingsError) as e:
+            kr1.read_rollout_settings(tmp_path / "a")
+        assert str(e.value).startswith(f"{path}: ") and message in str(e.value), str(e.value)
+
+
+def test_the_shipped_adapter_and_no_adapter_settle_without_flags():
+    shipped = kr1.settings_for(kr1.parse_args(["--ask", "q"]))
+    assert shipped == kr1.RolloutSettings(2, 2, 64, 1024, "agent")
+    assert kr1.settings_for(kr1.parse_args(["--ask", "q", "--no-adapter"])) == kr1.GENERIC
+    with_flags = kr1.parse_args(["--eval", "--no-adapter", "--mode", "rag", "--k", "5"])
+    assert kr1.settings_for(with_flags) == kr1.RolloutSettings(5, 4, 512, 2048, "rag")
+
+
+def test_an_adapter_runs_with_its_saved_settings_and_a_flag_overrides_one(
+    coin_policy, zero_adapter, capsys, monkeypatch
+):
+    """rag, k 1 and a 5-token turn from the file, no flags: one search with the question, one
+    passage, at most 5 tokens. Then --k 3 over the file: three passages, the rest the file's."""
+    kr1.write_rollout_settings(
+        zero_adapter, k=1, max_turns=2, max_turn_tokens=5, max_total_tokens=64, mode="rag"
+    )
+    where = ["--model", str(coin_policy / "policy"), "--index", str(coin_policy / "index")]
+    flags = [*where, "--adapter", str(zero_adapter)]
+    code, out, err = main_in_process(capsys, monkeypatch, "--ask", QUESTION, *flags, "--json")
+    assert code == 0, err
+    answer = json.loads(out)
+    assert answer["queries"] == [QUESTION] and answer["turns"] == 1
+    assert len(answer["retrieved"][0]) == 1 and answer["generated_tokens"] <= 5
+    assert "note:" not in err
+    code, out, err = main_in_process(capsys, monkeypatch, "--ask", QUESTION, *flags, "--k", "3")
+    assert code == 0, err
+    assert "--k 3 --max-turns 2 --max-turn-tokens 5 --max-total-tokens 64 --mode rag" in err
+    searched = next(line for line in out.splitlines() if "↳ searched" in line)
+    assert searched.count("; ") == 2  # three titles
+
+
+def test_an_adapter_without_the_file_says_which_flags_to_pass(
+    coin_policy, zero_adapter, capsys, monkeypatch
+):
+    flags = small(coin_policy) + ["--adapter", str(zero_adapter), "--json"]
+    code, out, err = main_in_process(capsys, monkeypatch, "--ask", QUESTION, *flags)
+    assert code == 0 and json.loads(out)["turns"] == 1
+    notes = [line for line in err.splitlines() if "note:" in line]
+    assert len(notes) == 1 and "has no kr1_rollout.json" in notes[0]
+    # generic values for the unset ones only; --max-turn-tokens was given
+    assert "--k 3 --max-turns 4 --max-total-tokens 2048 --mode agent;" in notes[0]
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--eval", "/nonexistent/qa.jsonl"], "QA file not found"),
-        (["--eval", "BAD"], "qa.jsonl:2: malformed JSON"),
+        (["--eval", "BAD"], "qa.jsonl:2: malformed JSON (Expecting value at column 13, the end"),
         (["--eval", "EMPTYQ"], "qa.jsonl:1: needs a non-empty 'question'"),
         (["--ask", "hi", "--model", "/nonexistent/model"], "cannot load model"),
         (["--ask", "hi", "--index", "/nonexistent/index"], "index directory not found"),
@@ -160,6 +243,7 @@ def test_ask_default_model_and_corpus_prints_a_trace():
             ["--ask", "hi", "--adapter", "/nonexistent/adapter", "--no-adapter"],
             "exclude each other",
         ),
+        (["--ask", "hi", "--adapter", "BADSETTINGS"], "kr1_rollout.json: missing max_turns"),
         (["--ask", "hi", "--search-lag", "-1"], "--search-lag must be >= 0"),
         (["--ask", "hi", "--k", "0", "--max-turns", "0"], "--k, --max-turns must be >= 1"),
     ],
@@ -170,7 +254,10 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, monkeypatch, args, messag
         bad.write_text('{"question": "q", "answers": ["a"]}\n{"question": \n')
     if "EMPTYQ" in args:
         bad.write_text('{"question": "  ", "answers": ["a"]}\n')
-    args = [str(bad) if a in ("BAD", "EMPTYQ") else a for a in args]
+    if "BADSETTINGS" in args:
+        (tmp_path / kr1.ROLLOUT_FILE).write_text('{"k": 2}')
+    placeholders = {"BAD": str(bad), "EMPTYQ": str(bad), "BADSETTINGS": str(tmp_path)}
+    args = [placeholders.get(a, a) for a in args]
     code, _, err = main_in_process(capsys, monkeypatch, *args)
     last = err.strip().splitlines()[-1]
     assert code == 2 and "Traceback" not in err and message in last, err[-3000:]
