@@ -1,7 +1,8 @@
-"""Knowledge-R1 on the command line: ask a question or evaluate a QA file, searching as it reasons.
+"""Knowledge-R1 on the command line: ask questions or evaluate a QA file, searching as it reasons.
 
     python kr1.py --ask "Who directed the film in which HAL 9000 appears?"
     python kr1.py --ask "..." --json           # one JSON object instead of the trace
+    python kr1.py --ask                        # questions from stdin, one a line, model loaded once
     python kr1.py --eval                       # data/qa.jsonl, agent mode, embedded model + corpus
     python kr1.py --eval runs/2wiki/test.jsonl --index runs/index-2wiki --mode rag --limit 200 \
         --out rag.jsonl
@@ -39,6 +40,7 @@ DEFAULT_ADAPTER = ROOT / "data" / "smollm2-kr1-lora"  # trained by train.py, see
 ROLLOUT_FILE = "kr1_rollout.json"
 MODES = ("agent", "rag", "direct")
 BUDGETS = ("k", "max_turns", "max_turn_tokens", "max_total_tokens")  # RolloutSettings' counts
+STDIN = "-"  # --ask without a question (or with -): questions from stdin
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,23 @@ GENERIC = RolloutSettings(
 
 class RolloutSettingsError(ValueError):
     """A kr1_rollout.json (or write_rollout_settings call) outside the contract: one line."""
+
+
+class RecordingSearch:
+    """The search callable given to rollout; it keeps each hit's title for traces and records."""
+
+    def __init__(self, search):
+        self.search = search  # queries -> per query a list of hits {"id", "title", "text", ...}
+        self.titles: dict[str, str] = {}
+
+    def __call__(self, queries: list[str]) -> list[list[dict]]:
+        results = self.search(queries)
+        self.titles.update((str(h["id"]), h["title"]) for hits in results for h in hits)
+        return results
+
+    def named(self, ids: list[str]) -> list[str]:
+        """The titles of passages by id (the id itself where none was seen)."""
+        return [self.titles.get(i, i) for i in ids]
 
 
 def checked_settings(values: dict, where: Path) -> RolloutSettings:
@@ -141,18 +160,28 @@ def prediction(traj: rollout.Trajectory) -> str:
     return " ".join(re.sub(r"</?(?:think|search|answer)>", " ", last).split())
 
 
-def recording_search(index: retrieval.Index, k: int, titles: dict):
-    """The search callable handed to rollout; it remembers each hit's title for the trace."""
-
-    def search(queries: list[str]) -> list[list[dict]]:
-        results = index.search(queries, k=k)
-        titles.update((h["id"], h["title"]) for hits in results for h in hits)
-        return results
-
-    return search
+def recording_search(index: retrieval.Index | None, k: int) -> RecordingSearch:
+    """BM25's top k per query from `index` (None: a run that never searches), titles remembered."""
+    return RecordingSearch(lambda queries: index.search(queries, k=k))
 
 
-def print_trace(traj: rollout.Trajectory, titles: dict) -> None:
+def rollout_config(args) -> rollout.RolloutConfig:
+    """The settled flags as rollout's config: greedy at --temperature 0."""
+    import rollout
+
+    return rollout.RolloutConfig(
+        mode=args.mode,
+        max_turns=args.max_turns,
+        max_turn_tokens=args.max_turn_tokens,
+        max_total_tokens=args.max_total_tokens,
+        greedy=args.temperature == 0,
+        temperature=args.temperature or 1.0,
+        search_lag=args.search_lag,
+    )
+
+
+# ------------------------------------------------------------------------------------------- --ask
+def print_trace(traj: rollout.Trajectory, search: RecordingSearch) -> None:
     """Each assistant turn, then what came back: retrieved titles or the corrective instruction."""
     searches = iter(zip(traj.queries, traj.doc_ids))
     first_user = next(i for i, m in enumerate(traj.messages) if m["role"] == "user")
@@ -163,56 +192,77 @@ def print_trace(traj: rollout.Trajectory, titles: dict) -> None:
             print(f"\n── turn {turn} " + "─" * 60 + f"\n{msg['content'].strip()}")
         elif msg["content"].startswith("<context>"):  # rag's prompt too: its search comes first
             query, ids = next(searches)
-            print(
-                f"   ↳ searched {query!r}: "
-                + ("; ".join(titles.get(d, d) for d in ids) or "(no hits)")
-            )
+            print(f"   ↳ searched {query!r}: " + ("; ".join(search.named(ids)) or "(no hits)"))
         elif turn > 0:
             print(f"   ↳ [{msg['content'].splitlines()[0][:100]}]")
 
 
-def ask(args, model, tok, index) -> None:
+def print_answer(
+    question: str, traj: rollout.Trajectory, search: RecordingSearch, seconds: float
+) -> None:
+    """The readable --ask output: the question, the trace, the answer and what it cost."""
+    n_gen = sum(traj.mask)
+    answer = traj.answer if traj.answer is not None else "(no <answer> given)"
+    print(f"Q: {question}")
+    print_trace(traj, search)
+    print("\n" + "═" * 70)
+    print(f"Answer: {answer}   [stop: {traj.stop}]")
+    print(
+        f"{len(traj.queries)} searches, {traj.turns} turns, "
+        f"{n_gen} generated / {len(traj.ids)} total tokens "
+        f"in {seconds:.2f} s ({n_gen / seconds:.1f} generated tokens/s)"
+    )
+
+
+def answer_json(
+    question: str, traj: rollout.Trajectory, search: RecordingSearch, seconds: float
+) -> dict:
+    """The --ask --json object of one answered question."""
+    return {
+        "question": question,
+        "answer": traj.answer,
+        "stop": traj.stop,
+        "turns": traj.turns,
+        "queries": traj.queries,
+        "retrieved": [search.named(ids) for ids in traj.doc_ids],
+        "generated_tokens": sum(traj.mask),
+        "total_tokens": len(traj.ids),
+        "seconds": round(seconds, 3),
+    }
+
+
+def ask(args, question: str, model, tok, search: RecordingSearch) -> None:
+    """Answer one question: its trace and answer on stdout, or with --json one JSON line."""
     import rollout
 
-    titles: dict = {}
     t0 = time.perf_counter()
-    traj = rollout.rollout(
-        model, tok, [args.ask], recording_search(index, args.k, titles), rollout_config(args)
-    )[0]
-    secs = time.perf_counter() - t0
-    n_gen = sum(traj.mask)
+    traj = rollout.rollout(model, tok, [question], search, rollout_config(args))[0]
+    seconds = time.perf_counter() - t0
     if args.json:
-        retrieved = [[titles.get(d, d) for d in ids] for ids in traj.doc_ids]
-        print(
-            json.dumps(
-                {
-                    "question": args.ask,
-                    "answer": traj.answer,
-                    "stop": traj.stop,
-                    "turns": traj.turns,
-                    "queries": traj.queries,
-                    "retrieved": retrieved,
-                    "generated_tokens": n_gen,
-                    "total_tokens": len(traj.ids),
-                    "seconds": round(secs, 3),
-                },
-                ensure_ascii=False,
-            )
-        )
-        return
-    print(f"Q: {args.ask}")
-    print_trace(traj, titles)
-    print("\n" + "═" * 70)
-    print(
-        f"Answer: {traj.answer if traj.answer is not None else '(no <answer> given)'}   [stop: {traj.stop}]"
-    )
-    print(
-        f"{len(traj.queries)} searches, {traj.turns} turns, {n_gen} generated / {len(traj.ids)} total tokens "
-        f"in {secs:.2f} s ({n_gen / secs:.1f} generated tokens/s)"
-    )
+        print(json.dumps(answer_json(question, traj, search, seconds), ensure_ascii=False))
+    else:
+        print_answer(question, traj, search, seconds)
+    sys.stdout.flush()  # the answer is out before the next prompt, piped or not
 
 
-def record(r: dict, t: rollout.Trajectory, titles: dict) -> dict:
+def ask_loop(args, model, tok, search: RecordingSearch) -> None:
+    """--ask without a question: a question per stdin line, the model loaded once; an empty line,
+    'exit', EOF or Ctrl-C ends it. The prompt goes to stderr, so stdout holds only the answers."""
+    try:
+        while True:
+            print("question> ", end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+            if line.strip() in ("", "exit"):
+                break
+            ask(args, line.strip(), model, tok, search)
+    except KeyboardInterrupt:
+        line = ""
+    if not line.endswith("\n"):  # EOF or Ctrl-C: end the prompt's line
+        print(file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------- --eval
+def record(r: dict, t: rollout.Trajectory, search: RecordingSearch) -> dict:
     """One evaluated question, as its --out JSONL row; well_formed is the training format rule (+1)."""
     import grpo
 
@@ -231,18 +281,17 @@ def record(r: dict, t: rollout.Trajectory, titles: dict) -> dict:
         "stop": t.stop,
         "turns": t.turns,
         "queries": t.queries,
-        "retrieved": [[titles.get(d, d) for d in ids] for ids in t.doc_ids],
+        "retrieved": [search.named(ids) for ids in t.doc_ids],
         "generated_tokens": sum(t.mask),
     }
 
 
-def evaluate(args, rows: list[dict], model, tok, index) -> dict:
+def evaluate(args, rows: list[dict], model, tok, search: RecordingSearch) -> dict:
     from tqdm import tqdm
 
     import rollout
 
-    titles: dict = {}
-    search, cfg, done = recording_search(index, args.k, titles), rollout_config(args), []
+    cfg, done = rollout_config(args), []
     t0 = time.perf_counter()
     with (
         tqdm(total=len(rows), desc=f"eval {args.mode}", unit="q") as bar,
@@ -252,7 +301,7 @@ def evaluate(args, rows: list[dict], model, tok, index) -> dict:
             batch = rows[start : start + args.batch_size]
             trajs = rollout.rollout(model, tok, [r["question"] for r in batch], search, cfg)
             for r, t in zip(batch, trajs, strict=True):
-                done.append(record(r, t, titles))
+                done.append(record(r, t, search))
                 out.write(json.dumps(done[-1], ensure_ascii=False) + "\n")
             bar.update(len(batch))
             bar.set_postfix(
@@ -275,29 +324,18 @@ def evaluate(args, rows: list[dict], model, tok, index) -> dict:
     return summary
 
 
-def rollout_config(args) -> rollout.RolloutConfig:
-    """The settled flags as rollout's config: greedy at --temperature 0."""
-    import rollout
-
-    return rollout.RolloutConfig(
-        mode=args.mode,
-        max_turns=args.max_turns,
-        max_turn_tokens=args.max_turn_tokens,
-        max_total_tokens=args.max_total_tokens,
-        greedy=args.temperature == 0,
-        temperature=args.temperature or 1.0,
-        search_lag=args.search_lag,
-    )
-
-
 # ------------------------------------------------------------------------------------------- CLI
 def add_run_flags(p: argparse.ArgumentParser) -> None:
     """What to run, and where its output goes."""
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument(
         "--ask",
+        nargs="?",
+        const=STDIN,
         metavar="QUESTION",
-        help="answer one question and print the reasoning trace",
+        help="answer one question and print the reasoning trace; without QUESTION (or with -): "
+        "questions from stdin, one a line, until an empty line, 'exit' or EOF, the model loaded "
+        "once",
     )
     what.add_argument(
         "--eval",
@@ -319,7 +357,7 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--json",
         action="store_true",
-        help="--ask: print one JSON object (default: off)",
+        help="--ask: print one JSON object per question (default: off)",
     )
 
 
@@ -480,11 +518,14 @@ def main(argv: list[str] | None = None) -> int:
         rows = retrieval.read_qa(args.eval)[: args.limit] if args.eval else None
         index = retrieval.open_index(args.index) if args.mode != "direct" or args.ask else None
         model, tok = loaded(args, index)
+        search = recording_search(index, args.k)
         with rollout.bf16_autocast(args.device, args.bf16):
-            if args.ask:
-                ask(args, model, tok, index)
+            if args.eval:
+                evaluate(args, rows, model, tok, search)
+            elif args.ask == STDIN:
+                ask_loop(args, model, tok, search)
             else:
-                evaluate(args, rows, model, tok, index)
+                ask(args, args.ask, model, tok, search)
         return 0
     except (RolloutSettingsError, retrieval.RetrievalError, rollout.ModelLoadError) as e:
         print(f"kr1.py: error: {e}", file=sys.stderr)

@@ -1,10 +1,13 @@
-"""kr1.py, the user's CLI: --ask and --eval in three modes run as a user runs them (subprocesses); bad input
-is checked in-process through kr1.main(argv), which needs no fresh interpreter per case.
+"""kr1.py, the user's CLI: --ask (one question, or a stdin loop) and --eval in three modes run as a
+user runs them (subprocesses); adapters' kr1_rollout.json and bad input are checked in-process
+through kr1.main(argv): no fresh interpreter per case.
 
     python -m pytest -q tests/test_kr1.py
 """
 
+import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,13 +23,14 @@ ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "rollout", "grpo", "retrieval", "tqdm")  # not for --help
 
 
-def cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+def cli(*args: str, ok: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess:
     r = subprocess.run(
         [sys.executable, str(ROOT / "kr1.py"), *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=600,
+        input=stdin,
     )
     if ok:
         assert r.returncode == 0, r.stderr[-4000:]
@@ -134,6 +138,26 @@ def test_ask_json(coin_policy):
     out = json.loads(r.stdout)
     assert out["answer"] in (RIGHT, WRONG) and out["stop"] == "answer" and out["turns"] == 1
     assert out["generated_tokens"] > 0 and out["total_tokens"] > out["generated_tokens"]
+
+
+def test_ask_without_a_question_answers_stdin_lines_with_the_model_loaded_once(coin_policy):
+    """Three questions, then 'exit': three answers, one load; the line after 'exit' is not asked."""
+    questions = [QUESTION, "In which city was item 7 founded?", "Where was item 2 founded?"]
+    r = cli("--ask", *small(coin_policy), stdin="\n".join([*questions, "exit", "never asked", ""]))
+    assert re.findall(r"^Q: (.*)$", r.stdout, re.MULTILINE) == questions
+    assert r.stdout.count("\nAnswer: ") == 3
+    assert r.stderr.count("loaded ") == 1
+    assert r.stderr.count("question> ") == 4  # the prompt is on stderr: stdout holds only answers
+
+
+def test_the_stdin_loop_ends_at_eof_and_writes_json_lines(coin_policy, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{QUESTION}\n{QUESTION}"))  # then EOF
+    code, out, err = main_in_process(
+        capsys, monkeypatch, "--ask", "-", *small(coin_policy), "--json"
+    )
+    assert code == 0, err
+    assert [json.loads(line)["question"] for line in out.splitlines()] == [QUESTION, QUESTION]
+    assert err.endswith("question> \n")  # EOF ends the prompt's line
 
 
 def test_the_rag_trace_shows_its_one_search_before_the_turn(coin_policy, capsys, monkeypatch):
