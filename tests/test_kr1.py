@@ -1,6 +1,6 @@
 """kr1.py, the user's CLI: --ask (one question, or a stdin loop) and --eval in three modes run as a
-user runs them (subprocesses); adapters' kr1_rollout.json and bad input are checked in-process
-through kr1.main(argv): no fresh interpreter per case.
+user runs them (subprocesses); adapters' kr1_rollout.json, bad input and the summary's numbers are
+checked in-process through kr1.main(argv) and kr1's functions: no fresh interpreter per case.
 
     python -m pytest -q tests/test_kr1.py
 """
@@ -38,8 +38,9 @@ def cli(*args: str, ok: bool = True, stdin: str | None = None) -> subprocess.Com
 
 
 def main_in_process(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
-    """kr1.main(argv) in this interpreter: (exit code, stdout, stderr); argparse's exits (--help, usage errors)
-    are caught. The global RNG main seeds is restored; argv[0] is kr1.py, so usage lines read as a user sees them."""
+    """kr1.main(argv) in this interpreter: (exit code, stdout, stderr); argparse's exits (--help,
+    usage errors) are caught. The global RNG main seeds is restored; argv[0] is kr1.py, so usage
+    lines read as a user sees them."""
     monkeypatch.setattr(sys, "argv", [str(ROOT / "kr1.py")])
     with torch.random.fork_rng(devices=[]):
         try:
@@ -56,14 +57,14 @@ def small(d: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def two_golds(coin_policy, tmp_path_factory) -> Path:
-    """The policy's question twice, once with each city as gold: greedy is right on exactly one of them."""
+    """The policy's question twice, once with each city as gold: greedy is right on exactly one of
+    them. The first names its supporting passage's title, the second none."""
     f = tmp_path_factory.mktemp("qa") / "qa.jsonl"
-    f.write_text(
-        "".join(
-            json.dumps({"id": g, "question": QUESTION, "answers": [g]}) + "\n"
-            for g in (RIGHT, WRONG)
-        )
-    )
+    rows = [
+        {"id": RIGHT, "question": QUESTION, "answers": [RIGHT], "supporting_titles": ["ITEM 3"]},
+        {"id": WRONG, "question": QUESTION, "answers": [WRONG]},
+    ]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return f
 
 
@@ -83,17 +84,19 @@ def test_eval_agent_scores_and_writes_per_question_results(coin_policy, two_gold
     r = cli("--eval", str(two_golds), *small(coin_policy), "--out", str(out))
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["n"] == 2 and summary["mode"] == "agent"
-    assert (
-        summary["em"] == summary["f1"] == summary["cover_em"] == 0.5
-    )  # one city, two different golds
+    # one city, two different golds
+    assert summary["em"] == summary["f1"] == summary["cover_em"] == 0.5
     assert summary["tagged"] == 1.0 and summary["gen_tokens_per_q"] > 0
+    # the policy answers without searching: it read nothing, its one question with titles recalls 0
+    assert summary["kinds"] == {"open": {"n": 2, "em": 0.5, "chance": None}}
+    assert summary["support_recall"] == 0.0 and summary["distinct_queries_per_q"] == 0.0
+    assert re.search(r"^open\s+2\s+0\.500\s+-$", r.stderr, re.MULTILINE), r.stderr[-2000:]
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["id"] for x in rows] == [RIGHT, WRONG]
-    assert (
-        rows[0]["prediction"] == rows[1]["prediction"] in (RIGHT, WRONG)
-    )  # greedy: the same answer twice
+    # greedy: the same answer twice
+    assert rows[0]["prediction"] == rows[1]["prediction"] in (RIGHT, WRONG)
     assert sorted(x["em"] for x in rows) == [0.0, 1.0]
-    assert {
+    fields = {
         "question",
         "answers",
         "f1",
@@ -102,8 +105,12 @@ def test_eval_agent_scores_and_writes_per_question_results(coin_policy, two_gold
         "queries",
         "retrieved",
         "generated_tokens",
-    } <= set(rows[0])
+    }
+    assert fields <= set(rows[0])
     assert rows[0]["tagged"] is True
+    assert [x["kind"] for x in rows] == ["open", "open"]
+    assert [x["support_recall"] for x in rows] == [0.0, None]
+    assert [x["distinct_queries"] for x in rows] == [0, 0]
 
 
 def test_prediction_falls_back_to_the_last_turn_without_tags():
@@ -115,15 +122,12 @@ def test_prediction_falls_back_to_the_last_turn_without_tags():
         messages=[],
         responses=["<think> hmm </think> <search> x </search>", "It was  <think>Detroit</think>"],
     )
-    assert (
-        kr1.prediction(t) == "It was Detroit"
-    )  # scored by F1 / cover-EM; EM needs the exact answer
+    # scored by F1 / cover-EM; EM needs the exact answer
+    assert kr1.prediction(t) == "It was Detroit"
     t.answer = "Detroit"
     assert kr1.prediction(t) == "Detroit"
-    assert (
-        kr1.prediction(rollout.Trajectory(ids=[], mask=[], logprobs=[], prompt_len=0, messages=[]))
-        == ""
-    )
+    empty = rollout.Trajectory(ids=[], mask=[], logprobs=[], prompt_len=0, messages=[])
+    assert kr1.prediction(empty) == ""
 
 
 @pytest.mark.parametrize("mode, searches", [("rag", 1.0), ("direct", 0.0)])
@@ -131,6 +135,7 @@ def test_eval_rag_and_direct_modes(coin_policy, two_golds, mode, searches):
     r = cli("--eval", str(two_golds), *small(coin_policy), "--mode", mode, "--limit", "1")
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["mode"] == mode and summary["n"] == 1 and summary["searches_per_q"] == searches
+    assert summary["distinct_queries_per_q"] == searches  # rag's one query is the question
 
 
 def test_ask_json(coin_policy):
@@ -175,10 +180,11 @@ def test_the_rag_trace_shows_its_one_search_before_the_turn(coin_policy, capsys,
     reason="needs the embedded model and corpus",
 )
 def test_ask_default_model_and_corpus_prints_a_trace():
-    """The shipped adapter on the embedded model: it searches, reads the titles, and ends with a tagged answer
-    (the raw SmolLM2 did neither: 5 turns, 0 searches, no <answer>)."""
+    """The shipped adapter on the embedded model: it searches, reads the titles, and ends with a
+    tagged answer (the raw SmolLM2 did neither: 5 turns, 0 searches, no <answer>)."""
     r = cli("--ask", "Who painted the Mona Lisa?")
-    assert "── turn 1" in r.stdout and "↳ searched" in r.stdout and "generated tokens/s" in r.stdout
+    assert "── turn 1" in r.stdout and "↳ searched" in r.stdout
+    assert "generated tokens/s" in r.stdout
     assert "Answer:" in r.stdout and "(no <answer> given)" not in r.stdout
     # the shipped adapter's kr1_rollout.json gave the budgets, no note asked for flags
     assert (
@@ -254,6 +260,58 @@ def test_an_adapter_without_the_file_says_which_flags_to_pass(
     assert "--k 3 --max-turns 4 --max-total-tokens 2048 --mode agent;" in notes[0]
 
 
+# ------------------------------------------------------------------------------ --eval's numbers
+def scored(kind: str, em: float, answer: str, queries=(), recall=None) -> dict:
+    """A hand-built --eval record with what summarise reads."""
+    return {
+        "kind": kind,
+        "answers": [answer],
+        "em": em,
+        "f1": em,
+        "cover_em": em,
+        "tagged": True,
+        "well_formed": False,
+        "queries": list(queries),
+        "distinct_queries": kr1.distinct_queries(list(queries)),
+        "generated_tokens": 10,
+        "support_recall": recall,
+    }
+
+
+def test_summary_separates_skill_from_guessing():
+    rows = [
+        scored("open", 1.0, "Paris", ["a b", "A  b"], recall=1.0),
+        scored("open", 0.0, "Rome", ["x"], recall=0.5),
+        scored("two-option", 1.0, "Film A"),
+        scored("yes-no", 1.0, "yes", ["q"]),
+        scored("yes-no", 0.0, "Yes."),
+        scored("yes-no", 1.0, "no"),
+    ]
+    s = kr1.summarise(rows)
+    assert s["n"] == 6 and s["em"] == round(4 / 6, 4) and s["well_formed"] == 0.0
+    assert s["kinds"] == {
+        "open": {"n": 2, "em": 0.5, "chance": None},
+        "two-option": {"n": 1, "em": 1.0, "chance": 0.5},
+        # two of the three say yes: always answering yes scores 2/3
+        "yes-no": {"n": 3, "em": round(2 / 3, 4), "chance": round(2 / 3, 4)},
+    }
+    # 4 searches, 3 distinct ('a b' twice); recall over the two rows that have gold titles
+    assert s["searches_per_q"] == round(4 / 6, 3) and s["distinct_queries_per_q"] == 0.5
+    assert s["support_recall"] == 0.75 and s["gen_tokens_per_q"] == 10.0
+    assert kr1.summarise(rows[2:3])["support_recall"] is None
+    table = kr1.kind_table({**s, "seconds": 1.0})
+    assert re.search(r"^yes-no\s+3\s+0\.667\s+0\.667$", table, re.MULTILINE), table
+
+
+def test_support_recall_compares_titles_case_insensitively():
+    read = [["Aretha Franklin", "Detroit"], ["i can't see myself leaving you"]]
+    gold = ["Aretha Franklin", "I Can't See Myself Leaving You", "Memphis"]
+    assert kr1.support_recall(gold, read) == round(2 / 3, 4)
+    assert kr1.support_recall(gold, []) == 0.0
+    assert kr1.support_recall([], read) is None and kr1.support_recall(None, read) is None
+
+
+# ------------------------------------------------------------------------------ help and errors
 @pytest.mark.parametrize(
     "args, message",
     [
