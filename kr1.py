@@ -401,8 +401,9 @@ def evaluated(args, rows: list[dict], model, tok, search: RecordingSearch) -> li
 
 
 def evaluate(args, rows: list[dict], model, tok, search: RecordingSearch) -> dict:
-    """Evaluate `rows` with `search` (BM25, or any callable of its shape): the per-kind table on
-    stderr, the summary as one JSON line on stdout (scripts `tail -1` it); returns the summary."""
+    """Evaluate `rows` with `search` (BM25, or any callable of its shape: bench/reader_ceiling.py):
+    the per-kind table on stderr, the summary as one JSON line on stdout (scripts `tail -1` it);
+    returns the summary."""
     t0 = time.perf_counter()
     done = evaluated(args, rows, model, tok, search)
     summary = {

@@ -5,6 +5,7 @@ checked in-process through kr1.main(argv) and kr1's functions: no fresh interpre
     python -m pytest -q tests/test_kr1.py
 """
 
+import importlib.util
 import io
 import json
 import re
@@ -309,6 +310,32 @@ def test_support_recall_compares_titles_case_insensitively():
     assert kr1.support_recall(gold, read) == round(2 / 3, 4)
     assert kr1.support_recall(gold, []) == 0.0
     assert kr1.support_recall([], read) is None and kr1.support_recall(None, read) is None
+
+
+def test_reader_ceiling_reads_the_gold_passages_of_the_open_questions(coin_policy, tmp_path):
+    """bench/reader_ceiling.py: the open question's one retrieval is its supporting passage, found
+    by title (named twice, in two cases: one passage); the yes-no question is left out."""
+    spec = importlib.util.spec_from_file_location(
+        "reader_ceiling", ROOT / "bench/reader_ceiling.py"
+    )
+    reader_ceiling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reader_ceiling)
+    rows = [
+        {"question": QUESTION, "answers": [RIGHT], "supporting_titles": ["item 3", "Item 3"]},
+        {
+            "question": "Was item 3 founded in Paris?",
+            "answers": ["yes"],
+            "supporting_titles": ["x"],
+        },
+    ]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "res.jsonl"
+    args = [str(tmp_path / "qa.jsonl"), *small(coin_policy), "--out", str(out)]
+    with torch.random.fork_rng(devices=[]):
+        assert reader_ceiling.main(args) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 1 and records[0]["queries"] == [QUESTION]
+    assert records[0]["retrieved"] == [["Item 3"]] and records[0]["support_recall"] == 1.0
 
 
 # ------------------------------------------------------------------------------ help and errors
