@@ -59,9 +59,11 @@ def _records(lines, path, first: int = 1):
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            rec = json.loads(line.rstrip())  # without its line end: an error's column is this line's
         except json.JSONDecodeError as e:
-            raise RetrievalError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            end = ", the end of the line" if e.pos >= len(e.doc) else ""
+            what = f"{e.msg.removesuffix(' at')} at column {e.colno}{end}"  # "Invalid control character at"
+            raise RetrievalError(f"{path}:{lineno}: malformed JSON ({what})") from None
         if not isinstance(rec, dict):
             raise RetrievalError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
         yield lineno, rec

@@ -37,12 +37,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_retrieval import vocabulary, write_corpus, zipf  # noqa: E402
 from bench_rollout import engine_from_git, log  # noqa: E402
 
-import kr1  # noqa: E402
 import retrieval  # noqa: E402
 import rollout as R  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "2wiki"
-SHIPPED = {k: v for k, v in kr1.SHIPPED.items() if k != "k"}  # the shipped adapter's budgets (its k: 2 passages)
+SHIPPED = dict(max_turns=2, max_turn_tokens=64, max_total_tokens=768)  # the shipped adapter's training budgets (k 2)
 
 
 class Suppress(torch.nn.Module):

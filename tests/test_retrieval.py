@@ -112,6 +112,25 @@ def test_bad_corpus_errors_name_the_line(tmp_path, content, message):
     assert not (tmp_path / "idx").exists()  # nothing half-built is left behind
 
 
+@pytest.mark.parametrize(
+    "line, what",
+    [
+        ('{"id": 2, "title": ', "Expecting value at column 19, the end of the line"),  # not column 1 of a next line
+        ('{"id": 2, "title": "a" "text": "b"}', "Expecting ',' delimiter at column 24"),
+        ('{"id": 2, "title": "cut', "Unterminated string starting at column 20"),
+    ],
+)
+def test_malformed_json_names_the_line_and_its_column(tmp_path, line, what):
+    """Both readers, read_jsonl (text lines) and the build (byte blocks), say the same of a bad line, CRLF or not."""
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_bytes(b'{"id": 1, "title": "a", "text": "b"}\r\n' + line.encode() + b"\r\n")
+    with pytest.raises(RetrievalError) as text_lines:
+        list(retrieval.read_jsonl(corpus))
+    with pytest.raises(RetrievalError) as byte_blocks:
+        Index.build(corpus, tmp_path / "idx", show_progress=False)
+    assert str(text_lines.value) == str(byte_blocks.value) == f"{corpus}:2: malformed JSON ({what})"
+
+
 def test_bad_paths(tmp_path):
     with pytest.raises(RetrievalError, match="corpus file not found"):
         Index.build(tmp_path / "nope.jsonl", tmp_path / "idx")
