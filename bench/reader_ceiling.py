@@ -4,8 +4,7 @@ supporting_titles (2Wiki, MuSiQue); each title stands for its first passage in t
 measures what the model makes of the right evidence: the most that better retrieval could lift
 `kr1.py --eval --mode rag` to.
 
-    python bench/reader_ceiling.py /work/shared/data/2wiki/test.jsonl \\
-        --index /work/shared/data/2wiki/corpus.jsonl --limit 5
+    python bench/reader_ceiling.py runs/2wiki/test.jsonl --index runs/2wiki/corpus.jsonl --limit 5
 
 Any other flag is kr1.py's (--adapter, --model, --limit, --batch-size, --out, --device, ...),
 with kr1.py's defaults: the shipped adapter, its kr1_rollout.json's budgets. The mode is rag; --k
