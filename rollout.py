@@ -149,6 +149,7 @@ def load_model(spec: str | None = None, dtype=None, device="cpu", adapter: str |
 # PEFT's names: a Linear `...q_proj` gets children `q_proj.lora_A` (r, in) and `q_proj.lora_B` (out, r); in the file
 # each key is prefixed with 'base_model.model.'.
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the embedded GGUF is this model, Q4_1-quantised
+ROLLOUT_SETTINGS = "kr1_rollout.json"  # in an adapter folder: the rollout settings it was trained with (train.py)
 
 
 def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets: str) -> None:
@@ -166,9 +167,11 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets: str) -> N
             mod.register_forward_hook(lambda m, args, out: out + m.lora_B(m.lora_A(args[0])) * m.lora_scale)
 
 
-def save_adapter(path: Path, state: dict, rank: int, alpha: float, targets: str, base: str | None) -> None:
+def save_adapter(path: Path, state: dict, rank: int, alpha: float, targets: str, base: str | None, *,
+                 settings: dict | None = None) -> None:
     """The LoRA tensors of a state dict as a PEFT folder (peft, vLLM, load_model read it). `base`: the base model's
-    HF id or dir; None = the embedded model, named by its hub id so that peft's AutoPeftModelForCausalLM finds it."""
+    HF id or dir; None = the embedded model, named by its hub id so that peft's AutoPeftModelForCausalLM finds it.
+    `settings`: the rollout settings it was trained with, written as ROLLOUT_SETTINGS (JSON) beside the adapter."""
     path.mkdir(parents=True)
     save_file({"base_model.model." + k: v.contiguous() for k, v in state.items() if ".lora_" in k},
               path / "adapter_model.safetensors", metadata={"format": "pt"})
@@ -176,6 +179,8 @@ def save_adapter(path: Path, state: dict, rank: int, alpha: float, targets: str,
             "target_modules": sorted(targets.split(",")), "lora_dropout": 0.0, "bias": "none",
             "base_model_name_or_path": base or EMBEDDED_HUB_ID, "inference_mode": True, "fan_in_fan_out": False}
     (path / "adapter_config.json").write_text(json.dumps(conf, indent=1))
+    if settings is not None:
+        (path / ROLLOUT_SETTINGS).write_text(json.dumps(settings, indent=1))
 
 
 def merged(state: dict, scale: float) -> dict:
