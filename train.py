@@ -44,7 +44,11 @@ import rollout
 
 HERE = Path(__file__).resolve().parent
 PER_TOKEN = ("kl", "clip_frac", "entropy", "ratio_mean")  # grpo_loss metrics, logged as token-weighted step means
-opt = lambda default, help: field(default=default, metadata={"help": help})  # a Config field and its --help text
+
+
+def opt(default, help: str, shown: str | None = None):
+    """A Config field and its --help text; `shown`: how --help names the default (else the value itself)."""
+    return field(default=default, metadata={"help": help, "shown": shown})
 
 
 @dataclass
@@ -53,7 +57,8 @@ class Config:
     model: str | None = opt("Qwen/Qwen2.5-1.5B-Instruct", "HF id or local dir; 'default' = embedded SmolLM2-135M")
     dataset: str = opt("hzy/kr1_2wiki", "HF dataset id (fields problem, golden_answers) or local JSONL")
     split: str = opt("train", "dataset split (HF datasets only)")
-    index: str | None = opt(None, "index dir from `retrieval.py build` (default: embedded Wikipedia summaries)")
+    index: str | None = opt(None, "index dir from `retrieval.py build`, or a corpus FILE.jsonl (indexed once)",
+                            shown="the embedded Wikipedia summaries")
     out: str = opt("runs/kr1", "run directory: log.jsonl, checkpoints/, latest")
     # rollout
     group_size: int = opt(8, "G, trajectories per prompt")
@@ -126,11 +131,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
+        shown = f.metadata["shown"] or f.default
+        text = f"{f.metadata['help']} (default: {shown})".replace("%", "%%")  # argparse formats help with %
+        if f.type == "bool":  # default None: argparse appends no default of its own
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             kind = {"int": int, "float": float}.get(f.type, str)
-            p.add_argument(flag, type=kind, default=None, help=f"{f.metadata['help']} (default: {f.default})")
+            p.add_argument(flag, type=kind, default=None, help=text)
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     if args.get("preset") not in (None, *PRESETS):
         p.error(f"--preset must be one of {list(PRESETS)}, got {args['preset']!r}")

@@ -8,6 +8,7 @@ disagree, advantages are non-zero, and GRPO must learn to prefer the right city.
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -205,6 +206,23 @@ def test_bad_flags_fail_clearly(coin_policy, flags, message, capsys, monkeypatch
     code = e.value.code
     err = capsys.readouterr().err + (code if isinstance(code, str) else "")
     assert code not in (0, None) and message in err and "Traceback" not in err, err[-3000:]
+
+
+def test_help_names_each_default_once(capsys):
+    """Every flag's help ends with its default, once: booleans too; --index names the embedded corpus."""
+    import dataclasses
+
+    import train
+
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    options = capsys.readouterr().out.split("options:\n", 1)[1].split("\n\n", 1)[0]  # the epilog follows
+    helps = {b.split()[0].rstrip(","): " ".join(b.split()) for b in re.split(r"\n(?=  -)", options)}
+    assert helps.pop("-h").count("(default:") == 0
+    assert len(helps) == len(dataclasses.fields(train.Config))
+    assert {flag: text.count("(default:") for flag, text in helps.items()} == dict.fromkeys(helps, 1)
+    assert helps["--grad-ckpt"].endswith("(default: True)") and helps["--bf16"].endswith("(default: False)")
+    assert helps["--index"].endswith("(default: the embedded Wikipedia summaries)")
 
 
 def test_update_gradient_is_the_same_for_any_micro_batch(coin_policy, monkeypatch):
