@@ -536,6 +536,12 @@ def build_models(cfg: Config, device: torch.device, world: int):
     return model, ref, tok, optimizer
 
 
+def json_line(rec: dict) -> str:
+    """One strict-JSON log line: a non-finite float (NaN or inf loss, grad norm, ...) is written as null."""
+    finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in rec.items()}
+    return json.dumps(finite, allow_nan=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     rank, world, device = init_distributed(cfg.dist_timeout)
@@ -565,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
                    grpo_step(model, ref, tok, optimizer, cfg, mine, search, step))
             if rank == 0:
                 with open(out / "log.jsonl", "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                    f.write(json_line(rec) + "\n")
                 bar.set_postfix({k: f"{rec[k]:.2f}" for k in ("loss", "reward", "accuracy", "format") if k in rec},
                                 phase=rec["phase"])
                 if rec["skipped"]:

@@ -181,6 +181,12 @@ def test_reward_rises_single_process(coin_policy):
     assert after > before + 1.0, (before, after)  # the right answer gained at least e times the odds of the wrong
 
 
+def world_of_one(monkeypatch) -> None:
+    """The environment of train.main in this process as a gloo world of one."""
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(k, v)  # init_distributed's setdefault would otherwise leave them set in this process
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--resume", "/nonexistent/run"], "no checkpoint there"),
     (["--dataset", "no-such-org/no-such-dataset"], "could not load dataset"),
@@ -194,9 +200,9 @@ def test_bad_flags_fail_clearly(coin_policy, flags, message, capsys, monkeypatch
 
     import train
 
-    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-                 "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}.items():
-        monkeypatch.setenv(k, v)  # init_distributed's setdefault would otherwise leave them set in this process
+    world_of_one(monkeypatch)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # both read the env at import
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(sys, "argv", [str(ROOT / "train.py")])
@@ -206,6 +212,29 @@ def test_bad_flags_fail_clearly(coin_policy, flags, message, capsys, monkeypatch
     code = e.value.code
     err = capsys.readouterr().err + (code if isinstance(code, str) else "")
     assert code not in (0, None) and message in err and "Traceback" not in err, err[-3000:]
+
+
+def test_a_non_finite_step_is_logged_as_null_and_skipped(coin_policy, tmp_path, monkeypatch):
+    """A NaN loss (injected into grpo_loss) makes a NaN gradient norm: the step is skipped, and log.jsonl stays
+    strict JSON, the non-finite values written as null."""
+    import grpo
+    import train
+
+    world_of_one(monkeypatch)
+    loss_fn = grpo.grpo_loss
+
+    def nan_loss(*args, **kwargs):
+        loss, metrics = loss_fn(*args, **kwargs)
+        return loss * float("nan"), metrics
+
+    monkeypatch.setattr(grpo, "grpo_loss", nan_loss)
+    assert train.main([*common_flags(coin_policy), "--steps", "1", "--out", str(tmp_path)]) == 0
+
+    def strict(constant: str):
+        raise ValueError(f"log.jsonl is not strict JSON: {constant}")
+
+    log = [json.loads(x, parse_constant=strict) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [(r["loss"], r["grad_norm"], r["skipped"]) for r in log] == [(None, None, True)], log
 
 
 def test_help_names_each_default_once(capsys):
