@@ -43,6 +43,7 @@ import retrieval
 import rollout
 
 HERE = Path(__file__).resolve().parent
+QA_FILE = HERE / "data" / "qa.jsonl"  # the project's own questions: the embedded corpus answers them
 PER_TOKEN = ("kl", "clip_frac", "entropy", "ratio_mean")  # grpo_loss metrics, logged as token-weighted step means
 
 
@@ -112,7 +113,7 @@ class Config:
 SMOL = dict(model="default", lora_rank=8, lora_alpha=16.0, max_turns=2, max_turn_tokens=64, max_total_tokens=768,
             top_k_passages=2, beta=0.0, agg="token", grad_ckpt=False, group_size=4, prompts_per_step=4, sft_batch=4,
             sft_lr=5e-4)  # SmolLM2 + LoRA on a small CPU
-QA = dict(SMOL, dataset=str(HERE / "data" / "qa.jsonl"), index=None)  # the project's own questions, embedded corpus
+QA = dict(SMOL, dataset=str(QA_FILE), index=None)  # the project's own questions, embedded corpus
 WIKI = dict(SMOL, dataset="runs/2wiki/train.jsonl", index="runs/2wiki/corpus.jsonl")  # from data/prepare_2wiki.py
 PRESETS = {  # what each is for: --preset's help; their runs and times: BENCHMARKS.md
     "offline": dict(QA, out="runs/offline", sft_steps=20, sft_probe_every=10, steps=6, lr=2e-4, warmup_steps=1,
@@ -536,6 +537,14 @@ def build_models(cfg: Config, device: torch.device, world: int):
     return model, ref, tok, optimizer
 
 
+def corpus_warning(cfg: Config, n_docs: int) -> str | None:
+    """A recipe meant for a large corpus, run without --index, searches the embedded summaries: say so."""
+    if cfg.index or Path(cfg.dataset).resolve() == QA_FILE:
+        return None
+    return (f"train.py: warning: no --index: searching the {n_docs:,} embedded Wikipedia summaries; questions from "
+            f"{cfg.dataset} need their own corpus (--index DIR or CORPUS.jsonl)")
+
+
 def json_line(rec: dict) -> str:
     """One strict-JSON log line: a non-finite float (NaN or inf loss, grad norm, ...) is written as null."""
     finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in rec.items()}
@@ -551,6 +560,9 @@ def main(argv: list[str] | None = None) -> int:
                              f"{cfg.sft_batch} must be divisible by the world size {world}")
         rows = load_questions(cfg)
         index = retrieval.open_index(cfg.index)  # each rank mmap-loads the same files: the OS shares the pages
+        warning = corpus_warning(cfg, len(index))
+        if warning and rank == 0:
+            print(warning, file=sys.stderr)
         search = lambda qs: index.search(qs, k=cfg.top_k_passages)
         model, ref, tok, optimizer = build_models(cfg, device, world)
         out = Path(cfg.out)

@@ -254,6 +254,17 @@ def test_help_names_each_default_once(capsys):
     assert helps["--index"].endswith("(default: the embedded Wikipedia summaries)")
 
 
+def test_a_large_corpus_recipe_without_index_is_warned():
+    """No --index and questions that are not the project's own: one warning line naming the corpus size."""
+    import train
+
+    warning = train.corpus_warning(train.Config(dataset="runs/2wiki/train.jsonl"), 10033)
+    assert warning.startswith("train.py: warning: no --index: searching the 10,033 embedded Wikipedia summaries")
+    assert "runs/2wiki/train.jsonl" in warning and "\n" not in warning
+    assert train.corpus_warning(train.Config(dataset="runs/2wiki/train.jsonl", index="runs/idx"), 10033) is None
+    assert train.corpus_warning(train.parse_args(["--preset", "offline"]), 10033) is None
+
+
 def test_update_gradient_is_the_same_for_any_micro_batch(coin_policy, monkeypatch):
     """grpo_update over 5 trajectories of unequal lengths, one an expert row: micro-batches of 1 (no padding) and of
     3 (sorted by length, right-padded, run unmasked) over the same rows in reverse order give the same loss and
