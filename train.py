@@ -26,6 +26,7 @@ import shutil
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -103,7 +104,8 @@ class Config:
     seed: int = opt(0, "seed for data order and sampling")
     dist_timeout: float = opt(0.0, "minutes a rank waits in a collective (0 = torch's default: 10 NCCL, 30 gloo)")
     # bookkeeping
-    save_every: int = opt(50, "checkpoint every N steps (and at the end); 0 = only at the end")
+    save_every: int = opt(50, "checkpoint every N steps and at the end (0 = only at the end); also after the "
+                          "first step if --out has no checkpoint yet, so that a run killed early can --resume")
     resume: str | None = opt(None, "run dir or checkpoint dir to resume from")
     wandb: bool = opt(False, "also log to Weights & Biases (needs `pip install wandb`)")
     preset: str | None = opt(None, "'offline': a quick CPU run (SmolLM2, data/qa.jsonl); 'smollm2-2wiki': the shipped "
@@ -537,6 +539,21 @@ def build_models(cfg: Config, device: torch.device, world: int):
     return model, ref, tok, optimizer
 
 
+@dataclass
+class Run:
+    """What the step loop works with: the models, the questions, the search, where to write, where it starts."""
+    cfg: Config
+    model: LogProbs
+    ref: LogProbs | None
+    tok: object
+    optimizer: torch.optim.Optimizer
+    rows: list[dict]
+    search: Callable
+    out: Path
+    start: int  # steps already done (the resumed checkpoint's)
+    early_save: int  # the step after which to save although no other rule says so (0 = none): see main
+
+
 def corpus_warning(cfg: Config, n_docs: int) -> str | None:
     """A recipe meant for a large corpus, run without --index, searches the embedded summaries: say so."""
     if cfg.index or Path(cfg.dataset).resolve() == QA_FILE:
@@ -545,10 +562,70 @@ def corpus_warning(cfg: Config, n_docs: int) -> str | None:
             f"{cfg.dataset} need their own corpus (--index DIR or CORPUS.jsonl)")
 
 
+def start_log(run: Run) -> None:
+    """Rank 0: the run directory, its config.json, log.jsonl cut back to the starting step, wandb."""
+    run.out.mkdir(parents=True, exist_ok=True)
+    (run.out / "config.json").write_text(json.dumps(dataclasses.asdict(run.cfg), indent=1))
+    truncate_log(run.out / "log.jsonl", run.start)
+    if run.cfg.wandb:
+        import wandb
+
+        wandb.init(project="knowledge-r1", config=dataclasses.asdict(run.cfg))
+
+
 def json_line(rec: dict) -> str:
     """One strict-JSON log line: a non-finite float (NaN or inf loss, grad norm, ...) is written as null."""
     finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in rec.items()}
     return json.dumps(finite, allow_nan=False)
+
+
+def log_step(run: Run, rec: dict, bar: tqdm) -> None:
+    """Rank 0: the step's line in log.jsonl, the bar's metrics, a skipped step's notice, wandb."""
+    with open(run.out / "log.jsonl", "a") as f:
+        f.write(json_line(rec) + "\n")
+    shown = ("loss", "reward", "accuracy", "format")
+    bar.set_postfix({k: f"{rec[k]:.2f}" for k in shown if k in rec}, phase=rec["phase"])
+    if rec["skipped"]:
+        tqdm.write(f"step {rec['step']}: non-finite loss or gradient norm; update skipped")
+    if run.cfg.wandb:
+        import wandb
+
+        wandb.log(rec, step=rec["step"])
+
+
+def save_due(cfg: Config, done: int, early: int) -> bool:
+    """Whether to checkpoint after `done` steps: every --save-every, at the end of SFT and of the run, at `early`."""
+    periodic = cfg.save_every > 0 and done % cfg.save_every == 0
+    return periodic or done in (cfg.sft_steps + cfg.steps, cfg.sft_steps, early)
+
+
+def train_loop(run: Run) -> None:
+    """The steps from run.start: SFT, then GRPO; each logged on rank 0 and checkpointed when save_due says so."""
+    cfg = run.cfg
+    rank = dist.get_rank()
+    total = cfg.sft_steps + cfg.steps
+    bar = tqdm(range(run.start, total), initial=run.start, total=total, desc="train", unit="step", disable=rank != 0)
+    for step in bar:
+        mine = step_rows(cfg, run.rows, step)
+        if step < cfg.sft_steps:
+            rec = sft_step(
+                run.model, run.tok, run.optimizer, cfg=cfg, rows=mine, search=run.search, step=step
+            )
+        else:
+            rec = grpo_step(
+                run.model,
+                run.ref,
+                run.tok,
+                optimizer=run.optimizer,
+                cfg=cfg,
+                rows=mine,
+                search=run.search,
+                step=step,
+            )
+        if rank == 0:
+            log_step(run, rec, bar)
+        if save_due(cfg, step + 1, run.early_save):
+            save_checkpoint(run.out, run.model, run.tok, optimizer=run.optimizer, cfg=cfg, step=step + 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -558,6 +635,8 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.prompts_per_step % world or cfg.sft_batch % world:
             raise SystemExit(f"train.py: error: --prompts-per-step {cfg.prompts_per_step} and --sft-batch "
                              f"{cfg.sft_batch} must be divisible by the world size {world}")
+        out = Path(cfg.out)
+        fresh = not (out / "latest").is_file()  # --out has no checkpoint yet: save after this run's first step
         rows = load_questions(cfg)
         index = retrieval.open_index(cfg.index)  # each rank mmap-loads the same files: the OS shares the pages
         warning = corpus_warning(cfg, len(index))
@@ -565,33 +644,23 @@ def main(argv: list[str] | None = None) -> int:
             print(warning, file=sys.stderr)
         search = lambda qs: index.search(qs, k=cfg.top_k_passages)
         model, ref, tok, optimizer = build_models(cfg, device, world)
-        out = Path(cfg.out)
         start = load_checkpoint(cfg.resume, model, optimizer) if cfg.resume else 0
+        early = start + 1 if fresh else 0
+        run = Run(
+            cfg=cfg,
+            model=model,
+            ref=ref,
+            tok=tok,
+            optimizer=optimizer,
+            rows=rows,
+            search=search,
+            out=out,
+            start=start,
+            early_save=early,
+        )
         if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-            truncate_log(out / "log.jsonl", start)
-            if cfg.wandb:
-                import wandb
-
-                wandb.init(project="knowledge-r1", config=dataclasses.asdict(cfg))
-        total = cfg.sft_steps + cfg.steps
-        bar = tqdm(range(start, total), initial=start, total=total, desc="train", unit="step", disable=rank != 0)
-        for step in bar:
-            mine = step_rows(cfg, rows, step)
-            rec = (sft_step(model, tok, optimizer, cfg, mine, search, step) if step < cfg.sft_steps else
-                   grpo_step(model, ref, tok, optimizer, cfg, mine, search, step))
-            if rank == 0:
-                with open(out / "log.jsonl", "a") as f:
-                    f.write(json_line(rec) + "\n")
-                bar.set_postfix({k: f"{rec[k]:.2f}" for k in ("loss", "reward", "accuracy", "format") if k in rec},
-                                phase=rec["phase"])
-                if rec["skipped"]:
-                    tqdm.write(f"step {step + 1}: non-finite loss or gradient norm; update skipped")
-                if cfg.wandb:
-                    wandb.log(rec, step=step + 1)
-            if step + 1 in (total, cfg.sft_steps) or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-                save_checkpoint(out, model, tok, optimizer, cfg, step + 1)
+            start_log(run)
+        train_loop(run)
         return 0
     except (Exception, SystemExit) as e:
         return fail(e, rank, world)
