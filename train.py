@@ -270,6 +270,48 @@ def step_prompts(n: int, step: int, per_step: int, seed: int) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- one step
+@dataclass
+class Progress:
+    """Rank 0's bar inside a step, so that a long one visibly moves: the rollout's finished rows and tokens, then
+    the update's micro-batches, after the last step's metrics. Redrawn on a new phase, else at most once a second."""
+    bar: tqdm
+    metrics: str = ""  # the last step's postfix: loss, reward, accuracy, format, phase
+    phase: str = ""  # what the postfix shows now: "rollout", "update" or "" (the metrics alone)
+    drawn: float = 0.0  # time.monotonic() of the last redraw
+    micro_done: int = 0  # the update's micro-batches done
+    micro_total: int = 0  # and in all
+
+    def show(self, phase: str, text: str) -> None:
+        now = time.monotonic()
+        if self.bar.disable or (phase == self.phase and now - self.drawn < 1.0):
+            return
+        self.phase = phase
+        self.drawn = now
+        shown = f"{phase} {text}"
+        self.bar.set_postfix_str(f"{self.metrics} | {shown}" if self.metrics else shown)
+
+    def on_rollout(self, rows: int) -> Callable[[int, int], None] | None:
+        """rollout.rollout's on_progress over `rows` rows; None where there is no bar (ranks other than 0)."""
+        if self.bar.disable:
+            return None
+        return lambda done, tokens: self.show("rollout", f"{done}/{rows} rows, {tokens} tokens")
+
+    def start_update(self, micro_batches: int) -> None:
+        self.micro_done = 0
+        self.micro_total = micro_batches
+        self.show("update", f"0/{micro_batches} micro-batches")
+
+    def micro_batch(self) -> None:
+        self.micro_done += 1
+        self.show("update", f"{self.micro_done}/{self.micro_total} micro-batches")
+
+    def step_done(self, rec: dict) -> None:
+        shown = [f"{k}={rec[k]:.2f}" for k in ("loss", "reward", "accuracy", "format") if k in rec]
+        self.metrics = ", ".join([*shown, f"phase={rec['phase']}"])
+        self.phase = ""
+        self.bar.set_postfix_str(self.metrics)
+
+
 def pad_batch(trajs: list[rollout.Trajectory], device) -> dict[str, torch.Tensor]:
     """Right-pad trajectories (they run unmasked); targets are ids[1:], so the loss mask and old log-probs shift."""
     pad = lambda rows, dtype: torch.nn.utils.rnn.pad_sequence([torch.tensor(r, dtype=dtype) for r in rows],
@@ -279,7 +321,8 @@ def pad_batch(trajs: list[rollout.Trajectory], device) -> dict[str, torch.Tensor
             "old": pad([t.logprobs for t in trajs], torch.float32)[:, 1:]}  # (B, T-1)
 
 
-def rollout_and_score(model: LogProbs, tok, cfg: Config, rows: list[dict], search, step: int):
+def rollout_and_score(model: LogProbs, tok, cfg: Config, rows: list[dict], search, step: int, *,
+                      progress: Progress | None = None):
     """G sampled trajectories per prompt (consecutive) and their reward dicts; the rollout's seconds."""
     rcfg = rollout.RolloutConfig(max_turns=cfg.max_turns, max_turn_tokens=cfg.max_turn_tokens,
                                  max_total_tokens=cfg.max_total_tokens, temperature=cfg.temperature,
@@ -289,8 +332,12 @@ def rollout_and_score(model: LogProbs, tok, cfg: Config, rows: list[dict], searc
     gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + dist.get_rank())  # resumable
     t0 = time.perf_counter()
     model.eval()  # HF skips checkpointing and keeps the KV cache in eval mode
+    on_progress = progress.on_rollout(len(group)) if progress else None
+    questions = [r["question"] for r in group]
     with torch.no_grad(), unsharded(model), rollout.bf16_autocast(device, cfg.bf16):
-        trajs = rollout.rollout(model.lm, tok, [r["question"] for r in group], search, rcfg, generator=gen)
+        trajs = rollout.rollout(
+            model.lm, tok, questions, search=search, cfg=rcfg, generator=gen, on_progress=on_progress
+        )
     scores = [score(cfg, t, r) for t, r in zip(trajs, group)]
     return trajs, scores, time.perf_counter() - t0
 
@@ -323,8 +370,10 @@ def step_sums(trajs: list, device, keys: tuple[str, ...] = ("loss",)) -> dict[st
     return {**dict.fromkeys(keys, torch.zeros((), dtype=torch.float64, device=device)), "n_tok": n_tok}
 
 
-def grpo_update(model, ref, cfg: Config, trajs: list, adv: torch.Tensor) -> dict:
-    """Accumulate the GRPO loss over micro-batches (backward only; the caller steps) and its metrics' sums."""
+def grpo_update(model, ref, cfg: Config, trajs: list, adv: torch.Tensor, *,
+                on_micro_batch: Callable[[], None] | None = None) -> dict:
+    """Accumulate the GRPO loss over micro-batches (backward only; the caller steps) and its metrics' sums;
+    `on_micro_batch()` after each."""
     world, device = dist.get_world_size(), adv.device
     sums = step_sums(trajs, device, ("loss", *PER_TOKEN))
     normaliser = {"token": sums["n_tok"].item(), "seq": float(len(trajs) * world),
@@ -343,6 +392,8 @@ def grpo_update(model, ref, cfg: Config, trajs: list, adv: torch.Tensor) -> dict
         loss, m = grpo.grpo_loss(logp, old, adv[idx], b["mask"], ref_logp=ref_logp, beta=cfg.beta, agg=cfg.agg,
                                  clip_low=cfg.clip_low, clip_high=cfg.clip_high, normaliser=normaliser, entropy=ent)
         (loss * world).backward()  # FSDP averages gradients over ranks; the loss is already globally normalised
+        if on_micro_batch is not None:
+            on_micro_batch()
         sums["loss"] = sums["loss"] + loss.detach()
         for k in PER_TOKEN:
             sums[k] = sums[k] + m[k] * m["n_tokens"]
@@ -351,36 +402,52 @@ def grpo_update(model, ref, cfg: Config, trajs: list, adv: torch.Tensor) -> dict
     return {**sums, "ratio_max": extremes[0], "ratio_min": -extremes[1]}
 
 
-def sft_step(model: LogProbs, tok, optimizer, cfg: Config, rows: list[dict], search, step: int) -> dict:
+def sft_step(model: LogProbs, tok, optimizer, cfg: Config, rows: list[dict], search, step: int, *,
+             progress: Progress | None = None) -> dict:
     """A warm-start step: the masked NLL (grpo.sft_loss) of the expert trajectories of `rows` (this rank's share)."""
     world, device = dist.get_world_size(), next(model.parameters()).device
     trajs, scores, t_rollout = [], [], 0.0
     if cfg.sft_probe_every and step % cfg.sft_probe_every == 0:
         probe = rows[: cfg.prompts_per_step // world]  # sampled to log rewards: this rank's share of --prompts-per-step
-        trajs, scores, t_rollout = rollout_and_score(model, tok, cfg, probe, search, step)
+        trajs, scores, t_rollout = rollout_and_score(
+            model, tok, cfg, rows=probe, search=search, step=step, progress=progress
+        )
     t1 = time.perf_counter()
     model.train()
     experts = [expert(cfg, tok, r, search) for r in rows]
     sums = step_sums(experts, device)
+    if progress:
+        progress.start_update(math.ceil(len(experts) / cfg.micro_batch))
     for s in range(0, len(experts), cfg.micro_batch):
         b = pad_batch(experts[s : s + cfg.micro_batch], device)
         with rollout.bf16_autocast(device, cfg.bf16):
             logp = model(b["ids"], chunk_size=cfg.logprob_chunk, loss_mask=b["mask"])  # (b, T-1)
         loss = grpo.sft_loss(logp, b["mask"], normaliser=sums["n_tok"])
         (loss * world).backward()  # as in grpo_update
+        if progress:
+            progress.micro_batch()
         sums["loss"] = sums["loss"] + loss.detach()
     return optimizer_step(model, optimizer, cfg, step, sums, trajs, scores, t_rollout, t1)
 
 
-def grpo_step(model: LogProbs, ref, tok, optimizer, cfg: Config, rows: list[dict], search, step: int) -> dict:
+def grpo_step(model: LogProbs, ref, tok, optimizer, cfg: Config, rows: list[dict], search, step: int, *,
+              progress: Progress | None = None) -> dict:
     """On this rank's prompts: rollout, rewards (expert mixing), group advantages, loss, update (unless --no-update)."""
-    trajs, scores, t_rollout = rollout_and_score(model, tok, cfg, rows, search, step)
+    trajs, scores, t_rollout = rollout_and_score(
+        model, tok, cfg, rows=rows, search=search, step=step, progress=progress
+    )
     t1, device = time.perf_counter(), next(model.parameters()).device
     model.train()
     batch, batch_scores = list(trajs), list(scores)  # logged metrics stay on-policy; the loss sees the mix
     mixed = mix_experts(cfg, tok, rows, search, batch, batch_scores) if cfg.expert_mix else 0
     adv = grpo.group_advantages([s["reward"] for s in batch_scores], cfg.group_size, cfg.scale_std)  # (B,)
-    out = grpo_update(model, ref, cfg, batch, adv.to(device)) if cfg.update else step_sums(batch, device)  # control arm
+    if cfg.update:
+        if progress:
+            progress.start_update(math.ceil(len(batch) / cfg.micro_batch))
+        on_micro_batch = progress.micro_batch if progress else None
+        out = grpo_update(model, ref, cfg, trajs=batch, adv=adv.to(device), on_micro_batch=on_micro_batch)
+    else:  # the control arm
+        out = step_sums(batch, device)
     out.update(adv_sq=(adv.double() ** 2).sum(), expert_rows=mixed)
     return optimizer_step(model, optimizer, cfg, step, out, trajs, scores, t_rollout, t1, cfg.update)
 
@@ -579,12 +646,11 @@ def json_line(rec: dict) -> str:
     return json.dumps(finite, allow_nan=False)
 
 
-def log_step(run: Run, rec: dict, bar: tqdm) -> None:
+def log_step(run: Run, rec: dict, progress: Progress) -> None:
     """Rank 0: the step's line in log.jsonl, the bar's metrics, a skipped step's notice, wandb."""
     with open(run.out / "log.jsonl", "a") as f:
         f.write(json_line(rec) + "\n")
-    shown = ("loss", "reward", "accuracy", "format")
-    bar.set_postfix({k: f"{rec[k]:.2f}" for k in shown if k in rec}, phase=rec["phase"])
+    progress.step_done(rec)
     if rec["skipped"]:
         tqdm.write(f"step {rec['step']}: non-finite loss or gradient norm; update skipped")
     if run.cfg.wandb:
@@ -605,11 +671,12 @@ def train_loop(run: Run) -> None:
     rank = dist.get_rank()
     total = cfg.sft_steps + cfg.steps
     bar = tqdm(range(run.start, total), initial=run.start, total=total, desc="train", unit="step", disable=rank != 0)
+    progress = Progress(bar)
     for step in bar:
         mine = step_rows(cfg, run.rows, step)
         if step < cfg.sft_steps:
             rec = sft_step(
-                run.model, run.tok, run.optimizer, cfg=cfg, rows=mine, search=run.search, step=step
+                run.model, run.tok, run.optimizer, cfg=cfg, rows=mine, search=run.search, step=step, progress=progress
             )
         else:
             rec = grpo_step(
@@ -621,9 +688,10 @@ def train_loop(run: Run) -> None:
                 rows=mine,
                 search=run.search,
                 step=step,
+                progress=progress,
             )
         if rank == 0:
-            log_step(run, rec, bar)
+            log_step(run, rec, progress)
         if save_due(cfg, step + 1, run.early_save):
             save_checkpoint(run.out, run.model, run.tok, optimizer=run.optimizer, cfg=cfg, step=step + 1)
 

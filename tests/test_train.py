@@ -265,6 +265,25 @@ def test_a_large_corpus_recipe_without_index_is_warned():
     assert train.corpus_warning(train.parse_args(["--preset", "offline"]), 10033) is None
 
 
+def test_rollout_reports_rows_and_tokens_as_it_goes(coin_policy):
+    """rollout's on_progress (train.py's bar): after every loop step, rows finished so far and tokens after the
+    prompts, non-decreasing, ending at every row and the trajectories' own token count."""
+    import retrieval
+
+    lm, tok = rollout.load_model(str(coin_policy / "policy"))
+    index = retrieval.open_index(coin_policy / "index")
+    cfg = rollout.RolloutConfig(max_turns=1, max_turn_tokens=24, max_total_tokens=48)
+    calls = []
+    search = lambda qs: index.search(qs, k=2)
+    generator = torch.Generator().manual_seed(0)
+    trajs = rollout.rollout(
+        lm, tok, [QUESTION] * 4, search=search, cfg=cfg, generator=generator, on_progress=lambda *c: calls.append(c)
+    )
+    rows, tokens = zip(*calls)
+    assert len(calls) > 5 and list(rows) == sorted(rows) and list(tokens) == sorted(tokens)
+    assert calls[-1] == (4, sum(len(t.ids) - t.prompt_len for t in trajs))
+
+
 def test_update_gradient_is_the_same_for_any_micro_batch(coin_policy, monkeypatch):
     """grpo_update over 5 trajectories of unequal lengths, one an expert row: micro-batches of 1 (no padding) and of
     3 (sorted by length, right-padded, run unmasked) over the same rows in reverse order give the same loss and
