@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import sys
@@ -106,6 +107,8 @@ class Config:
     # bookkeeping
     save_every: int = opt(50, "checkpoint every N steps and at the end (0 = only at the end); also after the "
                           "first step if --out has no checkpoint yet, so that a run killed early can --resume")
+    keep_last: int = opt(0, "after each checkpoint, delete all but the newest N step_* folders (never the one "
+                         "OUT/latest names); 0 = keep all")
     resume: str | None = opt(None, "run dir or checkpoint dir to resume from")
     wandb: bool = opt(False, "also log to Weights & Biases (needs `pip install wandb`)")
     preset: str | None = opt(None, "'offline': a quick CPU run (SmolLM2, data/qa.jsonl); 'smollm2-2wiki': the shipped "
@@ -149,9 +152,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
         p.error("--agg must be seq|token|const and --acc em|f1")
     if min(cfg.group_size, cfg.prompts_per_step, cfg.micro_batch, cfg.sft_batch) < 1 or cfg.group_size < 2:
         p.error("--group-size must be >= 2; --prompts-per-step, --micro-batch, --sft-batch >= 1")
-    if min(cfg.steps, cfg.sft_steps, cfg.lora_rank, cfg.sft_probe_every, cfg.search_lag, cfg.dist_timeout) < 0:
-        p.error("--steps, --sft-steps, --lora-rank, --sft-probe-every, --search-lag, --dist-timeout must be >= 0 "
-                "(--steps 0: warm-start only)")
+    counts = (cfg.steps, cfg.sft_steps, cfg.lora_rank, cfg.sft_probe_every, cfg.search_lag, cfg.keep_last)
+    if min(*counts, cfg.dist_timeout) < 0:
+        p.error("--steps, --sft-steps, --lora-rank, --sft-probe-every, --search-lag, --keep-last, --dist-timeout "
+                "must be >= 0 (--steps 0: warm-start only)")
     if cfg.steps + cfg.sft_steps < 1:
         p.error("nothing to train: --steps and --sft-steps are both 0")
     return cfg
@@ -506,6 +510,9 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 # ----------------------------------------------------------------------------- checkpoints
+CKPT_DIR = re.compile(r"step_(\d+)(\.tmp|\.old)?")  # published; being written; set aside while a step is re-saved
+
+
 def save_checkpoint(out: Path, model: LogProbs, tok, optimizer, cfg: Config, step: int) -> Path:
     """OUT/checkpoints/step_N, atomically (a `.tmp` dir renamed into place), then OUT/latest; the LM's state dicts."""
     rank, lm = dist.get_rank(), model.lm
@@ -531,8 +538,36 @@ def save_checkpoint(out: Path, model: LogProbs, tok, optimizer, cfg: Config, ste
         tmp.rename(final)
         (out / "latest.tmp").write_text(str(final.relative_to(out)))
         os.replace(out / "latest.tmp", out / "latest")  # atomic pointer swap
+        prune(out, cfg.keep_last)
     dist.barrier()
     return final
+
+
+def remove(ckpt: Path) -> None:
+    """Delete a checkpoint folder, trainer.json first: a kill midway leaves nothing that looks complete."""
+    (ckpt / "trainer.json").unlink(missing_ok=True)
+    shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def prune(out: Path, keep: int) -> None:
+    """Rank 0, after a save (--keep-last): delete the published step_N folders past the newest `keep` (by step),
+    never the one OUT/latest names; `keep` 0 keeps all."""
+    if keep == 0:
+        return
+    latest = (out / (out / "latest").read_text().strip()).resolve()
+    for p in checkpoint_dirs(out, ("",))[:-keep]:
+        if p.resolve() != latest:
+            remove(p)
+
+
+def checkpoint_dirs(out: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """OUT/checkpoints/step_N{suffix} for the suffixes asked ("" published, ".old", ".tmp"), by step then name."""
+    found = []
+    for p in (out / "checkpoints").glob("step_*"):
+        m = CKPT_DIR.fullmatch(p.name)
+        if m and (m[2] or "") in suffixes:
+            found.append((int(m[1]), p.name, p))
+    return [p for _, _, p in sorted(found)]
 
 
 def load_checkpoint(path: str, model: LogProbs, optimizer) -> int:

@@ -137,6 +137,22 @@ def test_resume_drops_log_lines_past_the_checkpoint(tmp_path):
     train.truncate_log(tmp_path / "absent.jsonl", 2)  # a first run has no log yet
 
 
+def test_keep_last_keeps_the_newest_and_the_one_latest_names(tmp_path):
+    """--keep-last 2 after a resumed run re-saved step 2 (latest) below an older timeline's step 10: the newest two
+    by step stay, latest's too; folders being written or set aside are not its business."""
+    import train
+
+    names = ["step_000001", "step_000002", "step_000003", "step_000010", "step_000003.old", "step_000004.tmp"]
+    for name in names:
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+        (tmp_path / "checkpoints" / name / "trainer.json").write_text("{}")
+    (tmp_path / "latest").write_text("checkpoints/step_000002")
+    train.prune(tmp_path, 0)  # keep all
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == sorted(names)
+    train.prune(tmp_path, 2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == sorted(names[1:])
+
+
 def test_warmstart_only_then_control_arm_changes_no_weight(coin_policy, tmp_path):
     """--steps 0 writes the warm-start checkpoint alone; from it, --no-update (the control arm) rolls out the same
     prompts with the same seeds as the trained arm (equal first-step rewards) and leaves every weight as it was."""
