@@ -514,7 +514,8 @@ CKPT_DIR = re.compile(r"step_(\d+)(\.tmp|\.old)?")  # published; being written; 
 
 
 def save_checkpoint(out: Path, model: LogProbs, tok, optimizer, cfg: Config, step: int) -> Path:
-    """OUT/checkpoints/step_N, atomically (a `.tmp` dir renamed into place), then OUT/latest; the LM's state dicts."""
+    """OUT/checkpoints/step_N, written whole into step_N.tmp, then published (OUT/latest) and older ones pruned
+    (--keep-last); the LM's state dicts."""
     rank, lm = dist.get_rank(), model.lm
     final = out / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -534,13 +535,30 @@ def save_checkpoint(out: Path, model: LogProbs, tok, optimizer, cfg: Config, ste
         lm.save_pretrained(tmp / "hf", state_dict=full)
         tok.save_pretrained(tmp / "hf")
         (tmp / "trainer.json").write_text(json.dumps({"step": step, "config": dataclasses.asdict(cfg)}, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        (out / "latest.tmp").write_text(str(final.relative_to(out)))
-        os.replace(out / "latest.tmp", out / "latest")  # atomic pointer swap
+        publish(out, tmp, final)
         prune(out, cfg.keep_last)
     dist.barrier()
     return final
+
+
+def publish(out: Path, tmp: Path, final: Path) -> None:
+    """Rank 0: the complete `tmp` becomes `final`, then OUT/latest names it. A `final` already there (a run resumed
+    from an older checkpoint re-saves a step) is set aside first and deleted last, so a kill at any point leaves it
+    or the new one whole. Between the two renames latest names a missing folder; resolve_checkpoint says so."""
+    aside = set_aside(final)
+    tmp.rename(final)
+    (out / "latest.tmp").write_text(str(final.relative_to(out)))
+    os.replace(out / "latest.tmp", out / "latest")  # atomic pointer swap
+    remove(aside)
+
+
+def set_aside(final: Path) -> Path:
+    """Rename `final`, if there, to step_N.old (a leftover of an earlier interrupted save goes first); that path."""
+    aside = final.with_name(final.name + ".old")
+    if final.exists():
+        remove(aside)
+        final.rename(aside)
+    return aside
 
 
 def remove(ckpt: Path) -> None:
@@ -570,20 +588,40 @@ def checkpoint_dirs(out: Path, suffixes: tuple[str, ...]) -> list[Path]:
     return [p for _, _, p in sorted(found)]
 
 
-def load_checkpoint(path: str, model: LogProbs, optimizer) -> int:
-    """Restore a checkpoint dir, or a run dir's latest, into the model, the optimizer and this rank's RNG; its step."""
-    ckpt = Path(path)
-    if (ckpt / "latest").is_file():
-        ckpt = ckpt / (ckpt / "latest").read_text().strip()
-    if not (ckpt / "trainer.json").is_file():
-        raise SystemExit(f"train.py: error: --resume {path}: no checkpoint there (expected trainer.json or latest)")
+def resolve_checkpoint(spec: str) -> Path:
+    """--resume's checkpoint folder: a run dir's OUT/latest, or a checkpoint dir. Latest naming a missing folder (a
+    save killed between its renames) is an error that lists the complete checkpoints to resume from instead."""
+    path = Path(spec)
+    if (path / "latest").is_file():
+        named = path / (path / "latest").read_text().strip()
+        if not (named / "trainer.json").is_file():
+            raise SystemExit(missing_latest(spec, named))
+        return named
+    if not (path / "trainer.json").is_file():
+        raise SystemExit(f"train.py: error: --resume {spec}: no checkpoint there (expected trainer.json or latest)")
+    return path
+
+
+def missing_latest(spec: str, named: Path) -> str:
+    """The one-line error for a latest that names no complete checkpoint: which, and the complete ones found."""
+    head = f"train.py: error: --resume {spec}: latest names {named}, which is missing or incomplete (a save was cut)"
+    found = [p for p in checkpoint_dirs(Path(spec), ("", ".old")) if (p / "trainer.json").is_file()]
+    if not found:
+        return f"{head}; no complete checkpoint is left in {Path(spec) / 'checkpoints'}: start again without --resume"
+    names = ", ".join(p.name for p in found)
+    return f"{head}; complete checkpoints: {names}; resume from the newest with --resume {found[-1]}"
+
+
+def load_checkpoint(ckpt: Path, model: LogProbs, optimizer) -> int:
+    """Restore a checkpoint folder (resolve_checkpoint) into the model, the optimizer and this rank's RNG; its step."""
+    trainer = json.loads((ckpt / "trainer.json").read_text())
     msd, osd = dsd.get_state_dict(model.lm, optimizer)
     dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(ckpt / "state"))  # in place
     dsd.set_state_dict(model.lm, optimizer, model_state_dict=msd, optim_state_dict=osd)
     rng = ckpt / f"rng_rank{dist.get_rank()}.pt"
     if rng.is_file():
         torch.set_rng_state(torch.load(rng))
-    return json.loads((ckpt / "trainer.json").read_text())["step"]
+    return trainer["step"]
 
 
 # ----------------------------------------------------------------------------- main
@@ -738,6 +776,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.prompts_per_step % world or cfg.sft_batch % world:
             raise SystemExit(f"train.py: error: --prompts-per-step {cfg.prompts_per_step} and --sft-batch "
                              f"{cfg.sft_batch} must be divisible by the world size {world}")
+        ckpt = resolve_checkpoint(cfg.resume) if cfg.resume else None  # before the models: a bad path fails at once
         out = Path(cfg.out)
         fresh = not (out / "latest").is_file()  # --out has no checkpoint yet: save after this run's first step
         rows = load_questions(cfg)
@@ -747,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
             print(warning, file=sys.stderr)
         search = lambda qs: index.search(qs, k=cfg.top_k_passages)
         model, ref, tok, optimizer = build_models(cfg, device, world)
-        start = load_checkpoint(cfg.resume, model, optimizer) if cfg.resume else 0
+        start = load_checkpoint(ckpt, model, optimizer) if ckpt else 0
         early = start + 1 if fresh else 0
         run = Run(
             cfg=cfg,

@@ -9,6 +9,7 @@ disagree, advantages are non-zero, and GRPO must learn to prefer the right city.
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -135,6 +136,67 @@ def test_resume_drops_log_lines_past_the_checkpoint(tmp_path):
     train.truncate_log(log, 2)
     assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2]
     train.truncate_log(tmp_path / "absent.jsonl", 2)  # a first run has no log yet
+
+
+KILLED = """import os, sys
+import train
+set_aside = train.set_aside
+def killed(final):  # the real set_aside, then the process dies before the new folder is renamed in
+    aside = set_aside(final)
+    if final.name == sys.argv[1]:
+        os._exit(9)
+    return aside
+train.set_aside = killed
+sys.exit(train.main(sys.argv[2:]))
+"""
+
+
+def same_weights(x: dict, y: dict) -> bool:
+    return sorted(x) == sorted(y) and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_a_save_killed_between_its_renames_loses_nothing_and_resumes_exactly(coin_policy, tmp_path):
+    """A run resumed from an older checkpoint into the same --out re-saves the step OUT/latest names. Killed between
+    setting the old copy aside and renaming the new one in, latest names a missing folder but both copies are
+    whole: --resume OUT says so and names the set-aside copy, from which the run ends bit-identical to an
+    uninterrupted one. Also: a fresh run saves after step 1 whatever --save-every says and --resume continues
+    from there exactly; --keep-last 1 keeps the newest; the bar shows the rollout's rows and the micro-batches."""
+    d, straight, a = coin_policy, tmp_path / "straight", tmp_path / "a"
+    flags = [*common_flags(d), "--steps", "6", "--lr", "1e-3", "--save-every", "4"]
+    r = run([sys.executable, str(ROOT / "train.py"), *flags, "--out", str(straight)])
+    done = straight / "checkpoints"
+    assert sorted(p.name for p in done.iterdir()) == ["step_000001", "step_000004", "step_000006"]
+    assert re.search(r"rollout \d/8 rows, \d+ tokens", r.stderr), r.stderr[-2000:]
+    assert re.search(r"update \d/4 micro-batches", r.stderr), r.stderr[-2000:]
+    ckpts = a / "checkpoints"
+    ckpts.mkdir(parents=True)  # a run killed after saving step 4 ...
+    for name in ("step_000001", "step_000004"):
+        shutil.copytree(done / name, ckpts / name)
+    (a / "latest").write_text("checkpoints/step_000004")
+    (tmp_path / "killed.py").write_text(KILLED)  # ... resumed from step 1 into the same --out, killed re-saving 4
+    resumed = ["--out", str(a), "--resume", str(ckpts / "step_000001")]
+    r = run([sys.executable, str(tmp_path / "killed.py"), "step_000004", *flags, *resumed], check=False)
+    assert r.returncode == 9, r.stderr[-3000:]
+    assert not (ckpts / "step_000004").exists() and (a / "latest").read_text() == "checkpoints/step_000004"
+    assert same_weights(weights(ckpts / "step_000004.old"), weights(done / "step_000004"))  # the old copy: whole
+    assert same_weights(weights(ckpts / "step_000004.tmp"), weights(done / "step_000004"))  # the new: 1 -> 4 exact
+
+    import train
+
+    with pytest.raises(SystemExit) as e:
+        train.resolve_checkpoint(str(a))
+    why = str(e.value.code)
+    assert why.startswith("train.py: error: ") and "missing" in why and "\n" not in why, why
+    assert why.endswith(f"complete checkpoints: step_000001, step_000004.old; resume from the newest with "
+                        f"--resume {ckpts / 'step_000004.old'}"), why
+    run([sys.executable, str(ROOT / "train.py"), *flags, "--out", str(a), "--resume", str(ckpts / "step_000004.old"),
+         "--keep-last", "1"])
+    assert same_weights(weights(ckpts / "step_000006"), weights(done / "step_000006"))
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000004.old", "step_000004.tmp", "step_000006"]
+    log = [json.loads(x) for x in (a / "log.jsonl").read_text().splitlines()]
+    log_straight = [json.loads(x) for x in (straight / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 3, 4, 5, 6]  # the killed run's 2-4, then 5-6
+    assert [r["reward"] for r in log] == [r["reward"] for r in log_straight[1:]]
 
 
 def test_keep_last_keeps_the_newest_and_the_one_latest_names(tmp_path):
