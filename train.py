@@ -513,6 +513,17 @@ def peak_memory_gib(device: torch.device) -> float:
 CKPT_DIR = re.compile(r"step_(\d+)(\.tmp|\.old)?")  # published; being written; set aside while a step is re-saved
 
 
+def rollout_settings(cfg: Config) -> dict:
+    """The rollout settings an adapter was trained with: adapter/ROLLOUT_SETTINGS (kr1.py reads it)."""
+    return {
+        "k": cfg.top_k_passages,
+        "max_turns": cfg.max_turns,
+        "max_turn_tokens": cfg.max_turn_tokens,
+        "max_total_tokens": cfg.max_total_tokens,
+        "mode": "agent",
+    }
+
+
 def save_checkpoint(out: Path, model: LogProbs, tok, optimizer, cfg: Config, step: int) -> Path:
     """OUT/checkpoints/step_N, written whole into step_N.tmp, then published (OUT/latest) and older ones pruned
     (--keep-last); the LM's state dicts."""
@@ -529,8 +540,17 @@ def save_checkpoint(out: Path, model: LogProbs, tok, optimizer, cfg: Config, ste
     full = dsd.get_model_state_dict(lm, options=dsd.StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:  # a plain Hugging Face folder: from_pretrained / kr1.py --model; LoRA: also adapter/ (PEFT)
         if cfg.lora_rank:
-            rollout.save_adapter(tmp / "adapter", full, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
-                                 base=None if cfg.model in (None, "default") else cfg.model)
+            base = None if cfg.model in (None, "default") else cfg.model
+            settings = rollout_settings(cfg)
+            rollout.save_adapter(
+                tmp / "adapter",
+                full,
+                rank=cfg.lora_rank,
+                alpha=cfg.lora_alpha,
+                targets=cfg.lora_targets,
+                base=base,
+                settings=settings,
+            )
             full = rollout.merged(full, cfg.lora_alpha / cfg.lora_rank)
         lm.save_pretrained(tmp / "hf", state_dict=full)
         tok.save_pretrained(tmp / "hf")

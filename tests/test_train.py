@@ -94,6 +94,8 @@ def test_lora_adapter_loads_in_peft_with_the_same_logits(coin_policy, tmp_path):
     run([sys.executable, str(ROOT / "train.py"), *common_flags(d), *LORA, "--steps", "1", "--lr", "1e-2",
          "--save-every", "0", "--out", str(tmp_path / "run")])
     ckpt = tmp_path / "run" / "checkpoints" / "step_000002"
+    settings = json.loads((ckpt / "adapter" / rollout.ROLLOUT_SETTINGS).read_text())  # how kr1.py should roll out
+    assert settings == {"k": 3, "max_turns": 1, "max_turn_tokens": 24, "max_total_tokens": 48, "mode": "agent"}
     keys = load_file(ckpt / "adapter" / "adapter_model.safetensors")
     assert keys and all(k.startswith("base_model.model.model.layers.") and ".lora_" in k for k in keys)
     ids = torch.tensor([rollout.prompt_ids(AutoTokenizer.from_pretrained(d / "policy"),
