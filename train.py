@@ -10,7 +10,8 @@ r"""GRPO training of a search-while-reasoning policy: rollouts on every rank, FS
 
 One GRPO step: each rank rolls out G trajectories for each of its prompts (rollout.py, searching retrieval.py's index),
 scores them (grpo.reward) and runs the GRPO loss over micro-batches; optional: SFT warm-start, expert mixing, LoRA.
-Logs: OUT/log.jsonl; checkpoints: OUT/checkpoints/step_N/{hf/, adapter/ (LoRA), state/, trainer.json} and OUT/latest.
+Logs: OUT/log.jsonl; checkpoints: OUT/checkpoints/step_N/{hf/ (LoRA: the last only), adapter/ (LoRA), state/,
+trainer.json} and OUT/latest.
 """
 
 from __future__ import annotations
@@ -109,6 +110,8 @@ class Config:
                           "first step if --out has no checkpoint yet, so that a run killed early can --resume")
     keep_last: int = opt(0, "after each checkpoint, delete all but the newest N step_* folders (never the one "
                          "OUT/latest names); 0 = keep all")
+    save_hf: bool = opt(False, "LoRA: write the merged model (hf/) in every checkpoint, not only the run's last "
+                        "(full fine-tuning always writes it)")
     resume: str | None = opt(None, "run dir or checkpoint dir to resume from")
     wandb: bool = opt(False, "also log to Weights & Biases (needs `pip install wandb`)")
     preset: str | None = opt(None, "'offline': a quick CPU run (SmolLM2, data/qa.jsonl); 'smollm2-2wiki': the shipped "
@@ -510,6 +513,7 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 # ----------------------------------------------------------------------------- checkpoints
+TRAINABLE = dsd.StateDictOptions(ignore_frozen_params=True, strict=False)  # state/: LoRA's base is --model's
 CKPT_DIR = re.compile(r"step_(\d+)(\.tmp|\.old)?")  # published; being written; set aside while a step is re-saved
 
 
@@ -524,9 +528,18 @@ def rollout_settings(cfg: Config) -> dict:
     }
 
 
-def save_checkpoint(out: Path, model: LogProbs, tok, optimizer, cfg: Config, step: int) -> Path:
+def sharded_state(lm: torch.nn.Module, optimizer) -> tuple[dict, dict]:
+    """What state/ holds: the trainable parameters (LoRA: the adapters alone) and the optimizer's state, sharded
+    as the ranks hold them. By name: a head tied to a frozen embedding is frozen too, yet ignore_frozen_params
+    keeps it (it is not in named_parameters(), which lists a tied tensor once)."""
+    msd, osd = dsd.get_state_dict(lm, optimizer, options=TRAINABLE)
+    trainable = {name for name, p in lm.named_parameters() if p.requires_grad}
+    return {k: v for k, v in msd.items() if k in trainable}, osd
+
+
+def save_checkpoint(out: Path, model: LogProbs, tok, optimizer, cfg: Config, step: int, *, hf: bool) -> Path:
     """OUT/checkpoints/step_N, written whole into step_N.tmp, then published (OUT/latest) and older ones pruned
-    (--keep-last); the LM's state dicts."""
+    (--keep-last). state/: the trainable parameters and the optimizer, sharded; adapter/ (LoRA); hf/ if `hf`."""
     rank, lm = dist.get_rank(), model.lm
     final = out / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -535,30 +548,42 @@ def save_checkpoint(out: Path, model: LogProbs, tok, optimizer, cfg: Config, ste
         tmp.mkdir(parents=True)
     dist.barrier()
     torch.save(torch.get_rng_state(), tmp / f"rng_rank{rank}.pt")  # before dcp.save's collectives: rank 0 renames after
-    msd, osd = dsd.get_state_dict(lm, optimizer)
+    msd, osd = sharded_state(lm, optimizer)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "state"))  # sharded: each rank writes its part
-    full = dsd.get_model_state_dict(lm, options=dsd.StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:  # a plain Hugging Face folder: from_pretrained / kr1.py --model; LoRA: also adapter/ (PEFT)
-        if cfg.lora_rank:
-            base = None if cfg.model in (None, "default") else cfg.model
-            settings = rollout_settings(cfg)
-            rollout.save_adapter(
-                tmp / "adapter",
-                full,
-                rank=cfg.lora_rank,
-                alpha=cfg.lora_alpha,
-                targets=cfg.lora_targets,
-                base=base,
-                settings=settings,
-            )
-            full = rollout.merged(full, cfg.lora_alpha / cfg.lora_rank)
-        lm.save_pretrained(tmp / "hf", state_dict=full)
-        tok.save_pretrained(tmp / "hf")
-        (tmp / "trainer.json").write_text(json.dumps({"step": step, "config": dataclasses.asdict(cfg)}, indent=1))
+    save_weights(tmp, lm, tok, cfg=cfg, hf=hf)
+    if rank == 0:
+        trainer = {"step": step, "config": dataclasses.asdict(cfg)}
+        (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1))  # last: a folder with one is complete
         publish(out, tmp, final)
         prune(out, cfg.keep_last)
     dist.barrier()
     return final
+
+
+def save_weights(tmp: Path, lm, tok, cfg: Config, *, hf: bool) -> None:
+    """Rank 0 writes LoRA's adapter/ (PEFT, and the rollout settings) and, if `hf`, hf/: a plain Hugging Face folder
+    (from_pretrained, kr1.py --model), LoRA merged in. Without hf/, only the trainable tensors are gathered (and a
+    head tied to the frozen embedding: see sharded_state)."""
+    options = dsd.StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=not hf)
+    full = dsd.get_model_state_dict(lm, options=options)  # a collective; only rank 0 receives (cpu_offload)
+    if dist.get_rank() != 0:
+        return
+    if cfg.lora_rank:
+        base = None if cfg.model in (None, "default") else cfg.model
+        settings = rollout_settings(cfg)
+        rollout.save_adapter(
+            tmp / "adapter",
+            full,
+            rank=cfg.lora_rank,
+            alpha=cfg.lora_alpha,
+            targets=cfg.lora_targets,
+            base=base,
+            settings=settings,
+        )
+    if hf:
+        weights = rollout.merged(full, cfg.lora_alpha / cfg.lora_rank) if cfg.lora_rank else full
+        lm.save_pretrained(tmp / "hf", state_dict=weights)
+        tok.save_pretrained(tmp / "hf")
 
 
 def publish(out: Path, tmp: Path, final: Path) -> None:
@@ -632,12 +657,17 @@ def missing_latest(spec: str, named: Path) -> str:
     return f"{head}; complete checkpoints: {names}; resume from the newest with --resume {found[-1]}"
 
 
-def load_checkpoint(ckpt: Path, model: LogProbs, optimizer) -> int:
-    """Restore a checkpoint folder (resolve_checkpoint) into the model, the optimizer and this rank's RNG; its step."""
+def load_checkpoint(ckpt: Path, model: LogProbs, optimizer, cfg: Config) -> int:
+    """Restore a checkpoint folder (resolve_checkpoint) into the trainable parameters (LoRA: the base weights are
+    --model's, read at startup), the optimizer and this rank's RNG; its step."""
     trainer = json.loads((ckpt / "trainer.json").read_text())
-    msd, osd = dsd.get_state_dict(model.lm, optimizer)
+    was = trainer["config"]["model"]
+    if cfg.lora_rank and was != cfg.model and dist.get_rank() == 0:
+        print(f"train.py: warning: --resume {ckpt}: its LoRA adapters were trained on --model {was}, not on "
+              f"{cfg.model}", file=sys.stderr)
+    msd, osd = sharded_state(model.lm, optimizer)
     dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(ckpt / "state"))  # in place
-    dsd.set_state_dict(model.lm, optimizer, model_state_dict=msd, optim_state_dict=osd)
+    dsd.set_state_dict(model.lm, optimizer, model_state_dict=msd, optim_state_dict=osd, options=TRAINABLE)
     rng = ckpt / f"rng_rank{dist.get_rank()}.pt"
     if rng.is_file():
         torch.set_rng_state(torch.load(rng))
@@ -786,7 +816,8 @@ def train_loop(run: Run) -> None:
         if rank == 0:
             log_step(run, rec, progress)
         if save_due(cfg, step + 1, run.early_save):
-            save_checkpoint(run.out, run.model, run.tok, optimizer=run.optimizer, cfg=cfg, step=step + 1)
+            hf = not cfg.lora_rank or cfg.save_hf or step + 1 == total  # LoRA: the merged model at the end only
+            save_checkpoint(run.out, run.model, run.tok, optimizer=run.optimizer, cfg=cfg, step=step + 1, hf=hf)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -806,7 +837,7 @@ def main(argv: list[str] | None = None) -> int:
             print(warning, file=sys.stderr)
         search = lambda qs: index.search(qs, k=cfg.top_k_passages)
         model, ref, tok, optimizer = build_models(cfg, device, world)
-        start = load_checkpoint(ckpt, model, optimizer) if ckpt else 0
+        start = load_checkpoint(ckpt, model, optimizer, cfg=cfg) if ckpt else 0
         early = start + 1 if fresh else 0
         run = Run(
             cfg=cfg,

@@ -51,8 +51,19 @@ def torchrun(*args: str, script: Path = ROOT / "train.py", **kw) -> subprocess.C
                 str(script), *args], **kw)
 
 
-def weights(ckpt: Path) -> dict:
+def weights(ckpt: Path, base: Path | None = None) -> dict:
+    """A checkpoint's model: hf/, or (LoRA before the run's last checkpoint, no hf/) adapter/ merged into `base`."""
+    if base is not None and not (ckpt / "hf").exists():
+        return rollout.load_model(str(base), adapter=ckpt / "adapter")[0].state_dict()
     return load_file(ckpt / "hf" / "model.safetensors")
+
+
+def state_keys(ckpt: Path) -> list[str]:
+    """The model tensors in a checkpoint's sharded state/ (torch.distributed.checkpoint metadata)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    tensors = FileSystemReader(str(ckpt / "state")).read_metadata().state_dict_metadata
+    return [k for k in tensors if k.startswith("model.")]
 
 
 LORA = ["--lora-rank", "4", "--sft-steps", "1", "--sft-batch", "2", "--sft-lr", "1e-2", "--expert-mix"]
@@ -71,8 +82,12 @@ def test_two_ranks_four_steps_equal_two_plus_resume_plus_two(coin_policy, extra,
     assert any(r.get("adv_std", 0) > 0 for r in log)  # the groups disagreed: there was a learning signal
     assert (run_a / "latest").read_text().strip() == "checkpoints/step_000004"
     before = load_file(d / "policy" / "model.safetensors")
-    after2 = weights(run_a / "checkpoints" / "step_000002")
+    after2 = weights(run_a / "checkpoints" / "step_000002", base=d / "policy")
     assert max((after2[k] - before[k]).abs().max().item() for k in before) > 1e-5  # two steps changed the weights
+    if extra:  # LoRA: state/ holds the adapters alone (the base is re-read from --model), hf/ is the last step's
+        assert not (run_a / "checkpoints" / "step_000002" / "hf").exists()
+        keys = state_keys(run_a / "checkpoints" / "step_000002")
+        assert len(keys) == 2 * 7 * 2 and all(".lora_" in k for k in keys), keys
 
     torchrun(*flags, "--out", str(run_b), "--resume", str(run_a / "checkpoints" / "step_000002"))
     log_b = [json.loads(x) for x in (run_b / "log.jsonl").read_text().splitlines()]
