@@ -22,6 +22,7 @@ import re
 import shutil
 import time
 import weakref
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -404,10 +405,12 @@ class Engine:
 
 @torch.no_grad()  # not inference_mode: FSDP2 forward hooks and later autograd use of the weights prefer no_grad
 def rollout(model, tokenizer, questions: list[str], search, cfg: RolloutConfig | None = None,
-            generator: torch.Generator | None = None, stats: RolloutStats | None = None) -> list[Trajectory]:
+            generator: torch.Generator | None = None, stats: RolloutStats | None = None, *,
+            on_progress: Callable[[int, int], None] | None = None) -> list[Trajectory]:
     """One trajectory per question. `search(queries)` -> per query a list of hit dicts {"id", "title", "text", ...}
     (the caller binds k). `generator` lives on the model's device. The model only ever sees model(input_ids,
     attention_mask, position_ids, past_key_values, use_cache=True, logits_to_keep=1): any HF causal LM, FSDP2 too.
+    `on_progress(rows finished, tokens after the prompts)`, if given, runs after every step of the loop.
 
     Protocol (agent): a turn ends on </search>, </answer>, a sampled end token (end_ids), or a budget.
       </answer> -> stop "answer";  budget (turn or total) -> stop "length" (also covers an unclosed tag)
@@ -433,6 +436,8 @@ def rollout(model, tokenizer, questions: list[str], search, cfg: RolloutConfig |
                 protocol(e, turn_ends(e, rows, tok, logp))
             drop_finished(e)
             e.step += 1
+            if on_progress is not None:
+                on_progress(sum(r.done for r in e.rows), sum(len(r.t.ids) - r.t.prompt_len for r in e.rows))
     e.stats.max_len = max(len(r.t.ids) for r in e.rows)
     return [r.t for r in e.rows]
 

@@ -10,7 +10,8 @@ r"""GRPO training of a search-while-reasoning policy: rollouts on every rank, FS
 
 One GRPO step: each rank rolls out G trajectories for each of its prompts (rollout.py, searching retrieval.py's index),
 scores them (grpo.reward) and runs the GRPO loss over micro-batches; optional: SFT warm-start, expert mixing, LoRA.
-Logs: OUT/log.jsonl; checkpoints: OUT/checkpoints/step_N/{hf/, adapter/ (LoRA), state/, trainer.json} and OUT/latest.
+Logs: OUT/log.jsonl; checkpoints: OUT/checkpoints/step_N/{hf/ (LoRA: the last only), adapter/ (LoRA), state/,
+trainer.json} and OUT/latest.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ import dataclasses
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -39,12 +42,18 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 import grpo
+import kr1
 import retrieval
 import rollout
 
 HERE = Path(__file__).resolve().parent
+QA_FILE = HERE / "data" / "qa.jsonl"  # the project's own questions: the embedded corpus answers them
 PER_TOKEN = ("kl", "clip_frac", "entropy", "ratio_mean")  # grpo_loss metrics, logged as token-weighted step means
-opt = lambda default, help: field(default=default, metadata={"help": help})  # a Config field and its --help text
+
+
+def opt(default, help: str, shown: str | None = None):
+    """A Config field and its --help text; `shown`: how --help names the default (else the value itself)."""
+    return field(default=default, metadata={"help": help, "shown": shown})
 
 
 @dataclass
@@ -53,7 +62,8 @@ class Config:
     model: str | None = opt("Qwen/Qwen2.5-1.5B-Instruct", "HF id or local dir; 'default' = embedded SmolLM2-135M")
     dataset: str = opt("hzy/kr1_2wiki", "HF dataset id (fields problem, golden_answers) or local JSONL")
     split: str = opt("train", "dataset split (HF datasets only)")
-    index: str | None = opt(None, "index dir from `retrieval.py build` (default: embedded Wikipedia summaries)")
+    index: str | None = opt(None, "index dir from `retrieval.py build`, or a corpus FILE.jsonl (indexed once)",
+                            shown="the embedded Wikipedia summaries")
     out: str = opt("runs/kr1", "run directory: log.jsonl, checkpoints/, latest")
     # rollout
     group_size: int = opt(8, "G, trajectories per prompt")
@@ -98,7 +108,12 @@ class Config:
     dist_timeout: float = opt(0.0, "minutes a collective may stall before the job fails (0 = torch's default: 10 NCCL, "
                               "30 gloo); the others wait for rank 0 reading the model or writing hf/ up to a day")
     # bookkeeping
-    save_every: int = opt(50, "checkpoint every N steps (and at the end); 0 = only at the end")
+    save_every: int = opt(50, "checkpoint every N steps and at the end (0 = only at the end); also after the "
+                          "first step if --out has no checkpoint yet, so that a run killed early can --resume")
+    keep_last: int = opt(0, "after each checkpoint, delete all but the newest N step_* folders (never the one "
+                         "OUT/latest names); 0 = keep all")
+    save_hf: bool = opt(False, "LoRA: write the merged model (hf/) in every checkpoint, not only the run's last "
+                        "(full fine-tuning always writes it)")
     resume: str | None = opt(None, "run dir or checkpoint dir to resume from")
     wandb: bool = opt(False, "also log to Weights & Biases (needs `pip install wandb`)")
     preset: str | None = opt(None, "'offline': a quick CPU run (SmolLM2, data/qa.jsonl); 'smollm2-2wiki': the shipped "
@@ -108,7 +123,7 @@ class Config:
 SMOL = dict(model="default", lora_rank=8, lora_alpha=16.0, max_turns=2, max_turn_tokens=64, max_total_tokens=768,
             top_k_passages=2, beta=0.0, agg="token", grad_ckpt=False, group_size=4, prompts_per_step=4, sft_batch=4,
             sft_lr=5e-4)  # SmolLM2 + LoRA on a small CPU
-QA = dict(SMOL, dataset=str(HERE / "data" / "qa.jsonl"), index=None)  # the project's own questions, embedded corpus
+QA = dict(SMOL, dataset=str(QA_FILE), index=None)  # the project's own questions, embedded corpus
 WIKI = dict(SMOL, dataset="runs/2wiki/train.jsonl", index="runs/2wiki/corpus.jsonl")  # from data/prepare_2wiki.py
 PRESETS = {  # what each is for: --preset's help; their runs and times: BENCHMARKS.md
     "offline": dict(QA, out="runs/offline", sft_steps=20, sft_probe_every=10, steps=6, lr=2e-4, warmup_steps=1,
@@ -127,11 +142,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
+        shown = f.metadata["shown"] or f.default
+        text = f"{f.metadata['help']} (default: {shown})".replace("%", "%%")  # argparse formats help with %
+        if f.type == "bool":  # default None: argparse appends no default of its own
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             kind = {"int": int, "float": float}.get(f.type, str)
-            p.add_argument(flag, type=kind, default=None, help=f"{f.metadata['help']} (default: {f.default})")
+            p.add_argument(flag, type=kind, default=None, help=text)
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     if args.get("preset") not in (None, *PRESETS):
         p.error(f"--preset must be one of {list(PRESETS)}, got {args['preset']!r}")
@@ -140,9 +157,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
         p.error("--agg must be seq|token|const and --acc em|f1")
     if min(cfg.group_size, cfg.prompts_per_step, cfg.micro_batch, cfg.sft_batch) < 1 or cfg.group_size < 2:
         p.error("--group-size must be >= 2; --prompts-per-step, --micro-batch, --sft-batch >= 1")
-    if min(cfg.steps, cfg.sft_steps, cfg.lora_rank, cfg.sft_probe_every, cfg.search_lag, cfg.dist_timeout) < 0:
-        p.error("--steps, --sft-steps, --lora-rank, --sft-probe-every, --search-lag, --dist-timeout must be >= 0 "
-                "(--steps 0: warm-start only)")
+    counts = (cfg.steps, cfg.sft_steps, cfg.lora_rank, cfg.sft_probe_every, cfg.search_lag, cfg.keep_last)
+    if min(*counts, cfg.dist_timeout) < 0:
+        p.error("--steps, --sft-steps, --lora-rank, --sft-probe-every, --search-lag, --keep-last, --dist-timeout "
+                "must be >= 0 (--steps 0: warm-start only)")
     if cfg.steps + cfg.sft_steps < 1:
         p.error("nothing to train: --steps and --sft-steps are both 0")
     return cfg
@@ -274,6 +292,48 @@ def step_prompts(n: int, step: int, per_step: int, seed: int) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- one step
+@dataclass
+class Progress:
+    """Rank 0's bar inside a step, so that a long one visibly moves: the rollout's finished rows and tokens, then
+    the update's micro-batches, after the last step's metrics. Redrawn on a new phase, else at most once a second."""
+    bar: tqdm
+    metrics: str = ""  # the last step's postfix: loss, reward, accuracy, format, phase
+    phase: str = ""  # what the postfix shows now: "rollout", "update" or "" (the metrics alone)
+    drawn: float = 0.0  # time.monotonic() of the last redraw
+    micro_done: int = 0  # the update's micro-batches done
+    micro_total: int = 0  # and in all
+
+    def show(self, phase: str, text: str) -> None:
+        now = time.monotonic()
+        if self.bar.disable or (phase == self.phase and now - self.drawn < 1.0):
+            return
+        self.phase = phase
+        self.drawn = now
+        shown = f"{phase} {text}"
+        self.bar.set_postfix_str(f"{self.metrics} | {shown}" if self.metrics else shown)
+
+    def on_rollout(self, rows: int) -> Callable[[int, int], None] | None:
+        """rollout.rollout's on_progress over `rows` rows; None where there is no bar (ranks other than 0)."""
+        if self.bar.disable:
+            return None
+        return lambda done, tokens: self.show("rollout", f"{done}/{rows} rows, {tokens} tokens")
+
+    def start_update(self, micro_batches: int) -> None:
+        self.micro_done = 0
+        self.micro_total = micro_batches
+        self.show("update", f"0/{micro_batches} micro-batches")
+
+    def micro_batch(self) -> None:
+        self.micro_done += 1
+        self.show("update", f"{self.micro_done}/{self.micro_total} micro-batches")
+
+    def step_done(self, rec: dict) -> None:
+        shown = [f"{k}={rec[k]:.2f}" for k in ("loss", "reward", "accuracy", "format") if k in rec]
+        self.metrics = ", ".join([*shown, f"phase={rec['phase']}"])
+        self.phase = ""
+        self.bar.set_postfix_str(self.metrics)
+
+
 def pad_batch(trajs: list[rollout.Trajectory], device) -> dict[str, torch.Tensor]:
     """Right-pad trajectories (they run unmasked); targets are ids[1:], so the loss mask and old log-probs shift."""
     pad = lambda rows, dtype: torch.nn.utils.rnn.pad_sequence([torch.tensor(r, dtype=dtype) for r in rows],
@@ -283,7 +343,8 @@ def pad_batch(trajs: list[rollout.Trajectory], device) -> dict[str, torch.Tensor
             "old": pad([t.logprobs for t in trajs], torch.float32)[:, 1:]}  # (B, T-1)
 
 
-def rollout_and_score(model: LogProbs, tok, cfg: Config, rows: list[dict], search, step: int):
+def rollout_and_score(model: LogProbs, tok, cfg: Config, rows: list[dict], search, step: int, *,
+                      progress: Progress | None = None):
     """G sampled trajectories per prompt (consecutive) and their reward dicts; the rollout's seconds."""
     rcfg = rollout.RolloutConfig(max_turns=cfg.max_turns, max_turn_tokens=cfg.max_turn_tokens,
                                  max_total_tokens=cfg.max_total_tokens, temperature=cfg.temperature,
@@ -293,8 +354,12 @@ def rollout_and_score(model: LogProbs, tok, cfg: Config, rows: list[dict], searc
     gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + dist.get_rank())  # resumable
     t0 = time.perf_counter()
     model.eval()  # HF skips checkpointing and keeps the KV cache in eval mode
+    on_progress = progress.on_rollout(len(group)) if progress else None
+    questions = [r["question"] for r in group]
     with torch.no_grad(), unsharded(model), rollout.bf16_autocast(device, cfg.bf16):
-        trajs = rollout.rollout(model.lm, tok, [r["question"] for r in group], search, rcfg, generator=gen)
+        trajs = rollout.rollout(
+            model.lm, tok, questions, search=search, cfg=rcfg, generator=gen, on_progress=on_progress
+        )
     scores = [score(cfg, t, r) for t, r in zip(trajs, group)]
     return trajs, scores, time.perf_counter() - t0
 
@@ -327,8 +392,10 @@ def step_sums(trajs: list, device, keys: tuple[str, ...] = ("loss",)) -> dict[st
     return {**dict.fromkeys(keys, torch.zeros((), dtype=torch.float64, device=device)), "n_tok": n_tok}
 
 
-def grpo_update(model, ref, cfg: Config, trajs: list, adv: torch.Tensor) -> dict:
-    """Accumulate the GRPO loss over micro-batches (backward only; the caller steps) and its metrics' sums."""
+def grpo_update(model, ref, cfg: Config, trajs: list, adv: torch.Tensor, *,
+                on_micro_batch: Callable[[], None] | None = None) -> dict:
+    """Accumulate the GRPO loss over micro-batches (backward only; the caller steps) and its metrics' sums;
+    `on_micro_batch()` after each."""
     world, device = dist.get_world_size(), adv.device
     sums = step_sums(trajs, device, ("loss", *PER_TOKEN))
     normaliser = {"token": sums["n_tok"].item(), "seq": float(len(trajs) * world),
@@ -351,6 +418,8 @@ def grpo_update(model, ref, cfg: Config, trajs: list, adv: torch.Tensor) -> dict
         loss, m = grpo.grpo_loss(logp, old, adv[idx], b["mask"], ref_logp=ref_logp, beta=cfg.beta, agg=cfg.agg,
                                  clip_low=cfg.clip_low, clip_high=cfg.clip_high, normaliser=normaliser, entropy=ent)
         (loss * world).backward()  # FSDP averages gradients over ranks; the loss is already globally normalised
+        if on_micro_batch is not None:
+            on_micro_batch()
         sums["loss"] = sums["loss"] + loss.detach()
         for k in PER_TOKEN:
             sums[k] = sums[k] + m[k] * m["n_tokens"]
@@ -367,36 +436,52 @@ def engine_drift(logp: torch.Tensor, old: torch.Tensor, mask: torch.Tensor) -> t
     return sums, diff.max()
 
 
-def sft_step(model: LogProbs, tok, optimizer, cfg: Config, rows: list[dict], search, step: int) -> dict:
+def sft_step(model: LogProbs, tok, optimizer, cfg: Config, rows: list[dict], search, step: int, *,
+             progress: Progress | None = None) -> dict:
     """A warm-start step: the masked NLL (grpo.sft_loss) of the expert trajectories of `rows` (this rank's share)."""
     world, device = dist.get_world_size(), next(model.parameters()).device
     trajs, scores, t_rollout = [], [], 0.0
     if cfg.sft_probe_every and step % cfg.sft_probe_every == 0:
         probe = rows[: cfg.prompts_per_step // world]  # sampled to log rewards: this rank's share of --prompts-per-step
-        trajs, scores, t_rollout = rollout_and_score(model, tok, cfg, probe, search, step)
+        trajs, scores, t_rollout = rollout_and_score(
+            model, tok, cfg, rows=probe, search=search, step=step, progress=progress
+        )
     t1 = time.perf_counter()
     model.train()
     experts = [expert(cfg, tok, r, search) for r in rows]
     sums = step_sums(experts, device)
+    if progress:
+        progress.start_update(math.ceil(len(experts) / cfg.micro_batch))
     for s in range(0, len(experts), cfg.micro_batch):
         b = pad_batch(experts[s : s + cfg.micro_batch], device)
         with rollout.bf16_autocast(device, cfg.bf16):
             logp = model(b["ids"], chunk_size=cfg.logprob_chunk, loss_mask=b["mask"])  # (b, T-1)
         loss = grpo.sft_loss(logp, b["mask"], normaliser=sums["n_tok"])
         (loss * world).backward()  # as in grpo_update
+        if progress:
+            progress.micro_batch()
         sums["loss"] = sums["loss"] + loss.detach()
     return optimizer_step(model, optimizer, cfg, step, sums, trajs, scores, t_rollout, t1)
 
 
-def grpo_step(model: LogProbs, ref, tok, optimizer, cfg: Config, rows: list[dict], search, step: int) -> dict:
+def grpo_step(model: LogProbs, ref, tok, optimizer, cfg: Config, rows: list[dict], search, step: int, *,
+              progress: Progress | None = None) -> dict:
     """On this rank's prompts: rollout, rewards (expert mixing), group advantages, loss, update (unless --no-update)."""
-    trajs, scores, t_rollout = rollout_and_score(model, tok, cfg, rows, search, step)
+    trajs, scores, t_rollout = rollout_and_score(
+        model, tok, cfg, rows=rows, search=search, step=step, progress=progress
+    )
     t1, device = time.perf_counter(), next(model.parameters()).device
     model.train()
     batch, batch_scores = list(trajs), list(scores)  # logged metrics stay on-policy; the loss sees the mix
     mixed = mix_experts(cfg, tok, rows, search, batch, batch_scores) if cfg.expert_mix else 0
     adv = grpo.group_advantages([s["reward"] for s in batch_scores], cfg.group_size, cfg.scale_std)  # (B,)
-    out = grpo_update(model, ref, cfg, batch, adv.to(device)) if cfg.update else step_sums(batch, device)  # control arm
+    if cfg.update:
+        if progress:
+            progress.start_update(math.ceil(len(batch) / cfg.micro_batch))
+        on_micro_batch = progress.micro_batch if progress else None
+        out = grpo_update(model, ref, cfg, trajs=batch, adv=adv.to(device), on_micro_batch=on_micro_batch)
+    else:  # the control arm
+        out = step_sums(batch, device)
     out.update(adv_sq=(adv.double() ** 2).sum(), expert_rows=mixed)
     return optimizer_step(model, optimizer, cfg, step, out, trajs, scores, t_rollout, t1, cfg.update)
 
@@ -460,8 +545,22 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(out: Path, model: LogProbs, tok, optimizer, cfg: Config, step: int) -> Path:
-    """OUT/checkpoints/step_N, atomically (a `.tmp` dir renamed into place), then OUT/latest; the LM's state dicts."""
+TRAINABLE = dsd.StateDictOptions(ignore_frozen_params=True, strict=False)  # state/: LoRA's base is --model's
+CKPT_DIR = re.compile(r"step_(\d+)(\.tmp|\.old)?")  # published; being written; set aside while a step is re-saved
+
+
+def sharded_state(lm: torch.nn.Module, optimizer) -> tuple[dict, dict]:
+    """What state/ holds: the trainable parameters (LoRA: the adapters alone) and the optimizer's state, sharded
+    as the ranks hold them. By name: a head tied to a frozen embedding is frozen too, yet ignore_frozen_params
+    keeps it (it is not in named_parameters(), which lists a tied tensor once)."""
+    msd, osd = dsd.get_state_dict(lm, optimizer, options=TRAINABLE)
+    trainable = {name for name, p in lm.named_parameters() if p.requires_grad}
+    return {k: v for k, v in msd.items() if k in trainable}, osd
+
+
+def save_checkpoint(out: Path, model: LogProbs, tok, optimizer, cfg: Config, step: int, *, hf: bool) -> Path:
+    """OUT/checkpoints/step_N, written whole into step_N.tmp, then published (OUT/latest) and older ones pruned
+    (--keep-last). state/: the trainable parameters and the optimizer, sharded; adapter/ (LoRA); hf/ if `hf`."""
     rank, lm = dist.get_rank(), model.lm
     final = out / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -470,39 +569,131 @@ def save_checkpoint(out: Path, model: LogProbs, tok, optimizer, cfg: Config, ste
         tmp.mkdir(parents=True)
     wait_for_rank0()
     torch.save(torch.get_rng_state(), tmp / f"rng_rank{rank}.pt")  # before dcp.save's collectives: rank 0 renames after
-    msd, osd = dsd.get_state_dict(lm, optimizer)
+    msd, osd = sharded_state(lm, optimizer)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "state"))  # sharded: each rank writes its part
-    full = dsd.get_model_state_dict(lm, options=dsd.StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:  # a plain Hugging Face folder: from_pretrained / kr1.py --model; LoRA: also adapter/ (PEFT)
-        if cfg.lora_rank:
-            rollout.save_adapter(tmp / "adapter", full, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
-                                 base=None if cfg.model in (None, "default") else cfg.model)
-            full = rollout.merged(full, cfg.lora_alpha / cfg.lora_rank)
-        lm.save_pretrained(tmp / "hf", state_dict=full)
-        tok.save_pretrained(tmp / "hf")
-        (tmp / "trainer.json").write_text(json.dumps({"step": step, "config": dataclasses.asdict(cfg)}, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        (out / "latest.tmp").write_text(str(final.relative_to(out)))
-        os.replace(out / "latest.tmp", out / "latest")  # atomic pointer swap
+    save_weights(tmp, lm, tok, cfg=cfg, hf=hf)
+    if rank == 0:
+        trainer = {"step": step, "config": dataclasses.asdict(cfg)}
+        (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1))  # last: a folder with one is complete
+        publish(out, tmp, final)
+        prune(out, cfg.keep_last)
     wait_for_rank0()
     return final
 
 
-def load_checkpoint(path: str, model: LogProbs, optimizer) -> int:
-    """Restore a checkpoint dir, or a run dir's latest, into the model, the optimizer and this rank's RNG; its step."""
-    ckpt = Path(path)
-    if (ckpt / "latest").is_file():
-        ckpt = ckpt / (ckpt / "latest").read_text().strip()
-    if not (ckpt / "trainer.json").is_file():
-        raise SystemExit(f"train.py: error: --resume {path}: no checkpoint there (expected trainer.json or latest)")
-    msd, osd = dsd.get_state_dict(model.lm, optimizer)
+def save_weights(tmp: Path, lm, tok, cfg: Config, *, hf: bool) -> None:
+    """Rank 0 writes LoRA's adapter/ (PEFT, and the rollout settings) and, if `hf`, hf/: a plain Hugging Face folder
+    (from_pretrained, kr1.py --model), LoRA merged in. Without hf/, only the trainable tensors are gathered (and a
+    head tied to the frozen embedding: see sharded_state)."""
+    options = dsd.StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=not hf)
+    full = dsd.get_model_state_dict(lm, options=options)  # a collective; only rank 0 receives (cpu_offload)
+    if dist.get_rank() != 0:
+        return
+    if cfg.lora_rank:
+        base = None if cfg.model in (None, "default") else cfg.model
+        rollout.save_adapter(
+            tmp / "adapter", full, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets, base=base
+        )
+        kr1.write_rollout_settings(  # kr1.py runs the adapter with the budgets it was trained with
+            tmp / "adapter",
+            k=cfg.top_k_passages,
+            max_turns=cfg.max_turns,
+            max_turn_tokens=cfg.max_turn_tokens,
+            max_total_tokens=cfg.max_total_tokens,
+            mode="agent",
+        )
+    if hf:
+        weights = rollout.merged(full, cfg.lora_alpha / cfg.lora_rank) if cfg.lora_rank else full
+        lm.save_pretrained(tmp / "hf", state_dict=weights)
+        tok.save_pretrained(tmp / "hf")
+
+
+def publish(out: Path, tmp: Path, final: Path) -> None:
+    """Rank 0: the complete `tmp` becomes `final`, then OUT/latest names it. A `final` already there (a run resumed
+    from an older checkpoint re-saves a step) is set aside first and deleted last, so a kill at any point leaves it
+    or the new one whole. Between the two renames latest names a missing folder; resolve_checkpoint says so."""
+    aside = set_aside(final)
+    tmp.rename(final)
+    (out / "latest.tmp").write_text(str(final.relative_to(out)))
+    os.replace(out / "latest.tmp", out / "latest")  # atomic pointer swap
+    remove(aside)
+
+
+def set_aside(final: Path) -> Path:
+    """Rename `final`, if there, to step_N.old (a leftover of an earlier interrupted save goes first); that path."""
+    aside = final.with_name(final.name + ".old")
+    if final.exists():
+        remove(aside)
+        final.rename(aside)
+    return aside
+
+
+def remove(ckpt: Path) -> None:
+    """Delete a checkpoint folder, trainer.json first: a kill midway leaves nothing that looks complete."""
+    (ckpt / "trainer.json").unlink(missing_ok=True)
+    shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def prune(out: Path, keep: int) -> None:
+    """Rank 0, after a save (--keep-last): delete the published step_N folders past the newest `keep` (by step),
+    never the one OUT/latest names; `keep` 0 keeps all."""
+    if keep == 0:
+        return
+    latest = (out / (out / "latest").read_text().strip()).resolve()
+    for p in checkpoint_dirs(out, ("",))[:-keep]:
+        if p.resolve() != latest:
+            remove(p)
+
+
+def checkpoint_dirs(out: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """OUT/checkpoints/step_N{suffix} for the suffixes asked ("" published, ".old", ".tmp"), by step then name."""
+    found = []
+    for p in (out / "checkpoints").glob("step_*"):
+        m = CKPT_DIR.fullmatch(p.name)
+        if m and (m[2] or "") in suffixes:
+            found.append((int(m[1]), p.name, p))
+    return [p for _, _, p in sorted(found)]
+
+
+def resolve_checkpoint(spec: str) -> Path:
+    """--resume's checkpoint folder: a run dir's OUT/latest, or a checkpoint dir. Latest naming a missing folder (a
+    save killed between its renames) is an error that lists the complete checkpoints to resume from instead."""
+    path = Path(spec)
+    if (path / "latest").is_file():
+        named = path / (path / "latest").read_text().strip()
+        if not (named / "trainer.json").is_file():
+            raise SystemExit(missing_latest(spec, named))
+        return named
+    if not (path / "trainer.json").is_file():
+        raise SystemExit(f"train.py: error: --resume {spec}: no checkpoint there (expected trainer.json or latest)")
+    return path
+
+
+def missing_latest(spec: str, named: Path) -> str:
+    """The one-line error for a latest that names no complete checkpoint: which, and the complete ones found."""
+    head = f"train.py: error: --resume {spec}: latest names {named}, which is missing or incomplete (a save was cut)"
+    found = [p for p in checkpoint_dirs(Path(spec), ("", ".old")) if (p / "trainer.json").is_file()]
+    if not found:
+        return f"{head}; no complete checkpoint is left in {Path(spec) / 'checkpoints'}: start again without --resume"
+    names = ", ".join(p.name for p in found)
+    return f"{head}; complete checkpoints: {names}; resume from the newest with --resume {found[-1]}"
+
+
+def load_checkpoint(ckpt: Path, model: LogProbs, optimizer, cfg: Config) -> int:
+    """Restore a checkpoint folder (resolve_checkpoint) into the trainable parameters (LoRA: the base weights are
+    --model's, read at startup), the optimizer and this rank's RNG; its step."""
+    trainer = json.loads((ckpt / "trainer.json").read_text())
+    was = trainer["config"]["model"]
+    if cfg.lora_rank and was != cfg.model and dist.get_rank() == 0:
+        print(f"train.py: warning: --resume {ckpt}: its LoRA adapters were trained on --model {was}, not on "
+              f"{cfg.model}", file=sys.stderr)
+    msd, osd = sharded_state(model.lm, optimizer)
     dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(ckpt / "state"))  # in place
-    dsd.set_state_dict(model.lm, optimizer, model_state_dict=msd, optim_state_dict=osd)
+    dsd.set_state_dict(model.lm, optimizer, model_state_dict=msd, optim_state_dict=osd, options=TRAINABLE)
     rng = ckpt / f"rng_rank{dist.get_rank()}.pt"
     if rng.is_file():
         torch.set_rng_state(torch.load(rng))
-    return json.loads((ckpt / "trainer.json").read_text())["step"]
+    return trainer["step"]
 
 
 # ----------------------------------------------------------------------------- main
@@ -560,6 +751,97 @@ def build_models(cfg: Config, device: torch.device, world: int):
     return model, ref, tok, optimizer
 
 
+@dataclass
+class Run:
+    """What the step loop works with: the models, the questions, the search, where to write, where it starts."""
+    cfg: Config
+    model: LogProbs
+    ref: LogProbs | None
+    tok: object
+    optimizer: torch.optim.Optimizer
+    rows: list[dict]
+    search: Callable
+    out: Path
+    start: int  # steps already done (the resumed checkpoint's)
+    early_save: int  # the step after which to save although no other rule says so (0 = none): see main
+
+
+def corpus_warning(cfg: Config, n_docs: int) -> str | None:
+    """A recipe meant for a large corpus, run without --index, searches the embedded summaries: say so."""
+    if cfg.index or Path(cfg.dataset).resolve() == QA_FILE:
+        return None
+    return (f"train.py: warning: no --index: searching the {n_docs:,} embedded Wikipedia summaries; questions from "
+            f"{cfg.dataset} need their own corpus (--index DIR or CORPUS.jsonl)")
+
+
+def start_log(run: Run) -> None:
+    """Rank 0: the run directory, its config.json, log.jsonl cut back to the starting step, wandb."""
+    run.out.mkdir(parents=True, exist_ok=True)
+    (run.out / "config.json").write_text(json.dumps(dataclasses.asdict(run.cfg), indent=1))
+    truncate_log(run.out / "log.jsonl", run.start)
+    if run.cfg.wandb:
+        import wandb
+
+        wandb.init(project="knowledge-r1", config=dataclasses.asdict(run.cfg))
+
+
+def json_line(rec: dict) -> str:
+    """One strict-JSON log line: a non-finite float (NaN or inf loss, grad norm, ...) is written as null."""
+    finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in rec.items()}
+    return json.dumps(finite, allow_nan=False)
+
+
+def log_step(run: Run, rec: dict, progress: Progress) -> None:
+    """Rank 0: the step's line in log.jsonl, the bar's metrics, a skipped step's notice, wandb."""
+    with open(run.out / "log.jsonl", "a") as f:
+        f.write(json_line(rec) + "\n")
+    progress.step_done(rec)
+    if rec["skipped"]:
+        tqdm.write(f"step {rec['step']}: non-finite loss or gradient norm; update skipped")
+    if run.cfg.wandb:
+        import wandb
+
+        wandb.log(rec, step=rec["step"])
+
+
+def save_due(cfg: Config, done: int, early: int) -> bool:
+    """Whether to checkpoint after `done` steps: every --save-every, at the end of SFT and of the run, at `early`."""
+    periodic = cfg.save_every > 0 and done % cfg.save_every == 0
+    return periodic or done in (cfg.sft_steps + cfg.steps, cfg.sft_steps, early)
+
+
+def train_loop(run: Run) -> None:
+    """The steps from run.start: SFT, then GRPO; each logged on rank 0 and checkpointed when save_due says so."""
+    cfg = run.cfg
+    rank = dist.get_rank()
+    total = cfg.sft_steps + cfg.steps
+    bar = tqdm(range(run.start, total), initial=run.start, total=total, desc="train", unit="step", disable=rank != 0)
+    progress = Progress(bar)
+    for step in bar:
+        mine = step_rows(cfg, run.rows, step)
+        if step < cfg.sft_steps:
+            rec = sft_step(
+                run.model, run.tok, run.optimizer, cfg=cfg, rows=mine, search=run.search, step=step, progress=progress
+            )
+        else:
+            rec = grpo_step(
+                run.model,
+                run.ref,
+                run.tok,
+                optimizer=run.optimizer,
+                cfg=cfg,
+                rows=mine,
+                search=run.search,
+                step=step,
+                progress=progress,
+            )
+        if rank == 0:
+            log_step(run, rec, progress)
+        if save_due(cfg, step + 1, run.early_save):
+            hf = not cfg.lora_rank or cfg.save_hf or step + 1 == total  # LoRA: the merged model at the end only
+            save_checkpoint(run.out, run.model, run.tok, optimizer=run.optimizer, cfg=cfg, step=step + 1, hf=hf)
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     rank, world, device = init_distributed(cfg.dist_timeout)
@@ -567,37 +849,33 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.prompts_per_step % world or cfg.sft_batch % world:
             raise SystemExit(f"train.py: error: --prompts-per-step {cfg.prompts_per_step} and --sft-batch "
                              f"{cfg.sft_batch} must be divisible by the world size {world}")
+        ckpt = resolve_checkpoint(cfg.resume) if cfg.resume else None  # before the models: a bad path fails at once
+        out = Path(cfg.out)
+        fresh = not (out / "latest").is_file()  # --out has no checkpoint yet: save after this run's first step
         rows = load_questions(cfg)
         index = retrieval.open_index(cfg.index)  # each rank mmap-loads the same files: the OS shares the pages
+        warning = corpus_warning(cfg, len(index))
+        if warning and rank == 0:
+            print(warning, file=sys.stderr)
         search = lambda qs: index.search(qs, k=cfg.top_k_passages)
         model, ref, tok, optimizer = build_models(cfg, device, world)
-        out = Path(cfg.out)
-        start = load_checkpoint(cfg.resume, model, optimizer) if cfg.resume else 0
+        start = load_checkpoint(ckpt, model, optimizer, cfg=cfg) if ckpt else 0
+        early = start + 1 if fresh else 0
+        run = Run(
+            cfg=cfg,
+            model=model,
+            ref=ref,
+            tok=tok,
+            optimizer=optimizer,
+            rows=rows,
+            search=search,
+            out=out,
+            start=start,
+            early_save=early,
+        )
         if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-            truncate_log(out / "log.jsonl", start)
-            if cfg.wandb:
-                import wandb
-
-                wandb.init(project="knowledge-r1", config=dataclasses.asdict(cfg))
-        total = cfg.sft_steps + cfg.steps
-        bar = tqdm(range(start, total), initial=start, total=total, desc="train", unit="step", disable=rank != 0)
-        for step in bar:
-            mine = step_rows(cfg, rows, step)
-            rec = (sft_step(model, tok, optimizer, cfg, mine, search, step) if step < cfg.sft_steps else
-                   grpo_step(model, ref, tok, optimizer, cfg, mine, search, step))
-            if rank == 0:
-                with open(out / "log.jsonl", "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                bar.set_postfix({k: f"{rec[k]:.2f}" for k in ("loss", "reward", "accuracy", "format") if k in rec},
-                                phase=rec["phase"])
-                if rec["skipped"]:
-                    tqdm.write(f"step {step + 1}: non-finite loss or gradient norm; update skipped")
-                if cfg.wandb:
-                    wandb.log(rec, step=step + 1)
-            if step + 1 in (total, cfg.sft_steps) or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-                save_checkpoint(out, model, tok, optimizer, cfg, step + 1)
+            start_log(run)
+        train_loop(run)
         return 0
     except (Exception, SystemExit) as e:
         return fail(e, rank, world)

@@ -8,6 +8,8 @@ disagree, advantages are non-zero, and GRPO must learn to prefer the right city.
 
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,6 +22,7 @@ from conftest import COMPLETIONS, QUESTION
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, Qwen2ForCausalLM
 
+import kr1
 import rollout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,8 +52,19 @@ def torchrun(*args: str, script: Path = ROOT / "train.py", **kw) -> subprocess.C
                 str(script), *args], **kw)
 
 
-def weights(ckpt: Path) -> dict:
+def weights(ckpt: Path, base: Path | None = None) -> dict:
+    """A checkpoint's model: hf/, or (LoRA before the run's last checkpoint, no hf/) adapter/ merged into `base`."""
+    if base is not None and not (ckpt / "hf").exists():
+        return rollout.load_model(str(base), adapter=ckpt / "adapter")[0].state_dict()
     return load_file(ckpt / "hf" / "model.safetensors")
+
+
+def state_keys(ckpt: Path) -> list[str]:
+    """The model tensors in a checkpoint's sharded state/ (torch.distributed.checkpoint metadata)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    tensors = FileSystemReader(str(ckpt / "state")).read_metadata().state_dict_metadata
+    return [k for k in tensors if k.startswith("model.")]
 
 
 LORA = ["--lora-rank", "4", "--sft-steps", "1", "--sft-batch", "2", "--sft-lr", "1e-2", "--expert-mix"]
@@ -69,8 +83,12 @@ def test_two_ranks_four_steps_equal_two_plus_resume_plus_two(coin_policy, extra,
     assert any(r.get("adv_std", 0) > 0 for r in log)  # the groups disagreed: there was a learning signal
     assert (run_a / "latest").read_text().strip() == "checkpoints/step_000004"
     before = load_file(d / "policy" / "model.safetensors")
-    after2 = weights(run_a / "checkpoints" / "step_000002")
+    after2 = weights(run_a / "checkpoints" / "step_000002", base=d / "policy")
     assert max((after2[k] - before[k]).abs().max().item() for k in before) > 1e-5  # two steps changed the weights
+    if extra:  # LoRA: state/ holds the adapters alone (the base is re-read from --model), hf/ is the last step's
+        assert not (run_a / "checkpoints" / "step_000002" / "hf").exists()
+        keys = state_keys(run_a / "checkpoints" / "step_000002")
+        assert len(keys) == 2 * 7 * 2 and all(".lora_" in k for k in keys), keys
 
     torchrun(*flags, "--out", str(run_b), "--resume", str(run_a / "checkpoints" / "step_000002"))
     log_b = [json.loads(x) for x in (run_b / "log.jsonl").read_text().splitlines()]
@@ -92,6 +110,8 @@ def test_lora_adapter_loads_in_peft_with_the_same_logits(coin_policy, tmp_path):
     run([sys.executable, str(ROOT / "train.py"), *common_flags(d), *LORA, "--steps", "1", "--lr", "1e-2",
          "--save-every", "0", "--out", str(tmp_path / "run")])
     ckpt = tmp_path / "run" / "checkpoints" / "step_000002"
+    settings = json.loads((ckpt / "adapter" / kr1.ROLLOUT_FILE).read_text())  # how kr1.py should roll out
+    assert settings == {"k": 3, "max_turns": 1, "max_turn_tokens": 24, "max_total_tokens": 48, "mode": "agent"}
     keys = load_file(ckpt / "adapter" / "adapter_model.safetensors")
     assert keys and all(k.startswith("base_model.model.model.layers.") and ".lora_" in k for k in keys)
     ids = torch.tensor([rollout.prompt_ids(AutoTokenizer.from_pretrained(d / "policy"),
@@ -134,6 +154,83 @@ def test_resume_drops_log_lines_past_the_checkpoint(tmp_path):
     train.truncate_log(log, 2)
     assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2]
     train.truncate_log(tmp_path / "absent.jsonl", 2)  # a first run has no log yet
+
+
+KILLED = """import os, sys
+import train
+set_aside = train.set_aside
+def killed(final):  # the real set_aside, then the process dies before the new folder is renamed in
+    aside = set_aside(final)
+    if final.name == sys.argv[1]:
+        os._exit(9)
+    return aside
+train.set_aside = killed
+sys.exit(train.main(sys.argv[2:]))
+"""
+
+
+def same_weights(x: dict, y: dict) -> bool:
+    return sorted(x) == sorted(y) and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_a_save_killed_between_its_renames_loses_nothing_and_resumes_exactly(coin_policy, tmp_path):
+    """A run resumed from an older checkpoint into the same --out re-saves the step OUT/latest names. Killed between
+    setting the old copy aside and renaming the new one in, latest names a missing folder but both copies are
+    whole: --resume OUT says so and names the set-aside copy, from which the run ends bit-identical to an
+    uninterrupted one. Also: a fresh run saves after step 1 whatever --save-every says and --resume continues
+    from there exactly; --keep-last 1 keeps the newest; the bar shows the rollout's rows and the micro-batches."""
+    d, straight, a = coin_policy, tmp_path / "straight", tmp_path / "a"
+    flags = [*common_flags(d), "--steps", "6", "--lr", "1e-3", "--save-every", "4"]
+    r = run([sys.executable, str(ROOT / "train.py"), *flags, "--out", str(straight)])
+    done = straight / "checkpoints"
+    assert sorted(p.name for p in done.iterdir()) == ["step_000001", "step_000004", "step_000006"]
+    assert re.search(r"rollout \d/8 rows, \d+ tokens", r.stderr), r.stderr[-2000:]
+    assert re.search(r"update \d/4 micro-batches", r.stderr), r.stderr[-2000:]
+    ckpts = a / "checkpoints"
+    ckpts.mkdir(parents=True)  # a run killed after saving step 4 ...
+    for name in ("step_000001", "step_000004"):
+        shutil.copytree(done / name, ckpts / name)
+    (a / "latest").write_text("checkpoints/step_000004")
+    (tmp_path / "killed.py").write_text(KILLED)  # ... resumed from step 1 into the same --out, killed re-saving 4
+    resumed = ["--out", str(a), "--resume", str(ckpts / "step_000001")]
+    r = run([sys.executable, str(tmp_path / "killed.py"), "step_000004", *flags, *resumed], check=False)
+    assert r.returncode == 9, r.stderr[-3000:]
+    assert not (ckpts / "step_000004").exists() and (a / "latest").read_text() == "checkpoints/step_000004"
+    assert same_weights(weights(ckpts / "step_000004.old"), weights(done / "step_000004"))  # the old copy: whole
+    assert same_weights(weights(ckpts / "step_000004.tmp"), weights(done / "step_000004"))  # the new: 1 -> 4 exact
+
+    import train
+
+    with pytest.raises(SystemExit) as e:
+        train.resolve_checkpoint(str(a))
+    why = str(e.value.code)
+    assert why.startswith("train.py: error: ") and "missing" in why and "\n" not in why, why
+    assert why.endswith(f"complete checkpoints: step_000001, step_000004.old; resume from the newest with "
+                        f"--resume {ckpts / 'step_000004.old'}"), why
+    run([sys.executable, str(ROOT / "train.py"), *flags, "--out", str(a), "--resume", str(ckpts / "step_000004.old"),
+         "--keep-last", "1"])
+    assert same_weights(weights(ckpts / "step_000006"), weights(done / "step_000006"))
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000004.old", "step_000004.tmp", "step_000006"]
+    log = [json.loads(x) for x in (a / "log.jsonl").read_text().splitlines()]
+    log_straight = [json.loads(x) for x in (straight / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 3, 4, 5, 6]  # the killed run's 2-4, then 5-6
+    assert [r["reward"] for r in log] == [r["reward"] for r in log_straight[1:]]
+
+
+def test_keep_last_keeps_the_newest_and_the_one_latest_names(tmp_path):
+    """--keep-last 2 after a resumed run re-saved step 2 (latest) below an older timeline's step 10: the newest two
+    by step stay, latest's too; folders being written or set aside are not its business."""
+    import train
+
+    names = ["step_000001", "step_000002", "step_000003", "step_000010", "step_000003.old", "step_000004.tmp"]
+    for name in names:
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+        (tmp_path / "checkpoints" / name / "trainer.json").write_text("{}")
+    (tmp_path / "latest").write_text("checkpoints/step_000002")
+    train.prune(tmp_path, 0)  # keep all
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == sorted(names)
+    train.prune(tmp_path, 2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == sorted(names[1:])
 
 
 def test_warmstart_only_then_control_arm_changes_no_weight(coin_policy, tmp_path):
@@ -180,6 +277,12 @@ def test_reward_rises_single_process(coin_policy):
     assert after > before + 1.0, (before, after)  # the right answer gained at least e times the odds of the wrong
 
 
+def world_of_one(monkeypatch) -> None:
+    """The environment of train.main in this process as a gloo world of one."""
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(k, v)  # init_distributed's setdefault would otherwise leave them set in this process
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--resume", "/nonexistent/run"], "no checkpoint there"),
     (["--dataset", "no-such-org/no-such-dataset"], "could not load dataset"),
@@ -193,9 +296,9 @@ def test_bad_flags_fail_clearly(coin_policy, flags, message, capsys, monkeypatch
 
     import train
 
-    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-                 "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}.items():
-        monkeypatch.setenv(k, v)  # init_distributed's setdefault would otherwise leave them set in this process
+    world_of_one(monkeypatch)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # both read the env at import
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(sys, "argv", [str(ROOT / "train.py")])
@@ -205,6 +308,76 @@ def test_bad_flags_fail_clearly(coin_policy, flags, message, capsys, monkeypatch
     code = e.value.code
     err = capsys.readouterr().err + (code if isinstance(code, str) else "")
     assert code not in (0, None) and message in err and "Traceback" not in err, err[-3000:]
+
+
+def test_a_non_finite_step_is_logged_as_null_and_skipped(coin_policy, tmp_path, monkeypatch):
+    """A NaN loss (injected into grpo_loss) makes a NaN gradient norm: the step is skipped, and log.jsonl stays
+    strict JSON, the non-finite values written as null."""
+    import grpo
+    import train
+
+    world_of_one(monkeypatch)
+    loss_fn = grpo.grpo_loss
+
+    def nan_loss(*args, **kwargs):
+        loss, metrics = loss_fn(*args, **kwargs)
+        return loss * float("nan"), metrics
+
+    monkeypatch.setattr(grpo, "grpo_loss", nan_loss)
+    assert train.main([*common_flags(coin_policy), "--steps", "1", "--out", str(tmp_path)]) == 0
+
+    def strict(constant: str):
+        raise ValueError(f"log.jsonl is not strict JSON: {constant}")
+
+    log = [json.loads(x, parse_constant=strict) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [(r["loss"], r["grad_norm"], r["skipped"]) for r in log] == [(None, None, True)], log
+
+
+def test_help_names_each_default_once(capsys):
+    """Every flag's help ends with its default, once: booleans too; --index names the embedded corpus."""
+    import dataclasses
+
+    import train
+
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    options = capsys.readouterr().out.split("options:\n", 1)[1].split("\n\n", 1)[0]  # the epilog follows
+    helps = {b.split()[0].rstrip(","): " ".join(b.split()) for b in re.split(r"\n(?=  -)", options)}
+    assert helps.pop("-h").count("(default:") == 0
+    assert len(helps) == len(dataclasses.fields(train.Config))
+    assert {flag: text.count("(default:") for flag, text in helps.items()} == dict.fromkeys(helps, 1)
+    assert helps["--grad-ckpt"].endswith("(default: True)") and helps["--bf16"].endswith("(default: False)")
+    assert helps["--index"].endswith("(default: the embedded Wikipedia summaries)")
+
+
+def test_a_large_corpus_recipe_without_index_is_warned():
+    """No --index and questions that are not the project's own: one warning line naming the corpus size."""
+    import train
+
+    warning = train.corpus_warning(train.Config(dataset="runs/2wiki/train.jsonl"), 10033)
+    assert warning.startswith("train.py: warning: no --index: searching the 10,033 embedded Wikipedia summaries")
+    assert "runs/2wiki/train.jsonl" in warning and "\n" not in warning
+    assert train.corpus_warning(train.Config(dataset="runs/2wiki/train.jsonl", index="runs/idx"), 10033) is None
+    assert train.corpus_warning(train.parse_args(["--preset", "offline"]), 10033) is None
+
+
+def test_rollout_reports_rows_and_tokens_as_it_goes(coin_policy):
+    """rollout's on_progress (train.py's bar): after every loop step, rows finished so far and tokens after the
+    prompts, non-decreasing, ending at every row and the trajectories' own token count."""
+    import retrieval
+
+    lm, tok = rollout.load_model(str(coin_policy / "policy"))
+    index = retrieval.open_index(coin_policy / "index")
+    cfg = rollout.RolloutConfig(max_turns=1, max_turn_tokens=24, max_total_tokens=48)
+    calls = []
+    search = lambda qs: index.search(qs, k=2)
+    generator = torch.Generator().manual_seed(0)
+    trajs = rollout.rollout(
+        lm, tok, [QUESTION] * 4, search=search, cfg=cfg, generator=generator, on_progress=lambda *c: calls.append(c)
+    )
+    rows, tokens = zip(*calls)
+    assert len(calls) > 5 and list(rows) == sorted(rows) and list(tokens) == sorted(tokens)
+    assert calls[-1] == (4, sum(len(t.ids) - t.prompt_len for t in trajs))
 
 
 def test_update_gradient_is_the_same_for_any_micro_batch(coin_policy, monkeypatch):
