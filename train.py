@@ -611,7 +611,8 @@ def save_weights(tmp: Path, lm, tok, cfg: Config, *, hf: bool) -> None:
 def publish(out: Path, tmp: Path, final: Path) -> None:
     """Rank 0: the complete `tmp` becomes `final`, then OUT/latest names it. A `final` already there (a run resumed
     from an older checkpoint re-saves a step) is set aside first and deleted last, so a kill at any point leaves it
-    or the new one whole. Between the two renames latest names a missing folder; resolve_checkpoint says so."""
+    or the new one whole. Between the two renames latest names a missing folder; resolve_checkpoint then takes the
+    set-aside copy."""
     aside = set_aside(final)
     tmp.rename(final)
     (out / "latest.tmp").write_text(str(final.relative_to(out)))
@@ -656,11 +657,17 @@ def checkpoint_dirs(out: Path, suffixes: tuple[str, ...]) -> list[Path]:
 
 
 def resolve_checkpoint(spec: str) -> Path:
-    """--resume's checkpoint folder: a run dir's OUT/latest, or a checkpoint dir. Latest naming a missing folder (a
-    save killed between its renames) is an error that lists the complete checkpoints to resume from instead."""
+    """--resume's checkpoint folder: a run dir's OUT/latest, or a checkpoint dir. A save killed between its renames
+    leaves latest naming a missing step_N whose complete copy is step_N.old (publish): that copy is the checkpoint.
+    Anything else missing is an error that lists the complete checkpoints to resume from instead."""
     path = Path(spec)
     if (path / "latest").is_file():
         named = path / (path / "latest").read_text().strip()
+        aside = named.with_name(named.name + ".old")
+        if not (named / "trainer.json").is_file() and (aside / "trainer.json").is_file():
+            print(f"train.py: note: --resume {spec}: {named.name} was being saved again; resuming from its "
+                  f"complete copy {aside.name}", file=sys.stderr)
+            return aside
         if not (named / "trainer.json").is_file():
             raise SystemExit(missing_latest(spec, named))
         return named

@@ -176,9 +176,10 @@ def same_weights(x: dict, y: dict) -> bool:
 def test_a_save_killed_between_its_renames_loses_nothing_and_resumes_exactly(coin_policy, tmp_path):
     """A run resumed from an older checkpoint into the same --out re-saves the step OUT/latest names. Killed between
     setting the old copy aside and renaming the new one in, latest names a missing folder but both copies are
-    whole: --resume OUT says so and names the set-aside copy, from which the run ends bit-identical to an
-    uninterrupted one. Also: a fresh run saves after step 1 whatever --save-every says and --resume continues
-    from there exactly; --keep-last 1 keeps the newest; the bar shows the rollout's rows and the micro-batches."""
+    whole: --resume OUT takes the set-aside copy and the run ends bit-identical to an uninterrupted one; with no
+    copy left, --resume says so in one line and names the complete checkpoints. Also: a fresh run saves after
+    step 1 whatever --save-every says and --resume continues from there exactly; --keep-last 1 keeps the newest;
+    the bar shows the rollout's rows and the micro-batches."""
     d, straight, a = coin_policy, tmp_path / "straight", tmp_path / "a"
     flags = [*common_flags(d), "--steps", "6", "--lr", "1e-3", "--save-every", "4"]
     r = run([sys.executable, str(ROOT / "train.py"), *flags, "--out", str(straight)])
@@ -201,20 +202,23 @@ def test_a_save_killed_between_its_renames_loses_nothing_and_resumes_exactly(coi
 
     import train
 
-    with pytest.raises(SystemExit) as e:
-        train.resolve_checkpoint(str(a))
-    why = str(e.value.code)
-    assert why.startswith("train.py: error: ") and "missing" in why and "\n" not in why, why
-    assert why.endswith(f"complete checkpoints: step_000001, step_000004.old; resume from the newest with "
-                        f"--resume {ckpts / 'step_000004.old'}"), why
-    run([sys.executable, str(ROOT / "train.py"), *flags, "--out", str(a), "--resume", str(ckpts / "step_000004.old"),
-         "--keep-last", "1"])
+    assert train.resolve_checkpoint(str(a)) == ckpts / "step_000004.old"  # latest's step, whole, set aside
+    run([sys.executable, str(ROOT / "train.py"), *flags, "--out", str(a), "--resume", str(a), "--keep-last", "1"])
     assert same_weights(weights(ckpts / "step_000006"), weights(done / "step_000006"))
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_000004.old", "step_000004.tmp", "step_000006"]
     log = [json.loads(x) for x in (a / "log.jsonl").read_text().splitlines()]
     log_straight = [json.loads(x) for x in (straight / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 3, 4, 5, 6]  # the killed run's 2-4, then 5-6
     assert [r["reward"] for r in log] == [r["reward"] for r in log_straight[1:]]
+    lost = tmp_path / "lost"  # latest names a step with no copy anywhere: one line naming what is left
+    shutil.copytree(done / "step_000001", lost / "checkpoints" / "step_000001")
+    (lost / "latest").write_text("checkpoints/step_000004")
+    with pytest.raises(SystemExit) as e:
+        train.resolve_checkpoint(str(lost))
+    why = str(e.value.code)
+    assert why.startswith("train.py: error: ") and "missing" in why and "\n" not in why, why
+    assert why.endswith(f"complete checkpoints: step_000001; resume from the newest with --resume "
+                        f"{lost / 'checkpoints' / 'step_000001'}"), why
 
 
 def test_keep_last_keeps_the_newest_and_the_one_latest_names(tmp_path):
