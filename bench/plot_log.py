@@ -39,14 +39,15 @@ def main() -> None:
     sft_end = max((r["step"] for r in rows if r.get("phase") == "sft"), default=None)
     fig, axes = plt.subplots(2, 4, figsize=(17, 6.4))
     for ax, (key, label) in zip(axes.flat, PANELS, strict=True):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
+        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]  # null: a skipped step
         if pts:
             xs, ys = zip(*pts)
             w = max(1, min(a.smooth, len(ys)))
             ax.plot(xs, ys, "o-" if len(xs) < 40 else "-", alpha=0.35, ms=3, label="per step")
             legend = f"mean of {w}"
             for sft in (True, False):  # the mean restarts at GRPO: SFT probes are sparse, another regime
-                ph = [(r["step"], r[key]) for r in rows if key in r and (r.get("phase") == "sft") == sft]
+                ph = [(r["step"], r[key]) for r in rows
+                      if r.get(key) is not None and (r.get("phase") == "sft") == sft]
                 if ph:
                     ax.plot([x for x, _ in ph], moving_mean([y for _, y in ph], w), c="C1", label=legend)
                     legend = None
