@@ -18,7 +18,7 @@ R=${2:-runs/search-gain}
 B=bench/results/search-gain
 mkdir -p "$R" "$B/eval"
 
-open_only() {  # the open questions of a QA JSONL on stdin (python kr1.py --kinds tells the kinds of a file)
+open_only() {  # the open questions (grpo.question_kind) of a QA JSONL on stdin
   python -c "import grpo, json, sys
 for line in sys.stdin:
     r = json.loads(line)
