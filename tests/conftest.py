@@ -41,6 +41,21 @@ def qwen_tok():
     return qwen25_tokenizer()  # ~7 s the first time on a machine (conversion), ~2 s after (cached in $KR1_CACHE)
 
 
+def tiny_qwen2_config(tok) -> Qwen2Config:
+    """A 2-layer, 64-wide Qwen2 over `tok`'s vocabulary: the tests' policy architecture."""
+    return Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=128, vocab_size=len(tok), tie_word_embeddings=True,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
+def item_corpus(d, repeats: int) -> None:
+    """d/corpus.jsonl ("Item i was founded in <city>", four cities `repeats` times) and its index d/index."""
+    rows = [{"id": f"p{i}", "title": f"Item {i}", "text": f"Item {i} was founded in {c}."}
+            for i, c in enumerate(["Paris", "Rome", "Oslo", "Lima"] * repeats)]
+    (d / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    retrieval.Index.build(d / "corpus.jsonl", d / "index", show_progress=False)
+
+
 def announce(request, message: str) -> None:
     """One line on the terminal even while pytest captures output: what a slow fixture is doing."""
     capture = request.config.pluginmanager.getplugin("capturemanager")
@@ -66,15 +81,9 @@ def tiny_policy(tmp_path_factory, tokenizer_dir):
     d = tmp_path_factory.mktemp("tiny")
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
-    cfg = Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=128, vocab_size=len(tok), tie_word_embeddings=True,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    Qwen2ForCausalLM(cfg).save_pretrained(d / "policy")
+    Qwen2ForCausalLM(tiny_qwen2_config(tok)).save_pretrained(d / "policy")
     tok.save_pretrained(d / "policy")
-    rows = [{"id": f"p{i}", "title": f"Item {i}", "text": f"Item {i} was founded in {c}."}
-            for i, c in enumerate(["Paris", "Rome", "Oslo", "Lima"] * 2)]
-    (d / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    retrieval.Index.build(d / "corpus.jsonl", d / "index", show_progress=False)
+    item_corpus(d, repeats=2)
     (d / "qa.jsonl").write_text(json.dumps({"question": QUESTION, "answers": ["Lima"]}) + "\n")
     return d
 
@@ -86,10 +95,7 @@ def coin_policy(request, tmp_path_factory, tokenizer_dir):
     d = tmp_path_factory.mktemp("coin")
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
-    cfg = Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=128, vocab_size=len(tok), tie_word_embeddings=True,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model = Qwen2ForCausalLM(cfg)
+    model = Qwen2ForCausalLM(tiny_qwen2_config(tok))
     prompt = rollout.prompt_ids(tok, rollout.prompt_messages(QUESTION, "agent"))
     seqs = [prompt + tok(c, add_special_tokens=False).input_ids + [tok.eos_token_id] for c in COMPLETIONS]
     T = max(map(len, seqs))
@@ -105,10 +111,6 @@ def coin_policy(request, tmp_path_factory, tokenizer_dir):
         opt.zero_grad()
     model.save_pretrained(d / "policy")
     tok.save_pretrained(d / "policy")
-    cities = ["Paris", "Rome", "Oslo", "Lima"] * 5
-    rows = [{"id": f"p{i}", "title": f"Item {i}", "text": f"Item {i} was founded in {c}."}
-            for i, c in enumerate(cities)]
-    (d / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    retrieval.Index.build(d / "corpus.jsonl", d / "index", show_progress=False)
+    item_corpus(d, repeats=5)
     (d / "qa.jsonl").write_text(json.dumps({"question": QUESTION, "answers": [RIGHT]}) + "\n")
     return d

@@ -10,10 +10,9 @@ import sys
 
 import pytest
 import torch
+from conftest import item_corpus
 from test_train import free_port
 from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
-
-import retrieval
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +25,7 @@ def qwen3_policy(tmp_path_factory, qwen3_tok):
                       eos_token_id=qwen3_tok.eos_token_id, pad_token_id=qwen3_tok.pad_token_id)
     Qwen3ForCausalLM(cfg).save_pretrained(d / "policy")
     qwen3_tok.save_pretrained(d / "policy")
-    rows = [{"id": f"p{i}", "title": f"Item {i}", "text": f"Item {i} was founded in {c}."}
-            for i, c in enumerate(["Paris", "Rome", "Oslo", "Lima"] * 2)]
-    (d / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    retrieval.Index.build(d / "corpus.jsonl", d / "index", show_progress=False)
+    item_corpus(d, repeats=2)
     qa = {"question": "In which city was item 3 founded?", "answers": ["Lima"], "supporting_titles": ["Item 3"]}
     (d / "qa.jsonl").write_text(json.dumps(qa) + "\n")
     return d
