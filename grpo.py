@@ -97,7 +97,9 @@ def question_kind(question: str, golds: list[str]) -> str:
     if normalize_answer(golds[0]) in ("yes", "no"):
         return "yes-no"
     q = f" {normalize_answer(question)} "
-    return "two-option" if any(g and f" {g} " in q for g in map(normalize_answer, golds)) else "open"
+    return (
+        "two-option" if any(g and f" {g} " in q for g in map(normalize_answer, golds)) else "open"
+    )
 
 
 def _n_parts(s: str) -> int:
@@ -117,7 +119,9 @@ def answer_accuracy(answer: str | None, golds: list[str], acc: str = "em") -> fl
         raise ValueError(f"acc must be 'em' or 'f1', got {acc!r}")
     if exact_match(answer, golds):
         return 1.0
-    if acc == "em" or not answer or is_candidate_list(answer, golds):  # f1_score gives an empty answer 0
+    if (
+        acc == "em" or not answer or is_candidate_list(answer, golds)
+    ):  # f1_score gives an empty answer 0
         return 0.0
     return f1_score(answer, golds)
 
@@ -125,23 +129,33 @@ def answer_accuracy(answer: str | None, golds: list[str], acc: str = "em") -> fl
 # ----------------------------------------------------------------------------- format
 _TAG = re.compile(r"</?(?:think|search|answer)>")
 _TURN = {
-    kind: re.compile(rf"\s*<think>(?P<think>.*?)</think>\s*<{kind}>(?P<body>.*?)</{kind}>\s*", re.DOTALL)
+    kind: re.compile(
+        rf"\s*<think>(?P<think>.*?)</think>\s*<{kind}>(?P<body>.*?)</{kind}>\s*", re.DOTALL
+    )
     for kind in ("search", "answer")
 }
 
 
 def _turn_ok(text: str, kind: str) -> bool:
     m = _TURN[kind].fullmatch(text)
-    return bool(m) and all(part.strip() and not _TAG.search(part) for part in (m["think"], m["body"]))
+    return bool(m) and all(
+        part.strip() and not _TAG.search(part) for part in (m["think"], m["body"])
+    )
 
 
 def format_reward(responses: list[str]) -> float:
     """+1 if all turns but the last are think+search and the last is think+answer, else -1."""
-    ok = bool(responses) and all(_turn_ok(r, "search") for r in responses[:-1]) and _turn_ok(responses[-1], "answer")
+    ok = (
+        bool(responses)
+        and all(_turn_ok(r, "search") for r in responses[:-1])
+        and _turn_ok(responses[-1], "answer")
+    )
     return 1.0 if ok else -1.0
 
 
-def reward(traj, golds: list[str], w_acc: float = 1.0, w_fmt: float = 1.0, acc: str = "em") -> dict[str, float]:
+def reward(
+    traj, golds: list[str], w_acc: float = 1.0, w_fmt: float = 1.0, acc: str = "em"
+) -> dict[str, float]:
     """Score one trajectory (.answer, .responses) against its gold aliases; train.py logs every key (mean over
     trajectories), so a new reward term is one new key here and one line in the sum."""
     a, f = answer_accuracy(traj.answer, golds, acc), format_reward(traj.responses)
@@ -149,34 +163,56 @@ def reward(traj, golds: list[str], w_acc: float = 1.0, w_fmt: float = 1.0, acc: 
 
 
 # ----------------------------------------------------------------------------- advantages
-def group_advantages(rewards: torch.Tensor | list[float], group_size: int, scale_std: bool = True,
-                     eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor | list[float], group_size: int, scale_std: bool = True, eps: float = 1e-4
+) -> torch.Tensor:
     """Group-relative advantages; rewards (P*G,) with the G samples of a prompt consecutive -> (P*G,) float32."""
     r = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)  # (P, G)
     adv = r - r.mean(dim=1, keepdim=True)  # (P, G)
     if scale_std:
-        adv = adv / (r.std(dim=1, keepdim=True, correction=0) + eps)  # (P, G) population std, as a z-score
+        adv = adv / (
+            r.std(dim=1, keepdim=True, correction=0) + eps
+        )  # (P, G) population std, as a z-score
     return adv.reshape(-1)  # (P*G,)
 
 
 # ----------------------------------------------------------------------------- log-probs
-def _chunk_logp(head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor, temperature: float, with_entropy: bool,
-                vocab: int | None = None):
-    logits = head(h)[:, :vocab].float()  # (n, V) float32: the one big tensor, alive for one chunk only
+def _chunk_logp(
+    head: torch.nn.Module,
+    h: torch.Tensor,
+    y: torch.Tensor,
+    temperature: float,
+    with_entropy: bool,
+    vocab: int | None = None,
+):
+    logits = head(h)[
+        :, :vocab
+    ].float()  # (n, V) float32: the one big tensor, alive for one chunk only
     if temperature != 1.0:
         logits = logits / temperature  # (n, V)
-    logp = -F.cross_entropy(logits, y, reduction="none")  # (n,) fused log-softmax + gather: fewer (n, V) passes
+    logp = -F.cross_entropy(
+        logits, y, reduction="none"
+    )  # (n,) fused log-softmax + gather: fewer (n, V) passes
     if not with_entropy:
         return logp, None
-    with torch.no_grad():  # entropy is a metric; computed after logp so checkpoint's recompute stops before it
+    with (
+        torch.no_grad()
+    ):  # entropy is a metric; computed after logp so checkpoint's recompute stops before it
         logq = torch.log_softmax(logits, dim=-1)  # (n, V)
         ent = -(logq.exp() * logq).sum(-1)  # (n,)
     return logp, ent
 
 
-def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                   temperature: float = 1.0, chunk_size: int = 1024, with_entropy: bool = False,
-                   loss_mask: torch.Tensor | None = None, vocab: int | None = None):
+def token_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = False,
+    loss_mask: torch.Tensor | None = None,
+    vocab: int | None = None,
+):
     """logp[:, t] = log softmax(logits_t / temperature)[input_ids[:, t+1]], (B, T-1), never holding (B*T, V); with
     `with_entropy`, (logp, entropy).
 
@@ -186,31 +222,64 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     head runs only where it is 1 (0.0 elsewhere: prompt and passages need none). `vocab`: softmax over the
     tokenizer's first `vocab` ids only, as rollout() samples (Qwen2.5 has more embedding rows than ids)."""
     B, T = input_ids.shape
-    position_ids = None if attention_mask is None else (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    sel = torch.ones(B, T - 1, dtype=torch.bool, device=input_ids.device) if loss_mask is None else loss_mask.bool()
+    position_ids = (
+        None if attention_mask is None else (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    )  # (B, T)
+    out = model.model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+    )
+    sel = (
+        torch.ones(B, T - 1, dtype=torch.bool, device=input_ids.device)
+        if loss_mask is None
+        else loss_mask.bool()
+    )
     hidden = out.last_hidden_state[:, :-1][sel]  # (N, H), N = selected positions
     targets = input_ids[:, 1:][sel]  # (N,)
     head = model.get_output_embeddings()
-    if torch.is_grad_enabled() and hidden.requires_grad:  # store only h (n, H); backward rebuilds the (n, V) logits
+    if (
+        torch.is_grad_enabled() and hidden.requires_grad
+    ):  # store only h (n, H); backward rebuilds the (n, V) logits
         chunk = partial(checkpoint, _chunk_logp, use_reentrant=False)
     else:
         chunk = _chunk_logp
-    parts = [chunk(head, hidden[s : s + chunk_size], targets[s : s + chunk_size], temperature, with_entropy, vocab)
-             for s in range(0, hidden.shape[0], chunk_size)]  # [((n,), (n,) or None)]
+    parts = [
+        chunk(
+            head,
+            hidden[s : s + chunk_size],
+            targets[s : s + chunk_size],
+            temperature,
+            with_entropy,
+            vocab,
+        )
+        for s in range(0, hidden.shape[0], chunk_size)
+    ]  # [((n,), (n,) or None)]
     zeros = hidden.new_zeros(B, T - 1, dtype=torch.float32)  # (B, T-1)
     lps, ents = zip(*parts) if parts else ((), ())
     logp = zeros.masked_scatter(sel, torch.cat(lps)) if parts else zeros  # (B, T-1) float32
     if not with_entropy:
         return logp
-    return logp, (zeros.masked_scatter(sel, torch.cat(ents)) if parts else zeros).detach()  # (B, T-1)
+    return logp, (
+        zeros.masked_scatter(sel, torch.cat(ents)) if parts else zeros
+    ).detach()  # (B, T-1)
 
 
 # ----------------------------------------------------------------------------- loss
-def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-              ref_logp: torch.Tensor | None = None, beta: float = 0.0, clip_low: float = 0.2, clip_high: float = 0.2,
-              agg: str = "seq", normaliser: float | torch.Tensor | None = None,
-              entropy: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logp: torch.Tensor | None = None,
+    beta: float = 0.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    agg: str = "seq",
+    normaliser: float | torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped GRPO surrogate + beta * k3 KL, masked and aggregated; metrics are detached 0-d tensors.
 
     logp, old_logp, ref_logp, entropy, mask: (B, T); advantages: (B,). `normaliser` defaults to this batch's
@@ -237,7 +306,9 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
             per_tok = per_tok + beta * kl
     per_tok = torch.where(m, per_tok, zero)  # (B, T)
     if agg == "seq":
-        per_tok = per_tok / m.sum(1, keepdim=True).clamp(min=1)  # (B, T) each sequence's tokens sum to its mean
+        per_tok = per_tok / m.sum(1, keepdim=True).clamp(
+            min=1
+        )  # (B, T) each sequence's tokens sum to its mean
     if normaliser is None:
         normaliser = m.sum().clamp(min=1) if agg == "token" else m.shape[0]
     loss = per_tok.sum() / normaliser
@@ -245,8 +316,15 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
 
 
 @torch.no_grad()
-def loss_metrics(m: torch.Tensor, ratio: torch.Tensor, advantages: torch.Tensor, clip_low: float, clip_high: float,
-                 kl: torch.Tensor | None, entropy: torch.Tensor | None) -> dict[str, torch.Tensor]:
+def loss_metrics(
+    m: torch.Tensor,
+    ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+    kl: torch.Tensor | None,
+    entropy: torch.Tensor | None,
+) -> dict[str, torch.Tensor]:
     """grpo_loss's detached 0-d metrics: clip fractions, ratio range, KL, advantage stats, entropy (no host sync)."""
     r = ratio.detach()  # (B, T)
     zero, n_tok, adv = r.new_zeros(()), m.sum(), advantages.to(r.dtype)[:, None]  # adv: (B, 1)
@@ -254,14 +332,23 @@ def loss_metrics(m: torch.Tensor, ratio: torch.Tensor, advantages: torch.Tensor,
     low = m & (adv < 0) & (r < 1 - clip_low)  # (B, T) clipped branch active, gradient zero
     high = m & (adv > 0) & (r > 1 + clip_high)  # (B, T)
     a = advantages.detach().float()
-    inf, one, has = torch.full_like(zero, float("inf")), torch.ones_like(zero), n_tok > 0  # no host sync
+    inf, one, has = (
+        torch.full_like(zero, float("inf")),
+        torch.ones_like(zero),
+        n_tok > 0,
+    )  # no host sync
     metrics = {
-        "clip_frac_low": low.sum() / den, "clip_frac_high": high.sum() / den, "clip_frac": (low | high).sum() / den,
+        "clip_frac_low": low.sum() / den,
+        "clip_frac_high": high.sum() / den,
+        "clip_frac": (low | high).sum() / den,
         "ratio_mean": torch.where(m, r, zero).sum() / den,
         "ratio_min": torch.where(has, torch.where(m, r, inf).amin(), one),
         "ratio_max": torch.where(has, torch.where(m, r, -inf).amax(), one),
         "kl": kl.detach().sum() / den if kl is not None else zero,
-        "adv_mean": a.mean(), "adv_std": a.std(correction=0), "adv_min": a.min(), "adv_max": a.max(),
+        "adv_mean": a.mean(),
+        "adv_std": a.std(correction=0),
+        "adv_min": a.min(),
+        "adv_max": a.max(),
         "n_tokens": n_tok.float(),
     }
     if entropy is not None:
@@ -270,9 +357,13 @@ def loss_metrics(m: torch.Tensor, ratio: torch.Tensor, advantages: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------- warm-start
-def sft_loss(logp: torch.Tensor, mask: torch.Tensor, normaliser: float | torch.Tensor | None = None) -> torch.Tensor:
+def sft_loss(
+    logp: torch.Tensor, mask: torch.Tensor, normaliser: float | torch.Tensor | None = None
+) -> torch.Tensor:
     """Warm-start on expert trajectories: masked mean of -log p over the expert's own tokens (mask 1); logp, mask:
     (B, T). `normaliser`: the token count over micro-batches and ranks (default: this batch's), as in grpo_loss."""
     m = mask.bool()  # (B, T)
-    nll = torch.where(m, -logp, logp.new_zeros(())).sum()  # where, not *: inf at a masked slot cannot leak
+    nll = torch.where(
+        m, -logp, logp.new_zeros(())
+    ).sum()  # where, not *: inf at a masked slot cannot leak
     return nll / (m.sum().clamp(min=1) if normaliser is None else normaliser)

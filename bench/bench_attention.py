@@ -37,7 +37,9 @@ def inputs(b: int, heads: int, kv: int, n: int, s: int, d: int, dev, dtype):
     lens = s - n - 3 * torch.arange(b, device=dev) % (s - n)  # (b,) cached columns each row sees
     col = torch.arange(s, device=dev)
     prefix = col < lens[:, None]  # (b, S)
-    own = (col >= s - n) & (col - (s - n) <= torch.arange(n, device=dev)[:, None, None])  # (L, 1, S) causal chunk
+    own = (col >= s - n) & (
+        col - (s - n) <= torch.arange(n, device=dev)[:, None, None]
+    )  # (L, 1, S) causal chunk
     return q, k, v, (prefix[None] | own).transpose(0, 1)[:, None]  # (b, 1, L, S)
 
 
@@ -61,20 +63,35 @@ def measure(fn, dev, reps: int) -> tuple[torch.Tensor, float, float]:
 def case(name: str, heads: int, kv: int, n: int, a, dev, dtype) -> dict:
     q, k, v, mask = inputs(a.batch, heads, kv, n, a.cache, 128 if not a.tiny else 16, dev, dtype)
     module = SimpleNamespace(num_key_value_groups=heads // kv, is_causal=True)
-    want, hf_ms, hf_mib = measure(lambda: R.sdpa_attention_forward(module, q, k, v, mask)[0], dev, a.reps)
+    want, hf_ms, hf_mib = measure(
+        lambda: R.sdpa_attention_forward(module, q, k, v, mask)[0], dev, a.reps
+    )
     got, ours_ms, ours_mib = measure(lambda: R.kr1_sdpa(module, q, k, v, mask)[0], dev, a.reps)
     packed, packed_ms, _ = measure(lambda: R.gqa_sdpa(q, k, v, mask), dev, a.reps)
-    return {"model": name, "L": n, "batch": a.batch, "cache": a.cache, "hf_ms": round(hf_ms, 3),
-            "kr1_ms": round(ours_ms, 3), "packed_ms": round(packed_ms, 3), "hf_extra_mib": round(hf_mib, 1),
-            "kr1_extra_mib": round(ours_mib, 1), "kv_mib": round(2 * k.numel() * k.element_size() / 2**20, 1),
-            "max_diff": max((got.float() - want.float()).abs().max().item(),
-                            (packed.float() - want.float()).abs().max().item())}
+    return {
+        "model": name,
+        "L": n,
+        "batch": a.batch,
+        "cache": a.cache,
+        "hf_ms": round(hf_ms, 3),
+        "kr1_ms": round(ours_ms, 3),
+        "packed_ms": round(packed_ms, 3),
+        "hf_extra_mib": round(hf_mib, 1),
+        "kr1_extra_mib": round(ours_mib, 1),
+        "kv_mib": round(2 * k.numel() * k.element_size() / 2**20, 1),
+        "max_diff": max(
+            (got.float() - want.float()).abs().max().item(),
+            (packed.float() - want.float()).abs().max().item(),
+        ),
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--tiny", action="store_true", help="4 query heads over 2, head dim 16, batch 2, S 64")
+    p.add_argument(
+        "--tiny", action="store_true", help="4 query heads over 2, head dim 16, batch 2, S 64"
+    )
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--cache", type=int, default=2048, help="cached columns S")
     p.add_argument("--reps", type=int, default=20)
@@ -86,18 +103,26 @@ def main() -> None:
     if a.tiny:
         a.batch, a.cache, a.reps = 2, 64, 2
     chunk = min(256, a.cache // 4)
-    rows = [case(name, h, kv, n, a, dev, dtype) for name, (h, kv) in shapes.items() for n in (1, chunk)]
+    rows = [
+        case(name, h, kv, n, a, dev, dtype) for name, (h, kv) in shapes.items() for n in (1, chunk)
+    ]
     for r in rows:
-        print(f"{r['model']:>13} L={r['L']:<3} b={r['batch']} S={r['cache']}: HF {r['hf_ms']:.3f} ms "
-              f"(+{r['hf_extra_mib']} MiB), kr1_sdpa {r['kr1_ms']:.3f} ms (+{r['kr1_extra_mib']} MiB), packed "
-              f"{r['packed_ms']:.3f} ms; KV {r['kv_mib']} MiB; max diff {r['max_diff']:.2e}")
+        print(
+            f"{r['model']:>13} L={r['L']:<3} b={r['batch']} S={r['cache']}: HF {r['hf_ms']:.3f} ms "
+            f"(+{r['hf_extra_mib']} MiB), kr1_sdpa {r['kr1_ms']:.3f} ms (+{r['kr1_extra_mib']} MiB), packed "
+            f"{r['packed_ms']:.3f} ms; KV {r['kv_mib']} MiB; max diff {r['max_diff']:.2e}"
+        )
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     ok = all(r["max_diff"] <= tol for r in rows)
     if a.out:
-        Path(a.out).write_text(json.dumps({"device": str(dev), "torch": torch.__version__, "rows": rows}, indent=1))
+        Path(a.out).write_text(
+            json.dumps({"device": str(dev), "torch": torch.__version__, "rows": rows}, indent=1)
+        )
     d = rows[0]
-    print(f"attention {'same numbers' if ok else 'DIFFERENT numbers'} as HF sdpa (tol {tol}); decode "
-          f"{d['model']}: kr1_sdpa {d['kr1_ms']:.3f} ms vs HF {d['hf_ms']:.3f} ms")
+    print(
+        f"attention {'same numbers' if ok else 'DIFFERENT numbers'} as HF sdpa (tol {tol}); decode "
+        f"{d['model']}: kr1_sdpa {d['kr1_ms']:.3f} ms vs HF {d['hf_ms']:.3f} ms"
+    )
     sys.exit(0 if ok else 1)
 
 

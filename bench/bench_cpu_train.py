@@ -41,12 +41,16 @@ def batch(rows: list[int], masked: bool):
     return ids, attn.long(), mask
 
 
-def fwd_bwd(model, micro: int, head_at_loss: bool, bf16: bool = False, masked: bool = False) -> float:
+def fwd_bwd(
+    model, micro: int, head_at_loss: bool, bf16: bool = False, masked: bool = False
+) -> float:
     t0 = time.perf_counter()
     for s in range(0, len(LENS), micro):
         ids, attn, mask = batch(list(range(s, min(s + micro, len(LENS)))), masked)
         with rollout.bf16_autocast("cpu", bf16):
-            lp = model(ids, attn if masked else None, loss_mask=mask if head_at_loss else None)  # (b, T-1)
+            lp = model(
+                ids, attn if masked else None, loss_mask=mask if head_at_loss else None
+            )  # (b, T-1)
         grpo.grpo_loss(lp, lp.detach(), torch.ones(len(ids)), mask, agg="token")[0].backward()
     model.zero_grad(set_to_none=True)
     return time.perf_counter() - t0
@@ -80,18 +84,29 @@ def main(repeats: int) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29611")
     dist.init_process_group("gloo", rank=0, world_size=1)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, AVX512-BF16: "
-          f"{torch.cpu._is_avx512_bf16_supported()}; 4 trajectories of {LENS} tokens, forward + backward")
-    rows = [("FSDP2 world of 1, padded micro-batch 4 (masked), head everywhere, full FT (baseline)",
-             lambda: fwd_bwd(fresh(fsdp=True), 4, False, masked=True)),
-            ("plain module, same", lambda: fwd_bwd(fresh(), 4, False, masked=True)),
-            ("plain, micro-batch 1 (no pad: SDPA's causal kernel)", lambda: fwd_bwd(fresh(), 1, False)),
-            ("plain, micro-batch 1, head at loss tokens only", lambda: fwd_bwd(fresh(), 1, True)),
-            ("  + LoRA rank 8 (the preset)", lambda: fwd_bwd(fresh(lora=True), 1, True)),
-            ("  + bf16 autocast", lambda: fwd_bwd(fresh(lora=True), 1, True, bf16=True)),
-            ("LoRA, head at loss, micro-batch 4 masked (train.py at d243c41)",
-             lambda: fwd_bwd(fresh(lora=True), 4, True, masked=True)),
-            ("  + right-padded rows unmasked (train.py now)", lambda: fwd_bwd(fresh(lora=True), 4, True))]
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, AVX512-BF16: "
+        f"{torch.cpu._is_avx512_bf16_supported()}; 4 trajectories of {LENS} tokens, forward + backward"
+    )
+    rows = [
+        (
+            "FSDP2 world of 1, padded micro-batch 4 (masked), head everywhere, full FT (baseline)",
+            lambda: fwd_bwd(fresh(fsdp=True), 4, False, masked=True),
+        ),
+        ("plain module, same", lambda: fwd_bwd(fresh(), 4, False, masked=True)),
+        ("plain, micro-batch 1 (no pad: SDPA's causal kernel)", lambda: fwd_bwd(fresh(), 1, False)),
+        ("plain, micro-batch 1, head at loss tokens only", lambda: fwd_bwd(fresh(), 1, True)),
+        ("  + LoRA rank 8 (the preset)", lambda: fwd_bwd(fresh(lora=True), 1, True)),
+        ("  + bf16 autocast", lambda: fwd_bwd(fresh(lora=True), 1, True, bf16=True)),
+        (
+            "LoRA, head at loss, micro-batch 4 masked (train.py at d243c41)",
+            lambda: fwd_bwd(fresh(lora=True), 4, True, masked=True),
+        ),
+        (
+            "  + right-padded rows unmasked (train.py now)",
+            lambda: fwd_bwd(fresh(lora=True), 4, True),
+        ),
+    ]
     base = None
     print(f"| variant | seconds (fastest of {repeats}) | speed-up vs baseline |\n|---|---:|---:|")
     for name, f in rows:
@@ -102,12 +117,21 @@ def main(repeats: int) -> None:
     model = fresh().lm.eval()
     fp32, auto = decode_ms(model, False), decode_ms(model, True)
     bf = decode_ms(rollout.load_model(None, dtype=torch.bfloat16)[0], False)
-    print(f"decode step, batch 16, 600 cached: fp32 {fp32:.0f} ms | bf16 autocast {auto:.0f} ms ({fp32 / auto:.2f}x) "
-          f"| bf16 weights {bf:.0f} ms ({fp32 / bf:.2f}x)")
+    print(
+        f"decode step, batch 16, 600 cached: fp32 {fp32:.0f} ms | bf16 autocast {auto:.0f} ms ({fp32 / auto:.2f}x) "
+        f"| bf16 weights {bf:.0f} ms ({fp32 / bf:.2f}x)"
+    )
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per row after one warm-up; the fastest counts")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed runs per row after one warm-up; the fastest counts",
+    )
     main(ap.parse_args().repeats)

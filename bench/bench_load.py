@@ -43,7 +43,9 @@ def worker(path: str, model: str | None, lora_rank: int, out: Path) -> None:
         if lora_rank:
             rollout.add_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
         train.shard_model(policy, mesh, False, True, len(tok))
-        train.shard_model(rollout.load_model(model)[0].requires_grad_(False), mesh, False, False, len(tok))
+        train.shard_model(
+            rollout.load_model(model)[0].requires_grad_(False), mesh, False, False, len(tok)
+        )
     torch.distributed.barrier()
     (out / f"{path}-rank{rank}.json").write_text(json.dumps({"before": before, "after": rss_mib()}))
     os._exit(0)  # no interpreter teardown (gloo's threads)
@@ -61,17 +63,38 @@ def main() -> None:
     out = Path(tempfile.mkdtemp())
     for path in ("whole", "sharded"):  # separate jobs: a peak RSS only grows
         extra = ["--model", a.model] if a.model else []
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29611",
-                        __file__, "--worker", path, "--out", str(out), "--lora-rank", str(a.lora_rank), *extra],
-                       check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node=2",
+                "--master_port=29611",
+                __file__,
+                "--worker",
+                path,
+                "--out",
+                str(out),
+                "--lora-rank",
+                str(a.lora_rank),
+                *extra,
+            ],
+            check=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            capture_output=True,
+        )
     got = {f.stem: json.loads(f.read_text()) for f in out.glob("*.json")}
-    print(f"peak RSS per rank (MiB), 2 gloo ranks, model {a.model or 'embedded SmolLM2-135M'}, LoRA r {a.lora_rank}, "
-          "policy + reference:\n"
-          "| rank | after imports | every rank reads the whole model | train.load_sharded | ratio |\n"
-          "|---|---:|---:|---:|---:|")
+    print(
+        f"peak RSS per rank (MiB), 2 gloo ranks, model {a.model or 'embedded SmolLM2-135M'}, LoRA r {a.lora_rank}, "
+        "policy + reference:\n"
+        "| rank | after imports | every rank reads the whole model | train.load_sharded | ratio |\n"
+        "|---|---:|---:|---:|---:|"
+    )
     for r in (0, 1):
         w, s = got[f"whole-rank{r}"], got[f"sharded-rank{r}"]
-        print(f"| {r} | {s['before']:.0f} | {w['after']:.0f} | {s['after']:.0f} | {s['after'] / w['after']:.2f} |")
+        print(
+            f"| {r} | {s['before']:.0f} | {w['after']:.0f} | {s['after']:.0f} | {s['after'] / w['after']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -31,14 +31,25 @@ from bench_rollout import TINY, smol_tokenizer  # noqa: E402
 import rollout  # noqa: E402
 import train  # noqa: E402
 
-QWEN15 = {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
-          "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 32768, "rope_theta": 1e6,
-          "tie_word_embeddings": True, "rms_norm_eps": 1e-6}  # Qwen2.5-1.5B-Instruct's config.json
+QWEN15 = {
+    "hidden_size": 1536,
+    "intermediate_size": 8960,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1e6,
+    "tie_word_embeddings": True,
+    "rms_norm_eps": 1e-6,
+}  # Qwen2.5-1.5B-Instruct's config.json
 
 
 def qwen_like_tokenizer(vocab: int):
     tok = smol_tokenizer()  # the embedded ChatML tokenizer (or $KR1_TOKENIZER)
-    tok.add_tokens([f"xtra{i}" for i in range(vocab - len(tok))])  # no '<'/'>': never a tag, never special
+    tok.add_tokens(
+        [f"xtra{i}" for i in range(vocab - len(tok))]
+    )  # no '<'/'>': never a tag, never special
     return tok
 
 
@@ -46,38 +57,90 @@ def build_models(arch: dict, device, world: int, beta: float):
     """The policy (fp32 master weights, FSDP2) and, with beta > 0, the frozen reference (bf16 on GPU)."""
     cuda = device.type == "cuda"
     mesh = train.init_device_mesh(device.type, (world,))
-    attn = "flash_attention_2" if cuda and rollout.importlib.util.find_spec("flash_attn") else "kr1_sdpa"  # load_model
+    attn = (
+        "flash_attention_2"
+        if cuda and rollout.importlib.util.find_spec("flash_attn")
+        else "kr1_sdpa"
+    )  # load_model
 
     def build(dtype):
         torch.manual_seed(0)
         with torch.device(device):
-            return Qwen2ForCausalLM._from_config(Qwen2Config(**arch), dtype=dtype, attn_implementation=attn)
+            return Qwen2ForCausalLM._from_config(
+                Qwen2Config(**arch), dtype=dtype, attn_implementation=attn
+            )
 
-    model = train.shard_model(build(torch.float32), mesh, cuda, train=True, vocab=arch["vocab_size"])
+    model = train.shard_model(
+        build(torch.float32), mesh, cuda, train=True, vocab=arch["vocab_size"]
+    )
     ref = None
     if beta > 0:
-        ref = train.shard_model(build(torch.bfloat16 if cuda else torch.float32).requires_grad_(False).eval(),
-                                mesh, cuda, train=False, vocab=arch["vocab_size"])
+        ref = train.shard_model(
+            build(torch.bfloat16 if cuda else torch.float32).requires_grad_(False).eval(),
+            mesh,
+            cuda,
+            train=False,
+            vocab=arch["vocab_size"],
+        )
     return model, ref
 
 
-def results(a, model, tok, questions, rec: dict, wall: float, rows: int, world: int, chunk: int,
-            static: float, cuda: bool) -> dict:
+def results(
+    a,
+    model,
+    tok,
+    questions,
+    rec: dict,
+    wall: float,
+    rows: int,
+    world: int,
+    chunk: int,
+    static: float,
+    cuda: bool,
+) -> dict:
     """The step's seconds and peak memory beside bench_memory.py's estimate (28 layers only)."""
     n_params = sum(p.numel() for p in model.parameters())
-    prompt_len = len(rollout.prompt_ids(tok, rollout.prompt_messages(questions[0]["question"], "agent")))
-    est = bench_memory.totals(bench_memory.memory(
-        bench_memory.MODELS["Qwen2.5-1.5B-Instruct"],
-        argparse.Namespace(ranks=world, micro_batch=a.micro_batch, prompt_tokens=prompt_len,
-                           response_tokens=a.new_tokens, logprob_chunk=chunk, allowance=0.0,
-                           ref="bf16" if a.beta > 0 else "none", ref_root="resharded"), rows))
-    return {"device": torch.cuda.get_device_name() if cuda else "cpu", "world": world, "layers": a.layers,
-            "params": n_params, "rows": rows, "prompt_tokens": prompt_len, "new_tokens": a.new_tokens,
-            "micro_batch": a.micro_batch, "beta": a.beta, "step_s": round(wall, 2), "rollout_s": rec["rollout_s"],
-            "update_s": rec["update_s"], "rollout_tokens_per_s": rec["rollout_tokens_per_s"],
-            "peak_gib": rec["peak_mem_gb"], "static_gib_before_step": round(static, 2),
-            "estimate_gib": {k: round(v / 2**30, 2) for k, v in est.items()} if a.layers == 28 else None,
-            "commit": os.popen(f"git -C {ROOT} rev-parse --short HEAD 2>/dev/null").read().strip() or None}
+    prompt_len = len(
+        rollout.prompt_ids(tok, rollout.prompt_messages(questions[0]["question"], "agent"))
+    )
+    est = bench_memory.totals(
+        bench_memory.memory(
+            bench_memory.MODELS["Qwen2.5-1.5B-Instruct"],
+            argparse.Namespace(
+                ranks=world,
+                micro_batch=a.micro_batch,
+                prompt_tokens=prompt_len,
+                response_tokens=a.new_tokens,
+                logprob_chunk=chunk,
+                allowance=0.0,
+                ref="bf16" if a.beta > 0 else "none",
+                ref_root="resharded",
+            ),
+            rows,
+        )
+    )
+    return {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "world": world,
+        "layers": a.layers,
+        "params": n_params,
+        "rows": rows,
+        "prompt_tokens": prompt_len,
+        "new_tokens": a.new_tokens,
+        "micro_batch": a.micro_batch,
+        "beta": a.beta,
+        "step_s": round(wall, 2),
+        "rollout_s": rec["rollout_s"],
+        "update_s": rec["update_s"],
+        "rollout_tokens_per_s": rec["rollout_tokens_per_s"],
+        "peak_gib": rec["peak_mem_gb"],
+        "static_gib_before_step": round(static, 2),
+        "estimate_gib": {k: round(v / 2**30, 2) for k, v in est.items()}
+        if a.layers == 28
+        else None,
+        "commit": os.popen(f"git -C {ROOT} rev-parse --short HEAD 2>/dev/null").read().strip()
+        or None,
+    }
 
 
 def main() -> None:
@@ -85,11 +148,17 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=4, help="prompts in the step (G rows each)")
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--rows", type=int, default=None, help="override prompts x G")
-    p.add_argument("--new-tokens", type=int, default=512, help="tokens generated per row (the turn budget)")
+    p.add_argument(
+        "--new-tokens", type=int, default=512, help="tokens generated per row (the turn budget)"
+    )
     p.add_argument("--layers", type=int, default=28, help="decoder layers (28 = the real model)")
-    p.add_argument("--tiny", action="store_true", help="a 2-layer 64-wide Qwen2 (CPU rehearsal, no estimate)")
+    p.add_argument(
+        "--tiny", action="store_true", help="a 2-layer 64-wide Qwen2 (CPU rehearsal, no estimate)"
+    )
     p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--beta", type=float, default=0.04, help="> 0 also builds and runs the reference model")
+    p.add_argument(
+        "--beta", type=float, default=0.04, help="> 0 also builds and runs the reference model"
+    )
     p.add_argument("--out", help="write the results as JSON here")
     a = p.parse_args()
     rank, world, device = train.init_distributed()
@@ -100,18 +169,31 @@ def main() -> None:
     arch = {**base, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
     rows = a.rows or a.prompts * a.group_size
     group = a.group_size if rows % a.group_size == 0 else rows
-    cfg = train.Config(group_size=group, prompts_per_step=rows // group, max_turns=1, max_turn_tokens=a.new_tokens,
-                       max_total_tokens=a.new_tokens + 8, micro_batch=a.micro_batch, beta=a.beta, lr=1e-6, steps=1,
-                       warmup_steps=1)
+    cfg = train.Config(
+        group_size=group,
+        prompts_per_step=rows // group,
+        max_turns=1,
+        max_turn_tokens=a.new_tokens,
+        max_total_tokens=a.new_tokens + 8,
+        micro_batch=a.micro_batch,
+        beta=a.beta,
+        lr=1e-6,
+        steps=1,
+        warmup_steps=1,
+    )
     model, ref = build_models(arch, device, world, a.beta)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=cuda)
-    questions = [{"question": f"Which river flows through city number {i} of the list?", "answers": ["x"]}
-                 for i in range(cfg.prompts_per_step)]
+    questions = [
+        {"question": f"Which river flows through city number {i} of the list?", "answers": ["x"]}
+        for i in range(cfg.prompts_per_step)
+    ]
     no_search = lambda qs: [[] for _ in qs]
     if cuda:
         torch.cuda.synchronize()
     static = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
-    train.grpo_step(model, ref, tok, optimizer, cfg, questions[:1], no_search, 0)  # warm-up (kernels)
+    train.grpo_step(
+        model, ref, tok, optimizer, cfg, questions[:1], no_search, 0
+    )  # warm-up (kernels)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -121,10 +203,15 @@ def main() -> None:
     res = results(a, model, tok, questions, rec, wall, rows, world, cfg.logprob_chunk, static, cuda)
     if rank == 0:
         print(json.dumps(res, indent=1))
-        print(f"\none step: {wall:.1f} s = rollout {rec['rollout_s']:.1f} s ({rec['rollout_tokens_per_s']:.0f} "
-              f"generated tokens/s) + update {rec['update_s']:.1f} s; peak {rec['peak_mem_gb']:.2f} GiB"
-              + (f" vs estimate {max(res['estimate_gib'].values()):.2f} GiB (without the allowance)"
-                 if res["estimate_gib"] else ""))
+        print(
+            f"\none step: {wall:.1f} s = rollout {rec['rollout_s']:.1f} s ({rec['rollout_tokens_per_s']:.0f} "
+            f"generated tokens/s) + update {rec['update_s']:.1f} s; peak {rec['peak_mem_gb']:.2f} GiB"
+            + (
+                f" vs estimate {max(res['estimate_gib'].values()):.2f} GiB (without the allowance)"
+                if res["estimate_gib"]
+                else ""
+            )
+        )
         if a.out:
             Path(a.out).write_text(json.dumps(res, indent=1))
     train.dist.destroy_process_group()

@@ -52,7 +52,12 @@ def main() -> None:
         for r in rows:
             by_type[r.get("type")].append(r["em"])
         searches = f"{sum(len(r['queries']) for r in rows) / len(rows):.2f}"
-        cells = [f.stem, str(len(rows)), *map(mean, ("em", "f1", "cover_em", "tagged", "well_formed")), searches]
+        cells = [
+            f.stem,
+            str(len(rows)),
+            *map(mean, ("em", "f1", "cover_em", "tagged", "well_formed")),
+            searches,
+        ]
         cells += kind_cells(rows) + [mean_cell(by_type[t]) for t in TYPES]
         print("| " + " | ".join(cells) + " |")
 

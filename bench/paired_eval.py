@@ -50,8 +50,10 @@ def per_question(path: str, metric: str) -> Questions:
                 scores[key].append(float(rec[metric]))
                 kind = rec.get("kind") or grpo.question_kind(rec["question"], rec["answers"])
             except (json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError) as e:
-                raise SystemExit(f"paired_eval.py: error: {path}:{lineno}: not a kr1.py --eval record with "
-                                 f"'{metric}', 'question' and 'answers' ({type(e).__name__}: {e})") from None
+                raise SystemExit(
+                    f"paired_eval.py: error: {path}:{lineno}: not a kr1.py --eval record with "
+                    f"'{metric}', 'question' and 'answers' ({type(e).__name__}: {e})"
+                ) from None
             q.types[key], q.kinds[key] = rec.get("type") or "all", kind
             q.yes[key] = grpo.normalize_answer(rec["answers"][0]) == "yes"
     samples = max((len(v) for v in scores.values()), default=0)
@@ -100,9 +102,15 @@ def compare(a: dict[str, float], b: dict[str, float], keys: list[str], single: b
     xb = np.array([b[k] for k in keys], dtype=np.float64)  # (n,)
     gained, lost = int(((xb > xa) & (xa == 0)).sum()), int(((xb < xa) & (xb == 0)).sum())
     lo, hi = bootstrap_ci(xb - xa)
-    out = {"n": len(keys), "a": float(xa.mean()) if len(keys) else float("nan"),
-           "b": float(xb.mean()) if len(keys) else float("nan"), "diff": float((xb - xa).mean()) if len(keys) else 0.0,
-           "ci95": [lo, hi], "gained": gained, "lost": lost}
+    out = {
+        "n": len(keys),
+        "a": float(xa.mean()) if len(keys) else float("nan"),
+        "b": float(xb.mean()) if len(keys) else float("nan"),
+        "diff": float((xb - xa).mean()) if len(keys) else 0.0,
+        "ci95": [lo, hi],
+        "gained": gained,
+        "lost": lost,
+    }
     if single:
         out["mcnemar_p"] = mcnemar_exact(gained, lost)
     return out
@@ -121,36 +129,65 @@ def report(path_a: str, path_b: str, metric: str = "em") -> dict:
     kinds = {}
     for kind in ("open", "two-option", "yes-no"):
         if ks := by_kind.get(kind):
-            kinds[kind] = {**compare(a.scores, b.scores, ks, single), "chance": chance(kind, ks, a.yes)}
+            kinds[kind] = {
+                **compare(a.scores, b.scores, ks, single),
+                "chance": chance(kind, ks, a.yes),
+            }
             if single and kinds[kind]["chance"] is not None:
                 right = round(sum(b.scores[k] for k in ks))
                 kinds[kind]["b_vs_chance_p"] = binomial_p(right, len(ks), kinds[kind]["chance"])
     types = {t: compare(a.scores, b.scores, ks, single) for t, ks in sorted(by_type.items())}
-    return {"a": path_a, "b": path_b, "metric": metric, "samples_per_q": [a.samples, b.samples],
-            "only_in_one": len(a.scores) + len(b.scores) - 2 * len(keys),
-            "all": compare(a.scores, b.scores, keys, single), "by_kind": kinds, "by_type": types}
+    return {
+        "a": path_a,
+        "b": path_b,
+        "metric": metric,
+        "samples_per_q": [a.samples, b.samples],
+        "only_in_one": len(a.scores) + len(b.scores) - 2 * len(keys),
+        "all": compare(a.scores, b.scores, keys, single),
+        "by_kind": kinds,
+        "by_type": types,
+    }
 
 
 def print_table(r: dict) -> None:
-    print(f"A = {r['a']}\nB = {r['b']}\n{r['metric']}, samples per question {r['samples_per_q']}"
-          + (f", {r['only_in_one']} questions in one file only (left out)" if r["only_in_one"] else ""))
-    print(f"{'':20} {'n':>5} {'A':>7} {'B':>7} {'B-A':>7} {'95% CI (bootstrap)':>20} {'gained':>7} {'lost':>5} "
-          f"{'McNemar p':>10} {'chance':>7} {'B vs chance p':>14}")
-    rows = [("all", r["all"]), *((f"kind: {k}", c) for k, c in r["by_kind"].items()), *r["by_type"].items()]
+    print(
+        f"A = {r['a']}\nB = {r['b']}\n{r['metric']}, samples per question {r['samples_per_q']}"
+        + (
+            f", {r['only_in_one']} questions in one file only (left out)"
+            if r["only_in_one"]
+            else ""
+        )
+    )
+    print(
+        f"{'':20} {'n':>5} {'A':>7} {'B':>7} {'B-A':>7} {'95% CI (bootstrap)':>20} {'gained':>7} {'lost':>5} "
+        f"{'McNemar p':>10} {'chance':>7} {'B vs chance p':>14}"
+    )
+    rows = [
+        ("all", r["all"]),
+        *((f"kind: {k}", c) for k, c in r["by_kind"].items()),
+        *r["by_type"].items(),
+    ]
     for name, c in rows:
         p = f"{c['mcnemar_p']:.2g}" if "mcnemar_p" in c else "-"
         ci = f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]"
         guess = f"{c['chance']:.3f}" if c.get("chance") is not None else "-"
         vs = f"{c['b_vs_chance_p']:.2g}" if "b_vs_chance_p" in c else "-"
-        print(f"{name:20} {c['n']:5d} {c['a']:7.3f} {c['b']:7.3f} {c['diff']:+7.3f} {ci:>20} {c['gained']:7d} "
-              f"{c['lost']:5d} {p:>10} {guess:>7} {vs:>14}")
+        print(
+            f"{name:20} {c['n']:5d} {c['a']:7.3f} {c['b']:7.3f} {c['diff']:+7.3f} {ci:>20} {c['gained']:7d} "
+            f"{c['lost']:5d} {p:>10} {guess:>7} {vs:>14}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("a", help="the baseline's per-question file (kr1.py --eval --out)")
     p.add_argument("b", help="the candidate's per-question file, same questions")
-    p.add_argument("--metric", default="em", choices=["em", "f1", "cover_em"], help="per-question score (default em)")
+    p.add_argument(
+        "--metric",
+        default="em",
+        choices=["em", "f1", "cover_em"],
+        help="per-question score (default em)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
     r = report(args.a, args.b, args.metric)

@@ -37,7 +37,9 @@ def main() -> None:
     p.add_argument("trained", help="log.jsonl of the run with updates")
     p.add_argument("control", help="log.jsonl of the same run with --no-update")
     p.add_argument("--out", required=True, help="PNG path")
-    p.add_argument("--smooth", type=int, default=8, help="moving-average window in steps (default 8)")
+    p.add_argument(
+        "--smooth", type=int, default=8, help="moving-average window in steps (default 8)"
+    )
     a = p.parse_args()
     tr, co = grpo_steps(a.trained), grpo_steps(a.control)
     steps = sorted(set(tr) & set(co))
@@ -61,7 +63,9 @@ def main() -> None:
     diff = [tr[s]["accuracy"] - co[s]["accuracy"] for s in steps]
     m, se = running_diff(diff)
     axes[3].plot(steps, m, color="k", lw=2)
-    axes[3].fill_between(steps, [x - 2 * e for x, e in zip(m, se)], [x + 2 * e for x, e in zip(m, se)], alpha=0.2)
+    axes[3].fill_between(
+        steps, [x - 2 * e for x, e in zip(m, se)], [x + 2 * e for x, e in zip(m, se)], alpha=0.2
+    )
     axes[3].axhline(0, color="grey", lw=1, ls="--")
     axes[3].set_title("accuracy: trained - control, running mean ± 2 s.e.")
     axes[3].set_xlabel("step")
@@ -70,8 +74,10 @@ def main() -> None:
     q = max(1, len(steps) // 4)
     for i in range(0, len(steps), q):
         part = diff[i : i + q]
-        print(f"steps {steps[i]}-{steps[min(i + q, len(steps)) - 1]}: accuracy trained - control "
-              f"{sum(part) / len(part):+.3f} (mean of {len(part)} steps)")
+        print(
+            f"steps {steps[i]}-{steps[min(i + q, len(steps)) - 1]}: accuracy trained - control "
+            f"{sum(part) / len(part):+.3f} (mean of {len(part)} steps)"
+        )
     print(f"all {len(steps)} steps: {m[-1]:+.3f} ± {se[-1]:.3f} (s.e.); figure {a.out}")
 
 

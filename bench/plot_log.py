@@ -10,21 +10,32 @@ import argparse
 import json
 from pathlib import Path
 
-PANELS = [("reward", "reward (accuracy + format)"), ("format", "format reward (+1 / -1)"),
-          ("accuracy", "accuracy (EM)"), ("searches", "searches per trajectory"),
-          ("response_tokens", "sampled tokens per trajectory"), ("loss", "loss (SFT: NLL/token; GRPO: surrogate)"),
-          ("entropy", "entropy (nats/token, GRPO)"), ("seconds", "seconds per step (rollout + update)")]
+PANELS = [
+    ("reward", "reward (accuracy + format)"),
+    ("format", "format reward (+1 / -1)"),
+    ("accuracy", "accuracy (EM)"),
+    ("searches", "searches per trajectory"),
+    ("response_tokens", "sampled tokens per trajectory"),
+    ("loss", "loss (SFT: NLL/token; GRPO: surrogate)"),
+    ("entropy", "entropy (nats/token, GRPO)"),
+    ("seconds", "seconds per step (rollout + update)"),
+]
 
 
 def moving_mean(ys: list[float], w: int) -> list[float]:
-    return [sum(ys[max(0, i - w + 1) : i + 1]) / len(ys[max(0, i - w + 1) : i + 1]) for i in range(len(ys))]
+    return [
+        sum(ys[max(0, i - w + 1) : i + 1]) / len(ys[max(0, i - w + 1) : i + 1])
+        for i in range(len(ys))
+    ]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("log", help="OUT/log.jsonl written by train.py")
     p.add_argument("--out", help="PNG path (default: beside the log)")
-    p.add_argument("--smooth", type=int, default=5, help="moving-average window in points (default 5)")
+    p.add_argument(
+        "--smooth", type=int, default=5, help="moving-average window in points (default 5)"
+    )
     a = p.parse_args()
     import matplotlib
 
@@ -45,11 +56,19 @@ def main() -> None:
             w = max(1, min(a.smooth, len(ys)))
             ax.plot(xs, ys, "o-" if len(xs) < 40 else "-", alpha=0.35, ms=3, label="per step")
             legend = f"mean of {w}"
-            for sft in (True, False):  # the mean restarts at GRPO: SFT probes are sparse, another regime
-                ph = [(r["step"], r[key]) for r in rows
-                      if r.get(key) is not None and (r.get("phase") == "sft") == sft]
+            for sft in (
+                True,
+                False,
+            ):  # the mean restarts at GRPO: SFT probes are sparse, another regime
+                ph = [
+                    (r["step"], r[key])
+                    for r in rows
+                    if r.get(key) is not None and (r.get("phase") == "sft") == sft
+                ]
                 if ph:
-                    ax.plot([x for x, _ in ph], moving_mean([y for _, y in ph], w), c="C1", label=legend)
+                    ax.plot(
+                        [x for x, _ in ph], moving_mean([y for _, y in ph], w), c="C1", label=legend
+                    )
                     legend = None
         if sft_end is not None:
             ax.axvline(sft_end + 0.5, ls="--", c="gray", lw=1, label="SFT | GRPO")

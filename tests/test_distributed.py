@@ -13,21 +13,70 @@ from pathlib import Path
 
 from test_train import ROOT, common_flags, free_port, torchrun
 
-FLAGS = ["--group-size", "2", "--prompts-per-step", "2", "--max-turns", "1", "--max-turn-tokens", "12",
-         "--max-total-tokens", "32", "--micro-batch", "2", "--warmup-steps", "1", "--lr", "1e-3", "--beta", "0.04",
-         "--save-every", "1"]
+FLAGS = [
+    "--group-size",
+    "2",
+    "--prompts-per-step",
+    "2",
+    "--max-turns",
+    "1",
+    "--max-turn-tokens",
+    "12",
+    "--max-total-tokens",
+    "32",
+    "--micro-batch",
+    "2",
+    "--warmup-steps",
+    "1",
+    "--lr",
+    "1e-3",
+    "--beta",
+    "0.04",
+    "--save-every",
+    "1",
+]
 
 
 def two_nodes(d: Path, out: Path, steps: int, *extra: str) -> list[subprocess.CompletedProcess]:
     """Both agents of one job, started together; each node's own cache dir is d/cache-node{0,1}."""
     endpoint, procs = f"127.0.0.1:{free_port()}", []
     for node in (0, 1):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "KR1_CACHE": str(d / f"cache-node{node}")}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-               "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", out.name,
-               "--rdzv-conf", f"is_host={node == 0}", str(ROOT / "train.py"), "--model", str(d / "policy"),
-               "--dataset", str(d / "qa.jsonl"), "--index", str(d / "corpus.jsonl"), *FLAGS, "--steps", str(steps),
-               "--out", str(out), *extra]
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(ROOT),
+            "KR1_CACHE": str(d / f"cache-node{node}"),
+        }
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--nproc-per-node",
+            "1",
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            endpoint,
+            "--rdzv-id",
+            out.name,
+            "--rdzv-conf",
+            f"is_host={node == 0}",
+            str(ROOT / "train.py"),
+            "--model",
+            str(d / "policy"),
+            "--dataset",
+            str(d / "qa.jsonl"),
+            "--index",
+            str(d / "corpus.jsonl"),
+            *FLAGS,
+            "--steps",
+            str(steps),
+            "--out",
+            str(out),
+            *extra,
+        ]
         pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, **pipes))
     done = []
@@ -51,9 +100,13 @@ def test_two_nodes_train_then_resume(tiny_policy, tmp_path):
     assert [r["step"] for r in log] == [1, 2, 3] and not any(r["skipped"] for r in log)
     assert (out / "latest").read_text().strip() == "checkpoints/step_000003"
     for node in (0, 1):
-        assert len(list((d / f"cache-node{node}" / "index").glob("corpus-*/*"))) > 0, node  # its own build
+        assert len(list((d / f"cache-node{node}" / "index").glob("corpus-*/*"))) > 0, (
+            node
+        )  # its own build
     assert sorted(p.name for p in (out / "checkpoints" / "step_000002").glob("rng_rank*")) == [
-        "rng_rank0.pt", "rng_rank1.pt"]
+        "rng_rank0.pt",
+        "rng_rank1.pt",
+    ]
 
 
 SLOW = """import os, sys, time
@@ -76,9 +129,21 @@ def test_dist_timeout_spares_rank0_alone(tiny_policy, tmp_path, monkeypatch):
     hf/ folder: rank 0 takes 25 s over each while rank 1 waits, and the job completes."""
     (tmp_path / "slow.py").write_text(SLOW)
     monkeypatch.setenv("KR1_TEST_SLOW", "25")
-    flags = [*common_flags(tiny_policy), "--beta", "0", "--lora-rank", "4", "--steps", "1", "--dist-timeout", "0.25"]
+    flags = [
+        *common_flags(tiny_policy),
+        "--beta",
+        "0",
+        "--lora-rank",
+        "4",
+        "--steps",
+        "1",
+        "--dist-timeout",
+        "0.25",
+    ]
     t0 = time.time()
     torchrun(*flags, "--out", str(tmp_path / "run"), script=tmp_path / "slow.py", timeout=300)
     assert time.time() - t0 > 50  # both sleeps ran
     log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1] and (tmp_path / "run" / "checkpoints" / "step_000001" / "hf").is_dir()
+    assert [r["step"] for r in log] == [1] and (
+        tmp_path / "run" / "checkpoints" / "step_000001" / "hf"
+    ).is_dir()

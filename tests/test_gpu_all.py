@@ -29,29 +29,49 @@ def test_stage_limits_fit_ten_minutes():
 def test_missing_inputs_stop_it_before_any_stage(tmp_path):
     """A --data folder without the prepared files: exit 2 before any stage, one line per missing file naming it."""
     env = {**os.environ, "OUT": str(tmp_path / "out")}
-    r = subprocess.run(["bash", str(SCRIPT), "--data", str(tmp_path), "--dry-run"], env=env, capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        ["bash", str(SCRIPT), "--data", str(tmp_path), "--dry-run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and not (tmp_path / "out").exists()
     lines = r.stderr.strip().splitlines()
-    assert [line.split()[3] for line in lines[:3]] == [f"{tmp_path}/{f}.jsonl" for f in ("test", "train", "corpus")]
+    assert [line.split()[3] for line in lines[:3]] == [
+        f"{tmp_path}/{f}.jsonl" for f in ("test", "train", "corpus")
+    ]
     assert all(line.startswith("gpu_all.sh: error: missing ") for line in lines)
 
 
-@pytest.mark.skipif(not (ROOT.parent / "shared" / "data" / "2wiki" / "corpus.jsonl").is_file(),
-                    reason="needs ../shared/data/2wiki")
+@pytest.mark.skipif(
+    not (ROOT.parent / "shared" / "data" / "2wiki" / "corpus.jsonl").is_file(),
+    reason="needs ../shared/data/2wiki",
+)
 def test_dry_run_runs_every_stage(tmp_path):
     """The same stages on CPU with tiny sizes (2-layer random Qwen2s, a few tokens, one GRPO step): each ends ok
     and the summary screen lists them all with their result lines."""
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1", "KR1_TOKENIZER": ""}
     data = ROOT.parent / "shared" / "data" / "2wiki"
-    flags = [] if importlib.util.find_spec("matplotlib") else ["--skip-missing"]  # the `bench` extra draws the plot
-    r = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--data", str(data), *flags], env=env, capture_output=True,
-                       text=True, timeout=1800)
+    flags = (
+        [] if importlib.util.find_spec("matplotlib") else ["--skip-missing"]
+    )  # the `bench` extra draws the plot
+    r = subprocess.run(
+        ["bash", str(SCRIPT), "--dry-run", "--data", str(data), *flags],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     rows = [line.split() for line in (out / "SUMMARY.txt").read_text().splitlines()[1:]]
     plot = "skipped" if flags else "ok"
-    assert [row[:2] for row in rows] == [[s, "ok"] for s in STAGES[:-1]] + [["plot", plot]], r.stdout[-4000:]
-    screen = r.stdout[r.stdout.index("Knowledge-R1 GPU day one"):]
+    assert [row[:2] for row in rows] == [[s, "ok"] for s in STAGES[:-1]] + [["plot", plot]], (
+        r.stdout[-4000:]
+    )
+    screen = r.stdout[r.stdout.index("Knowledge-R1 GPU day one") :]
     assert "same numbers as HF sdpa" in screen and "one step:" in screen and "em: " in screen
-    assert (out / "eval-after.jsonl").read_text().count("\n") == 2 and (out / "curves.png").is_file() == (plot == "ok")
+    assert (out / "eval-after.jsonl").read_text().count("\n") == 2 and (
+        out / "curves.png"
+    ).is_file() == (plot == "ok")

@@ -36,7 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_normalize_answer_squad_rules():
     assert normalize_answer("The  Quick, Brown fox!") == "quick brown fox"
     assert normalize_answer("An apple a day") == "apple day"
-    assert normalize_answer("Theory of Anarchy") == "theory of anarchy"  # articles only as whole words
+    assert (
+        normalize_answer("Theory of Anarchy") == "theory of anarchy"
+    )  # articles only as whole words
     assert normalize_answer("U.S.A.") == "usa"
     assert normalize_answer("  Jean-Paul\tSartre\n") == "jeanpaul sartre"
     assert normalize_answer("The") == ""
@@ -98,7 +100,10 @@ GOOD = [
         (["<think>a</think><think>b</think><answer>y</answer>"], -1.0),  # duplicated think
         (["<think>a</think><answer>y</answer><answer>z</answer>"], -1.0),  # duplicated answer
         (["<think>a</think><answer>y <search>q</search></answer>"], -1.0),  # tag inside the answer
-        (["<think>a</think><search>q</search><answer>y</answer>"], -1.0),  # search and answer in one turn
+        (
+            ["<think>a</think><search>q</search><answer>y</answer>"],
+            -1.0,
+        ),  # search and answer in one turn
         (GOOD[:-1], -1.0),  # last turn is a search: no answer
         ([GOOD[-1], GOOD[-1]], -1.0),  # answering turn where a search turn must be
         (["<think>x</think><answer>y</answer"], -1.0),  # truncated
@@ -110,7 +115,9 @@ def test_format_reward(responses, expected):
 
 # ----------------------------------------------------------------------------- reward + hacks
 def traj(answer, responses):
-    return types.SimpleNamespace(answer=answer, responses=responses)  # what reward() reads of a Trajectory
+    return types.SimpleNamespace(
+        answer=answer, responses=responses
+    )  # what reward() reads of a Trajectory
 
 
 def test_reward_sums_weighted_parts():
@@ -119,17 +126,31 @@ def test_reward_sums_weighted_parts():
         "accuracy": 1.0,
         "format": 1.0,
     }
-    assert reward(traj("Dayton", GOOD), ["Cincinnati"]) == {"reward": 1.0, "accuracy": 0.0, "format": 1.0}
-    assert reward(traj(None, GOOD[:-1]), ["Cincinnati"]) == {"reward": -1.0, "accuracy": 0.0, "format": -1.0}
-    r = reward(traj("Cincinnati", ["<answer>Cincinnati</answer>"]), ["Cincinnati"], w_acc=2.0, w_fmt=0.5)
+    assert reward(traj("Dayton", GOOD), ["Cincinnati"]) == {
+        "reward": 1.0,
+        "accuracy": 0.0,
+        "format": 1.0,
+    }
+    assert reward(traj(None, GOOD[:-1]), ["Cincinnati"]) == {
+        "reward": -1.0,
+        "accuracy": 0.0,
+        "format": -1.0,
+    }
+    r = reward(
+        traj("Cincinnati", ["<answer>Cincinnati</answer>"]), ["Cincinnati"], w_acc=2.0, w_fmt=0.5
+    )
     assert r == {"reward": 1.5, "accuracy": 1.0, "format": -1.0}
-    assert reward(traj("Ohio Cincinnati", GOOD), ["Cincinnati"], acc="f1")["accuracy"] == pytest.approx(2 / 3)
+    assert reward(traj("Ohio Cincinnati", GOOD), ["Cincinnati"], acc="f1")[
+        "accuracy"
+    ] == pytest.approx(2 / 3)
     with pytest.raises(ValueError):
         reward(traj("x", GOOD), ["x"], acc="bleu")
 
 
 def test_empty_answer_earns_nothing():
-    r = reward(traj("", ["<think>x</think><answer></answer>"]), ["The"], acc="f1")  # gold normalises to "" too
+    r = reward(
+        traj("", ["<think>x</think><answer></answer>"]), ["The"], acc="f1"
+    )  # gold normalises to "" too
     assert r == {"reward": -1.0, "accuracy": 0.0, "format": -1.0}
 
 
@@ -154,12 +175,18 @@ def test_candidate_lists_earn_no_accuracy(answer, acc):
 
 
 def test_candidate_guard_spares_real_answers():
-    assert answer_accuracy("Washington, D.C.", ["Washington, D.C."], "f1") == 1.0  # gold has a comma too
-    assert answer_accuracy("Paris, France", ["Paris France"], "em") == 1.0  # an exact match always counts
+    assert (
+        answer_accuracy("Washington, D.C.", ["Washington, D.C."], "f1") == 1.0
+    )  # gold has a comma too
+    assert (
+        answer_accuracy("Paris, France", ["Paris France"], "em") == 1.0
+    )  # an exact match always counts
     assert answer_accuracy("Tom and Jerry", ["Tom and Jerry"], "f1") == 1.0  # "and" is no separator
     assert answer_accuracy("Bosnia and Herzegovina", ["Herzegovina"], "f1") == 0.5  # P 1/3, R 1
     assert answer_accuracy("President Barack Obama", ["Barack Obama"], "f1") == pytest.approx(0.8)
-    assert not is_candidate_list("the 44th president Barack Obama", ["Barack Obama"])  # 5 words <= 2*2+3
+    assert not is_candidate_list(
+        "the 44th president Barack Obama", ["Barack Obama"]
+    )  # 5 words <= 2*2+3
     assert answer_accuracy("Oregon", ["Oregon"], "f1") == 1.0  # "or" only as a whole word
 
 
@@ -204,7 +231,9 @@ def reference_loss(logp, old, adv, mask, ref, beta, lo, hi, agg, normaliser):
 def random_batch(B=6, T=9, seed=0):
     g = torch.Generator().manual_seed(seed)
     logp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3  # (B, T)
-    old = logp + 0.4 * torch.randn(B, T, generator=g, dtype=torch.float64)  # ratios well outside [0.8, 1.28]
+    old = logp + 0.4 * torch.randn(
+        B, T, generator=g, dtype=torch.float64
+    )  # ratios well outside [0.8, 1.28]
     ref = logp + 0.5 * torch.randn(B, T, generator=g, dtype=torch.float64)
     mask = torch.rand(B, T, generator=g) < 0.6  # (B, T)
     mask[:, 0] = True  # every row has tokens
@@ -220,7 +249,9 @@ def test_loss_and_grad_match_float64_reference(agg, beta, clip):
     logp, old, ref, mask, adv, _ = random_batch()
     norm = 9 * 6 if agg == "const" else None
     lp32 = logp.float().requires_grad_()
-    loss, met = grpo_loss(lp32, old.float(), adv.float(), mask, ref.float(), beta, *clip, agg=agg, normaliser=norm)
+    loss, met = grpo_loss(
+        lp32, old.float(), adv.float(), mask, ref.float(), beta, *clip, agg=agg, normaliser=norm
+    )
     loss.backward()
     lp64 = logp.clone().requires_grad_()
     expected = reference_loss(lp64, old, adv, mask, ref, beta, *clip, agg, norm)
@@ -234,8 +265,16 @@ def test_loss_and_grad_match_float64_reference(agg, beta, clip):
 
 def test_metrics_values():
     logp, old, ref, mask, adv, ent = random_batch()
-    _, met = grpo_loss(logp.float(), old.float(), adv.float(), mask, ref.float(), 0.0, clip_high=0.28,
-                       entropy=ent.float())
+    _, met = grpo_loss(
+        logp.float(),
+        old.float(),
+        adv.float(),
+        mask,
+        ref.float(),
+        0.0,
+        clip_high=0.28,
+        entropy=ent.float(),
+    )
     ratio = torch.exp(logp - old)[mask]
     k3 = (torch.exp(ref - logp) - (ref - logp) - 1)[mask]
     lo, hi = (
@@ -272,7 +311,9 @@ def test_global_normaliser_makes_accumulation_exact(agg):
     parts = logp.clone().requires_grad_()
     norm = mask.sum() if agg == "token" else mask.shape[0]
     for sl in (slice(0, 3), slice(3, 8)):  # unequal micro-batches, unequal token counts
-        grpo_loss(parts[sl], old[sl], adv[sl], mask[sl], ref[sl], 0.04, agg=agg, normaliser=norm)[0].backward()
+        grpo_loss(parts[sl], old[sl], adv[sl], mask[sl], ref[sl], 0.04, agg=agg, normaliser=norm)[
+            0
+        ].backward()
     torch.testing.assert_close(parts.grad, full.grad)
 
 
@@ -284,7 +325,9 @@ def test_on_policy_ratio_is_one_and_gradient_is_policy_gradient():
         assert met[k].item() == 1.0
     assert met["clip_frac"].item() == 0.0 and met["kl"].item() == 0.0
     loss.backward()
-    expected = torch.where(mask, -adv[:, None] / mask.sum(), 0.0)  # d/dlogp of -A * exp(logp - sg(logp)) / n
+    expected = torch.where(
+        mask, -adv[:, None] / mask.sum(), 0.0
+    )  # d/dlogp of -A * exp(logp - sg(logp)) / n
     torch.testing.assert_close(lp.grad, expected)
 
 
@@ -294,7 +337,9 @@ def test_masked_positions_cannot_leak(agg):
     clean = logp.clone().requires_grad_()
     loss0, met0 = grpo_loss(clean, old, adv, mask, ref, 0.1, agg=agg, normaliser=54.0, entropy=ent)
     loss0.backward()
-    junk = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1e30], dtype=torch.float64)
+    junk = torch.tensor(
+        [float("nan"), float("inf"), -float("inf"), 1e30, -1e30], dtype=torch.float64
+    )
     idx = torch.arange(int((~mask).sum())) % len(junk)
 
     def poison(x):  # junk at every masked position
@@ -304,7 +349,15 @@ def test_masked_positions_cannot_leak(agg):
 
     dirty = poison(logp).requires_grad_()
     loss1, met1 = grpo_loss(
-        dirty, poison(old), adv, mask, poison(ref), 0.1, agg=agg, normaliser=54.0, entropy=poison(ent)
+        dirty,
+        poison(old),
+        adv,
+        mask,
+        poison(ref),
+        0.1,
+        agg=agg,
+        normaliser=54.0,
+        entropy=poison(ent),
     )
     loss1.backward()
     assert torch.isfinite(loss1) and torch.isfinite(dirty.grad).all()
@@ -361,7 +414,10 @@ def padded_batch(side: str, B=3, T=12, V=300, seed=0):
 def full_logits_logp(model, ids, am, temperature=1.0):
     """The unchunked way: materialise (B, T, V) float32 logits, log-softmax, gather."""
     pos = (am.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=am, position_ids=pos).logits.float()[:, :-1] / temperature
+    logits = (
+        model(input_ids=ids, attention_mask=am, position_ids=pos).logits.float()[:, :-1]
+        / temperature
+    )
     logq = torch.log_softmax(logits, -1)  # (B, T-1, V)
     return logq.gather(-1, ids[:, 1:, None]).squeeze(-1), -(logq.exp() * logq).sum(-1)
 
@@ -373,7 +429,10 @@ def test_token_logprobs_match_full_logits(tiny_model, side, temperature):
     valid = (am[:, :-1] * am[:, 1:]).bool()  # (B, T-1) real prefix and real target
     w = torch.randn(valid.shape, generator=torch.Generator().manual_seed(1))
     grads = []
-    for fn in (full_logits_logp, lambda m, i, a, t: token_logprobs(m, i, a, t, chunk_size=5, with_entropy=True)):
+    for fn in (
+        full_logits_logp,
+        lambda m, i, a, t: token_logprobs(m, i, a, t, chunk_size=5, with_entropy=True),
+    ):
         tiny_model.zero_grad()
         logp, ent = fn(tiny_model, ids, am, temperature)
         assert logp.shape == ent.shape == (3, 11) and logp.dtype == torch.float32
@@ -413,11 +472,17 @@ def test_token_logprobs_chunk_invariance_and_as_a_module(tiny_model):
         grads.append(tiny_model.model.embed_tokens.weight.grad.clone())
     for o, g in zip(outs[1:], grads[1:]):
         torch.testing.assert_close(o, outs[0], rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(g, grads[0], rtol=1e-4, atol=1e-6)  # only the summation order differs
-    from train import LogProbs  # how train.py calls it: the forward of a module around the causal LM
+        torch.testing.assert_close(
+            g, grads[0], rtol=1e-4, atol=1e-6
+        )  # only the summation order differs
+    from train import (
+        LogProbs,
+    )  # how train.py calls it: the forward of a module around the causal LM
 
     with torch.no_grad():
-        torch.testing.assert_close(LogProbs(tiny_model)(ids, am, chunk_size=4), outs[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            LogProbs(tiny_model)(ids, am, chunk_size=4), outs[0], rtol=1e-6, atol=1e-6
+        )
 
 
 def test_token_logprobs_over_the_tokenizer_vocab_only(tiny_model):
@@ -425,9 +490,14 @@ def test_token_logprobs_over_the_tokenizer_vocab_only(tiny_model):
     ids, am = padded_batch("right", V=250)  # every target id < 250
     pos = (am.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        logits = tiny_model(input_ids=ids, attention_mask=am, position_ids=pos).logits[:, :-1, :250]  # (B, T-1, 250)
+        logits = tiny_model(input_ids=ids, attention_mask=am, position_ids=pos).logits[
+            :, :-1, :250
+        ]  # (B, T-1, 250)
         want = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
-        got, full = token_logprobs(tiny_model, ids, am, chunk_size=5, vocab=250), token_logprobs(tiny_model, ids, am)
+        got, full = (
+            token_logprobs(tiny_model, ids, am, chunk_size=5, vocab=250),
+            token_logprobs(tiny_model, ids, am),
+        )
     valid = (am[:, :-1] * am[:, 1:]).bool()
     torch.testing.assert_close(got[valid], want[valid], rtol=1e-5, atol=1e-5)
     assert (got[valid] > full[valid]).all()  # less mass to share: every log-prob is higher
@@ -467,7 +537,11 @@ print(json.dumps({"chunked": chunked, "full": full, "btv4": B * T * V * 4, "chun
 def test_chunked_logprobs_peak_memory():
     """Peak RSS of forward+backward: chunked stays within a few chunks of logits, unchunked holds several (B,T,V)."""
     proc = subprocess.run(
-        [sys.executable, "-c", MEMORY_SCRIPT, str(ROOT)], capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, "-c", MEMORY_SCRIPT, str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -476,44 +550,67 @@ def test_chunked_logprobs_peak_memory():
     bound = 5 * m["chunk"] + 2 * m["vh4"] + 64 * 2**20
     assert m["chunked"] < bound < 0.6 * m["btv4"], mb
     assert m["chunked"] < m["full"] - 0.75 * m["btv4"], mb
-    assert m["full"] > 2 * m["btv4"], mb  # the comparison is real: the unchunked path holds >= 2 copies of logits
+    assert m["full"] > 2 * m["btv4"], (
+        mb
+    )  # the comparison is real: the unchunked path holds >= 2 copies of logits
 
 
 # ----------------------------------------------------------------------------- warm-start, masked head
 def test_sft_loss_is_the_masked_mean_nll():
     logp = torch.tensor([[-1.0, -2.0, float("-inf")], [-0.5, -4.0, -3.0]], requires_grad=True)
-    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])  # the -inf sits at a masked (context) slot
+    mask = torch.tensor(
+        [[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]]
+    )  # the -inf sits at a masked (context) slot
     loss = sft_loss(logp, mask)
     assert loss.item() == pytest.approx((1 + 2 + 4 + 3) / 4)
     loss.backward()
-    assert torch.equal(logp.grad, -mask / 4)  # finite everywhere: the masked -inf never reached the gradient
-    assert sft_loss(logp, mask, normaliser=8.0).item() == pytest.approx(10 / 8)  # global count over micro-batches
+    assert torch.equal(
+        logp.grad, -mask / 4
+    )  # finite everywhere: the masked -inf never reached the gradient
+    assert sft_loss(logp, mask, normaliser=8.0).item() == pytest.approx(
+        10 / 8
+    )  # global count over micro-batches
 
 
 def test_token_logprobs_loss_mask_equals_full_head_at_masked_positions():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                         num_key_value_heads=2, intermediate_size=64))
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=300,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+        )
+    )
     ids = torch.randint(0, 300, (2, 12))
     attn = torch.ones_like(ids)
     attn[1, 9:] = 0  # right padding
     mask = torch.zeros(2, 11)
     mask[0, 3:7], mask[1, 5:8] = 1, 1
     full, ent_full = token_logprobs(model, ids, attn, 0.7, chunk_size=5, with_entropy=True)
-    part, ent_part = token_logprobs(model, ids, attn, 0.7, chunk_size=5, with_entropy=True, loss_mask=mask)
+    part, ent_part = token_logprobs(
+        model, ids, attn, 0.7, chunk_size=5, with_entropy=True, loss_mask=mask
+    )
     m = mask.bool()
     torch.testing.assert_close(part[m], full[m])
     torch.testing.assert_close(ent_part[m], ent_full[m])
     assert torch.all(part[~m] == 0) and torch.all(ent_part[~m] == 0)
-    part[m].sum().backward()  # gradients flow through the scatter to the selected positions' head inputs
+    part[
+        m
+    ].sum().backward()  # gradients flow through the scatter to the selected positions' head inputs
     assert model.lm_head.weight.grad.abs().sum() > 0
 
 
 def test_question_kind_names_what_a_guess_can_score():
     assert question_kind("Is Oslo in Norway?", ["yes"]) == "yes-no"
-    assert question_kind("Which film came out first, Heat or Alien?", ["Alien", "Alien (film)"]) == "two-option"
+    assert (
+        question_kind("Which film came out first, Heat or Alien?", ["Alien", "Alien (film)"])
+        == "two-option"
+    )
     assert question_kind("Who directed Alien?", ["Ridley Scott"]) == "open"
     # whole words after normalisation: the alias "fr" of France is not named by "from"
     assert question_kind("Which country is Anthony I's father from?", ["France", "fr"]) == "open"

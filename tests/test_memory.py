@@ -16,16 +16,45 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import bench_memory  # noqa: E402
 
-TINY = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
-        "tie_word_embeddings": False, "max_position_embeddings": 4096}
+TINY = {
+    "model_type": "qwen2",
+    "architectures": ["Qwen2ForCausalLM"],
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 512,
+    "tie_word_embeddings": False,
+    "max_position_embeddings": 4096,
+}
 # per layer: q, o 64x64 (+ q bias 64), k, v 32x64 (+ biases 32), MLP 3 x 64x128, 2 RMSNorms; embeddings + head + norm
-PARAMS = 4 * (2 * 64 * 64 + 64 + 2 * (32 * 64 + 32) + 3 * 64 * 128 + 2 * 64) + 2 * 512 * 64 + 64  # 214,080
-KV_SLOT = 4 * 2 * 2 * 16 * 2  # bytes per row per cache slot: layers x K,V x kv_heads x head_dim x bf16
+PARAMS = (
+    4 * (2 * 64 * 64 + 64 + 2 * (32 * 64 + 32) + 3 * 64 * 128 + 2 * 64) + 2 * 512 * 64 + 64
+)  # 214,080
+KV_SLOT = (
+    4 * 2 * 2 * 16 * 2
+)  # bytes per row per cache slot: layers x K,V x kv_heads x head_dim x bf16
 WORLD, ROWS, SLOTS = 8, 4, 64 + 192  # 4 prompts x G 8 / 8 ranks; prompt + response tokens
-ARGS = ["--world", str(WORLD), "--prompts-per-step", "4", "--group-size", "8", "--prompt-tokens", "64",
-        "--response-tokens", "192", "--micro-batch", "4", "--logprob-chunk", "128"]
-LINE = re.compile(r"traced peak GiB/rank: rollout (\d+\.\d\d), update (\d+\.\d\d), load (\d+\.\d\d)")
+ARGS = [
+    "--world",
+    str(WORLD),
+    "--prompts-per-step",
+    "4",
+    "--group-size",
+    "8",
+    "--prompt-tokens",
+    "64",
+    "--response-tokens",
+    "192",
+    "--micro-batch",
+    "4",
+    "--logprob-chunk",
+    "128",
+]
+LINE = re.compile(
+    r"traced peak GiB/rank: rollout (\d+\.\d\d), update (\d+\.\d\d), load (\d+\.\d\d)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +84,9 @@ def test_trace_prints_the_summary_line(fake_run):
     assert m, last
     got = dict(zip(("rollout", "update", "load"), map(float, m.groups())))
     assert got == {k: round(v, 2) for k, v in res["traced_gib"].items()}
-    assert "NCCL" in text and "fragmentation" in text and "CUDA context" in text  # what the trace leaves out
+    assert (
+        "NCCL" in text and "fragmentation" in text and "CUDA context" in text
+    )  # what the trace leaves out
 
 
 def test_trace_holds_at_least_what_the_step_must_hold(fake_run):
@@ -78,7 +109,9 @@ def test_trace_holds_at_least_what_the_step_must_hold(fake_run):
 def test_rollout_grows_by_the_kv_cache(fake_run, tiny_dir):
     """256 more response tokens: the rollout holds 256 more cache slots per row, and one layer's K, V gathered
     for the chunk forward 256 columns wider; the transients of a missing cache could not make up for it."""
-    longer, _ = run("--model", str(tiny_dir), *ARGS, "--response-tokens", "448")  # the last value wins
+    longer, _ = run(
+        "--model", str(tiny_dir), *ARGS, "--response-tokens", "448"
+    )  # the last value wins
     grow = (longer["traced_gib"]["rollout"] - fake_run[0]["traced_gib"]["rollout"]) * 2**30
     assert grow >= ROWS * 256 * KV_SLOT + ROWS * 256 * KV_SLOT // 4
 
@@ -88,7 +121,9 @@ def test_fake_trace_equals_the_real_tensor_trace(fake_run, tiny_dir):
     real = bench_memory.main(["--trace", "--real", "--model", str(tiny_dir), *ARGS])
     fake = fake_run[0]
     for phase in ("load", "rollout", "update"):
-        assert fake["traced_gib"][phase] == pytest.approx(real["traced_gib"][phase], rel=0.02), phase
+        assert fake["traced_gib"][phase] == pytest.approx(real["traced_gib"][phase], rel=0.02), (
+            phase
+        )
 
 
 def test_unknown_model_is_a_clear_error(tmp_path):
@@ -99,6 +134,11 @@ def test_unknown_model_is_a_clear_error(tmp_path):
 def test_qwen3_alias_is_the_public_config():
     """--model qwen3-1.7b: Qwen3-1.7B's config.json fields, 1.72B parameters (tied embeddings) on the meta device."""
     name, c = bench_memory.model_config("qwen3-1.7b")
-    assert (name, c.model_type, c.head_dim, c.num_key_value_heads) == ("Qwen3-1.7B", "qwen3", 128, 8)
+    assert (name, c.model_type, c.head_dim, c.num_key_value_heads) == (
+        "Qwen3-1.7B",
+        "qwen3",
+        128,
+        8,
+    )
     n = sum(p.numel() for p in bench_memory.skeleton(c, None).parameters())
     assert 1.71e9 < n < 1.73e9, n

@@ -11,10 +11,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import paired_eval  # noqa: E402
 
 
-def write(path: Path, rows: list[tuple[str, str, float]], question="Who built {}?", answers=("Ada",)) -> str:
+def write(
+    path: Path, rows: list[tuple[str, str, float]], question="Who built {}?", answers=("Ada",)
+) -> str:
     """kr1.py --eval rows; by default open questions (the answer is not named in the question)."""
-    path.write_text("".join(json.dumps({"id": i, "type": t, "question": question.format(i), "answers": list(answers),
-                                        "em": em, "f1": em}) + "\n" for i, t, em in rows))
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": i,
+                    "type": t,
+                    "question": question.format(i),
+                    "answers": list(answers),
+                    "em": em,
+                    "f1": em,
+                }
+            )
+            + "\n"
+            for i, t, em in rows
+        )
+    )
     return str(path)
 
 
@@ -29,10 +45,17 @@ def test_mcnemar_exact_hand_computed():
 
 def test_report_counts_types_and_interval(tmp_path):
     # 20 questions; A right on q0-q4, B right on q2-q11: B gained q5-q11 (7), lost q0-q1 (2)
-    a = write(tmp_path / "a.jsonl", [(f"q{i}", "comparison" if i < 10 else "compositional", float(i < 5))
-                                     for i in range(20)])
-    b = write(tmp_path / "b.jsonl", [(f"q{i}", "comparison" if i < 10 else "compositional", float(2 <= i < 12))
-                                     for i in range(20)])
+    a = write(
+        tmp_path / "a.jsonl",
+        [(f"q{i}", "comparison" if i < 10 else "compositional", float(i < 5)) for i in range(20)],
+    )
+    b = write(
+        tmp_path / "b.jsonl",
+        [
+            (f"q{i}", "comparison" if i < 10 else "compositional", float(2 <= i < 12))
+            for i in range(20)
+        ],
+    )
     r = paired_eval.report(a, b)
     al = r["all"]
     assert (al["n"], al["gained"], al["lost"]) == (20, 7, 2)
@@ -45,8 +68,13 @@ def test_report_counts_types_and_interval(tmp_path):
 
 def test_clustered_samples_average_per_question(tmp_path):
     # four samples per question: A scores 1/4 on q0, B 3/4; questions only in one file are left out
-    a = write(tmp_path / "a.jsonl", [("q0", "x", float(s == 0)) for s in range(4)] + [("q1", "x", 0.0)] * 4)
-    b = write(tmp_path / "b.jsonl", [("q0", "x", float(s > 0)) for s in range(4)] + [("q2", "x", 1.0)] * 4)
+    a = write(
+        tmp_path / "a.jsonl",
+        [("q0", "x", float(s == 0)) for s in range(4)] + [("q1", "x", 0.0)] * 4,
+    )
+    b = write(
+        tmp_path / "b.jsonl", [("q0", "x", float(s > 0)) for s in range(4)] + [("q2", "x", 1.0)] * 4
+    )
     r = paired_eval.report(a, b)
     assert r["samples_per_q"] == [4, 4] and r["only_in_one"] == 2
     assert (r["all"]["n"], r["all"]["a"], r["all"]["b"]) == (1, 0.25, 0.75)
@@ -67,17 +95,28 @@ def test_bad_file_names_the_line(tmp_path):
 def test_kinds_beside_their_chance(tmp_path):
     """Two-option questions name the answer; yes-no ones have yes/no golds: each kind is reported beside what a guess
     scores (0.5; the majority answer's share, 3 of 4 'yes' here) and B's exact binomial p against it."""
-    two = [(f"t{i}", "comparison", float(i < 9)) for i in range(10)]  # B: 9 of 10 two-option answers right
+    two = [
+        (f"t{i}", "comparison", float(i < 9)) for i in range(10)
+    ]  # B: 9 of 10 two-option answers right
     a = tmp_path / "a.jsonl"
     b = tmp_path / "b.jsonl"
-    lines = [write(tmp_path / "part.jsonl", two, "Who came first, Ada or Bob ({})?", ["Ada"]),
-             write(tmp_path / "yes.jsonl", [(f"y{i}", "comparison", 1.0) for i in range(3)], "Is {} blue?", ["yes"]),
-             write(tmp_path / "no.jsonl", [("n0", "comparison", 0.0)], "Is {} red?", ["no"]),
-             write(tmp_path / "open.jsonl", [("o0", "compositional", 1.0)])]
+    lines = [
+        write(tmp_path / "part.jsonl", two, "Who came first, Ada or Bob ({})?", ["Ada"]),
+        write(
+            tmp_path / "yes.jsonl",
+            [(f"y{i}", "comparison", 1.0) for i in range(3)],
+            "Is {} blue?",
+            ["yes"],
+        ),
+        write(tmp_path / "no.jsonl", [("n0", "comparison", 0.0)], "Is {} red?", ["no"]),
+        write(tmp_path / "open.jsonl", [("o0", "compositional", 1.0)]),
+    ]
     b.write_text("".join(Path(f).read_text() for f in lines))
     a.write_text(b.read_text().replace('"em": 1.0', '"em": 0.0'))
     k = paired_eval.report(str(a), str(b))["by_kind"]
     assert list(k) == ["open", "two-option", "yes-no"]
     assert (k["two-option"]["n"], k["two-option"]["b"], k["two-option"]["chance"]) == (10, 0.9, 0.5)
-    assert k["two-option"]["b_vs_chance_p"] == pytest.approx(2 * 11 / 1024)  # P(>= 9 or <= 1 of 10 at 1/2)
+    assert k["two-option"]["b_vs_chance_p"] == pytest.approx(
+        2 * 11 / 1024
+    )  # P(>= 9 or <= 1 of 10 at 1/2)
     assert (k["yes-no"]["n"], k["yes-no"]["chance"]) == (4, 0.75) and k["open"]["chance"] is None

