@@ -604,47 +604,21 @@ def grpo_update(
         "seq": float(len(trajs) * world),
         "const": float(cfg.max_total_tokens * len(trajs) * world),
     }[cfg.agg]
-    extremes = torch.tensor(
-        [0.0, -9.0, 0.0], device=device
-    )  # (ratio max, -ratio min, logp diff max) over the step
-    order = sorted(
-        range(len(trajs)), key=lambda i: len(trajs[i].ids)
-    )  # like lengths share a micro-batch: less pad
+    # (ratio max, -ratio min, logp diff max) over the step
+    extremes = torch.tensor([0.0, -9.0, 0.0], device=device)
+    # like lengths share a micro-batch: less padding
+    order = sorted(range(len(trajs)), key=lambda i: len(trajs[i].ids))
     for s in range(0, len(trajs), cfg.micro_batch):
         idx = order[s : s + cfg.micro_batch]
         b = pad_batch([trajs[i] for i in idx], device)
-        kw = dict(
-            temperature=cfg.temperature, chunk_size=cfg.logprob_chunk, loss_mask=b["mask"]
-        )  # no attn: unmasked
-        with rollout.bf16_autocast(device, cfg.bf16):
-            with torch.no_grad():
-                ref_logp = None if ref is None else ref(b["ids"], **kw)  # (b, T-1)
-            logp, ent = model(b["ids"], with_entropy=True, **kw)  # (b, T-1) each
         is_exp = torch.tensor([trajs[i].expert for i in idx], device=device)[:, None]  # (b, 1)
-        old = torch.where(
-            is_exp, logp.detach(), b["old"]
-        )  # (b, T-1); expert rows, never sampled: ratio 1
-        if (
-            s == 0
-        ):  # before any backward: the trainer's log-probs of the sampled tokens against the engine's
+        loss, m, logp = micro_batch_loss(model, ref, cfg, b, is_exp, adv[idx], normaliser)
+        if s == 0:
+            # before any backward: the trainer's log-probs of the sampled tokens against the engine's
             drift, extremes[2] = engine_drift(logp.detach(), b["old"], b["mask"] * ~is_exp)
             sums.update(drift)
-        loss, m = grpo.grpo_loss(
-            logp,
-            old,
-            adv[idx],
-            b["mask"],
-            ref_logp=ref_logp,
-            beta=cfg.beta,
-            agg=cfg.agg,
-            clip_low=cfg.clip_low,
-            clip_high=cfg.clip_high,
-            normaliser=normaliser,
-            entropy=ent,
-        )
-        (
-            loss * world
-        ).backward()  # FSDP averages gradients over ranks; the loss is already globally normalised
+        # FSDP averages gradients over ranks; the loss is already globally normalised
+        (loss * world).backward()
         if on_micro_batch is not None:
             on_micro_batch()
         sums["loss"] = sums["loss"] + loss.detach()
@@ -658,6 +632,32 @@ def grpo_update(
         "ratio_min": -extremes[1],
         "logp_diff_max": extremes[2],
     }
+
+
+def micro_batch_loss(model, ref, cfg: Config, b: dict, is_exp, adv, normaliser: float):
+    """One micro-batch's GRPO loss (forward only), its metrics and the trainer's log-probs (b, T-1)."""
+    # no attention mask: the rows are right-padded and run unmasked
+    kw = dict(temperature=cfg.temperature, chunk_size=cfg.logprob_chunk, loss_mask=b["mask"])
+    with rollout.bf16_autocast(b["ids"].device, cfg.bf16):
+        with torch.no_grad():
+            ref_logp = None if ref is None else ref(b["ids"], **kw)  # (b, T-1)
+        logp, ent = model(b["ids"], with_entropy=True, **kw)  # (b, T-1) each
+    # expert rows were never sampled: their old log-probs are the current ones (ratio 1)
+    old = torch.where(is_exp, logp.detach(), b["old"])  # (b, T-1)
+    loss, m = grpo.grpo_loss(
+        logp,
+        old,
+        adv,
+        b["mask"],
+        ref_logp=ref_logp,
+        beta=cfg.beta,
+        agg=cfg.agg,
+        clip_low=cfg.clip_low,
+        clip_high=cfg.clip_high,
+        normaliser=normaliser,
+        entropy=ent,
+    )
+    return loss, m, logp
 
 
 def engine_drift(
