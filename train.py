@@ -25,7 +25,9 @@ import os
 import re
 import resource
 import shutil
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -244,6 +246,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    if (
+        os.environ.get("RANK", "0") != "0"
+    ):  # every rank parses the same flags: rank 0 alone says what is wrong
+        p.error = lambda message: sys.exit(2)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         shown = f.metadata["shown"] or f.default
@@ -287,13 +293,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 
 # ----------------------------------------------------------------------------- setup
-SOLO_WAIT = timedelta(
-    days=1
-)  # how long the others wait for rank 0 alone: reading the model, writing hf/
-solo = (
-    None,
-    None,
-)  # (the default group, init_distributed's gloo group over its ranks for those waits)
+# how long the others wait for rank 0 alone: reading the model, writing hf/
+SOLO_WAIT = timedelta(days=1)
+# (the default group, init_distributed's gloo group over its ranks for those waits)
+solo = (None, None)
+HEARTBEAT = 0.25  # seconds between a rank's beats in the store (start_heartbeat)
 
 
 def init_distributed(timeout_min: float = 0.0) -> tuple[int, int, torch.device]:
@@ -310,6 +314,10 @@ def init_distributed(timeout_min: float = 0.0) -> tuple[int, int, torch.device]:
         "nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_min) if timeout_min else None
     )
     solo = dist.group.WORLD, dist.new_group(backend="gloo", timeout=SOLO_WAIT)
+    # torchrun stops the other ranks when one ends: they say why (fail)
+    if dist.get_world_size() > 1:
+        signal.signal(signal.SIGTERM, raise_stopped)
+        start_heartbeat(dist.get_rank())
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
 
@@ -370,14 +378,14 @@ def shard_model(
         if cuda
         else MixedPrecisionPolicy()
     )
-    if (
-        train and ckpt
-    ):  # recompute each layer in backward: activations kept per layer = its input only
+    # recompute each layer in backward: activations kept per layer = its input only
+    if train and ckpt and hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.25
+        lm.activation_checkpointing_enable({"use_reentrant": False})
+    elif train and ckpt:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = LogProbs(lm if train else lm.requires_grad_(False), vocab)
-    if (
-        mesh.size() == 1 and not cuda
-    ):  # a CPU world of one: FSDP would only copy every layer per forward and backward
+    # a CPU world of one: FSDP would only copy every layer per forward and backward
+    if mesh.size() == 1 and not cuda:
         return model
     for layer in lm.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
@@ -1048,21 +1056,120 @@ def load_checkpoint(ckpt: Path, model: LogProbs, optimizer, cfg: Config) -> int:
 
 
 # ----------------------------------------------------------------------------- main
-def fail(e: BaseException, rank: int, world: int) -> int:
-    """A known error is one line, code 2; a world of one raises the rest. With ranks, the error names its rank and the
-    process exits at once (destroy_process_group could wait in a collective), so torchrun stops the others."""
+def fail(e: BaseException, rank: int, world: int, out: Path) -> int:
+    """A failure is one line. A known error: code 2; a world of one raises the rest (its traceback). With ranks, the
+    failing rank prints `train.py: rank R: error: ...` (its traceback goes to OUT/error-rankR.txt) and every other
+    rank one line saying why it stops (stop_reason); each exits at once (destroy_process_group could wait in a
+    collective), and torchrun ends the job."""
     known = isinstance(e, (retrieval.RetrievalError, rollout.ModelLoadError))
-    if world == 1 and not known:
-        raise e
-    if not known and not isinstance(e, SystemExit):
-        traceback.print_exc()  # unexpected: where it came from
     why = str(e.code if isinstance(e, SystemExit) else e if known else f"{type(e).__name__}: {e}")
-    where = f"rank {rank}: " if world > 1 else ""
-    print(f"train.py: {where}error: {why.removeprefix('train.py: error: ')}", file=sys.stderr)
-    if world > 1:
-        sys.stdout.flush()
-        os._exit(2 if known else 1)
-    return 2
+    why = why.removeprefix("train.py: error: ")
+    if world == 1 and not known and not isinstance(e, SystemExit):
+        raise e
+    if world == 1:
+        print(f"train.py: error: {why}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun's stop must not cut this report short
+    if isinstance(e, Stopped) or broke_in_a_collective(e):
+        print(stop_reason(rank, world, signalled=isinstance(e, Stopped)), file=sys.stderr)
+        os._exit(1)
+    # the first failure is the job's: a rank that fails the same way (a bad flag) says that it stops because of it
+    first = mine = f"{rank}\t{why}"
+    with contextlib.suppress(Exception):  # no store: say it anyway
+        first = failures().compare_set("failed", "", mine).decode()
+    if first != mine and first.split("\t", 1)[1] == why:
+        print(
+            f"train.py: rank {rank}: stopping: rank {first.split()[0]} failed the same way",
+            file=sys.stderr,
+        )
+    else:
+        print(
+            f"train.py: rank {rank}: error: {why}{saved_traceback(e, rank, out)}", file=sys.stderr
+        )
+    sys.stdout.flush()
+    os._exit(2 if known or isinstance(e, SystemExit) else 1)
+
+
+class Stopped(Exception):
+    """Raised in a rank that torchrun stops (SIGTERM) because another rank has ended."""
+
+
+def raise_stopped(signum, frame) -> None:
+    raise Stopped("stopped by torchrun")
+
+
+def broke_in_a_collective(e: BaseException) -> bool:
+    """Whether `e` (or what caused it) is a collective that broke or timed out: a peer failed, not this rank."""
+    while e is not None:
+        if isinstance(e, dist.DistError) or "gloo/transport" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def failures() -> dist.Store:
+    """The job's key-value store (torchrun's agent serves it, so it outlives any rank), under a prefix of ours."""
+    return dist.PrefixStore("kr1/", dist.distributed_c10d._get_default_store())
+
+
+def stop_reason(rank: int, world: int, signalled: bool) -> str:
+    """Why this healthy rank stops, in one line: the rank that reported a failure; else (a rank said nothing) the
+    ranks whose heartbeat stopped (killed: out of memory?) or, all beating, those that never reached this roll call
+    (stuck outside the collective). One rank reports them as an error line naming them."""
+    try:
+        store = failures()
+        store.set(f"stopping/{rank}", "")
+        if wait_until(lambda: store.check(["failed"]), seconds=0.5):
+            return f"train.py: rank {rank}: stopping: rank {store.get('failed').split()[0].decode()} failed"
+        beats = [store.add(f"beat/{r}", 0) for r in range(world)]
+        time.sleep(4 * HEARTBEAT)
+        dead = [r for r in range(world) if store.add(f"beat/{r}", 0) == beats[r]]
+        stuck = [r for r in range(world) if not store.check([f"stopping/{r}"])]
+        first = store.add("reported", 1) == 1
+    except Exception:  # the store is gone too: torchrun's agent has ended
+        dead, stuck, first = [], [], False
+    ranks = ", ".join(map(str, dead or stuck))
+    if first and dead:
+        return f"train.py: rank {ranks}: error: killed without a word (by a signal: out of memory?)"
+    if first and stuck:
+        return f"train.py: rank {ranks}: error: stuck: no collective from it within --dist-timeout"
+    if ranks:
+        return f"train.py: rank {rank}: stopping: rank {ranks} ended without a word"
+    return f"train.py: rank {rank}: stopping: " + ("SIGTERM" if signalled else "a peer vanished")
+
+
+def wait_until(done: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return done()
+
+
+def start_heartbeat(rank: int) -> None:
+    """A thread that counts this rank's beats in the store: the roll call (stop_reason) tells killed from stuck."""
+
+    def beat() -> None:
+        store = failures()
+        with contextlib.suppress(Exception):  # the store has gone: the job is ending
+            while True:
+                store.add(f"beat/{rank}", 1)
+                time.sleep(HEARTBEAT)
+
+    threading.Thread(target=beat, daemon=True).start()
+
+
+def saved_traceback(e: BaseException, rank: int, out: Path) -> str:
+    """An unexpected error's traceback, written to OUT/error-rankR.txt: the pointer to it, or "" (a known error)."""
+    if isinstance(e, (SystemExit, retrieval.RetrievalError, rollout.ModelLoadError)):
+        return ""
+    text = "".join(traceback.format_exception(e))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"error-rank{rank}.txt").write_text(text)
+        return f" (traceback: {out / f'error-rank{rank}.txt'})"
+    except OSError:
+        print(text, file=sys.stderr, end="")
+        return ""
 
 
 def load_sharded(
@@ -1272,7 +1379,7 @@ def main(argv: list[str] | None = None) -> int:
         train_loop(run)
         return 0
     except (Exception, SystemExit) as e:
-        return fail(e, rank, world)
+        return fail(e, rank, world, Path(cfg.out))
     finally:
         dist.destroy_process_group()
 

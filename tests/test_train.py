@@ -70,13 +70,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*args: str, script: Path = ROOT / "train.py", **kw) -> subprocess.CompletedProcess:
+def torchrun(
+    *args: str, script: Path = ROOT / "train.py", world: int = 2, **kw
+) -> subprocess.CompletedProcess:
     return run(
         [
             sys.executable,
             "-m",
             "torch.distributed.run",
-            "--nproc_per_node=2",
+            f"--nproc_per_node={world}",
             f"--master_port={free_port()}",
             str(script),
             *args,
@@ -662,38 +664,6 @@ def test_update_gradient_is_the_same_for_any_micro_batch(coin_policy, monkeypatc
         assert flat[0].abs().sum() > 0
     finally:
         dist.destroy_process_group()
-
-
-FAULTY = """import os, sys, time
-import train
-def fault(*args, **kwargs):
-    open(sys.argv[-1] + ".t", "w").write(str(time.time()))  # when it failed (the last flag is --out DIR)
-    raise RuntimeError("injected fault")
-if os.environ["RANK"] == "1":  # rank 1 fails at its first rollout; rank 0 goes on into the FSDP all-gather
-    train.rollout_and_score = fault
-sys.exit(train.main(sys.argv[1:]))
-"""
-
-
-def test_a_failing_rank_ends_the_job_within_seconds_naming_itself(coin_policy, tmp_path):
-    """Rank 1 raises while rank 0 waits for it in a collective: torchrun ends the whole job at once (not at the
-    collective's 30-minute timeout), nonzero, and stderr says which rank failed and why."""
-    (tmp_path / "faulty.py").write_text(FAULTY)
-    r = torchrun(
-        *common_flags(coin_policy),
-        "--steps",
-        "1",
-        "--out",
-        str(tmp_path / "run"),
-        script=tmp_path / "faulty.py",
-        check=False,
-        timeout=300,
-    )
-    took = time.time() - float((tmp_path / "run.t").read_text())
-    assert (
-        r.returncode != 0 and "train.py: rank 1: error: RuntimeError: injected fault" in r.stderr
-    ), r.stderr[-3000:]
-    assert took < 20, took  # seconds, not the collective's 30-minute timeout
 
 
 def spawn_ranks(fn, *args) -> None:
