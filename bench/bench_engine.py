@@ -83,7 +83,9 @@ def common(mod, **kw):
 
 
 def bench_group(model, tok, questions: list[str], G: int, N: int, old, repeats: int = 1) -> dict:
-    ids = sorted(R.end_ids(tok, model) | R.token_sets(tok)[2])  # end tokens and every '>' token
+    ids = sorted(
+        R.end_ids(tok, model) | R.token_sets(tok).with_gt
+    )  # end tokens and every '>' token
     sup = Suppress(model, ids)
     rows = [q for q in questions for _ in range(G)]
     cfg = dict(mode="agent", max_turn_tokens=N, max_total_tokens=N + 1, temperature=1.0)

@@ -390,7 +390,13 @@ def cache_forward(model, cache, rows: int, width: int, new: int):
     import rollout
 
     step = rollout.CacheStep(
-        cache, [[0] * new] * rows, [width] * rows, None if new == 1 else list(range(rows)), 0, "cpu"
+        cache,
+        feeds=[[0] * new] * rows,
+        cached=[width] * rows,
+        rows=list(range(rows)),
+        decode=new == 1,
+        pad=0,
+        dev="cpu",
     )
     return model(
         input_ids=step.input_ids,
