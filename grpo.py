@@ -218,49 +218,44 @@ def token_logprobs(
     head runs only where it is 1 (0.0 elsewhere: prompt and passages need none). `vocab`: softmax over the
     tokenizer's first `vocab` ids only, as rollout() samples (Qwen2.5 has more embedding rows than ids)."""
     B, T = input_ids.shape
-    # (B, T)
-    position_ids = (
-        None if attention_mask is None else (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    )
+    everything = torch.ones(B, T - 1, dtype=torch.bool, device=input_ids.device)
+    sel = everything if loss_mask is None else loss_mask.bool()  # (B, T-1)
+    hidden = last_hidden(model, input_ids, attention_mask)[:, :-1][sel]  # (N, H), N = selected
+    targets = input_ids[:, 1:][sel]  # (N,)
+    head = model.get_output_embeddings()
+    chunk = _chunk_logp
+    if (
+        torch.is_grad_enabled() and hidden.requires_grad
+    ):  # store only h (n, H): backward rebuilds logits
+        chunk = partial(checkpoint, _chunk_logp, use_reentrant=False)
+    starts = range(0, hidden.shape[0], chunk_size)
+    spans = [(hidden[s : s + chunk_size], targets[s : s + chunk_size]) for s in starts]
+    # [((n,), (n,) or None)]
+    parts = [chunk(head, h, y, temperature, with_entropy, vocab) for h, y in spans]
+    zeros = hidden.new_zeros(B, T - 1, dtype=torch.float32)  # (B, T-1)
+    if not parts:
+        return (zeros, zeros) if with_entropy else zeros
+    lps, ents = zip(*parts)
+    logp = zeros.masked_scatter(sel, torch.cat(lps))  # (B, T-1) float32
+    if not with_entropy:
+        return logp
+    return logp, zeros.masked_scatter(sel, torch.cat(ents)).detach()  # (B, T-1) each
+
+
+def last_hidden(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """The model body's last hidden states (B, T, H); positions restart at each row's first real token."""
+    position_ids = None
+    if attention_mask is not None:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
     out = model.model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
         use_cache=False,
     )
-    sel = (
-        torch.ones(B, T - 1, dtype=torch.bool, device=input_ids.device)
-        if loss_mask is None
-        else loss_mask.bool()
-    )
-    hidden = out.last_hidden_state[:, :-1][sel]  # (N, H), N = selected positions
-    targets = input_ids[:, 1:][sel]  # (N,)
-    head = model.get_output_embeddings()
-    # store only h (n, H); backward rebuilds the (n, V) logits
-    if torch.is_grad_enabled() and hidden.requires_grad:
-        chunk = partial(checkpoint, _chunk_logp, use_reentrant=False)
-    else:
-        chunk = _chunk_logp
-    # [((n,), (n,) or None)]
-    parts = [
-        chunk(
-            head,
-            hidden[s : s + chunk_size],
-            targets[s : s + chunk_size],
-            temperature,
-            with_entropy,
-            vocab,
-        )
-        for s in range(0, hidden.shape[0], chunk_size)
-    ]
-    zeros = hidden.new_zeros(B, T - 1, dtype=torch.float32)  # (B, T-1)
-    lps, ents = zip(*parts) if parts else ((), ())
-    logp = zeros.masked_scatter(sel, torch.cat(lps)) if parts else zeros  # (B, T-1) float32
-    if not with_entropy:
-        return logp
-    return logp, (
-        zeros.masked_scatter(sel, torch.cat(ents)) if parts else zeros
-    ).detach()  # (B, T-1)
+    return out.last_hidden_state
 
 
 # ----------------------------------------------------------------------------- loss

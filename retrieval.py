@@ -310,18 +310,32 @@ def _score_pass(
     paths = [tmp / f"postings.r{i:04d}.bin" for i in range(len(edges) - 1)]
     # (V,) int16: a radix sort below
     range_of = np.repeat(np.arange(len(paths), dtype=np.int16), np.diff(edges))
-    with (
-        ExitStack() as files_open,
-        tqdm(
-            total=nnz,
-            desc="split postings",
-            unit=" postings",
-            unit_scale=True,
-            disable=not progress,
-        ) as bar,
-    ):
+    _split_postings(
+        segments, paths, range_of, progress=_postings_bar(nnz, "split postings", progress)
+    )
+    seconds["split"], stopwatch = stopwatch(), _stopwatch()
+    l_avg = doclen.mean()  # np.float64, as bm25s' mean over passage lengths
+    tasks = [
+        (str(p), int(t0), idf[t0:t1], l_avg, bm.k1, bm.b, str(tmp), int(indptr[t0]))
+        for p, t0, t1 in zip(paths, edges[:-1], edges[1:])
+    ]
+    with tqdm(**_postings_bar(nnz, "score postings", progress)) as bar:
+        for done in _ordered(pool, _fill_range, tasks, window):
+            bar.update(done)
+    (tmp / "doclen.npy").unlink()
+    seconds["score"] = stopwatch()
+    _save_bm25s_files(tmp, vocab, bm, n)
+
+
+def _postings_bar(total: int, desc: str, progress: bool) -> dict:
+    return dict(total=total, desc=desc, unit=" postings", unit_scale=True, disable=not progress)
+
+
+def _split_postings(segments: list[Path], paths: list[Path], range_of: np.ndarray, progress: dict):
+    """Pass 2: the spilled postings split by term range (range_of[term]), each file in passage order."""
+    with ExitStack() as files_open, tqdm(**progress) as bar:
         files = [files_open.enter_context(open(p, "wb")) for p in paths]
-        for segment in segments:  # pass 2: the spill split by term range, each in passage order
+        for segment in segments:
             rec = np.fromfile(segment, POSTING)
             r = range_of[rec["term"]]
             order = np.argsort(r, kind="stable")  # stable: passage order survives inside each range
@@ -331,19 +345,10 @@ def _score_pass(
                 rec[cuts[i] : cuts[i + 1]].tofile(files[i])
             bar.update(len(rec))
             segment.unlink()  # disk holds the spill about once, not twice
-    seconds["split"], stopwatch = stopwatch(), _stopwatch()
-    l_avg = doclen.mean()  # np.float64, as bm25s' mean over passage lengths
-    tasks = [
-        (str(p), int(t0), idf[t0:t1], l_avg, bm.k1, bm.b, str(tmp), int(indptr[t0]))
-        for p, t0, t1 in zip(paths, edges[:-1], edges[1:])
-    ]
-    with tqdm(
-        total=nnz, desc="score postings", unit=" postings", unit_scale=True, disable=not progress
-    ) as bar:
-        for done in _ordered(pool, _fill_range, tasks, window):
-            bar.update(done)
-    (tmp / "doclen.npy").unlink()
-    seconds["score"] = stopwatch()
+
+
+def _save_bm25s_files(tmp: Path, vocab: dict, bm: bm25s.BM25, n: int) -> None:
+    """The tokenizer's vocabulary and stopwords, and the parameters: the rest of what bm25s.BM25.load reads."""
     tok = _tokenizer()
     # queries stem unseen words
     tok.stem_to_sid, tok.word_to_stem, tok.word_to_id = (vocab, {"": ""}, {"": 0})
@@ -395,45 +400,42 @@ class Index:
         if not corpus.is_file():
             raise RetrievalError(f"corpus file not found: {corpus}")
         if workers is None:
-            workers = (
-                len(os.sched_getaffinity(0)) if corpus.stat().st_size >= PARALLEL_MIN_BYTES else 1
-            )
+            big = corpus.stat().st_size >= PARALLEL_MIN_BYTES
+            workers = len(os.sched_getaffinity(0)) if big else 1
         tmp = out.with_name(out.name + ".building")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         elapsed = _stopwatch()
         # spawn, not fork: the caller may hold torch's threads, which fork would copy in a broken state
-        # in-process: one thread
+        spawn = mp.get_context("spawn")
         pool = (
-            ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
-            if workers > 1
-            else ThreadPoolExecutor(1)
+            ProcessPoolExecutor(workers, mp_context=spawn) if workers > 1 else ThreadPoolExecutor(1)
         )
         try:
-            vocab, df, offsets, doclen, segments = _tokenize_pass(
-                corpus, tmp, pool, 2 * workers, show_progress
-            )
+            tokenized = _tokenize_pass(corpus, tmp, pool, 2 * workers, show_progress)
+            vocab, df, offsets, doclen, segments = tokenized
             seconds = {"tokenize": elapsed()}
             _score_pass(tmp, segments, vocab, df, doclen, pool, 2 * workers, show_progress, seconds)
-        # a failed or interrupted build leaves nothing behind, and does not wait for the workers
-        except BaseException:
-            # before the shutdown, so a second Ctrl-C cannot leave it
-            shutil.rmtree(tmp, ignore_errors=True)
+        except (
+            BaseException
+        ):  # a failed or interrupted build leaves nothing behind, waits for no worker
+            shutil.rmtree(
+                tmp, ignore_errors=True
+            )  # before the shutdown: a second Ctrl-C cannot stop it
             raise
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
         np.save(tmp / "passages.offsets.npy", offsets)
-        # per pass: [wall, main process CPU]
-        manifest = {
-            "format": INDEX_FORMAT,
-            "passages": len(offsets),
-            "terms": len(vocab),
-            "corpus": str(corpus),
-            "workers": workers,
-            "build_seconds": elapsed()[0],
-            "bm25s": bm25s.__version__,
-            "seconds": seconds,
-        }
+        manifest = dict(
+            format=INDEX_FORMAT,
+            passages=len(offsets),
+            terms=len(vocab),
+            corpus=str(corpus),
+            workers=workers,
+            build_seconds=elapsed()[0],
+            bm25s=bm25s.__version__,
+            seconds=seconds,  # per pass: [wall, main process CPU]
+        )
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)  # atomic: a crash mid-build never leaves a half index under `out`
@@ -601,6 +603,44 @@ def open_index(path: str | Path | None) -> Index:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        for flag in ("workers", "k", "threads"):  # those of args.cmd; the others are absent
+            if (value := getattr(args, flag, None)) is not None and value < 1:
+                raise RetrievalError(f"--{flag} must be >= 1, got {value}")
+        if args.cmd == "build":
+            t0 = time.perf_counter()
+            idx = Index.build(args.corpus, args.out, workers=args.workers)
+            seconds = time.perf_counter() - t0
+            print(f"indexed {len(idx):,} passages into {args.out} in {seconds:.1f} s")
+            return 0
+        idx = open_index(args.index)
+        t0 = time.perf_counter()
+        results = idx.search(args.queries, k=args.k, threads=args.threads)
+        ms = (time.perf_counter() - t0) * 1e3
+        print_hits(args.queries, results, as_json=args.json)
+        if not args.json:
+            n = len(args.queries)
+            print(f"{n} queries over {len(idx):,} passages in {ms:.1f} ms", file=sys.stderr)
+        return 0
+    except RetrievalError as e:
+        print(f"retrieval.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+def print_hits(queries: list[str], results: list[list[dict]], as_json: bool) -> None:
+    for q, hits in zip(queries, results):
+        if as_json:
+            print(json.dumps({"query": q, "hits": hits}, ensure_ascii=False))
+            continue
+        print(f"# {q}")
+        for h in hits:
+            print(f"  {h['score']:7.2f}  {h['title']}  [{h['id']}]  {_shorten(h['text'], 100)}")
+        if not hits:
+            print("  (no hits)")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -632,40 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     s.add_argument("--json", action="store_true", help="print one JSON object per query")
     s.add_argument("queries", nargs="+", metavar="QUERY")
-    args = p.parse_args(argv)
-    try:
-        for flag in ("workers", "k", "threads"):  # those of args.cmd; the others are absent
-            if (value := getattr(args, flag, None)) is not None and value < 1:
-                raise RetrievalError(f"--{flag} must be >= 1, got {value}")
-        if args.cmd == "build":
-            t0 = time.perf_counter()
-            idx = Index.build(args.corpus, args.out, workers=args.workers)
-            print(
-                f"indexed {len(idx):,} passages into {args.out} in {time.perf_counter() - t0:.1f} s"
-            )
-            return 0
-        idx = open_index(args.index)
-        t0 = time.perf_counter()
-        results = idx.search(args.queries, k=args.k, threads=args.threads)
-        ms = (time.perf_counter() - t0) * 1e3
-        for q, hits in zip(args.queries, results):
-            if args.json:
-                print(json.dumps({"query": q, "hits": hits}, ensure_ascii=False))
-                continue
-            print(f"# {q}")
-            for h in hits:
-                print(f"  {h['score']:7.2f}  {h['title']}  [{h['id']}]  {_shorten(h['text'], 100)}")
-            if not hits:
-                print("  (no hits)")
-        if not args.json:
-            print(
-                f"{len(args.queries)} queries over {len(idx):,} passages in {ms:.1f} ms",
-                file=sys.stderr,
-            )
-        return 0
-    except RetrievalError as e:
-        print(f"retrieval.py: error: {e}", file=sys.stderr)
-        return 2
+    return p.parse_args(argv)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -575,14 +576,32 @@ def mix_experts(cfg: Config, tok, rows: list[dict], search, trajs: list, scores:
     return len(wrong)
 
 
-def step_sums(trajs: list, device, keys: tuple[str, ...] = ("loss",)) -> dict[str, torch.Tensor]:
-    """Zeroed fp64 sums of `keys` (tensors: no host sync per micro-batch) and `n_tok`, the loss tokens of all ranks."""
-    n_tok = torch.tensor(float(sum(sum(t.mask[1:]) for t in trajs)), device=device)
-    dist.all_reduce(n_tok)
-    return {
-        **dict.fromkeys(keys, torch.zeros((), dtype=torch.float64, device=device)),
-        "n_tok": n_tok,
-    }
+@dataclass
+class StepSums:
+    """What one step adds up on this rank, as tensors (no host sync per micro-batch) until step_metrics sums them
+    over ranks. The GRPO loss's metrics are real only where it ran (`loss_ran`: not SFT, not the control arm)."""
+
+    n_tok: (
+        torch.Tensor
+    )  # the loss tokens of all ranks (summed at creation: the token mean's denominator)
+    loss: torch.Tensor  # this rank's share of the step's loss
+    per_token: torch.Tensor  # (len(PER_TOKEN),) each grpo_loss metric x its tokens
+    extremes: (
+        torch.Tensor
+    )  # (3,) ratio max, -ratio min, the largest engine-trainer log-prob gap: all ranks
+    drift: torch.Tensor  # (3,) |trainer - engine| log-prob sum, tokens over 0.1, tokens compared
+    loss_ran: bool = False
+    grpo: bool = False  # a GRPO step (advantages exist), not a warm-start one
+    adv_sq: float = 0.0  # GRPO: the squared advantages' sum
+    expert_rows: int = 0  # David-GRPO: groups given the expert trajectory
+
+    @classmethod
+    def zeros(cls, trajs: list, device) -> StepSums:
+        """Zero sums for `trajs` (this rank's rows), and n_tok: a collective."""
+        n_tok = torch.tensor(float(sum(sum(t.mask[1:]) for t in trajs)), device=device)
+        dist.all_reduce(n_tok)
+        zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)
+        return cls(n_tok, zeros(), zeros(len(PER_TOKEN)), zeros(3), zeros(3))
 
 
 def grpo_update(
@@ -593,18 +612,18 @@ def grpo_update(
     adv: torch.Tensor,
     *,
     on_micro_batch: Callable[[], None] | None = None,
-) -> dict:
+) -> StepSums:
     """Accumulate the GRPO loss over micro-batches (backward only; the caller steps) and its metrics' sums;
     `on_micro_batch()` after each."""
     world, device = dist.get_world_size(), adv.device
-    sums = step_sums(trajs, device, ("loss", *PER_TOKEN))
+    sums = StepSums.zeros(trajs, device)
+    sums.loss_ran = True
     normaliser = {
-        "token": sums["n_tok"].item(),
+        "token": sums.n_tok.item(),
         "seq": float(len(trajs) * world),
         "const": float(cfg.max_total_tokens * len(trajs) * world),
     }[cfg.agg]
-    # (ratio max, -ratio min, logp diff max) over the step
-    extremes = torch.tensor([0.0, -9.0, 0.0], device=device)
+    extremes = torch.tensor([0.0, -9.0, 0.0], device=device)  # as StepSums.extremes
     # like lengths share a micro-batch: less padding
     order = sorted(range(len(trajs)), key=lambda i: len(trajs[i].ids))
     for s in range(0, len(trajs), cfg.micro_batch):
@@ -614,23 +633,17 @@ def grpo_update(
         loss, m, logp = micro_batch_loss(model, ref, cfg, b, is_exp, adv[idx], normaliser)
         if s == 0:
             # before any backward: the trainer's log-probs of the sampled tokens against the engine's
-            drift, extremes[2] = engine_drift(logp.detach(), b["old"], b["mask"] * ~is_exp)
-            sums.update(drift)
+            sums.drift, extremes[2] = engine_drift(logp.detach(), b["old"], b["mask"] * ~is_exp)
         # FSDP averages gradients over ranks; the loss is already globally normalised
         (loss * world).backward()
         if on_micro_batch is not None:
             on_micro_batch()
-        sums["loss"] = sums["loss"] + loss.detach()
-        for k in PER_TOKEN:
-            sums[k] = sums[k] + m[k] * m["n_tokens"]
+        sums.loss = sums.loss + loss.detach()
+        sums.per_token = sums.per_token + torch.stack([m[k] * m["n_tokens"] for k in PER_TOKEN])
         extremes[:2] = torch.maximum(extremes[:2], torch.stack([m["ratio_max"], -m["ratio_min"]]))
     dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
-    return {
-        **sums,
-        "ratio_max": extremes[0],
-        "ratio_min": -extremes[1],
-        "logp_diff_max": extremes[2],
-    }
+    sums.extremes = extremes
+    return sums
 
 
 def micro_batch_loss(model, ref, cfg: Config, b: dict, is_exp, adv, normaliser: float):
@@ -661,15 +674,11 @@ def micro_batch_loss(model, ref, cfg: Config, b: dict, is_exp, adv, normaliser: 
 
 def engine_drift(
     logp: torch.Tensor, old: torch.Tensor, mask: torch.Tensor
-) -> tuple[dict, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """How far the engine's sampling log-probs (PPO's old ones) are from the trainer's over the `mask` tokens: the
-    sums step_metrics turns into the mean and the share over 0.1 (all ranks), and the largest |logp - old|."""
+    sums of StepSums.drift, and the largest |logp - old|."""
     diff = (logp - old).abs() * mask  # (b, T-1)
-    sums = {
-        "logp_diff_sum": diff.sum(),
-        "logp_diff_over": (diff > 0.1).sum(),
-        "logp_diff_n": mask.sum(),
-    }
+    sums = torch.stack([diff.sum(), (diff > 0.1).sum(), mask.sum()]).double()  # (3,)
     return sums, diff.max()
 
 
@@ -696,19 +705,21 @@ def sft_step(
     t1 = time.perf_counter()
     model.train()
     experts = [expert(cfg, tok, r, search) for r in rows]
-    sums = step_sums(experts, device)
+    sums = StepSums.zeros(experts, device)
     if progress:
         progress.start_update(math.ceil(len(experts) / cfg.micro_batch))
     for s in range(0, len(experts), cfg.micro_batch):
         b = pad_batch(experts[s : s + cfg.micro_batch], device)
         with rollout.bf16_autocast(device, cfg.bf16):
             logp = model(b["ids"], chunk_size=cfg.logprob_chunk, loss_mask=b["mask"])  # (b, T-1)
-        loss = grpo.sft_loss(logp, b["mask"], normaliser=sums["n_tok"])
+        loss = grpo.sft_loss(logp, b["mask"], normaliser=sums.n_tok)
         (loss * world).backward()  # as in grpo_update
         if progress:
             progress.micro_batch()
-        sums["loss"] = sums["loss"] + loss.detach()
-    return optimizer_step(model, optimizer, cfg, step, sums, trajs, scores, t_rollout, t1)
+        sums.loss = sums.loss + loss.detach()
+    outcome = optimizer_step(model, optimizer, cfg, step, sums.loss)
+    timing = Timing(t_rollout, time.perf_counter() - t1, sampled=sum(sum(t.mask) for t in trajs))
+    return log_record(cfg, step, step_metrics(trajs, scores, sums), outcome, timing)
 
 
 def grpo_step(
@@ -730,63 +741,51 @@ def grpo_step(
     t1, device = time.perf_counter(), next(model.parameters()).device
     model.train()
     # logged metrics stay on-policy; the loss sees the mix
-    batch, batch_scores = (list(trajs), list(scores))
+    batch, batch_scores = list(trajs), list(scores)
     mixed = mix_experts(cfg, tok, rows, search, batch, batch_scores) if cfg.expert_mix else 0
-    # (B,)
-    adv = grpo.group_advantages([s["reward"] for s in batch_scores], cfg.group_size, cfg.scale_std)
+    rewards = [s["reward"] for s in batch_scores]
+    adv = grpo.group_advantages(rewards, cfg.group_size, cfg.scale_std)  # (B,)
     if cfg.update:
         if progress:
             progress.start_update(math.ceil(len(batch) / cfg.micro_batch))
         on_micro_batch = progress.micro_batch if progress else None
-        out = grpo_update(
-            model, ref, cfg, trajs=batch, adv=adv.to(device), on_micro_batch=on_micro_batch
-        )
+        sums = grpo_update(model, ref, cfg, batch, adv.to(device), on_micro_batch=on_micro_batch)
     else:  # the control arm
-        out = step_sums(batch, device)
-    out.update(adv_sq=(adv.double() ** 2).sum(), expert_rows=mixed)
-    return optimizer_step(
-        model, optimizer, cfg, step, out, trajs, scores, t_rollout, t1, cfg.update
-    )
+        sums = StepSums.zeros(batch, device)
+    sums.grpo, sums.adv_sq, sums.expert_rows = True, (adv.double() ** 2).sum().item(), mixed
+    outcome = optimizer_step(model, optimizer, cfg, step, sums.loss, update=cfg.update)
+    timing = Timing(t_rollout, time.perf_counter() - t1, sampled=sum(sum(t.mask) for t in trajs))
+    return log_record(cfg, step, step_metrics(trajs, scores, sums), outcome, timing)
+
+
+class StepOutcome(NamedTuple):
+    grad_norm: float
+    stepped: bool  # False: the step was skipped (a non-finite loss or gradient norm on some rank)
+    lr: float
+
+
+class Timing(NamedTuple):
+    rollout_s: float
+    update_s: float  # the loss, backward and optimizer step
+    sampled: int  # tokens this rank sampled
 
 
 def optimizer_step(
-    model,
-    optimizer,
-    cfg: Config,
-    step: int,
-    out: dict,
-    trajs: list,
-    scores: list,
-    t_rollout: float,
-    t1: float,
-    update: bool = True,
-) -> dict:
-    """Clip the gradient norm; step AdamW unless `update` is off or a rank saw a non-finite value; the log record."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(
-        [p for p in model.parameters() if p.requires_grad], cfg.grad_clip
-    )
-    # FSDP: a DTensor
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    finite, lr = all_finite(grad_norm, out["loss"]), lr_at(cfg, step)
+    model, optimizer, cfg: Config, step: int, loss, update: bool = True
+) -> StepOutcome:
+    """Clip the gradient norm and step AdamW at this step's learning rate, unless `update` is off or a rank saw a
+    non-finite loss or norm (then every rank skips); the gradients are zeroed either way."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+        grad_norm = grad_norm.full_tensor()
+    finite, lr = all_finite(grad_norm, loss), lr_at(cfg, step)
     if finite and update:
         for g in optimizer.param_groups:
             g["lr"] = lr
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    rec = {
-        "step": step + 1,
-        "phase": "sft" if step < cfg.sft_steps else "grpo",
-        **step_metrics(trajs, scores, out),
-        "grad_norm": grad_norm.item(),
-        "lr": lr,
-        "skipped": not finite,
-        "rollout_s": round(t_rollout, 3),
-        "update_s": round(time.perf_counter() - t1, 3),
-        "peak_mem_gb": round(peak_memory_gib(out["loss"].device), 3),
-    }
-    if trajs:
-        rec["rollout_tokens_per_s"] = round(rec["response_tokens"] * len(trajs) / t_rollout, 1)
-    return rec
+    return StepOutcome(grad_norm.item(), finite, lr)
 
 
 def all_finite(*xs: torch.Tensor) -> bool:
@@ -796,55 +795,65 @@ def all_finite(*xs: torch.Tensor) -> bool:
     return bool(ok)
 
 
-def step_metrics(trajs: list, scores: list, out: dict) -> dict:
+def log_record(cfg: Config, step: int, metrics: dict, outcome: StepOutcome, timing: Timing) -> dict:
+    """One line of log.jsonl: the step, its metrics (step_metrics), the optimizer's outcome, timings, memory."""
+    rec = {
+        "step": step + 1,
+        "phase": "sft" if step < cfg.sft_steps else "grpo",
+        **metrics,
+        "grad_norm": outcome.grad_norm,
+        "lr": outcome.lr,
+        "skipped": not outcome.stepped,
+        "rollout_s": round(timing.rollout_s, 3),
+        "update_s": round(timing.update_s, 3),
+        "peak_mem_gb": round(peak_memory_gib(), 3),
+    }
+    if timing.sampled:
+        rec["rollout_tokens_per_s"] = round(timing.sampled / timing.rollout_s, 1)
+    return rec
+
+
+def step_metrics(trajs: list, scores: list, sums: StepSums) -> dict:
     """Sum over ranks in one collective, then the loss, the token-weighted loss metrics, and per-trajectory means of
     every reward key (whatever grpo.reward returns), searches, response tokens, all tokens and the advantage spread."""
-    per_tok = [k for k in PER_TOKEN if k in out]
+    reward_keys = list(scores[0]) if scores else []
     per_traj = {
-        **{k: sum(s[k] for s in scores) for k in (scores[0] if scores else {})},
+        **{k: sum(s[k] for s in scores) for k in reward_keys},
         "searches": sum(len(t.queries) for t in trajs),
         "response_tokens": sum(sum(t.mask) for t in trajs),
         "tokens": sum(len(t.ids) for t in trajs),
-        **{k: out[k] for k in ("adv_sq",) if k in out},
+        "adv_sq": sums.adv_sq,
     }
-    drift = {k: out[k] for k in ("logp_diff_sum", "logp_diff_over", "logp_diff_n") if k in out}
-    sums = {
-        "loss": out["loss"],
-        "expert_rows": out.get("expert_rows", 0),
-        **{k: out[k] for k in per_tok},
-        **per_traj,
-        **drift,
-    }
-    totals = torch.stack(
-        [
-            torch.as_tensor(v, dtype=torch.float64, device=out["loss"].device).reshape(())
-            for v in sums.values()
-        ]
+    device = sums.loss.device
+    counts = torch.tensor(
+        [*per_traj.values(), sums.expert_rows], dtype=torch.float64, device=device
     )
-    dist.all_reduce(totals)
-    tot = dict(zip(sums, totals.tolist(), strict=True))
-    rec = {"loss": tot["loss"], **{k: tot[k] / max(out["n_tok"].item(), 1.0) for k in per_tok}}
+    local = torch.cat([sums.loss.reshape(1), sums.per_token, sums.drift, counts])
+    dist.all_reduce(local)
+    loss, per_token, drift, totals = local.split([1, len(PER_TOKEN), 3, len(counts)])
+    diff_sum, diff_over, diff_n = drift.tolist()
+    rec = {"loss": loss.item()}
+    if sums.loss_ran:
+        rec.update(zip(PER_TOKEN, (per_token / max(sums.n_tok.item(), 1.0)).tolist()))
     if trajs:  # every rank has as many
-        rec.update(
-            {k: tot[k] / (len(trajs) * dist.get_world_size()) for k in per_traj},
-            expert_rows=tot["expert_rows"],
-        )
-    if "adv_sq" in rec:
-        rec["adv_std"] = math.sqrt(rec.pop("adv_sq"))
-    # engine vs trainer on the sampled tokens of each rank's first micro-batch
-    if tot.get("logp_diff_n"):
-        rec.update(
-            logp_diff_mean=tot["logp_diff_sum"] / tot["logp_diff_n"],
-            logp_diff_max=out["logp_diff_max"].item(),
-        )
-        rec["logp_diff_over_0.1"] = tot["logp_diff_over"] / tot["logp_diff_n"]
-    return {**rec, **{k: out[k].item() for k in ("ratio_max", "ratio_min") if k in out}}
+        rows = len(trajs) * dist.get_world_size()
+        rec.update({k: v / rows for k, v in zip(per_traj, totals.tolist())})
+        rec["expert_rows"] = totals[-1].item()
+    adv_sq = rec.pop("adv_sq", 0.0)
+    if sums.grpo:
+        rec["adv_std"] = math.sqrt(adv_sq)
+    if diff_n > 0:  # engine vs trainer on the sampled tokens of each rank's first micro-batch
+        rec.update(logp_diff_mean=diff_sum / diff_n, logp_diff_max=sums.extremes[2].item())
+        rec["logp_diff_over_0.1"] = diff_over / diff_n
+    if sums.loss_ran:
+        rec.update(ratio_max=sums.extremes[0].item(), ratio_min=-sums.extremes[1].item())
+    return rec
 
 
-def peak_memory_gib(device: torch.device) -> float:
-    """Peak GPU memory allocated by torch; on CPU the process's peak resident set."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
+def peak_memory_gib() -> float:
+    """Peak GPU memory allocated by torch (this rank's device); on CPU the process's peak resident set."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
@@ -1043,7 +1052,7 @@ def fail(e: BaseException, rank: int, world: int, out: Path) -> int:
     known = isinstance(e, (retrieval.RetrievalError, rollout.ModelLoadError))
     why = str(e.code if isinstance(e, SystemExit) else e if known else f"{type(e).__name__}: {e}")
     why = why.removeprefix("train.py: error: ")
-    if world == 1 and not known and not isinstance(e, SystemExit):
+    if world == 1 and not known:  # a traceback, or SystemExit's own message
         raise e
     if world == 1:
         print(f"train.py: error: {why}", file=sys.stderr)

@@ -11,7 +11,6 @@ kernel is ~1e-4 off (it sums exp over 49k ids per SIMD lane), and the logged dri
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -106,11 +105,10 @@ def lora_worker(rank: int, port: int, ready, d: Path, out: Path) -> None:
     rows = rows[: len(rows) // 2]  # this rank's prompt
     model, _, tok, opt = train.build_models(cfg, torch.device("cpu"), 2)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5])  # (4,)
-    first, scores, t_rollout = train.rollout_and_score(model, tok, cfg, rows, search, 0)
+    first, scores, _ = train.rollout_and_score(model, tok, cfg, rows, search, 0)
     out_1 = train.grpo_update(model, None, cfg, first, adv)
-    rec = train.optimizer_step(
-        model, opt, cfg, 0, out_1, first, scores, t_rollout, time.perf_counter()
-    )
+    outcome = train.optimizer_step(model, opt, cfg, 0, out_1.loss)
+    rec = {**train.step_metrics(first, scores, out_1), "skipped": not outcome.stepped}
     second, scores, _ = train.rollout_and_score(model, tok, cfg, rows, search, 0)  # the same seed
     model.train()
     again = {

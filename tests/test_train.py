@@ -645,7 +645,7 @@ def test_update_gradient_is_the_same_for_any_micro_batch(coin_policy, monkeypatc
         for micro, rows, a in ((1, trajs, adv), (3, trajs[::-1], adv.flip(0))):
             lm.zero_grad()
             cfg = train.Config(micro_batch=micro, temperature=1.0, beta=0.0, agg="token")
-            loss = train.grpo_update(model, None, cfg, rows, a)["loss"]
+            loss = train.grpo_update(model, None, cfg, rows, a).loss
             out.append((loss, {n: p.grad.clone() for n, p in lm.named_parameters()}))
         # The tolerance is fp32's: the same sums in another order (micro-batches, padding, the CPU's own kernels)
         # differ by a few ulps, which the log-softmax gradient of a confident model (1 - p, p near 1) amplifies:
