@@ -244,12 +244,12 @@ def answer_json(
     }
 
 
-def ask(args, question: str, model, tok, search: RecordingSearch) -> None:
+def ask(args, question: str, model, tokenizer, search: RecordingSearch) -> None:
     """Answer one question: its trace and answer on stdout, or with --json one JSON line."""
     import rollout
 
     t0 = time.perf_counter()
-    traj = rollout.rollout(model, tok, [question], search, rollout_config(args))[0]
+    traj = rollout.rollout(model, tokenizer, [question], search, rollout_config(args))[0]
     seconds = time.perf_counter() - t0
     if args.json:
         print(json.dumps(answer_json(question, traj, search, seconds), ensure_ascii=False))
@@ -258,7 +258,7 @@ def ask(args, question: str, model, tok, search: RecordingSearch) -> None:
     sys.stdout.flush()  # the answer is out before the next prompt, piped or not
 
 
-def ask_loop(args, model, tok, search: RecordingSearch) -> None:
+def ask_loop(args, model, tokenizer, search: RecordingSearch) -> None:
     """--ask without a question: a question per stdin line, the model loaded once; an empty line,
     'exit', EOF or Ctrl-C ends it. The prompt goes to stderr, so stdout holds only the answers."""
     try:
@@ -267,7 +267,7 @@ def ask_loop(args, model, tok, search: RecordingSearch) -> None:
             line = sys.stdin.readline()
             if line.strip() in ("", "exit"):
                 break
-            ask(args, line.strip(), model, tok, search)
+            ask(args, line.strip(), model, tokenizer, search)
     except KeyboardInterrupt:
         line = ""
     if not line.endswith("\n"):  # EOF or Ctrl-C: end the prompt's line
@@ -377,7 +377,7 @@ def kind_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluated(args, rows: list[dict], model, tok, search: RecordingSearch) -> list[dict]:
+def evaluated(args, rows: list[dict], model, tokenizer, search: RecordingSearch) -> list[dict]:
     """The records of `rows`, rolled out --batch-size at a time (written to --out as they come)."""
     from tqdm import tqdm
 
@@ -391,7 +391,7 @@ def evaluated(args, rows: list[dict], model, tok, search: RecordingSearch) -> li
     ):
         for start in range(0, len(rows), args.batch_size):
             batch = rows[start : start + args.batch_size]
-            trajs = rollout.rollout(model, tok, [r["question"] for r in batch], search, cfg)
+            trajs = rollout.rollout(model, tokenizer, [r["question"] for r in batch], search, cfg)
             for r, t in zip(batch, trajs, strict=True):
                 done.append(record(r, t, search))
                 out.write(json.dumps(done[-1], ensure_ascii=False) + "\n")
@@ -400,12 +400,12 @@ def evaluated(args, rows: list[dict], model, tok, search: RecordingSearch) -> li
     return done
 
 
-def evaluate(args, rows: list[dict], model, tok, search: RecordingSearch) -> dict:
+def evaluate(args, rows: list[dict], model, tokenizer, search: RecordingSearch) -> dict:
     """Evaluate `rows` with `search` (BM25, or any callable of its shape: bench/reader_ceiling.py):
     the per-kind table on stderr, the summary as one JSON line on stdout (scripts `tail -1` it);
     returns the summary."""
     t0 = time.perf_counter()
-    done = evaluated(args, rows, model, tok, search)
+    done = evaluated(args, rows, model, tokenizer, search)
     summary = {
         "file": str(args.eval),
         "mode": args.mode,
@@ -587,7 +587,7 @@ def loaded(args, index: retrieval.Index | None):
     import rollout
 
     t0 = time.perf_counter()
-    model, tok = rollout.load_model(args.model, device=args.device, adapter=args.adapter)
+    model, tokenizer = rollout.load_model(args.model, device=args.device, adapter=args.adapter)
     if not args.json:
         name = args.model or "SmolLM2-135M-Instruct (embedded)"
         name += f" + adapter {args.adapter}" if args.adapter else ""
@@ -597,7 +597,7 @@ def loaded(args, index: retrieval.Index | None):
         print(
             f"loaded {name} in {seconds:.1f} s on {args.device}{corpus}; {budgets}", file=sys.stderr
         )
-    return model, tok
+    return model, tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -610,15 +610,15 @@ def main(argv: list[str] | None = None) -> int:
         # a bad QA file fails before the model loads
         rows = retrieval.read_qa(args.eval)[: args.limit] if args.eval else None
         index = retrieval.open_index(args.index) if args.mode != "direct" or args.ask else None
-        model, tok = loaded(args, index)
+        model, tokenizer = loaded(args, index)
         search = recording_search(index, args.k)
         with rollout.bf16_autocast(args.device, args.bf16):
             if args.eval:
-                evaluate(args, rows, model, tok, search)
+                evaluate(args, rows, model, tokenizer, search)
             elif args.ask == STDIN:
-                ask_loop(args, model, tok, search)
+                ask_loop(args, model, tokenizer, search)
             else:
-                ask(args, args.ask, model, tok, search)
+                ask(args, args.ask, model, tokenizer, search)
         return 0
     except (RolloutSettingsError, retrieval.RetrievalError, rollout.ModelLoadError) as e:
         print(f"kr1.py: error: {e}", file=sys.stderr)

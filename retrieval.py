@@ -151,8 +151,8 @@ def _count_block(task: tuple[str, int, bytes]):
     """Pass 1 worker: parse a block of corpus lines; return its passages as normalised JSON lines and, per passage,
     its BM25 terms (bm25s' Tokenizer rules: lowercase, \\w\\w+ words, English stopwords, Snowball stems) counted."""
     path, first, raw = task
-    tok = _tokenizer()
-    split, stop = tok.splitter, set(tok.stopwords)
+    bm25_tokenizer = _tokenizer()
+    split, stop = bm25_tokenizer.splitter, set(bm25_tokenizer.stopwords)
     # words: block-local ids in order of first appearance
     lines, doclen, tokens, words = ([], [], [], {})
     for lineno, rec in _records(raw.split(b"\n"), path, first):
@@ -349,11 +349,15 @@ def _split_postings(segments: list[Path], paths: list[Path], range_of: np.ndarra
 
 def _save_bm25s_files(tmp: Path, vocab: dict, bm: bm25s.BM25, n: int) -> None:
     """The tokenizer's vocabulary and stopwords, and the parameters: the rest of what bm25s.BM25.load reads."""
-    tok = _tokenizer()
+    bm25_tokenizer = _tokenizer()
     # queries stem unseen words
-    tok.stem_to_sid, tok.word_to_stem, tok.word_to_id = (vocab, {"": ""}, {"": 0})
-    tok.save_vocab(tmp)
-    tok.save_stopwords(tmp)
+    bm25_tokenizer.stem_to_sid, bm25_tokenizer.word_to_stem, bm25_tokenizer.word_to_id = (
+        vocab,
+        {"": ""},
+        {"": 0},
+    )
+    bm25_tokenizer.save_vocab(tmp)
+    bm25_tokenizer.save_stopwords(tmp)
     (tmp / "vocab.index.json").write_text(
         json_functions.dumps(vocab, ensure_ascii=False), encoding="utf-8"
     )

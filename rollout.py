@@ -734,8 +734,8 @@ def sample(
     """Next token per row and its log-prob under log_softmax(logits / T), taken before top-k/top-p truncation."""
     logits = logits.float()  # (b, V)
     if cfg.greedy:
-        tok = logits.argmax(-1)  # (b,)
-        return tok, logits.log_softmax(-1).gather(1, tok[:, None])[:, 0]
+        tokens = logits.argmax(-1)  # (b,)
+        return tokens, logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0]
     logits = logits / cfg.temperature
     top = logits.amax(-1, keepdim=True)  # (b, 1)
     mass = (logits - top).exp_()  # (b, V) unnormalised probabilities (max 1)
@@ -875,7 +875,7 @@ def load_model(
         attn_implementation="flash_attention_2" if flash else "kr1_sdpa",
     )
     try:
-        tok = AutoTokenizer.from_pretrained(spec)
+        tokenizer = AutoTokenizer.from_pretrained(spec)
         if meta:
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(spec), **kw)
@@ -889,12 +889,12 @@ def load_model(
             f"cannot load model {spec!r}: not a loadable local model directory, nor a Hugging Face "
             f"hub id that could be fetched (the hub is unreachable offline): {e}"
         ) from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
     if adapter is not None:
         merge_lora(model, adapter)
-    return (model if meta else model.to(device)).eval(), tok
+    return (model if meta else model.to(device)).eval(), tokenizer
 
 
 # ---------------------------------------------------------------------------------------------- LoRA (PEFT format)

@@ -507,7 +507,7 @@ def pad_batch(trajs: list[rollout.Trajectory], device) -> dict[str, torch.Tensor
 
 def rollout_and_score(
     model: LogProbs,
-    tok,
+    tokenizer,
     cfg: Config,
     rows: list[dict],
     search,
@@ -534,7 +534,7 @@ def rollout_and_score(
     with torch.no_grad(), unsharded(model), rollout.bf16_autocast(device, cfg.bf16):
         trajs = rollout.rollout(
             model.lm,
-            tok,
+            tokenizer,
             questions,
             search=search,
             cfg=rcfg,
@@ -549,10 +549,10 @@ def score(cfg: Config, traj: rollout.Trajectory, row: dict) -> dict:
     return grpo.reward(traj, row["answers"], w_fmt=cfg.w_fmt, acc=cfg.acc)
 
 
-def expert(cfg: Config, tok, row: dict, search) -> rollout.Trajectory:
+def expert(cfg: Config, tokenizer, row: dict, search) -> rollout.Trajectory:
     """The gold trajectory of one question: search its supporting titles (else the question), answer the gold."""
     return rollout.expert_trajectory(
-        tok,
+        tokenizer,
         row["question"],
         row["answers"][0],
         row.get("supporting_titles") or [row["question"]],
@@ -561,7 +561,7 @@ def expert(cfg: Config, tok, row: dict, search) -> rollout.Trajectory:
     )
 
 
-def mix_experts(cfg: Config, tok, rows: list[dict], search, trajs: list, scores: list) -> int:
+def mix_experts(cfg: Config, tokenizer, rows: list[dict], search, trajs: list, scores: list) -> int:
     """David-GRPO: in a group where no sample is correct, the last sample becomes the expert trajectory, so the
     group has a reward spread and the right answer a positive advantage. In place; returns how many rows."""
     G = cfg.group_size
@@ -571,7 +571,7 @@ def mix_experts(cfg: Config, tok, rows: list[dict], search, trajs: list, scores:
         if not any(s["accuracy"] > 0 for s in scores[p * G : (p + 1) * G])
     ]
     for p in wrong:
-        trajs[p * G + G - 1] = t = expert(cfg, tok, rows[p], search)
+        trajs[p * G + G - 1] = t = expert(cfg, tokenizer, rows[p], search)
         scores[p * G + G - 1] = score(cfg, t, rows[p])
     return len(wrong)
 
@@ -684,7 +684,7 @@ def engine_drift(
 
 def sft_step(
     model: LogProbs,
-    tok,
+    tokenizer,
     optimizer,
     cfg: Config,
     rows: list[dict],
@@ -700,11 +700,11 @@ def sft_step(
         # sampled to log rewards: this rank's share of --prompts-per-step
         probe = rows[: cfg.prompts_per_step // world]
         trajs, scores, t_rollout = rollout_and_score(
-            model, tok, cfg, rows=probe, search=search, step=step, progress=progress
+            model, tokenizer, cfg, rows=probe, search=search, step=step, progress=progress
         )
     t1 = time.perf_counter()
     model.train()
-    experts = [expert(cfg, tok, r, search) for r in rows]
+    experts = [expert(cfg, tokenizer, r, search) for r in rows]
     sums = StepSums.zeros(experts, device)
     if progress:
         progress.start_update(math.ceil(len(experts) / cfg.micro_batch))
@@ -725,7 +725,7 @@ def sft_step(
 def grpo_step(
     model: LogProbs,
     ref,
-    tok,
+    tokenizer,
     optimizer,
     cfg: Config,
     rows: list[dict],
@@ -736,13 +736,13 @@ def grpo_step(
 ) -> dict:
     """On this rank's prompts: rollout, rewards (expert mixing), group advantages, loss, update (unless --no-update)."""
     trajs, scores, t_rollout = rollout_and_score(
-        model, tok, cfg, rows=rows, search=search, step=step, progress=progress
+        model, tokenizer, cfg, rows=rows, search=search, step=step, progress=progress
     )
     t1, device = time.perf_counter(), next(model.parameters()).device
     model.train()
     # logged metrics stay on-policy; the loss sees the mix
     batch, batch_scores = list(trajs), list(scores)
-    mixed = mix_experts(cfg, tok, rows, search, batch, batch_scores) if cfg.expert_mix else 0
+    mixed = mix_experts(cfg, tokenizer, rows, search, batch, batch_scores) if cfg.expert_mix else 0
     rewards = [s["reward"] for s in batch_scores]
     adv = grpo.group_advantages(rewards, cfg.group_size, cfg.scale_std)  # (B,)
     if cfg.update:
@@ -874,7 +874,7 @@ def sharded_state(lm: torch.nn.Module, optimizer) -> tuple[dict, dict]:
 
 
 def save_checkpoint(
-    out: Path, model: LogProbs, tok, optimizer, cfg: Config, step: int, *, hf: bool
+    out: Path, model: LogProbs, tokenizer, optimizer, cfg: Config, step: int, *, hf: bool
 ) -> Path:
     """OUT/checkpoints/step_N, written whole into step_N.tmp, then published (OUT/latest) and older ones pruned
     (--keep-last). state/: the trainable parameters and the optimizer, sharded; adapter/ (LoRA); hf/ if `hf`."""
@@ -890,7 +890,7 @@ def save_checkpoint(
     msd, osd = sharded_state(lm, optimizer)
     # sharded: each rank writes its part
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "state"))
-    save_weights(tmp, lm, tok, cfg=cfg, hf=hf)
+    save_weights(tmp, lm, tokenizer, cfg=cfg, hf=hf)
     if rank == 0:
         trainer = {"step": step, "config": dataclasses.asdict(cfg)}
         # last: a folder with one is complete
@@ -901,7 +901,7 @@ def save_checkpoint(
     return final
 
 
-def save_weights(tmp: Path, lm, tok, cfg: Config, *, hf: bool) -> None:
+def save_weights(tmp: Path, lm, tokenizer, cfg: Config, *, hf: bool) -> None:
     """Rank 0 writes LoRA's adapter/ (PEFT, and the rollout settings) and, if `hf`, hf/: a plain Hugging Face folder
     (from_pretrained, kr1.py --model), LoRA merged in. Without hf/, only the trainable tensors are gathered (and a
     head tied to the frozen embedding: see sharded_state)."""
@@ -933,7 +933,7 @@ def save_weights(tmp: Path, lm, tok, cfg: Config, *, hf: bool) -> None:
     if hf:
         weights = rollout.merged(full, cfg.lora_alpha / cfg.lora_rank) if cfg.lora_rank else full
         lm.save_pretrained(tmp / "hf", state_dict=weights)
-        tok.save_pretrained(tmp / "hf")
+        tokenizer.save_pretrained(tmp / "hf")
 
 
 def publish(out: Path, tmp: Path, final: Path) -> None:
@@ -1167,16 +1167,16 @@ def load_sharded(
     device, shards it, and receives its shards from rank 0 tensor by tensor (memory: its shard plus one tensor)."""
     rank, cuda, lora = dist.get_rank(), device.type == "cuda", train and cfg.lora_rank
     if rank == 0:
-        full, tok = rollout.load_model(spec, dtype=dtype)  # host memory
+        full, tokenizer = rollout.load_model(spec, dtype=dtype)  # host memory
         if lora:
             rollout.add_lora(full, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     if mesh.size() == 1 and not cuda:  # a CPU world of one trains rank 0's plain module
-        return shard_model(full, mesh, cuda, train, len(tok), cfg.grad_ckpt), tok
+        return shard_model(full, mesh, cuda, train, len(tokenizer), cfg.grad_ckpt), tokenizer
     wait_for_rank0()  # its read, and the embedded model's first conversion
-    lm, tok = rollout.load_model(spec, dtype=dtype, device=device, meta=True)
+    lm, tokenizer = rollout.load_model(spec, dtype=dtype, device=device, meta=True)
     if lora:
         rollout.add_lora(lm, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-    model = shard_model(lm, mesh, cuda, train, len(tok), cfg.grad_ckpt)
+    model = shard_model(lm, mesh, cuda, train, len(tokenizer), cfg.grad_ckpt)
     model.to_empty(device=device)
     dsd.set_model_state_dict(
         lm,
@@ -1188,21 +1188,21 @@ def load_sharded(
         if rank == 0:
             buf.copy_(full.get_buffer(name))
         dist.broadcast(buf, src=0)
-    return model, tok
+    return model, tokenizer
 
 
 def build_models(cfg: Config, device: torch.device, world: int):
     """The policy (fp32: the optimizer's master copy), the frozen reference (beta > 0), the tokenizer and AdamW."""
     spec, cuda = None if cfg.model in (None, "default") else cfg.model, device.type == "cuda"
     mesh = init_device_mesh(device.type, (world,))
-    model, tok = load_sharded(cfg, spec, torch.float32, device, mesh, train=True)
+    model, tokenizer = load_sharded(cfg, spec, torch.float32, device, mesh, train=True)
     ref_dtype = torch.bfloat16 if cuda else torch.float32  # frozen: it only computes
     ref = load_sharded(cfg, spec, ref_dtype, device, mesh, train=False)[0] if cfg.beta > 0 else None
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: only the adapters
     optimizer = torch.optim.AdamW(
         trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99), fused=cuda
     )
-    return model, ref, tok, optimizer
+    return model, ref, tokenizer, optimizer
 
 
 @dataclass
@@ -1212,7 +1212,7 @@ class Run:
     cfg: Config
     model: LogProbs
     ref: LogProbs | None
-    tok: object
+    tokenizer: object
     optimizer: torch.optim.Optimizer
     rows: list[dict]
     search: Callable
@@ -1289,7 +1289,7 @@ def train_loop(run: Run) -> None:
         if step < cfg.sft_steps:
             rec = sft_step(
                 run.model,
-                run.tok,
+                run.tokenizer,
                 run.optimizer,
                 cfg=cfg,
                 rows=mine,
@@ -1301,7 +1301,7 @@ def train_loop(run: Run) -> None:
             rec = grpo_step(
                 run.model,
                 run.ref,
-                run.tok,
+                run.tokenizer,
                 optimizer=run.optimizer,
                 cfg=cfg,
                 rows=mine,
@@ -1315,7 +1315,13 @@ def train_loop(run: Run) -> None:
             # LoRA: the merged model at the end only
             hf = not cfg.lora_rank or cfg.save_hf or step + 1 == total
             save_checkpoint(
-                run.out, run.model, run.tok, optimizer=run.optimizer, cfg=cfg, step=step + 1, hf=hf
+                run.out,
+                run.model,
+                run.tokenizer,
+                optimizer=run.optimizer,
+                cfg=cfg,
+                step=step + 1,
+                hf=hf,
             )
 
 
@@ -1341,14 +1347,14 @@ def main(argv: list[str] | None = None) -> int:
         if warning and rank == 0:
             print(warning, file=sys.stderr)
         search = lambda qs: index.search(qs, k=cfg.top_k_passages)
-        model, ref, tok, optimizer = build_models(cfg, device, world)
+        model, ref, tokenizer, optimizer = build_models(cfg, device, world)
         start = load_checkpoint(ckpt, model, optimizer, cfg=cfg) if ckpt else 0
         early = start + 1 if fresh else 0
         run = Run(
             cfg=cfg,
             model=model,
             ref=ref,
-            tok=tok,
+            tokenizer=tokenizer,
             optimizer=optimizer,
             rows=rows,
             search=search,
