@@ -183,9 +183,8 @@ def _chunk_logp(
     with_entropy: bool,
     vocab: int | None = None,
 ):
-    logits = head(h)[
-        :, :vocab
-    ].float()  # (n, V) float32: the one big tensor, alive for one chunk only
+    # (n, V) float32: the one big tensor, alive for one chunk only
+    logits = head(h)[:, :vocab].float()
     if temperature != 1.0:
         logits = logits / temperature  # (n, V)
     # (n,) fused log-softmax + gather: fewer (n, V) passes
@@ -224,9 +223,8 @@ def token_logprobs(
     targets = input_ids[:, 1:][sel]  # (N,)
     head = model.get_output_embeddings()
     chunk = _chunk_logp
-    if (
-        torch.is_grad_enabled() and hidden.requires_grad
-    ):  # store only h (n, H): backward rebuilds logits
+    # store only h (n, H): backward rebuilds logits
+    if torch.is_grad_enabled() and hidden.requires_grad:
         chunk = partial(checkpoint, _chunk_logp, use_reentrant=False)
     starts = range(0, hidden.shape[0], chunk_size)
     spans = [(hidden[s : s + chunk_size], targets[s : s + chunk_size]) for s in starts]
@@ -351,7 +349,6 @@ def sft_loss(
     """Warm-start on expert trajectories: masked mean of -log p over the expert's own tokens (mask 1); logp, mask:
     (B, T). `normaliser`: the token count over micro-batches and ranks (default: this batch's), as in grpo_loss."""
     m = mask.bool()  # (B, T)
-    nll = torch.where(
-        m, -logp, logp.new_zeros(())
-    ).sum()  # where, not *: inf at a masked slot cannot leak
+    # where, not *: inf at a masked slot cannot leak
+    nll = torch.where(m, -logp, logp.new_zeros(())).sum()
     return nll / (m.sum().clamp(min=1) if normaliser is None else normaliser)

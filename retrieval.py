@@ -420,12 +420,10 @@ class Index:
             vocab, df, offsets, doclen, segments = tokenized
             seconds = {"tokenize": elapsed()}
             _score_pass(tmp, segments, vocab, df, doclen, pool, 2 * workers, show_progress, seconds)
-        except (
-            BaseException
-        ):  # a failed or interrupted build leaves nothing behind, waits for no worker
-            shutil.rmtree(
-                tmp, ignore_errors=True
-            )  # before the shutdown: a second Ctrl-C cannot stop it
+        except BaseException:
+            # a failed or interrupted build leaves nothing behind (removed before the shutdown, so a second
+            # Ctrl-C cannot stop it) and waits for no worker
+            shutil.rmtree(tmp, ignore_errors=True)
             raise
         finally:
             pool.shutdown(wait=False, cancel_futures=True)

@@ -518,6 +518,7 @@ def forward(engine: Engine, rows: list[Row], cache_rows: list[int], kind: StepKi
         pad=engine.pad,
         dev=engine.dev,
     )
+    # (c, vocab)
     logits = engine.model(
         input_ids=step.input_ids,
         attention_mask=step.attention_mask,
@@ -525,7 +526,7 @@ def forward(engine: Engine, rows: list[Row], cache_rows: list[int], kind: StepKi
         past_key_values=step,
         use_cache=True,
         logits_to_keep=1,
-    ).logits[:, -1, : engine.vocab]  # (c, vocab)
+    ).logits[:, -1, : engine.vocab]
     for row in rows:
         row.cached += len(row.pending)
     engine.stats.count(step)
@@ -704,11 +705,8 @@ class CacheStep(DynamicCache):
         # (n_new,) each: input row, input column, position
         row, col, pos = torch.tensor(real, device=dev).T
         self.new_at = (row, slice(None), col)  # where each new token's keys/values are in the input
-        self.write_to = (
-            row if decode else self.rows[row],
-            slice(None),
-            pos,
-        )  # its cache row, column
+        cache_row = row if decode else self.rows[row]
+        self.write_to = (cache_row, slice(None), pos)  # its cache row and column
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.cached_cols  # HF places the queries right after the cached columns it is shown
@@ -881,10 +879,8 @@ def load_model(
                 model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(spec), **kw)
         else:
             model = AutoModelForCausalLM.from_pretrained(spec, **kw)
-    except (
-        OSError,
-        ValueError,
-    ) as e:  # missing dir / unknown hub id (OSError), malformed id or config (ValueError)
+    except (OSError, ValueError) as e:
+        # missing dir / unknown hub id (OSError), malformed id or config (ValueError)
         raise ModelLoadError(
             f"cannot load model {spec!r}: not a loadable local model directory, nor a Hugging Face "
             f"hub id that could be fetched (the hub is unreachable offline): {e}"

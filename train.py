@@ -56,9 +56,9 @@ QA_FILE = HERE / "data" / "qa.jsonl"
 PER_TOKEN = ("kl", "clip_frac", "entropy", "ratio_mean")
 
 
-def opt(default, help: str, shown: str | None = None):
+def opt(default, text: str, shown: str | None = None):
     """A Config field and its --help text; `shown`: how --help names the default (else the value itself)."""
-    return field(default=default, metadata={"help": help, "shown": shown})
+    return field(default=default, metadata={"help": text, "shown": shown})
 
 
 @dataclass
@@ -494,14 +494,14 @@ class Progress:
 
 def pad_batch(trajs: list[rollout.Trajectory], device) -> dict[str, torch.Tensor]:
     """Right-pad trajectories (they run unmasked); targets are ids[1:], so the loss mask and old log-probs shift."""
+    # (B, T)
     pad = lambda rows, dtype: torch.nn.utils.rnn.pad_sequence(
         [torch.tensor(r, dtype=dtype) for r in rows], batch_first=True
-    ).to(device)  # (B, T)
-    # (B, T-1)
+    ).to(device)
     return {
-        "ids": pad([t.ids for t in trajs], torch.long),
+        "ids": pad([t.ids for t in trajs], torch.long),  # (B, T)
         "mask": pad([t.mask for t in trajs], torch.float32)[:, 1:],  # (B, T-1)
-        "old": pad([t.logprobs for t in trajs], torch.float32)[:, 1:],
+        "old": pad([t.logprobs for t in trajs], torch.float32)[:, 1:],  # (B, T-1)
     }
 
 
@@ -581,14 +581,10 @@ class StepSums:
     """What one step adds up on this rank, as tensors (no host sync per micro-batch) until step_metrics sums them
     over ranks. The GRPO loss's metrics are real only where it ran (`loss_ran`: not SFT, not the control arm)."""
 
-    n_tok: (
-        torch.Tensor
-    )  # the loss tokens of all ranks (summed at creation: the token mean's denominator)
+    n_tok: torch.Tensor  # the loss tokens of all ranks: the token mean's denominator
     loss: torch.Tensor  # this rank's share of the step's loss
     per_token: torch.Tensor  # (len(PER_TOKEN),) each grpo_loss metric x its tokens
-    extremes: (
-        torch.Tensor
-    )  # (3,) ratio max, -ratio min, the largest engine-trainer log-prob gap: all ranks
+    extremes: torch.Tensor  # (3,) ratio max, -ratio min, largest engine-trainer gap: all ranks
     drift: torch.Tensor  # (3,) |trainer - engine| log-prob sum, tokens over 0.1, tokens compared
     loss_ran: bool = False
     grpo: bool = False  # a GRPO step (advantages exist), not a warm-start one
@@ -1337,9 +1333,8 @@ def main(argv: list[str] | None = None) -> int:
         # before the models: a bad path fails at once
         ckpt = resolve_checkpoint(cfg.resume) if cfg.resume else None
         out = Path(cfg.out)
-        fresh = not (
-            out / "latest"
-        ).is_file()  # --out has no checkpoint yet: save after this run's first step
+        # --out has no checkpoint yet: save after this run's first step
+        fresh = not (out / "latest").is_file()
         rows = load_questions(cfg)
         # each rank mmap-loads the same files: the OS shares the pages
         index = retrieval.open_index(cfg.index)
