@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -37,6 +38,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    LlamaForCausalLM,
 )
 from transformers.cache_utils import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -300,7 +302,7 @@ def rollout(
 ) -> list[Trajectory]:
     """One trajectory per question. `search(queries)` -> per query a list of hit dicts {"id", "title", "text", ...}
     (the caller binds k). `generator` lives on the model's device. The model only ever sees model(input_ids,
-    attention_mask, position_ids, past_key_values, use_cache=True, logits_to_keep=1): any HF causal LM, FSDP2 too.
+    attention_mask, position_ids, cache or past_key_values, use_cache=True, logits_to_keep=1): any HF causal LM.
     `on_progress(rows finished, tokens after the prompts)`, if given, runs after every step of the loop.
 
     Protocol (agent): a turn ends on </search>, </answer>, a sampled end token (end_ids), or a budget.
@@ -426,9 +428,8 @@ class Engine:
     ends: set[int]  # ids that end a turn (eos, <|im_end|>, every generation_config eos)
     maybe_stop: set[int]  # ids with a '>': only these can complete a stop tag
     vocab: int  # len(tokenizer): logits past it (a padded embedding) are never sampled
-    pad: (
-        int  # what a decode feeds a row with nothing to feed (DONE, WAITING); its output is ignored
-    )
+    cache_kw: str  # forward's cache keyword: "cache" (transformers 5.25+) or "past_key_values"
+    pad: int  # what a decode feeds a DONE or WAITING row; its output is ignored
     dev: torch.device  # the model's (looked up once, not per forward)
     rows: list[Row]
     batch: list[Row]  # batch position j holds cache row j
@@ -465,6 +466,7 @@ def start(model, tokenizer, questions: list[str], search, **kw) -> Engine:
         ends=end_ids(tokenizer, model),
         maybe_stop=token_sets(tokenizer).with_gt,
         vocab=len(tokenizer),
+        cache_kw=cache_keyword(model),
         pad=tokenizer.pad_token_id or 0,
         dev=next(model.parameters()).device,
         rows=rows,
@@ -472,6 +474,15 @@ def start(model, tokenizer, questions: list[str], search, **kw) -> Engine:
         cache=RaggedCache(),
         **kw,
     )
+
+
+def cache_keyword(model) -> str:
+    """forward's name for the KV cache: "cache" where transformers has it (5.25 warns on "past_key_values"); a
+    wrapper that passes **kwargs on gets the name of the installed transformers' models."""
+    names = inspect.signature(model.forward).parameters
+    if "cache" not in names and "past_key_values" not in names:
+        names = inspect.signature(LlamaForCausalLM.forward).parameters
+    return "cache" if "cache" in names else "past_key_values"
 
 
 def prefill(engine: Engine) -> None:
@@ -518,15 +529,15 @@ def forward(engine: Engine, rows: list[Row], cache_rows: list[int], kind: StepKi
         pad=engine.pad,
         dev=engine.dev,
     )
-    # (c, vocab)
-    logits = engine.model(
+    out = engine.model(
         input_ids=step.input_ids,
         attention_mask=step.attention_mask,
         position_ids=step.position_ids,
-        past_key_values=step,
         use_cache=True,
         logits_to_keep=1,
-    ).logits[:, -1, : engine.vocab]
+        **{engine.cache_kw: step},
+    )
+    logits = out.logits[:, -1, : engine.vocab]  # (c, vocab)
     for row in rows:
         row.cached += len(row.pending)
     engine.stats.count(step)

@@ -1,6 +1,7 @@
 """The transformers API the core relies on, by name, signature and one tiny forward: pyproject's bound
 (transformers>=5.4,<5.40) is the range where all of it exists in the form the core uses. Under 5.3 the cache
-signature check fails (get_mask_sizes took cache_position there); 5.40 drops the past_key_values keyword.
+signature check fails (get_mask_sizes took cache_position there); 5.40 drops the past_key_values keyword
+(rollout.cache_keyword passes `cache` where it exists).
 
     python -m pytest -q tests/test_transformers_api.py
 """
@@ -68,7 +69,7 @@ def test_the_cache_methods_rollout_overrides_have_the_same_signature():
 
 
 def test_a_tiny_forward_takes_the_keywords_the_core_passes(tmp_path):
-    """from_pretrained(dtype=, attn_implementation=) and forward(position_ids, past_key_values, use_cache,
+    """from_pretrained(dtype=, attn_implementation=) and forward(position_ids, cache, use_cache,
     logits_to_keep) as rollout.py calls them; grpo.py's model.model(...).last_hidden_state and output embeddings."""
     cfg = Qwen2Config(
         hidden_size=16,
@@ -93,7 +94,7 @@ def test_a_tiny_forward_takes_the_keywords_the_core_passes(tmp_path):
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             position_ids=torch.arange(3)[None],
-            past_key_values=cache,
+            **{rollout.cache_keyword(model): cache},  # "cache" from 5.25 on
             use_cache=True,
             logits_to_keep=1,
         )
