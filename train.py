@@ -1107,15 +1107,16 @@ def stop_reason(rank: int, world: int, signalled: bool) -> str:
             return f"train.py: rank {rank}: stopping: rank {store.get('failed').split()[0].decode()} failed"
         beats = [store.add(f"beat/{r}", 0) for r in range(world)]
         time.sleep(4 * HEARTBEAT)
-        dead = [r for r in range(world) if store.add(f"beat/{r}", 0) == beats[r]]
-        stuck = [r for r in range(world) if not store.check([f"stopping/{r}"])]
+        # a rank that checked in is stopping like this one: only the others can be to blame
+        silent = [r for r in range(world) if not store.check([f"stopping/{r}"])]
+        dead = [r for r in silent if store.add(f"beat/{r}", 0) == beats[r]]
         first = store.add("reported", 1) == 1
     except Exception:  # the store is gone too: torchrun's agent has ended
-        dead, stuck, first = [], [], False
-    ranks = ", ".join(map(str, dead or stuck))
+        silent, dead, first = [], [], False
+    ranks = ", ".join(map(str, dead or silent))
     if first and dead:
         return f"train.py: rank {ranks}: error: killed without a word (by a signal: out of memory?)"
-    if first and stuck:
+    if first and silent:
         return f"train.py: rank {ranks}: error: stuck: no collective from it within --dist-timeout"
     if ranks:
         return f"train.py: rank {rank}: stopping: rank {ranks} ended without a word"
