@@ -1131,16 +1131,33 @@ def wait_until(done: Callable[[], bool], seconds: float) -> bool:
 
 
 def start_heartbeat(rank: int) -> None:
-    """A thread that counts this rank's beats in the store: the roll call (stop_reason) tells killed from stuck."""
+    """A thread that counts this rank's beats in the store: the roll call (stop_reason) tells killed from stuck.
+    stop_heartbeat() ends it before the process group goes (a store call at teardown aborts the process)."""
 
     def beat() -> None:
         store = failures()
         with contextlib.suppress(Exception):  # the store has gone: the job is ending
-            while True:
+            while not heartbeat.stop.is_set():
                 store.add(f"beat/{rank}", 1)
-                time.sleep(HEARTBEAT)
+                heartbeat.stop.wait(HEARTBEAT)
 
-    threading.Thread(target=beat, daemon=True).start()
+    heartbeat.thread = threading.Thread(target=beat, daemon=True)
+    heartbeat.thread.start()
+
+
+def stop_heartbeat() -> None:
+    heartbeat.stop.set()
+    if heartbeat.thread is not None:
+        heartbeat.thread.join()
+
+
+@dataclass
+class Heartbeat:
+    stop: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+
+heartbeat = Heartbeat()
 
 
 def saved_traceback(e: BaseException, rank: int, out: Path) -> str:
@@ -1365,6 +1382,7 @@ def main(argv: list[str] | None = None) -> int:
     except (Exception, SystemExit) as e:
         return fail(e, rank, world, Path(cfg.out))
     finally:
+        stop_heartbeat()
         dist.destroy_process_group()
 
 
