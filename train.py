@@ -1299,30 +1299,7 @@ def train_loop(run: Run) -> None:
     )
     progress = Progress(bar)
     for step in bar:
-        mine = step_rows(cfg, run.rows, step)
-        if step < cfg.sft_steps:
-            rec = sft_step(
-                run.model,
-                run.tokenizer,
-                run.optimizer,
-                cfg=cfg,
-                rows=mine,
-                search=run.search,
-                step=step,
-                progress=progress,
-            )
-        else:
-            rec = grpo_step(
-                run.model,
-                run.ref,
-                run.tokenizer,
-                optimizer=run.optimizer,
-                cfg=cfg,
-                rows=mine,
-                search=run.search,
-                step=step,
-                progress=progress,
-            )
+        rec = one_step(run, step, progress)
         if rank == 0:
             log_step(run, rec, progress)
         if save_due(cfg, step + 1, run.early_save):
@@ -1337,6 +1314,15 @@ def train_loop(run: Run) -> None:
                 step=step + 1,
                 hf=hf,
             )
+
+
+def one_step(run: Run, step: int, progress: Progress) -> dict:
+    """Step `step` on this rank's prompts: a warm-start (SFT) step, then GRPO steps; its log record."""
+    rows = step_rows(run.cfg, run.rows, step)
+    kw = dict(cfg=run.cfg, rows=rows, search=run.search, step=step, progress=progress)
+    if step < run.cfg.sft_steps:
+        return sft_step(run.model, run.tokenizer, run.optimizer, **kw)
+    return grpo_step(run.model, run.ref, run.tokenizer, optimizer=run.optimizer, **kw)
 
 
 def main(argv: list[str] | None = None) -> int:
