@@ -11,8 +11,13 @@ Rewards (plain Python, one trajectory at a time)
   format    the original Knowledge-R1 rule, +1 / -1: every turn but the last is <think>..</think><search>..</search>,
             the last <think>..</think><answer>..</answer>. Stricter than the original (which counted tags and
             checked order): only whitespace outside the tags, no tag content blank or holding another tag.
-  reward    w_acc * accuracy + w_fmt * format, default 1 and 1: the original's plain sum. A well-formed wrong
-            answer (1) then beats a malformed right one (0): the protocol is learnt first, as the searches need it.
+  support   recall of the question's gold supporting titles among the passages the agent read (0 where the data
+            names none). Not in the original; recall as a reward is DeepRetrieval's (Jiang et al. 2025), and
+            StepSearch (Wang et al. 2025) pays the same evidence per search. Dense where accuracy is sparse: a
+            small model that rarely answers right still learns which searches find the evidence.
+  reward    w_acc * accuracy + w_fmt * format + w_support * support, default 1, 1 and 0: the original's plain
+            sum. A well-formed wrong answer (1) then beats a malformed right one (0): the protocol is learnt
+            first, as the searches need it.
 
 Against the GRPO paper (DeepSeekMath, Shao et al. 2024), choice by choice:
   advantage  A_i = (r_i - mean(r)) / (std(r) + eps) over the G consecutive samples of one prompt (paper, outcome
@@ -152,13 +157,32 @@ def format_reward(responses: list[str]) -> float:
     return 1.0 if ok else -1.0
 
 
+def support_recall(gold_titles: list[str] | None, read_titles: list[list[str]]) -> float | None:
+    """The share of the gold supporting titles among the titles of the passages read (one list per search),
+    compared case-insensitively; None when the question names none."""
+    gold = {title.casefold() for title in gold_titles or []}
+    if not gold:
+        return None
+    read = {title.casefold() for hits in read_titles for title in hits}
+    return round(len(gold & read) / len(gold), 4)
+
+
 def reward(
-    traj, golds: list[str], w_acc: float = 1.0, w_fmt: float = 1.0, acc: str = "em"
+    traj,
+    golds: list[str],
+    *,
+    w_acc: float = 1.0,
+    w_fmt: float = 1.0,
+    acc: str = "em",
+    w_support: float = 0.0,
+    support: float = 0.0,
 ) -> dict[str, float]:
-    """Score one trajectory (.answer, .responses) against its gold aliases; train.py logs every key (mean over
-    trajectories), so a new reward term is one new key here and one line in the sum."""
+    """Score one trajectory (.answer, .responses) against its gold aliases; `support`: its support_recall (the
+    caller knows the titles it read). train.py logs every key (mean over trajectories), so a new reward term is
+    one new key here and one line in the sum."""
     a, f = answer_accuracy(traj.answer, golds, acc), format_reward(traj.responses)
-    return {"reward": w_acc * a + w_fmt * f, "accuracy": a, "format": f}
+    total = w_acc * a + w_fmt * f + w_support * support
+    return {"reward": total, "accuracy": a, "format": f, "support": support}
 
 
 # ----------------------------------------------------------------------------- advantages

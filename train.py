@@ -132,6 +132,10 @@ class Config:
     scale_std: bool = opt(True, "divide advantages by the group std (False = Dr. GRPO)")
     acc: str = opt("em", "accuracy reward: em or f1")
     w_fmt: float = opt(1.0, "weight of the format reward (+1/-1); accuracy has weight 1")
+    w_support: float = opt(
+        0.0,
+        "weight of the support reward: recall of the gold supporting_titles among passages read",
+    )
     # optimisation
     steps: int = opt(200, "GRPO optimizer steps (after --sft-steps)")
     lr: float = opt(1e-6, "peak learning rate (AdamW)")
@@ -541,12 +545,16 @@ def rollout_and_score(
             generator=gen,
             on_progress=on_progress,
         )
-    scores = [score(cfg, t, r) for t, r in zip(trajs, group)]
+    scores = [score(cfg, t, r, search) for t, r in zip(trajs, group)]
     return trajs, scores, time.perf_counter() - t0
 
 
-def score(cfg: Config, traj: rollout.Trajectory, row: dict) -> dict:
-    return grpo.reward(traj, row["answers"], w_fmt=cfg.w_fmt, acc=cfg.acc)
+def score(cfg: Config, traj: rollout.Trajectory, row: dict, search: kr1.RecordingSearch) -> dict:
+    read = [search.named(ids) for ids in traj.doc_ids]
+    support = grpo.support_recall(row.get("supporting_titles"), read) or 0.0
+    return grpo.reward(
+        traj, row["answers"], w_fmt=cfg.w_fmt, acc=cfg.acc, w_support=cfg.w_support, support=support
+    )
 
 
 def expert(cfg: Config, tokenizer, row: dict, search) -> rollout.Trajectory:
@@ -572,7 +580,7 @@ def mix_experts(cfg: Config, tokenizer, rows: list[dict], search, trajs: list, s
     ]
     for p in wrong:
         trajs[p * G + G - 1] = t = expert(cfg, tokenizer, rows[p], search)
-        scores[p * G + G - 1] = score(cfg, t, rows[p])
+        scores[p * G + G - 1] = score(cfg, t, rows[p], search)
     return len(wrong)
 
 
@@ -1345,7 +1353,8 @@ def main(argv: list[str] | None = None) -> int:
         warning = corpus_warning(cfg, len(index))
         if warning and rank == 0:
             print(warning, file=sys.stderr)
-        search = lambda qs: index.search(qs, k=cfg.top_k_passages)
+        # it remembers each hit's title: the support reward compares titles
+        search = kr1.RecordingSearch(lambda qs: index.search(qs, k=cfg.top_k_passages))
         model, ref, tokenizer, optimizer = build_models(cfg, device, world)
         start = load_checkpoint(ckpt, model, optimizer, cfg=cfg) if ckpt else 0
         early = start + 1 if fresh else 0

@@ -8,15 +8,22 @@
 #   4. greedy evaluation of start and final on the held-out open questions (2Wiki test 1-400, HotpotQA, MuSiQue)
 #      with the flags of eval.json, the paired test per set and pooled, and the trained-vs-control figure.
 # Every stage skips what is already done, so the script can be re-run after a kill (train.py resumes itself).
+# A second design names itself and adds train.py flags to the trained arm; it shares design 1's start, and the
+# control arm too where its flags change only the reward (a no-update arm samples the same whatever it is paid).
 #
 #   python data/prepare_2wiki.py dev.json --aliases id_aliases.json --out DATA_DIR/2wiki   # first (README)
-#   bash bench/search_gain.sh DATA_DIR [RUN_DIR]   # DATA_DIR/{2wiki,hotpotqa,musique}; RUN_DIR: runs/search-gain
+#   bash bench/search_gain.sh DATA_DIR                     # design 1: runs/search-gain, bench/results/search-gain
+#   bash bench/search_gain.sh DATA_DIR support --w-support 0.5   # design 2: runs/search-gain-support, ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
-D=${1:?usage: bash bench/search_gain.sh DATA_DIR [RUN_DIR]  (DATA_DIR holds 2wiki/, hotpotqa/, musique/)}
-R=${2:-runs/search-gain}
-B=bench/results/search-gain
-mkdir -p "$R" "$B/eval"
+D=${1:?usage: bash bench/search_gain.sh DATA_DIR [NAME TRAIN_FLAGS...]  (DATA_DIR holds 2wiki/, hotpotqa/, musique/)}
+NAME=${2:+-$2}
+shift $(($# < 2 ? $# : 2))
+R=runs/search-gain$NAME
+B=bench/results/search-gain$NAME
+S=runs/search-gain  # design 1's: the question files, the start and the control arm
+S_B=bench/results/search-gain  # design 1's: eval.json and the start's evaluation
+mkdir -p "$S" "$R" "$B/eval" "$S_B/eval"
 
 open_only() {  # the open questions (grpo.question_kind) of a QA JSONL on stdin
   python -c "import grpo, json, sys
@@ -25,38 +32,38 @@ for line in sys.stdin:
     if grpo.question_kind(r['question'], r['answers']) == 'open':
         print(line, end='')"
 }
-[ -s "$R/train-open.jsonl" ] || cat "$D/2wiki/train.jsonl" <(sed -n 401,1000p "$D/2wiki/test.jsonl") | open_only \
-  > "$R/train-open.jsonl"
-[ -s "$R/2wiki-open.jsonl" ] || head -400 "$D/2wiki/test.jsonl" | open_only > "$R/2wiki-open.jsonl"
-[ -s "$R/hotpotqa-open.jsonl" ] || open_only < "$D/hotpotqa/questions.jsonl" > "$R/hotpotqa-open.jsonl"
-[ -s "$R/musique-open.jsonl" ] || open_only < "$D/musique/questions.jsonl" > "$R/musique-open.jsonl"
+[ -s "$S/train-open.jsonl" ] || cat "$D/2wiki/train.jsonl" <(sed -n 401,1000p "$D/2wiki/test.jsonl") | open_only \
+  > "$S/train-open.jsonl"
+[ -s "$S/2wiki-open.jsonl" ] || head -400 "$D/2wiki/test.jsonl" | open_only > "$S/2wiki-open.jsonl"
+[ -s "$S/hotpotqa-open.jsonl" ] || open_only < "$D/hotpotqa/questions.jsonl" > "$S/hotpotqa-open.jsonl"
+[ -s "$S/musique-open.jsonl" ] || open_only < "$D/musique/questions.jsonl" > "$S/musique-open.jsonl"
 
-TRAIN=(--dataset "$R/train-open.jsonl" --index "$D/2wiki/corpus.jsonl" --expert-mix --max-total-tokens 1024)
+TRAIN=(--dataset "$S/train-open.jsonl" --index "$D/2wiki/corpus.jsonl" --expert-mix --max-total-tokens 1024)
 arm() {  # out dir, extra flags: resume an unfinished arm, else start it from the warm-start
   local out=$1; shift
-  local from="$R/start"; [ -f "$out/latest" ] && from=$out
+  local from="$S/start"; [ -f "$out/latest" ] && from=$out
   python train.py --preset grpo-2wiki --resume "$from" "${TRAIN[@]}" --out "$out" "$@"
 }
 
 # eval.json holds the flags both adapters are evaluated with (word-split on purpose below)
-FLAGS=$(python -c "import json; print(' '.join(f'--{k.replace(\"_\", \"-\")} {v}' for k, v in json.load(open('$B/eval.json')).items()))")
+FLAGS=$(python -c "import json; print(' '.join(f'--{k.replace(\"_\", \"-\")} {v}' for k, v in json.load(open('$S_B/eval.json')).items()))")
 ev() {  # name, adapter dir: the three held-out open sets
   for set in 2wiki hotpotqa musique; do
     local out="$B/eval/$1-$set.jsonl"
     [ -s "$out" ] && continue
-    python kr1.py --eval "$R/$set-open.jsonl" --index "$D/$set/corpus.jsonl" --adapter "$2" $FLAGS \
+    python kr1.py --eval "$S/$set-open.jsonl" --index "$D/$set/corpus.jsonl" --adapter "$2" $FLAGS \
       --out "$out.tmp" | tail -1 > "$B/eval/$1-$set.summary.json"
     mv "$out.tmp" "$out"
   done
 }
-[ -f "$R/start/latest" ] || python train.py --preset warmstart-qa --out "$R/start"
-ev start "$R/start/$(cat "$R/start/latest")/adapter"
-arm "$R/trained"
+[ -f "$S/start/latest" ] || python train.py --preset warmstart-qa --out "$S/start"
+B=$S_B ev start "$S/start/$(cat "$S/start/latest")/adapter"
+arm "$R/trained" "$@"
 ev final "$R/trained/$(cat "$R/trained/latest")/adapter"
-arm "$R/control" --no-update --save-every 0
+arm "$S/control" --no-update --save-every 0
 for set in 2wiki hotpotqa musique; do
-  python bench/paired_eval.py "$B/eval/start-$set.jsonl" "$B/eval/final-$set.jsonl" > "$B/paired-$set.txt"
+  python bench/paired_eval.py "$S_B/eval/start-$set.jsonl" "$B/eval/final-$set.jsonl" > "$B/paired-$set.txt"
 done
-cat "$B"/eval/start-*.jsonl > "$R/start-pooled.jsonl" && cat "$B"/eval/final-*.jsonl > "$R/final-pooled.jsonl"
+cat "$S_B"/eval/start-*.jsonl > "$R/start-pooled.jsonl" && cat "$B"/eval/final-*.jsonl > "$R/final-pooled.jsonl"
 python bench/paired_eval.py "$R/start-pooled.jsonl" "$R/final-pooled.jsonl" | tee "$B/paired-pooled.txt"
-python bench/plot_control.py "$R/trained/log.jsonl" "$R/control/log.jsonl" --out "$B/control.png" | tee "$B/control.txt"
+python bench/plot_control.py "$R/trained/log.jsonl" "$S/control/log.jsonl" --out "$B/control.png" | tee "$B/control.txt"

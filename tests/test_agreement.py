@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from test_train import free_port, spawn_ranks
 
+import kr1
 import retrieval
 
 SETTING = dict(
@@ -46,7 +47,7 @@ def setting(d: Path, **kw):
         **kw,
     )
     index = retrieval.open_index(cfg.index)
-    search = lambda qs: index.search(qs, k=cfg.top_k_passages)
+    search = kr1.RecordingSearch(lambda qs: index.search(qs, k=cfg.top_k_passages))
     return cfg, search, retrieval.read_qa(cfg.dataset) * 2
 
 

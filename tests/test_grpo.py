@@ -26,6 +26,7 @@ from grpo import (
     question_kind,
     reward,
     sft_loss,
+    support_recall,
     token_logprobs,
 )
 
@@ -125,21 +126,24 @@ def test_reward_sums_weighted_parts():
         "reward": 2.0,
         "accuracy": 1.0,
         "format": 1.0,
+        "support": 0.0,
     }
     assert reward(traj("Dayton", GOOD), ["Cincinnati"]) == {
         "reward": 1.0,
         "accuracy": 0.0,
         "format": 1.0,
+        "support": 0.0,
     }
     assert reward(traj(None, GOOD[:-1]), ["Cincinnati"]) == {
         "reward": -1.0,
         "accuracy": 0.0,
         "format": -1.0,
+        "support": 0.0,
     }
     r = reward(
         traj("Cincinnati", ["<answer>Cincinnati</answer>"]), ["Cincinnati"], w_acc=2.0, w_fmt=0.5
     )
-    assert r == {"reward": 1.5, "accuracy": 1.0, "format": -1.0}
+    assert r == {"reward": 1.5, "accuracy": 1.0, "format": -1.0, "support": 0.0}
     assert reward(traj("Ohio Cincinnati", GOOD), ["Cincinnati"], acc="f1")[
         "accuracy"
     ] == pytest.approx(2 / 3)
@@ -147,11 +151,20 @@ def test_reward_sums_weighted_parts():
         reward(traj("x", GOOD), ["x"], acc="bleu")
 
 
+def test_support_reward_is_recall_of_gold_titles_read():
+    # two searches read 3 titles; 1 of the 2 gold titles among them (case-insensitive)
+    read = [["Charles Mathew", "Cork"], ["Dublin"]]
+    assert support_recall(["charles mathew", "James Charles Mathew"], read) == 0.5
+    assert support_recall([], read) is None and support_recall(None, read) is None
+    r = reward(traj("Dayton", GOOD), ["Cincinnati"], w_support=0.5, support=0.5)
+    assert r == {"reward": 1.25, "accuracy": 0.0, "format": 1.0, "support": 0.5}
+
+
 def test_empty_answer_earns_nothing():
     r = reward(
         traj("", ["<think>x</think><answer></answer>"]), ["The"], acc="f1"
     )  # gold normalises to "" too
-    assert r == {"reward": -1.0, "accuracy": 0.0, "format": -1.0}
+    assert r == {"reward": -1.0, "accuracy": 0.0, "format": -1.0, "support": 0.0}
 
 
 @pytest.mark.parametrize("acc", ["em", "f1"])

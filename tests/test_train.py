@@ -419,6 +419,24 @@ def test_warmstart_only_then_control_arm_changes_no_weight(coin_policy, tmp_path
     assert max((w["trained"][k] - w["start"][k]).abs().max().item() for k in w["start"]) > 1e-5
 
 
+def test_support_reward_pays_the_gold_titles_the_searches_read():
+    """score() names the passages a trajectory read by the titles its search saw, and pays --w-support times the
+    share of the question's supporting_titles among them (hand-computed: 1 of 2 read, 0.5 x 0.5 = 0.25)."""
+    import train
+
+    hits = {"venice": [{"id": "7", "title": "Venice"}, {"id": "9", "title": "Murano"}]}
+    search = kr1.RecordingSearch(lambda queries: [hits[q] for q in queries])
+    search(["venice"])
+    good = ["<think>a</think><search>venice</search>", "<think>b</think><answer>126</answer>"]
+    empty = dict(ids=[], mask=[], logprobs=[], prompt_len=0, messages=[])
+    traj = rollout.Trajectory(**empty, responses=good, doc_ids=[["7", "9"]], answer="126")
+    row = {"question": "q", "answers": ["126"], "supporting_titles": ["venice", "Lagoon"]}
+    paid = train.score(train.Config(w_support=0.5), traj, row, search)
+    assert paid == {"reward": 2.25, "accuracy": 1.0, "format": 1.0, "support": 0.5}
+    unnamed = train.score(train.Config(), traj, {**row, "supporting_titles": []}, search)
+    assert unnamed["support"] == 0.0
+
+
 def completion_margin(model_dir: Path) -> float:
     """log p(right completion) - log p(wrong completion) for the training question, teacher-forced."""
     model = Qwen2ForCausalLM.from_pretrained(model_dir)
