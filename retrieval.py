@@ -173,11 +173,8 @@ class Index:
         docs, scores = self.bm25.retrieve(live_ids, k=k, n_threads=n_threads, show_progress=False)
         # s > 0: bm25s pads with zero-score docs
         for i, row_docs, row_scores in zip(live, docs, scores):
-            results[i] = [
-                {**self.passage(int(d)), "score": float(s)}
-                for d, s in zip(row_docs, row_scores)
-                if s > 0
-            ]
+            hits = zip(row_docs.tolist(), row_scores.tolist())
+            results[i] = [{**self.passage(d), "score": s} for d, s in hits if s > 0]
         return results
 
 
@@ -285,7 +282,8 @@ def _write_index(corpus: Path, tmp: Path, pool, window: int, progress: bool):
     seconds: dict[str, list[float]] = {}
     with _timed(seconds, "tokenize"):
         vocab, df, doclen, segments = _tokenize_pass(corpus, tmp, pool, window, progress)
-    bm, n = bm25s.BM25(), len(doclen)
+    bm = bm25s.BM25()
+    n = len(doclen)
     assert (bm.method, bm.idf_method) == ("lucene", "lucene"), "the idf below is Lucene's"
     lucene_idf = (math.log(1 + (n - d + 0.5) / (d + 0.5)) if d else 0.0 for d in df.tolist())
     idf = np.fromiter(lucene_idf, np.float32, len(df))  # (V,)
@@ -317,7 +315,9 @@ def _write_index(corpus: Path, tmp: Path, pool, window: int, progress: bool):
 
 def _tokenize_pass(corpus: Path, tmp: Path, pool, window: int, progress: bool):
     """Pass 1: passages.jsonl and its offsets, the spilled postings, and the vocabulary, df and length of passages."""
-    vocab, df, n = {"": 0}, np.zeros(1 << 16, dtype=np.int64), 0  # "" is term 0, as in bm25s
+    vocab = {"": 0}  # term -> id; "" is term 0, as in bm25s
+    df = np.zeros(1 << 16, dtype=np.int64)  # passages per term id, grown with vocab
+    n = 0  # passages so far
     offsets, doclens, segments = [], [], []
     blocks = _ordered(pool, _count_block, _blocks(corpus), window)
     bar = _bar(f"tokenize {corpus.name}", corpus.stat().st_size, "B", progress)
