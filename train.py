@@ -686,29 +686,20 @@ def engine_drift(
     return sums, diff.max()
 
 
-def sft_step(
-    model: LogProbs,
-    tokenizer,
-    optimizer,
-    cfg: Config,
-    rows: list[dict],
-    search,
-    step: int,
-    *,
-    progress: Progress | None = None,
-) -> dict:
+def sft_step(run: Run, rows: list[dict], step: int, progress: Progress | None = None) -> dict:
     """A warm-start step: the masked NLL (grpo.sft_loss) of the expert trajectories of `rows` (this rank's share)."""
-    world, device = dist.get_world_size(), next(model.parameters()).device
+    cfg, model, world = run.cfg, run.model, dist.get_world_size()
+    device = next(model.parameters()).device
     trajs, scores, t_rollout = [], [], 0.0
     if cfg.sft_probe_every and step % cfg.sft_probe_every == 0:
         # sampled to log rewards: this rank's share of --prompts-per-step
         probe = rows[: cfg.prompts_per_step // world]
         trajs, scores, t_rollout = rollout_and_score(
-            model, tokenizer, cfg, rows=probe, search=search, step=step, progress=progress
+            model, run.tokenizer, cfg, rows=probe, search=run.search, step=step, progress=progress
         )
     t1 = time.perf_counter()
     model.train()
-    experts = [expert(cfg, tokenizer, r, search) for r in rows]
+    experts = [expert(cfg, run.tokenizer, r, run.search) for r in rows]
     sums = StepSums.zeros(experts, device)
     if progress:
         progress.start_update(math.ceil(len(experts) / cfg.micro_batch))
@@ -721,43 +712,38 @@ def sft_step(
         if progress:
             progress.micro_batch()
         sums.loss = sums.loss + loss.detach()
-    outcome = optimizer_step(model, optimizer, cfg, step, sums.loss)
+    outcome = optimizer_step(model, run.optimizer, cfg, step, sums.loss)
     timing = Timing(t_rollout, time.perf_counter() - t1, sampled=sum(sum(t.mask) for t in trajs))
     return log_record(cfg, step, step_metrics(trajs, scores, sums), outcome, timing)
 
 
-def grpo_step(
-    model: LogProbs,
-    ref,
-    tokenizer,
-    optimizer,
-    cfg: Config,
-    rows: list[dict],
-    search,
-    step: int,
-    *,
-    progress: Progress | None = None,
-) -> dict:
+def grpo_step(run: Run, rows: list[dict], step: int, progress: Progress | None = None) -> dict:
     """On this rank's prompts: rollout, rewards (expert mixing), group advantages, loss, update (unless --no-update)."""
+    cfg, model = run.cfg, run.model
     trajs, scores, t_rollout = rollout_and_score(
-        model, tokenizer, cfg, rows=rows, search=search, step=step, progress=progress
+        model, run.tokenizer, cfg, rows=rows, search=run.search, step=step, progress=progress
     )
     t1, device = time.perf_counter(), next(model.parameters()).device
     model.train()
     # logged metrics stay on-policy; the loss sees the mix
     batch, batch_scores = list(trajs), list(scores)
-    mixed = mix_experts(cfg, tokenizer, rows, search, batch, batch_scores) if cfg.expert_mix else 0
+    if cfg.expert_mix:
+        mixed = mix_experts(cfg, run.tokenizer, rows, run.search, batch, batch_scores)
+    else:
+        mixed = 0
     rewards = [s["reward"] for s in batch_scores]
     adv = grpo.group_advantages(rewards, cfg.group_size, cfg.scale_std)  # (B,)
     if cfg.update:
         if progress:
             progress.start_update(math.ceil(len(batch) / cfg.micro_batch))
         on_micro_batch = progress.micro_batch if progress else None
-        sums = grpo_update(model, ref, cfg, batch, adv.to(device), on_micro_batch=on_micro_batch)
+        sums = grpo_update(
+            model, run.ref, cfg, batch, adv.to(device), on_micro_batch=on_micro_batch
+        )
     else:  # the control arm
         sums = StepSums.zeros(batch, device)
     sums.grpo, sums.adv_sq, sums.expert_rows = True, (adv.double() ** 2).sum().item(), mixed
-    outcome = optimizer_step(model, optimizer, cfg, step, sums.loss, update=cfg.update)
+    outcome = optimizer_step(model, run.optimizer, cfg, step, sums.loss, update=cfg.update)
     timing = Timing(t_rollout, time.perf_counter() - t1, sampled=sum(sum(t.mask) for t in trajs))
     return log_record(cfg, step, step_metrics(trajs, scores, sums), outcome, timing)
 
@@ -877,12 +863,10 @@ def sharded_state(lm: torch.nn.Module, optimizer) -> tuple[dict, dict]:
     return {k: v for k, v in msd.items() if k in trainable}, osd
 
 
-def save_checkpoint(
-    out: Path, model: LogProbs, tokenizer, optimizer, cfg: Config, step: int, *, hf: bool
-) -> Path:
+def save_checkpoint(run: Run, step: int, *, hf: bool) -> Path:
     """OUT/checkpoints/step_N, written whole into step_N.tmp, then published (OUT/latest) and older ones pruned
     (--keep-last). state/: the trainable parameters and the optimizer, sharded; adapter/ (LoRA); hf/ if `hf`."""
-    rank, lm = dist.get_rank(), model.lm
+    rank, lm, cfg, out = dist.get_rank(), run.model.lm, run.cfg, run.out
     final = out / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     if rank == 0:
@@ -891,10 +875,10 @@ def save_checkpoint(
     wait_for_rank0()
     # before dcp.save's collectives: rank 0 renames after
     torch.save(torch.get_rng_state(), tmp / f"rng_rank{rank}.pt")
-    msd, osd = sharded_state(lm, optimizer)
+    msd, osd = sharded_state(lm, run.optimizer)
     # sharded: each rank writes its part
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "state"))
-    save_weights(tmp, lm, tokenizer, cfg=cfg, hf=hf)
+    save_weights(tmp, lm, run.tokenizer, cfg=cfg, hf=hf)
     if rank == 0:
         trainer = {"step": step, "config": dataclasses.asdict(cfg)}
         # last: a folder with one is complete
@@ -1237,7 +1221,7 @@ class Run:
     tokenizer: object
     optimizer: torch.optim.Optimizer
     rows: list[dict]
-    search: Callable
+    search: kr1.RecordingSearch
     out: Path
     start: int  # steps already done (the resumed checkpoint's)
     # the step after which to save although no other rule says so (0 = none): see main
@@ -1313,24 +1297,13 @@ def train_loop(run: Run) -> None:
         if save_due(cfg, step + 1, run.early_save):
             # LoRA: the merged model at the end only
             hf = not cfg.lora_rank or cfg.save_hf or step + 1 == total
-            save_checkpoint(
-                run.out,
-                run.model,
-                run.tokenizer,
-                optimizer=run.optimizer,
-                cfg=cfg,
-                step=step + 1,
-                hf=hf,
-            )
+            save_checkpoint(run, step + 1, hf=hf)
 
 
 def one_step(run: Run, step: int, progress: Progress) -> dict:
     """Step `step` on this rank's prompts: a warm-start (SFT) step, then GRPO steps; its log record."""
-    rows = step_rows(run.cfg, run.rows, step)
-    kw = dict(cfg=run.cfg, rows=rows, search=run.search, step=step, progress=progress)
-    if step < run.cfg.sft_steps:
-        return sft_step(run.model, run.tokenizer, run.optimizer, **kw)
-    return grpo_step(run.model, run.ref, run.tokenizer, optimizer=run.optimizer, **kw)
+    take_step = sft_step if step < run.cfg.sft_steps else grpo_step
+    return take_step(run, step_rows(run.cfg, run.rows, step), step, progress)
 
 
 def main(argv: list[str] | None = None) -> int:

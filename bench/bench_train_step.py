@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import bench_memory  # noqa: E402
 from bench_rollout import TINY, smol_tokenizer  # noqa: E402
 
+import kr1  # noqa: E402
 import rollout  # noqa: E402
 import train  # noqa: E402
 
@@ -187,18 +188,28 @@ def main() -> None:
         {"question": f"Which river flows through city number {i} of the list?", "answers": ["x"]}
         for i in range(cfg.prompts_per_step)
     ]
-    no_search = lambda qs: [[] for _ in qs]
+    no_search = kr1.RecordingSearch(lambda qs: [[] for _ in qs])
+    run = train.Run(
+        cfg=cfg,
+        model=model,
+        ref=ref,
+        tokenizer=tok,
+        optimizer=optimizer,
+        rows=questions,
+        search=no_search,
+        out=Path("unused"),
+        start=0,
+        early_save=0,
+    )
     if cuda:
         torch.cuda.synchronize()
     static = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
-    train.grpo_step(
-        model, ref, tok, optimizer, cfg, questions[:1], no_search, 0
-    )  # warm-up (kernels)
+    train.grpo_step(run, questions[:1], 0)  # warm-up (kernels)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    rec = train.grpo_step(model, ref, tok, optimizer, cfg, questions, no_search, 1)
+    rec = train.grpo_step(run, questions, 1)
     wall = time.perf_counter() - t0
     res = results(a, model, tok, questions, rec, wall, rows, world, cfg.logprob_chunk, static, cuda)
     if rank == 0:
