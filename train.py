@@ -289,224 +289,170 @@ def parse_args(argv: list[str] | None = None) -> Config:
     return cfg
 
 
-# ----------------------------------------------------------------------------- setup
-# how long the others wait for rank 0 alone: reading the model, writing hf/
-SOLO_WAIT = timedelta(days=1)
-# (the default group, init_distributed's gloo group over its ranks for those waits)
-solo = (None, None)
-HEARTBEAT = 0.25  # seconds between a rank's beats in the store (start_heartbeat)
-
-
-def init_distributed(timeout_min: float = 0.0) -> tuple[int, int, torch.device]:
-    """torchrun sets RANK/WORLD_SIZE; plain `python train.py` becomes a world of one (same code path). Collectives
-    time out after `timeout_min` (--dist-timeout); waits for rank 0's solo phases (wait_for_rank0) do not."""
-    global solo
-    port = str(29500 + os.getpid() % 1000)
-    for k, v in dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port).items():
-        os.environ.setdefault(k, v)
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(
-        "nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_min) if timeout_min else None
-    )
-    solo = dist.group.WORLD, dist.new_group(backend="gloo", timeout=SOLO_WAIT)
-    # torchrun stops the other ranks when one ends: they say why (fail)
-    if dist.get_world_size() > 1:
-        signal.signal(signal.SIGTERM, raise_stopped)
-        start_heartbeat(dist.get_rank())
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def wait_for_rank0() -> None:
-    """A barrier for the end of a phase rank 0 runs alone: it is not a stalled collective, so --dist-timeout does not
-    bound it (a rank that fails ends the job at once: fail()). A process group made elsewhere: its own barrier."""
-    dist.barrier(group=solo[1] if solo[0] is dist.group.WORLD else None)
-
-
-def load_questions(cfg: Config) -> list[dict]:
-    """A local JSONL file or an HF dataset id; either way the fields of retrieval.qa_row."""
-    if Path(cfg.dataset).suffix == ".jsonl" or Path(cfg.dataset).exists():
-        return retrieval.read_qa(cfg.dataset)
+def main(argv: list[str] | None = None) -> int:
+    """The job: flags, process group, questions, index, models, the checkpoint to resume, then the loop. Any failure
+    ends it in one line per rank (fail); the exit code says which kind."""
+    cfg = parse_args(argv)
+    rank, world, device = init_distributed(cfg.dist_timeout)
     try:
-        import datasets
-
-        ds = datasets.load_dataset(cfg.dataset, split=cfg.split)
-    except Exception as e:  # offline hub, typo'd id: say which and what to do instead
-        raise SystemExit(
-            f"train.py: error: could not load dataset {cfg.dataset!r} (split {cfg.split!r}) from the "
-            f"Hugging Face hub: {type(e).__name__}: {str(e)[:200]}\n  offline? use --dataset FILE.jsonl "
-            "or --preset offline"
-        ) from None
-    return [retrieval.qa_row(r, f"{cfg.dataset} row {i}") for i, r in enumerate(ds)]
-
-
-class LogProbs(torch.nn.Module):
-    """The FSDP root: a causal LM whose forward returns token log-probs over the tokenizer's `vocab` ids, so that the
-    head (gathered with the root, around its forward only) runs inside it. Rollouts call `.lm` within unsharded()."""
-
-    def __init__(self, lm: torch.nn.Module, vocab: int | None = None):
-        super().__init__()
-        self.lm, self.vocab = lm, vocab
-
-    def forward(
-        self,
-        ids=None,
-        attn=None,
-        temperature=1.0,
-        chunk_size=1024,
-        with_entropy=False,
-        loss_mask=None,
-    ):
-        if ids is None:  # unsharded() calls it without input to run FSDP's root hooks
-            return None
-        return grpo.token_logprobs(
-            self.lm, ids, attn, temperature, chunk_size, with_entropy, loss_mask, self.vocab
+        if cfg.prompts_per_step % world or cfg.sft_batch % world:
+            raise SystemExit(
+                f"train.py: error: --prompts-per-step {cfg.prompts_per_step} and --sft-batch "
+                f"{cfg.sft_batch} must be divisible by the world size {world}"
+            )
+        # before the models: a bad path fails at once
+        ckpt = resolve_checkpoint(cfg.resume) if cfg.resume else None
+        out = Path(cfg.out)
+        # --out has no checkpoint yet: save after this run's first step
+        fresh = not (out / "latest").is_file()
+        rows = load_questions(cfg)
+        # each rank mmap-loads the same files: the OS shares the pages
+        index = retrieval.open_index(cfg.index)
+        warning = corpus_warning(cfg, len(index))
+        if warning and rank == 0:
+            print(warning, file=sys.stderr)
+        # it remembers each hit's title: the support reward compares titles
+        search = kr1.RecordingSearch(lambda qs: index.search(qs, k=cfg.top_k_passages))
+        model, ref, tokenizer, optimizer = build_models(cfg, device, world)
+        start = load_checkpoint(ckpt, model, optimizer, cfg=cfg) if ckpt else 0
+        early = start + 1 if fresh else 0
+        run = Run(
+            cfg=cfg,
+            model=model,
+            ref=ref,
+            tokenizer=tokenizer,
+            optimizer=optimizer,
+            rows=rows,
+            search=search,
+            out=out,
+            start=start,
+            early_save=early,
         )
-
-
-def shard_model(
-    lm: torch.nn.Module, mesh, cuda: bool, train: bool, vocab: int, ckpt: bool = True
-) -> LogProbs:
-    """LogProbs(lm) under FSDP2 (frozen unless `train`): one unit per decoder layer, and the root."""
-    mp = (
-        MixedPrecisionPolicy(torch.bfloat16, reduce_dtype=torch.float32)
-        if cuda
-        else MixedPrecisionPolicy()
-    )
-    # recompute each layer in backward: activations kept per layer = its input only
-    if train and ckpt and hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.25
-        lm.activation_checkpointing_enable({"use_reentrant": False})
-    elif train and ckpt:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = LogProbs(lm if train else lm.requires_grad_(False), vocab)
-    # a CPU world of one: FSDP would only copy every layer per forward and backward
-    if mesh.size() == 1 and not cuda:
-        return model
-    for layer in lm.model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-    if not train:  # FSDP2 keeps the root gathered for a backward; a frozen model's never comes
-        model.set_reshard_after_forward(True)
-    return model
-
-
-@contextlib.contextmanager
-def unsharded(model: LogProbs):
-    """Gather every FSDP unit once per generation, not per decoded token. The root runs first (no input): FSDP2 makes
-    the first unit to run forward its root, and the rollout calls the LM, whose first unit is a decoder layer."""
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for m in units:
-        m.unshard()
-        m.set_reshard_after_forward(False)
-    model()  # no input: FSDP's root hooks only (none on a plain module)
-    try:
-        yield
+        if rank == 0:
+            start_log(run)
+        train_loop(run)
+        return 0
+    except (Exception, SystemExit) as e:
+        return fail(e, rank, world, Path(cfg.out))
     finally:
-        for m in units:
-            m.reshard()
-            m.set_reshard_after_forward(True)
+        stop_heartbeat()
+        dist.destroy_process_group()
 
 
-def lr_at(cfg: Config, step: int) -> float:
-    """--sft-lr, then linear warm-up and cosine decay to 0: a pure function of (cfg, step), nothing to checkpoint."""
-    if step < cfg.sft_steps:
-        return cfg.sft_lr
-    step -= cfg.sft_steps
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def step_rows(cfg: Config, rows: list[dict], step: int) -> list[dict]:
-    """This rank's questions: SFT and GRPO steps walk their own seeded orders, by (seed, step) alone (exact resume)."""
-    sft, rank, world = step < cfg.sft_steps, dist.get_rank(), dist.get_world_size()
-    per_step = cfg.sft_batch if sft else cfg.prompts_per_step
-    idx = step_prompts(len(rows), step if sft else step - cfg.sft_steps, per_step, cfg.seed + sft)
-    per_rank = per_step // world
-    return [rows[i] for i in idx[rank * per_rank : (rank + 1) * per_rank]]
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """On resume, drop log lines past the checkpoint's step (a killed run may have logged steps it never saved)."""
-    if path.is_file():
-        keep = [
-            x
-            for x in path.read_text().splitlines(keepends=True)
-            if x.strip() and json.loads(x)["step"] <= step
-        ]
-        (tmp := path.with_suffix(".tmp")).write_text("".join(keep))
-        os.replace(tmp, path)  # atomic: a kill here leaves the old log or the new one
-
-
-def step_prompts(n: int, step: int, per_step: int, seed: int) -> list[int]:
-    """Row indices for a step: its window of a stream that is a fresh seeded permutation of the rows each epoch."""
-    first, last = step * per_step, (step + 1) * per_step - 1  # the step's positions in the stream
-    perm = lambda epoch: torch.randperm(
-        n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)
-    ).tolist()
-    # the epochs it spans
-    stream = [i for epoch in range(first // n, last // n + 1) for i in perm(epoch)]
-    return stream[first % n : first % n + per_step]
-
-
-# ----------------------------------------------------------------------------- one step
 @dataclass
-class Progress:
-    """Rank 0's bar inside a step, so that a long one visibly moves: the rollout's finished rows and tokens, then
-    the update's micro-batches, after the last step's metrics. Redrawn on a new phase, else at most once a second."""
+class Run:
+    """What the step loop works with: the models, the questions, the search, where to write, where it starts."""
 
-    bar: tqdm
-    metrics: str = ""  # the last step's postfix: loss, reward, accuracy, format, phase
-    phase: str = ""  # what the postfix shows now: "rollout", "update" or "" (the metrics alone)
-    drawn: float = 0.0  # time.monotonic() of the last redraw
-    micro_done: int = 0  # the update's micro-batches done
-    micro_total: int = 0  # and in all
-
-    def show(self, phase: str, text: str) -> None:
-        now = time.monotonic()
-        if self.bar.disable or (phase == self.phase and now - self.drawn < 1.0):
-            return
-        self.phase = phase
-        self.drawn = now
-        shown = f"{phase} {text}"
-        self.bar.set_postfix_str(f"{self.metrics} | {shown}" if self.metrics else shown)
-
-    def on_rollout(self, rows: int) -> Callable[[int, int], None] | None:
-        """rollout.rollout's on_progress over `rows` rows; None where there is no bar (ranks other than 0)."""
-        if self.bar.disable:
-            return None
-        return lambda done, tokens: self.show("rollout", f"{done}/{rows} rows, {tokens} tokens")
-
-    def start_update(self, micro_batches: int) -> None:
-        self.micro_done = 0
-        self.micro_total = micro_batches
-        self.show("update", f"0/{micro_batches} micro-batches")
-
-    def micro_batch(self) -> None:
-        self.micro_done += 1
-        self.show("update", f"{self.micro_done}/{self.micro_total} micro-batches")
-
-    def step_done(self, rec: dict) -> None:
-        shown = [f"{k}={rec[k]:.2f}" for k in ("loss", "reward", "accuracy", "format") if k in rec]
-        self.metrics = ", ".join([*shown, f"phase={rec['phase']}"])
-        self.phase = ""
-        self.bar.set_postfix_str(self.metrics)
+    cfg: Config
+    model: LogProbs
+    ref: LogProbs | None
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    rows: list[dict]
+    search: kr1.RecordingSearch
+    out: Path
+    start: int  # steps already done (the resumed checkpoint's)
+    # the step after which to save although no other rule says so (0 = none): see main
+    early_save: int
 
 
-def pad_batch(trajs: list[rollout.Trajectory], device) -> dict[str, torch.Tensor]:
-    """Right-pad trajectories (they run unmasked); targets are ids[1:], so the loss mask and old log-probs shift."""
-    # (B, T)
-    pad = lambda rows, dtype: torch.nn.utils.rnn.pad_sequence(
-        [torch.tensor(r, dtype=dtype) for r in rows], batch_first=True
-    ).to(device)
-    return {
-        "ids": pad([t.ids for t in trajs], torch.long),  # (B, T)
-        "mask": pad([t.mask for t in trajs], torch.float32)[:, 1:],  # (B, T-1)
-        "old": pad([t.logprobs for t in trajs], torch.float32)[:, 1:],  # (B, T-1)
-    }
+def train_loop(run: Run) -> None:
+    """The steps from run.start: SFT, then GRPO; each logged on rank 0 and checkpointed when save_due says so."""
+    cfg = run.cfg
+    rank = dist.get_rank()
+    total = cfg.sft_steps + cfg.steps
+    bar = tqdm(
+        range(run.start, total),
+        initial=run.start,
+        total=total,
+        desc="train",
+        unit="step",
+        disable=rank != 0,
+    )
+    progress = Progress(bar)
+    for step in bar:
+        rec = one_step(run, step, progress)
+        if rank == 0:
+            log_step(run, rec, progress)
+        if save_due(cfg, step + 1, run.early_save):
+            # LoRA: the merged model at the end only
+            hf = not cfg.lora_rank or cfg.save_hf or step + 1 == total
+            save_checkpoint(run, step + 1, hf=hf)
+
+
+def one_step(run: Run, step: int, progress: Progress) -> dict:
+    """Step `step` on this rank's prompts: a warm-start (SFT) step, then GRPO steps; its log record."""
+    take_step = sft_step if step < run.cfg.sft_steps else grpo_step
+    return take_step(run, step_rows(run.cfg, run.rows, step), step, progress)
+
+
+def save_due(cfg: Config, done: int, early: int) -> bool:
+    """Whether to checkpoint after `done` steps: every --save-every, at the end of SFT and of the run, at `early`."""
+    periodic = cfg.save_every > 0 and done % cfg.save_every == 0
+    return periodic or done in (cfg.sft_steps + cfg.steps, cfg.sft_steps, early)
+
+
+# ------------------------------------------- one step: rollout, rewards, loss, update, log record
+def sft_step(run: Run, rows: list[dict], step: int, progress: Progress | None = None) -> dict:
+    """A warm-start step: the masked NLL (grpo.sft_loss) of the expert trajectories of `rows` (this rank's share)."""
+    cfg, model, world = run.cfg, run.model, dist.get_world_size()
+    device = next(model.parameters()).device
+    trajs, scores, t_rollout = [], [], 0.0
+    if cfg.sft_probe_every and step % cfg.sft_probe_every == 0:
+        # sampled to log rewards: this rank's share of --prompts-per-step
+        probe = rows[: cfg.prompts_per_step // world]
+        trajs, scores, t_rollout = rollout_and_score(
+            model, run.tokenizer, cfg, rows=probe, search=run.search, step=step, progress=progress
+        )
+    t1 = time.perf_counter()
+    model.train()
+    experts = [expert(cfg, run.tokenizer, r, run.search) for r in rows]
+    sums = StepSums.zeros(experts, device)
+    if progress:
+        progress.start_update(math.ceil(len(experts) / cfg.micro_batch))
+    for s in range(0, len(experts), cfg.micro_batch):
+        b = pad_batch(experts[s : s + cfg.micro_batch], device)
+        with rollout.bf16_autocast(device, cfg.bf16):
+            logp = model(b["ids"], chunk_size=cfg.logprob_chunk, loss_mask=b["mask"])  # (b, T-1)
+        loss = grpo.sft_loss(logp, b["mask"], normaliser=sums.n_tok)
+        (loss * world).backward()  # as in grpo_update
+        if progress:
+            progress.micro_batch()
+        sums.loss = sums.loss + loss.detach()
+    outcome = optimizer_step(model, run.optimizer, cfg, step, sums.loss)
+    timing = Timing(t_rollout, time.perf_counter() - t1, sampled=sum(sum(t.mask) for t in trajs))
+    return log_record(cfg, step, step_metrics(trajs, scores, sums), outcome, timing)
+
+
+def grpo_step(run: Run, rows: list[dict], step: int, progress: Progress | None = None) -> dict:
+    """On this rank's prompts: rollout, rewards (expert mixing), group advantages, loss, update (unless --no-update)."""
+    cfg, model = run.cfg, run.model
+    trajs, scores, t_rollout = rollout_and_score(
+        model, run.tokenizer, cfg, rows=rows, search=run.search, step=step, progress=progress
+    )
+    t1, device = time.perf_counter(), next(model.parameters()).device
+    model.train()
+    # logged metrics stay on-policy; the loss sees the mix
+    batch, batch_scores = list(trajs), list(scores)
+    if cfg.expert_mix:
+        mixed = mix_experts(cfg, run.tokenizer, rows, run.search, batch, batch_scores)
+    else:
+        mixed = 0
+    rewards = [s["reward"] for s in batch_scores]
+    adv = grpo.group_advantages(rewards, cfg.group_size, cfg.scale_std)  # (B,)
+    if cfg.update:
+        if progress:
+            progress.start_update(math.ceil(len(batch) / cfg.micro_batch))
+        on_micro_batch = progress.micro_batch if progress else None
+        sums = grpo_update(
+            model, run.ref, cfg, batch, adv.to(device), on_micro_batch=on_micro_batch
+        )
+    else:  # the control arm
+        sums = StepSums.zeros(batch, device)
+    sums.grpo, sums.adv_sq, sums.expert_rows = True, (adv.double() ** 2).sum().item(), mixed
+    outcome = optimizer_step(model, run.optimizer, cfg, step, sums.loss, update=cfg.update)
+    timing = Timing(t_rollout, time.perf_counter() - t1, sampled=sum(sum(t.mask) for t in trajs))
+    return log_record(cfg, step, step_metrics(trajs, scores, sums), outcome, timing)
 
 
 def rollout_and_score(
@@ -686,78 +632,17 @@ def engine_drift(
     return sums, diff.max()
 
 
-def sft_step(run: Run, rows: list[dict], step: int, progress: Progress | None = None) -> dict:
-    """A warm-start step: the masked NLL (grpo.sft_loss) of the expert trajectories of `rows` (this rank's share)."""
-    cfg, model, world = run.cfg, run.model, dist.get_world_size()
-    device = next(model.parameters()).device
-    trajs, scores, t_rollout = [], [], 0.0
-    if cfg.sft_probe_every and step % cfg.sft_probe_every == 0:
-        # sampled to log rewards: this rank's share of --prompts-per-step
-        probe = rows[: cfg.prompts_per_step // world]
-        trajs, scores, t_rollout = rollout_and_score(
-            model, run.tokenizer, cfg, rows=probe, search=run.search, step=step, progress=progress
-        )
-    t1 = time.perf_counter()
-    model.train()
-    experts = [expert(cfg, run.tokenizer, r, run.search) for r in rows]
-    sums = StepSums.zeros(experts, device)
-    if progress:
-        progress.start_update(math.ceil(len(experts) / cfg.micro_batch))
-    for s in range(0, len(experts), cfg.micro_batch):
-        b = pad_batch(experts[s : s + cfg.micro_batch], device)
-        with rollout.bf16_autocast(device, cfg.bf16):
-            logp = model(b["ids"], chunk_size=cfg.logprob_chunk, loss_mask=b["mask"])  # (b, T-1)
-        loss = grpo.sft_loss(logp, b["mask"], normaliser=sums.n_tok)
-        (loss * world).backward()  # as in grpo_update
-        if progress:
-            progress.micro_batch()
-        sums.loss = sums.loss + loss.detach()
-    outcome = optimizer_step(model, run.optimizer, cfg, step, sums.loss)
-    timing = Timing(t_rollout, time.perf_counter() - t1, sampled=sum(sum(t.mask) for t in trajs))
-    return log_record(cfg, step, step_metrics(trajs, scores, sums), outcome, timing)
-
-
-def grpo_step(run: Run, rows: list[dict], step: int, progress: Progress | None = None) -> dict:
-    """On this rank's prompts: rollout, rewards (expert mixing), group advantages, loss, update (unless --no-update)."""
-    cfg, model = run.cfg, run.model
-    trajs, scores, t_rollout = rollout_and_score(
-        model, run.tokenizer, cfg, rows=rows, search=run.search, step=step, progress=progress
-    )
-    t1, device = time.perf_counter(), next(model.parameters()).device
-    model.train()
-    # logged metrics stay on-policy; the loss sees the mix
-    batch, batch_scores = list(trajs), list(scores)
-    if cfg.expert_mix:
-        mixed = mix_experts(cfg, run.tokenizer, rows, run.search, batch, batch_scores)
-    else:
-        mixed = 0
-    rewards = [s["reward"] for s in batch_scores]
-    adv = grpo.group_advantages(rewards, cfg.group_size, cfg.scale_std)  # (B,)
-    if cfg.update:
-        if progress:
-            progress.start_update(math.ceil(len(batch) / cfg.micro_batch))
-        on_micro_batch = progress.micro_batch if progress else None
-        sums = grpo_update(
-            model, run.ref, cfg, batch, adv.to(device), on_micro_batch=on_micro_batch
-        )
-    else:  # the control arm
-        sums = StepSums.zeros(batch, device)
-    sums.grpo, sums.adv_sq, sums.expert_rows = True, (adv.double() ** 2).sum().item(), mixed
-    outcome = optimizer_step(model, run.optimizer, cfg, step, sums.loss, update=cfg.update)
-    timing = Timing(t_rollout, time.perf_counter() - t1, sampled=sum(sum(t.mask) for t in trajs))
-    return log_record(cfg, step, step_metrics(trajs, scores, sums), outcome, timing)
-
-
-class StepOutcome(NamedTuple):
-    grad_norm: float
-    stepped: bool  # False: the step was skipped (a non-finite loss or gradient norm on some rank)
-    lr: float
-
-
-class Timing(NamedTuple):
-    rollout_s: float
-    update_s: float  # the loss, backward and optimizer step
-    sampled: int  # tokens this rank sampled
+def pad_batch(trajs: list[rollout.Trajectory], device) -> dict[str, torch.Tensor]:
+    """Right-pad trajectories (they run unmasked); targets are ids[1:], so the loss mask and old log-probs shift."""
+    # (B, T)
+    pad = lambda rows, dtype: torch.nn.utils.rnn.pad_sequence(
+        [torch.tensor(r, dtype=dtype) for r in rows], batch_first=True
+    ).to(device)
+    return {
+        "ids": pad([t.ids for t in trajs], torch.long),  # (B, T)
+        "mask": pad([t.mask for t in trajs], torch.float32)[:, 1:],  # (B, T-1)
+        "old": pad([t.logprobs for t in trajs], torch.float32)[:, 1:],  # (B, T-1)
+    }
 
 
 def optimizer_step(
@@ -776,6 +661,18 @@ def optimizer_step(
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepOutcome(grad_norm.item(), finite, lr)
+
+
+class StepOutcome(NamedTuple):
+    grad_norm: float
+    stepped: bool  # False: the step was skipped (a non-finite loss or gradient norm on some rank)
+    lr: float
+
+
+class Timing(NamedTuple):
+    rollout_s: float
+    update_s: float  # the loss, backward and optimizer step
+    sampled: int  # tokens this rank sampled
 
 
 def all_finite(*xs: torch.Tensor) -> bool:
@@ -847,7 +744,265 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-# ----------------------------------------------------------------------------- checkpoints
+@dataclass
+class Progress:
+    """Rank 0's bar inside a step, so that a long one visibly moves: the rollout's finished rows and tokens, then
+    the update's micro-batches, after the last step's metrics. Redrawn on a new phase, else at most once a second."""
+
+    bar: tqdm
+    metrics: str = ""  # the last step's postfix: loss, reward, accuracy, format, phase
+    phase: str = ""  # what the postfix shows now: "rollout", "update" or "" (the metrics alone)
+    drawn: float = 0.0  # time.monotonic() of the last redraw
+    micro_done: int = 0  # the update's micro-batches done
+    micro_total: int = 0  # and in all
+
+    def show(self, phase: str, text: str) -> None:
+        now = time.monotonic()
+        if self.bar.disable or (phase == self.phase and now - self.drawn < 1.0):
+            return
+        self.phase = phase
+        self.drawn = now
+        shown = f"{phase} {text}"
+        self.bar.set_postfix_str(f"{self.metrics} | {shown}" if self.metrics else shown)
+
+    def on_rollout(self, rows: int) -> Callable[[int, int], None] | None:
+        """rollout.rollout's on_progress over `rows` rows; None where there is no bar (ranks other than 0)."""
+        if self.bar.disable:
+            return None
+        return lambda done, tokens: self.show("rollout", f"{done}/{rows} rows, {tokens} tokens")
+
+    def start_update(self, micro_batches: int) -> None:
+        self.micro_done = 0
+        self.micro_total = micro_batches
+        self.show("update", f"0/{micro_batches} micro-batches")
+
+    def micro_batch(self) -> None:
+        self.micro_done += 1
+        self.show("update", f"{self.micro_done}/{self.micro_total} micro-batches")
+
+    def step_done(self, rec: dict) -> None:
+        shown = [f"{k}={rec[k]:.2f}" for k in ("loss", "reward", "accuracy", "format") if k in rec]
+        self.metrics = ", ".join([*shown, f"phase={rec['phase']}"])
+        self.phase = ""
+        self.bar.set_postfix_str(self.metrics)
+
+
+def lr_at(cfg: Config, step: int) -> float:
+    """--sft-lr, then linear warm-up and cosine decay to 0: a pure function of (cfg, step), nothing to checkpoint."""
+    if step < cfg.sft_steps:
+        return cfg.sft_lr
+    step -= cfg.sft_steps
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def step_rows(cfg: Config, rows: list[dict], step: int) -> list[dict]:
+    """This rank's questions: SFT and GRPO steps walk their own seeded orders, by (seed, step) alone (exact resume)."""
+    sft, rank, world = step < cfg.sft_steps, dist.get_rank(), dist.get_world_size()
+    per_step = cfg.sft_batch if sft else cfg.prompts_per_step
+    idx = step_prompts(len(rows), step if sft else step - cfg.sft_steps, per_step, cfg.seed + sft)
+    per_rank = per_step // world
+    return [rows[i] for i in idx[rank * per_rank : (rank + 1) * per_rank]]
+
+
+def step_prompts(n: int, step: int, per_step: int, seed: int) -> list[int]:
+    """Row indices for a step: its window of a stream that is a fresh seeded permutation of the rows each epoch."""
+    first, last = step * per_step, (step + 1) * per_step - 1  # the step's positions in the stream
+    perm = lambda epoch: torch.randperm(
+        n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)
+    ).tolist()
+    # the epochs it spans
+    stream = [i for epoch in range(first // n, last // n + 1) for i in perm(epoch)]
+    return stream[first % n : first % n + per_step]
+
+
+# ---------------------------------------------- setup: the questions, the models (FSDP2), the log
+def load_questions(cfg: Config) -> list[dict]:
+    """A local JSONL file or an HF dataset id; either way the fields of retrieval.qa_row."""
+    if Path(cfg.dataset).suffix == ".jsonl" or Path(cfg.dataset).exists():
+        return retrieval.read_qa(cfg.dataset)
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(cfg.dataset, split=cfg.split)
+    except Exception as e:  # offline hub, typo'd id: say which and what to do instead
+        raise SystemExit(
+            f"train.py: error: could not load dataset {cfg.dataset!r} (split {cfg.split!r}) from the "
+            f"Hugging Face hub: {type(e).__name__}: {str(e)[:200]}\n  offline? use --dataset FILE.jsonl "
+            "or --preset offline"
+        ) from None
+    return [retrieval.qa_row(r, f"{cfg.dataset} row {i}") for i, r in enumerate(ds)]
+
+
+def corpus_warning(cfg: Config, n_docs: int) -> str | None:
+    """A recipe meant for a large corpus, run without --index, searches the embedded summaries: say so."""
+    if cfg.index or Path(cfg.dataset).resolve() == QA_FILE:
+        return None
+    return (
+        f"train.py: warning: no --index: searching the {n_docs:,} embedded Wikipedia summaries; questions from "
+        f"{cfg.dataset} need their own corpus (--index DIR or CORPUS.jsonl)"
+    )
+
+
+def build_models(cfg: Config, device: torch.device, world: int):
+    """The policy (fp32: the optimizer's master copy), the frozen reference (beta > 0), the tokenizer and AdamW."""
+    spec, cuda = None if cfg.model in (None, "default") else cfg.model, device.type == "cuda"
+    mesh = init_device_mesh(device.type, (world,))
+    model, tokenizer = load_sharded(cfg, spec, torch.float32, device, mesh, train=True)
+    ref_dtype = torch.bfloat16 if cuda else torch.float32  # frozen: it only computes
+    ref = load_sharded(cfg, spec, ref_dtype, device, mesh, train=False)[0] if cfg.beta > 0 else None
+    trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: only the adapters
+    optimizer = torch.optim.AdamW(
+        trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99), fused=cuda
+    )
+    return model, ref, tokenizer, optimizer
+
+
+def load_sharded(
+    cfg: Config, spec: str | None, dtype: torch.dtype, device: torch.device, mesh, train: bool
+):
+    """The policy (train: LoRA if asked) or the frozen reference, read by rank 0 alone; every rank builds it on the meta
+    device, shards it, and receives its shards from rank 0 tensor by tensor (memory: its shard plus one tensor)."""
+    rank, cuda, lora = dist.get_rank(), device.type == "cuda", train and cfg.lora_rank
+    if rank == 0:
+        full, tokenizer = rollout.load_model(spec, dtype=dtype)  # host memory
+        if lora:
+            rollout.add_lora(full, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    if mesh.size() == 1 and not cuda:  # a CPU world of one trains rank 0's plain module
+        return shard_model(full, mesh, cuda, train, len(tokenizer), cfg.grad_ckpt), tokenizer
+    wait_for_rank0()  # its read, and the embedded model's first conversion
+    lm, tokenizer = rollout.load_model(spec, dtype=dtype, device=device, meta=True)
+    if lora:
+        rollout.add_lora(lm, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    model = shard_model(lm, mesh, cuda, train, len(tokenizer), cfg.grad_ckpt)
+    model.to_empty(device=device)
+    dsd.set_model_state_dict(
+        lm,
+        full.state_dict() if rank == 0 else {},
+        options=dsd.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+    )
+    # non-persistent buffers (rotary inv_freq) are in no state dict
+    for name, buf in lm.named_buffers():
+        if rank == 0:
+            buf.copy_(full.get_buffer(name))
+        dist.broadcast(buf, src=0)
+    return model, tokenizer
+
+
+class LogProbs(torch.nn.Module):
+    """The FSDP root: a causal LM whose forward returns token log-probs over the tokenizer's `vocab` ids, so that the
+    head (gathered with the root, around its forward only) runs inside it. Rollouts call `.lm` within unsharded()."""
+
+    def __init__(self, lm: torch.nn.Module, vocab: int | None = None):
+        super().__init__()
+        self.lm, self.vocab = lm, vocab
+
+    def forward(
+        self,
+        ids=None,
+        attn=None,
+        temperature=1.0,
+        chunk_size=1024,
+        with_entropy=False,
+        loss_mask=None,
+    ):
+        if ids is None:  # unsharded() calls it without input to run FSDP's root hooks
+            return None
+        return grpo.token_logprobs(
+            self.lm, ids, attn, temperature, chunk_size, with_entropy, loss_mask, self.vocab
+        )
+
+
+def shard_model(
+    lm: torch.nn.Module, mesh, cuda: bool, train: bool, vocab: int, ckpt: bool = True
+) -> LogProbs:
+    """LogProbs(lm) under FSDP2 (frozen unless `train`): one unit per decoder layer, and the root."""
+    mp = (
+        MixedPrecisionPolicy(torch.bfloat16, reduce_dtype=torch.float32)
+        if cuda
+        else MixedPrecisionPolicy()
+    )
+    # recompute each layer in backward: activations kept per layer = its input only
+    if train and ckpt and hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.25
+        lm.activation_checkpointing_enable({"use_reentrant": False})
+    elif train and ckpt:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = LogProbs(lm if train else lm.requires_grad_(False), vocab)
+    # a CPU world of one: FSDP would only copy every layer per forward and backward
+    if mesh.size() == 1 and not cuda:
+        return model
+    for layer in lm.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    if not train:  # FSDP2 keeps the root gathered for a backward; a frozen model's never comes
+        model.set_reshard_after_forward(True)
+    return model
+
+
+@contextlib.contextmanager
+def unsharded(model: LogProbs):
+    """Gather every FSDP unit once per generation, not per decoded token. The root runs first (no input): FSDP2 makes
+    the first unit to run forward its root, and the rollout calls the LM, whose first unit is a decoder layer."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.unshard()
+        m.set_reshard_after_forward(False)
+    model()  # no input: FSDP's root hooks only (none on a plain module)
+    try:
+        yield
+    finally:
+        for m in units:
+            m.reshard()
+            m.set_reshard_after_forward(True)
+
+
+def start_log(run: Run) -> None:
+    """Rank 0: the run directory, its config.json, log.jsonl cut back to the starting step, wandb."""
+    run.out.mkdir(parents=True, exist_ok=True)
+    (run.out / "config.json").write_text(json.dumps(dataclasses.asdict(run.cfg), indent=1))
+    truncate_log(run.out / "log.jsonl", run.start)
+    if run.cfg.wandb:
+        import wandb
+
+        wandb.init(project="knowledge-r1", config=dataclasses.asdict(run.cfg))
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """On resume, drop log lines past the checkpoint's step (a killed run may have logged steps it never saved)."""
+    if path.is_file():
+        keep = [
+            x
+            for x in path.read_text().splitlines(keepends=True)
+            if x.strip() and json.loads(x)["step"] <= step
+        ]
+        (tmp := path.with_suffix(".tmp")).write_text("".join(keep))
+        os.replace(tmp, path)  # atomic: a kill here leaves the old log or the new one
+
+
+def json_line(rec: dict) -> str:
+    """One strict-JSON log line: a non-finite float (NaN or inf loss, grad norm, ...) is written as null."""
+    finite = {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in rec.items()
+    }
+    return json.dumps(finite, allow_nan=False)
+
+
+def log_step(run: Run, rec: dict, progress: Progress) -> None:
+    """Rank 0: the step's line in log.jsonl, the bar's metrics, a skipped step's notice, wandb."""
+    with open(run.out / "log.jsonl", "a") as f:
+        f.write(json_line(rec) + "\n")
+    progress.step_done(rec)
+    if rec["skipped"]:
+        tqdm.write(f"step {rec['step']}: non-finite loss or gradient norm; update skipped")
+    if run.cfg.wandb:
+        import wandb
+
+        wandb.log(rec, step=rec["step"])
+
+
+# ------------------------------------------------------------------------------------ checkpoints
 # state/: LoRA's base is --model's
 TRAINABLE = dsd.StateDictOptions(ignore_frozen_params=True, strict=False)
 # published; being written; set aside while a step is re-saved
@@ -1031,7 +1186,42 @@ def load_checkpoint(ckpt: Path, model: LogProbs, optimizer, cfg: Config) -> int:
     return trainer["step"]
 
 
-# ----------------------------------------------------------------------------- main
+# ---------------------------------------------------- the process group, and one line per failure
+# how long the others wait for rank 0 alone: reading the model, writing hf/
+SOLO_WAIT = timedelta(days=1)
+# (the default group, init_distributed's gloo group over its ranks for those waits)
+solo = (None, None)
+HEARTBEAT = 0.25  # seconds between a rank's beats in the store (start_heartbeat)
+
+
+def init_distributed(timeout_min: float = 0.0) -> tuple[int, int, torch.device]:
+    """torchrun sets RANK/WORLD_SIZE; plain `python train.py` becomes a world of one (same code path). Collectives
+    time out after `timeout_min` (--dist-timeout); waits for rank 0's solo phases (wait_for_rank0) do not."""
+    global solo
+    port = str(29500 + os.getpid() % 1000)
+    for k, v in dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port).items():
+        os.environ.setdefault(k, v)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(
+        "nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_min) if timeout_min else None
+    )
+    solo = dist.group.WORLD, dist.new_group(backend="gloo", timeout=SOLO_WAIT)
+    # torchrun stops the other ranks when one ends: they say why (fail)
+    if dist.get_world_size() > 1:
+        signal.signal(signal.SIGTERM, raise_stopped)
+        start_heartbeat(dist.get_rank())
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def wait_for_rank0() -> None:
+    """A barrier for the end of a phase rank 0 runs alone: it is not a stalled collective, so --dist-timeout does not
+    bound it (a rank that fails ends the job at once: fail()). A process group made elsewhere: its own barrier."""
+    dist.barrier(group=solo[1] if solo[0] is dist.group.WORLD else None)
+
+
 def fail(e: BaseException, rank: int, world: int, out: Path) -> int:
     """A failure is one line. A known error: code 2; a world of one raises the rest (its traceback). With ranks, the
     failing rank prints `train.py: rank R: error: ...` (its traceback goes to OUT/error-rankR.txt) and every other
@@ -1122,6 +1312,15 @@ def wait_until(done: Callable[[], bool], seconds: float) -> bool:
     return done()
 
 
+@dataclass
+class Heartbeat:
+    stop: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+
+heartbeat = Heartbeat()
+
+
 def start_heartbeat(rank: int) -> None:
     """A thread that counts this rank's beats in the store: the roll call (stop_reason) tells killed from stuck.
     stop_heartbeat() ends it before the process group goes (a store call at teardown aborts the process)."""
@@ -1143,15 +1342,6 @@ def stop_heartbeat() -> None:
         heartbeat.thread.join()
 
 
-@dataclass
-class Heartbeat:
-    stop: threading.Event = field(default_factory=threading.Event)
-    thread: threading.Thread | None = None
-
-
-heartbeat = Heartbeat()
-
-
 def saved_traceback(e: BaseException, rank: int, out: Path) -> str:
     """An unexpected error's traceback, written to OUT/error-rankR.txt: the pointer to it, or "" (a known error)."""
     if isinstance(e, (SystemExit, retrieval.RetrievalError, rollout.ModelLoadError)):
@@ -1164,194 +1354,6 @@ def saved_traceback(e: BaseException, rank: int, out: Path) -> str:
     except OSError:
         print(text, file=sys.stderr, end="")
         return ""
-
-
-def load_sharded(
-    cfg: Config, spec: str | None, dtype: torch.dtype, device: torch.device, mesh, train: bool
-):
-    """The policy (train: LoRA if asked) or the frozen reference, read by rank 0 alone; every rank builds it on the meta
-    device, shards it, and receives its shards from rank 0 tensor by tensor (memory: its shard plus one tensor)."""
-    rank, cuda, lora = dist.get_rank(), device.type == "cuda", train and cfg.lora_rank
-    if rank == 0:
-        full, tokenizer = rollout.load_model(spec, dtype=dtype)  # host memory
-        if lora:
-            rollout.add_lora(full, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-    if mesh.size() == 1 and not cuda:  # a CPU world of one trains rank 0's plain module
-        return shard_model(full, mesh, cuda, train, len(tokenizer), cfg.grad_ckpt), tokenizer
-    wait_for_rank0()  # its read, and the embedded model's first conversion
-    lm, tokenizer = rollout.load_model(spec, dtype=dtype, device=device, meta=True)
-    if lora:
-        rollout.add_lora(lm, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-    model = shard_model(lm, mesh, cuda, train, len(tokenizer), cfg.grad_ckpt)
-    model.to_empty(device=device)
-    dsd.set_model_state_dict(
-        lm,
-        full.state_dict() if rank == 0 else {},
-        options=dsd.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
-    )
-    # non-persistent buffers (rotary inv_freq) are in no state dict
-    for name, buf in lm.named_buffers():
-        if rank == 0:
-            buf.copy_(full.get_buffer(name))
-        dist.broadcast(buf, src=0)
-    return model, tokenizer
-
-
-def build_models(cfg: Config, device: torch.device, world: int):
-    """The policy (fp32: the optimizer's master copy), the frozen reference (beta > 0), the tokenizer and AdamW."""
-    spec, cuda = None if cfg.model in (None, "default") else cfg.model, device.type == "cuda"
-    mesh = init_device_mesh(device.type, (world,))
-    model, tokenizer = load_sharded(cfg, spec, torch.float32, device, mesh, train=True)
-    ref_dtype = torch.bfloat16 if cuda else torch.float32  # frozen: it only computes
-    ref = load_sharded(cfg, spec, ref_dtype, device, mesh, train=False)[0] if cfg.beta > 0 else None
-    trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: only the adapters
-    optimizer = torch.optim.AdamW(
-        trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99), fused=cuda
-    )
-    return model, ref, tokenizer, optimizer
-
-
-@dataclass
-class Run:
-    """What the step loop works with: the models, the questions, the search, where to write, where it starts."""
-
-    cfg: Config
-    model: LogProbs
-    ref: LogProbs | None
-    tokenizer: object
-    optimizer: torch.optim.Optimizer
-    rows: list[dict]
-    search: kr1.RecordingSearch
-    out: Path
-    start: int  # steps already done (the resumed checkpoint's)
-    # the step after which to save although no other rule says so (0 = none): see main
-    early_save: int
-
-
-def corpus_warning(cfg: Config, n_docs: int) -> str | None:
-    """A recipe meant for a large corpus, run without --index, searches the embedded summaries: say so."""
-    if cfg.index or Path(cfg.dataset).resolve() == QA_FILE:
-        return None
-    return (
-        f"train.py: warning: no --index: searching the {n_docs:,} embedded Wikipedia summaries; questions from "
-        f"{cfg.dataset} need their own corpus (--index DIR or CORPUS.jsonl)"
-    )
-
-
-def start_log(run: Run) -> None:
-    """Rank 0: the run directory, its config.json, log.jsonl cut back to the starting step, wandb."""
-    run.out.mkdir(parents=True, exist_ok=True)
-    (run.out / "config.json").write_text(json.dumps(dataclasses.asdict(run.cfg), indent=1))
-    truncate_log(run.out / "log.jsonl", run.start)
-    if run.cfg.wandb:
-        import wandb
-
-        wandb.init(project="knowledge-r1", config=dataclasses.asdict(run.cfg))
-
-
-def json_line(rec: dict) -> str:
-    """One strict-JSON log line: a non-finite float (NaN or inf loss, grad norm, ...) is written as null."""
-    finite = {
-        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in rec.items()
-    }
-    return json.dumps(finite, allow_nan=False)
-
-
-def log_step(run: Run, rec: dict, progress: Progress) -> None:
-    """Rank 0: the step's line in log.jsonl, the bar's metrics, a skipped step's notice, wandb."""
-    with open(run.out / "log.jsonl", "a") as f:
-        f.write(json_line(rec) + "\n")
-    progress.step_done(rec)
-    if rec["skipped"]:
-        tqdm.write(f"step {rec['step']}: non-finite loss or gradient norm; update skipped")
-    if run.cfg.wandb:
-        import wandb
-
-        wandb.log(rec, step=rec["step"])
-
-
-def save_due(cfg: Config, done: int, early: int) -> bool:
-    """Whether to checkpoint after `done` steps: every --save-every, at the end of SFT and of the run, at `early`."""
-    periodic = cfg.save_every > 0 and done % cfg.save_every == 0
-    return periodic or done in (cfg.sft_steps + cfg.steps, cfg.sft_steps, early)
-
-
-def train_loop(run: Run) -> None:
-    """The steps from run.start: SFT, then GRPO; each logged on rank 0 and checkpointed when save_due says so."""
-    cfg = run.cfg
-    rank = dist.get_rank()
-    total = cfg.sft_steps + cfg.steps
-    bar = tqdm(
-        range(run.start, total),
-        initial=run.start,
-        total=total,
-        desc="train",
-        unit="step",
-        disable=rank != 0,
-    )
-    progress = Progress(bar)
-    for step in bar:
-        rec = one_step(run, step, progress)
-        if rank == 0:
-            log_step(run, rec, progress)
-        if save_due(cfg, step + 1, run.early_save):
-            # LoRA: the merged model at the end only
-            hf = not cfg.lora_rank or cfg.save_hf or step + 1 == total
-            save_checkpoint(run, step + 1, hf=hf)
-
-
-def one_step(run: Run, step: int, progress: Progress) -> dict:
-    """Step `step` on this rank's prompts: a warm-start (SFT) step, then GRPO steps; its log record."""
-    take_step = sft_step if step < run.cfg.sft_steps else grpo_step
-    return take_step(run, step_rows(run.cfg, run.rows, step), step, progress)
-
-
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    rank, world, device = init_distributed(cfg.dist_timeout)
-    try:
-        if cfg.prompts_per_step % world or cfg.sft_batch % world:
-            raise SystemExit(
-                f"train.py: error: --prompts-per-step {cfg.prompts_per_step} and --sft-batch "
-                f"{cfg.sft_batch} must be divisible by the world size {world}"
-            )
-        # before the models: a bad path fails at once
-        ckpt = resolve_checkpoint(cfg.resume) if cfg.resume else None
-        out = Path(cfg.out)
-        # --out has no checkpoint yet: save after this run's first step
-        fresh = not (out / "latest").is_file()
-        rows = load_questions(cfg)
-        # each rank mmap-loads the same files: the OS shares the pages
-        index = retrieval.open_index(cfg.index)
-        warning = corpus_warning(cfg, len(index))
-        if warning and rank == 0:
-            print(warning, file=sys.stderr)
-        # it remembers each hit's title: the support reward compares titles
-        search = kr1.RecordingSearch(lambda qs: index.search(qs, k=cfg.top_k_passages))
-        model, ref, tokenizer, optimizer = build_models(cfg, device, world)
-        start = load_checkpoint(ckpt, model, optimizer, cfg=cfg) if ckpt else 0
-        early = start + 1 if fresh else 0
-        run = Run(
-            cfg=cfg,
-            model=model,
-            ref=ref,
-            tokenizer=tokenizer,
-            optimizer=optimizer,
-            rows=rows,
-            search=search,
-            out=out,
-            start=start,
-            early_save=early,
-        )
-        if rank == 0:
-            start_log(run)
-        train_loop(run)
-        return 0
-    except (Exception, SystemExit) as e:
-        return fail(e, rank, world, Path(cfg.out))
-    finally:
-        stop_heartbeat()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
