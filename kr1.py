@@ -42,22 +42,29 @@ DEFAULT_ADAPTER = ROOT / "data" / "smollm2-kr1-lora"  # trained by train.py, see
 # in an adapter folder: the rollout settings it was trained with (RolloutSettings as a JSON object)
 ROLLOUT_FILE = "kr1_rollout.json"
 MODES = ("agent", "rag", "direct")
-BUDGETS = ("k", "max_turns", "max_turn_tokens", "max_total_tokens")  # RolloutSettings' counts
+# RolloutSettings' counts, each with what it limits (--help says it)
+BUDGETS = {
+    "k": "passages per search",
+    "max_turns": "searches allowed before the forced answer",
+    "max_turn_tokens": "generated tokens per assistant turn",
+    "max_total_tokens": "tokens after the prompt",
+}
 KINDS = ("open", "two-option", "yes-no")  # grpo.question_kind's answers, in the summary's order
 STDIN = "-"  # --ask without a question (or with -): questions from stdin
 
 
 @dataclass(frozen=True)
 class RolloutSettings:
-    """A run's rollout budgets and mode; an adapter's kr1_rollout.json holds them as an object."""
+    """A run's rollout budgets (BUDGETS) and mode; an adapter's kr1_rollout.json holds them."""
 
-    k: int  # passages per search
-    max_turns: int  # searches allowed before the forced answer
-    max_turn_tokens: int  # generated tokens per assistant turn
-    max_total_tokens: int  # tokens after the prompt
+    k: int
+    max_turns: int
+    max_turn_tokens: int
+    max_total_tokens: int
     mode: str  # agent | rag | direct
 
 
+SETTINGS = [f.name for f in fields(RolloutSettings)]  # kr1_rollout.json's keys
 # an adapter without kr1_rollout.json, or no adapter: the original 1.5B recipe
 GENERIC = RolloutSettings(
     k=3, max_turns=4, max_turn_tokens=512, max_total_tokens=2048, mode="agent"
@@ -96,15 +103,14 @@ class RecordingSearch:
 
 def checked_settings(values: dict, where: Path) -> RolloutSettings:
     """`values` as RolloutSettings: exactly its five keys, positive integers and a known mode."""
-    names = [f.name for f in fields(RolloutSettings)]
-    missing = [n for n in names if n not in values]
-    unknown = sorted(set(values) - set(names))
+    missing = [name for name in SETTINGS if name not in values]
+    unknown = sorted(set(values) - set(SETTINGS))
     if missing or unknown:
         wrong = f"missing {', '.join(missing)}" if missing else f"unknown key {', '.join(unknown)}"
-        raise RolloutSettingsError(f"{where}: {wrong} (the keys are: {', '.join(names)})")
+        raise RolloutSettingsError(f"{where}: {wrong} (the keys are: {', '.join(SETTINGS)})")
     for name in BUDGETS:
         value = values[name]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if type(value) is not int or value < 1:  # not isinstance: True is an int
             raise RolloutSettingsError(f"{where}: {name} must be an integer >= 1, not {value!r}")
     if values["mode"] not in MODES:
         raise RolloutSettingsError(
@@ -114,13 +120,8 @@ def checked_settings(values: dict, where: Path) -> RolloutSettings:
 
 
 def write_rollout_settings(adapter: str | Path, **settings) -> Path:
-    """Write ADAPTER/kr1_rollout.json, the settings kr1.py runs that adapter with (flags override):
-
-        write_rollout_settings(dir, k=3, max_turns=4, max_turn_tokens=512, max_total_tokens=2048,
-                               mode="agent")
-
-    All five are required: a missing, unknown or bad one raises RolloutSettingsError. Returns the
-    file's path."""
+    """Write ADAPTER/kr1_rollout.json, the settings kr1.py runs that adapter with (flags override);
+    all five are required: a missing, unknown or bad one raises RolloutSettingsError."""
     path = Path(adapter) / ROLLOUT_FILE
     checked = checked_settings(settings, path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,8 +130,7 @@ def write_rollout_settings(adapter: str | Path, **settings) -> Path:
 
 
 def read_rollout_settings(adapter: str | Path) -> RolloutSettings | None:
-    """The settings in ADAPTER/kr1_rollout.json; None if there is no such file. Raises
-    RolloutSettingsError."""
+    """The settings in ADAPTER/kr1_rollout.json, None without one; raises RolloutSettingsError."""
     path = Path(adapter) / ROLLOUT_FILE
     if not path.is_file():
         return None
@@ -152,10 +152,9 @@ def settings_for(args) -> RolloutSettings:
     """The run's settings, each from the first that has it: its flag, the adapter's
     kr1_rollout.json, GENERIC. An adapter without the file gets a note on stderr naming the generic
     values it runs with."""
-    names = [f.name for f in fields(RolloutSettings)]
-    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    given = {name: getattr(args, name) for name in SETTINGS if getattr(args, name) is not None}
     saved = read_rollout_settings(args.adapter) if args.adapter else None
-    unset = [name for name in names if name not in given]
+    unset = [name for name in SETTINGS if name not in given]
     if args.adapter and saved is None and unset and Path(args.adapter).is_dir():
         print(
             f"kr1.py: note: adapter {args.adapter} has no {ROLLOUT_FILE}, so it runs with the "
@@ -503,22 +502,11 @@ def add_rollout_flags(p: argparse.ArgumentParser) -> None:
         help="direct: no retrieval; rag: one search with the question; agent: search while "
         f"reasoning (default: {GENERIC.mode})",
     )
-    g.add_argument("--k", type=int, help=f"passages per search (default: {GENERIC.k})")
-    g.add_argument(
-        "--max-turns",
-        type=int,
-        help=f"searches allowed before the forced answer (default: {GENERIC.max_turns})",
-    )
-    g.add_argument(
-        "--max-turn-tokens",
-        type=int,
-        help=f"tokens per assistant turn (default: {GENERIC.max_turn_tokens})",
-    )
-    g.add_argument(
-        "--max-total-tokens",
-        type=int,
-        help=f"tokens after the prompt (default: {GENERIC.max_total_tokens})",
-    )
+    for name, meaning in BUDGETS.items():
+        default = getattr(GENERIC, name)
+        g.add_argument(
+            f"--{name.replace('_', '-')}", type=int, help=f"{meaning} (default: {default})"
+        )
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
     g.add_argument(
         "--search-lag",
@@ -592,7 +580,7 @@ def loaded(args, index: retrieval.Index | None):
         name = args.model or "SmolLM2-135M-Instruct (embedded)"
         name += f" + adapter {args.adapter}" if args.adapter else ""
         corpus = f"; corpus: {len(index):,} passages" if index else ""
-        budgets = as_flags(args, [f.name for f in fields(RolloutSettings)])
+        budgets = as_flags(args, SETTINGS)
         seconds = time.perf_counter() - t0
         print(
             f"loaded {name} in {seconds:.1f} s on {args.device}{corpus}; {budgets}", file=sys.stderr
