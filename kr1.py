@@ -209,51 +209,39 @@ def print_trace(traj: rollout.Trajectory, search: RecordingSearch) -> None:
             print(f"   ↳ [{msg['content'].splitlines()[0][:100]}]")
 
 
-def print_answer(
-    question: str, traj: rollout.Trajectory, search: RecordingSearch, seconds: float
-) -> None:
-    """The readable --ask output: the question, the trace, the answer and what it cost."""
-    n_gen = sum(traj.mask)
-    answer = traj.answer if traj.answer is not None else "(no <answer> given)"
-    print(f"Q: {question}")
-    print_trace(traj, search)
-    print("\n" + "═" * 70)
-    print(f"Answer: {answer}   [stop: {traj.stop}]")
-    print(
-        f"{len(traj.queries)} searches, {traj.turns} turns, "
-        f"{n_gen} generated / {len(traj.ids)} total tokens "
-        f"in {seconds:.2f} s ({n_gen / seconds:.1f} generated tokens/s)"
-    )
-
-
-def answer_json(
-    question: str, traj: rollout.Trajectory, search: RecordingSearch, seconds: float
-) -> dict:
-    """The --ask --json object of one answered question."""
-    return {
-        "question": question,
-        "answer": traj.answer,
-        "stop": traj.stop,
-        "turns": traj.turns,
-        "queries": traj.queries,
-        "retrieved": [search.named(ids) for ids in traj.doc_ids],
-        "generated_tokens": sum(traj.mask),
-        "total_tokens": len(traj.ids),
-        "seconds": round(seconds, 3),
-    }
-
-
 def ask(args, question: str, model, tokenizer, search: RecordingSearch) -> None:
-    """Answer one question: its trace and answer on stdout, or with --json one JSON line."""
+    """Answer one question: the question, its trace, the answer and what it cost on stdout, or
+    with --json one JSON line."""
     import rollout
 
     t0 = time.perf_counter()
     traj = rollout.rollout(model, tokenizer, [question], search, rollout_config(args))[0]
     seconds = time.perf_counter() - t0
+    n_gen = sum(traj.mask)
     if args.json:
-        print(json.dumps(answer_json(question, traj, search, seconds), ensure_ascii=False))
+        result = {
+            "question": question,
+            "answer": traj.answer,
+            "stop": traj.stop,
+            "turns": traj.turns,
+            "queries": traj.queries,
+            "retrieved": [search.named(ids) for ids in traj.doc_ids],
+            "generated_tokens": n_gen,
+            "total_tokens": len(traj.ids),
+            "seconds": round(seconds, 3),
+        }
+        print(json.dumps(result, ensure_ascii=False))
     else:
-        print_answer(question, traj, search, seconds)
+        print(f"Q: {question}")
+        print_trace(traj, search)
+        print("\n" + "═" * 70)
+        answer = traj.answer if traj.answer is not None else "(no <answer> given)"
+        print(f"Answer: {answer}   [stop: {traj.stop}]")
+        print(
+            f"{len(traj.queries)} searches, {traj.turns} turns, "
+            f"{n_gen} generated / {len(traj.ids)} total tokens "
+            f"in {seconds:.2f} s ({n_gen / seconds:.1f} generated tokens/s)"
+        )
     sys.stdout.flush()  # the answer is out before the next prompt, piped or not
 
 
