@@ -75,15 +75,6 @@ class RolloutSettingsError(ValueError):
     """A kr1_rollout.json (or write_rollout_settings call) outside the contract: one line."""
 
 
-@dataclass(frozen=True)
-class KindScore:
-    """A question kind in the --eval summary: its questions, their EM, what a blind guess scores."""
-
-    n: int
-    em: float
-    chance: float | None  # two-option 0.5, yes-no the majority answer's share; open None
-
-
 class RecordingSearch:
     """The search callable given to rollout; it keeps each hit's title for traces and records."""
 
@@ -318,21 +309,16 @@ def guess_chance(kind: str, group: list[dict]) -> float | None:
     return None
 
 
-def kind_scores(done: list[dict]) -> dict[str, KindScore]:
-    """Per question kind present, in KINDS order: its KindScore."""
-    scores = {}
+def summarise(done: list[dict]) -> dict:
+    """The summary line's numbers: support recall over the questions naming supporting titles;
+    per question kind present, in KINDS order, its questions, their EM, what guessing scores."""
+    recalls = [d["support_recall"] for d in done if d["support_recall"] is not None]
+    kinds = {}
     for kind in KINDS:
         group = [d for d in done if d["kind"] == kind]
         if group:
             em = round(fmean(d["em"] for d in group), 4)
-            scores[kind] = KindScore(n=len(group), em=em, chance=guess_chance(kind, group))
-    return scores
-
-
-def summarise(done: list[dict]) -> dict:
-    """The summary line's numbers over the records: means, search use, support recall (over the
-    questions with supporting titles; None if none has), and per kind n, EM and chance."""
-    recalls = [d["support_recall"] for d in done if d["support_recall"] is not None]
+            kinds[kind] = {"n": len(group), "em": em, "chance": guess_chance(kind, group)}
     means = {
         key: round(fmean(d[key] for d in done), 4)
         for key in ("em", "f1", "cover_em", "tagged", "well_formed")
@@ -344,7 +330,7 @@ def summarise(done: list[dict]) -> dict:
         "gen_tokens_per_q": round(fmean(d["generated_tokens"] for d in done), 1),
         "distinct_queries_per_q": round(fmean(d["distinct_queries"] for d in done), 3),
         "support_recall": round(fmean(recalls), 4) if recalls else None,
-        "kinds": {kind: asdict(score) for kind, score in kind_scores(done).items()},
+        "kinds": kinds,
     }
 
 
@@ -364,12 +350,15 @@ def kind_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluated(args, rows: list[dict], model, tokenizer, search: RecordingSearch) -> list[dict]:
-    """The records of `rows`, rolled out --batch-size at a time (written to --out as they come)."""
+def evaluate(args, rows: list[dict], model, tokenizer, search: RecordingSearch) -> dict:
+    """Evaluate `rows` with `search` (BM25, or any callable of its shape: bench/reader_ceiling.py),
+    --batch-size at a time, each record written to --out as it comes: the per-kind table on stderr,
+    the summary as one JSON line on stdout (scripts `tail -1` it); returns the summary."""
     from tqdm import tqdm
 
     import rollout
 
+    t0 = time.perf_counter()
     cfg = rollout_config(args)
     done: list[dict] = []
     with (
@@ -384,21 +373,8 @@ def evaluated(args, rows: list[dict], model, tokenizer, search: RecordingSearch)
                 out.write(json.dumps(done[-1], ensure_ascii=False) + "\n")
             bar.update(len(batch))
             bar.set_postfix({key: f"{fmean(d[key] for d in done):.3f}" for key in ("em", "f1")})
-    return done
-
-
-def evaluate(args, rows: list[dict], model, tokenizer, search: RecordingSearch) -> dict:
-    """Evaluate `rows` with `search` (BM25, or any callable of its shape: bench/reader_ceiling.py):
-    the per-kind table on stderr, the summary as one JSON line on stdout (scripts `tail -1` it);
-    returns the summary."""
-    t0 = time.perf_counter()
-    done = evaluated(args, rows, model, tokenizer, search)
-    summary = {
-        "file": str(args.eval),
-        "mode": args.mode,
-        **summarise(done),
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
+    seconds = round(time.perf_counter() - t0, 1)
+    summary = {"file": str(args.eval), "mode": args.mode, **summarise(done), "seconds": seconds}
     print(kind_table(summary), file=sys.stderr)
     print(json.dumps(summary))
     return summary
