@@ -163,11 +163,6 @@ def prediction(traj: rollout.Trajectory) -> str:
     return " ".join(re.sub(r"</?(?:think|search|answer)>", " ", last).split())
 
 
-def recording_search(index: retrieval.Index | None, k: int) -> RecordingSearch:
-    """BM25's top k per query from `index` (None: a run that never searches), titles remembered."""
-    return RecordingSearch(lambda queries: index.search(queries, k=k))
-
-
 def rollout_config(args) -> rollout.RolloutConfig:
     """The settled flags as rollout's config: greedy at --temperature 0."""
     import rollout
@@ -514,22 +509,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def device_for(flag: str) -> str:
-    """--device: 'auto' is cuda when there is one, else cpu."""
-    import torch
-
-    if flag != "auto":
-        return flag
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def settle(args) -> None:
-    """Fill in what parsing left open, in place: the rollout settings (settings_for), the device;
-    and seed torch."""
+    """Fill in what parsing left open, in place: the rollout settings (settings_for), --device auto
+    (cuda when there is one, else cpu); and seed torch."""
     import torch
 
     vars(args).update(asdict(settings_for(args)))
-    args.device = device_for(args.device)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(args.seed)
 
 
@@ -563,7 +550,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = retrieval.read_qa(args.eval)[: args.limit] if args.eval else None
         index = retrieval.open_index(args.index) if args.mode != "direct" or args.ask else None
         model, tokenizer = loaded(args, index)
-        search = recording_search(index, args.k)
+        # BM25's top k per query (index None: a run that never searches), titles remembered
+        search = RecordingSearch(lambda queries: index.search(queries, k=args.k))
         with rollout.bf16_autocast(args.device, args.bf16):
             if args.eval:
                 evaluate(args, rows, model, tokenizer, search)
