@@ -42,22 +42,29 @@ DEFAULT_ADAPTER = ROOT / "data" / "smollm2-kr1-lora"  # trained by train.py, see
 # in an adapter folder: the rollout settings it was trained with (RolloutSettings as a JSON object)
 ROLLOUT_FILE = "kr1_rollout.json"
 MODES = ("agent", "rag", "direct")
-BUDGETS = ("k", "max_turns", "max_turn_tokens", "max_total_tokens")  # RolloutSettings' counts
+# RolloutSettings' counts, each with what it limits (--help says it)
+BUDGETS = {
+    "k": "passages per search",
+    "max_turns": "searches allowed before the forced answer",
+    "max_turn_tokens": "generated tokens per assistant turn",
+    "max_total_tokens": "tokens after the prompt",
+}
 KINDS = ("open", "two-option", "yes-no")  # grpo.question_kind's answers, in the summary's order
 STDIN = "-"  # --ask without a question (or with -): questions from stdin
 
 
 @dataclass(frozen=True)
 class RolloutSettings:
-    """A run's rollout budgets and mode; an adapter's kr1_rollout.json holds them as an object."""
+    """A run's rollout budgets (BUDGETS) and mode; an adapter's kr1_rollout.json holds them."""
 
-    k: int  # passages per search
-    max_turns: int  # searches allowed before the forced answer
-    max_turn_tokens: int  # generated tokens per assistant turn
-    max_total_tokens: int  # tokens after the prompt
+    k: int
+    max_turns: int
+    max_turn_tokens: int
+    max_total_tokens: int
     mode: str  # agent | rag | direct
 
 
+SETTINGS = [f.name for f in fields(RolloutSettings)]  # kr1_rollout.json's keys
 # an adapter without kr1_rollout.json, or no adapter: the original 1.5B recipe
 GENERIC = RolloutSettings(
     k=3, max_turns=4, max_turn_tokens=512, max_total_tokens=2048, mode="agent"
@@ -66,15 +73,6 @@ GENERIC = RolloutSettings(
 
 class RolloutSettingsError(ValueError):
     """A kr1_rollout.json (or write_rollout_settings call) outside the contract: one line."""
-
-
-@dataclass(frozen=True)
-class KindScore:
-    """A question kind in the --eval summary: its questions, their EM, what a blind guess scores."""
-
-    n: int
-    em: float
-    chance: float | None  # two-option 0.5, yes-no the majority answer's share; open None
 
 
 class RecordingSearch:
@@ -96,15 +94,14 @@ class RecordingSearch:
 
 def checked_settings(values: dict, where: Path) -> RolloutSettings:
     """`values` as RolloutSettings: exactly its five keys, positive integers and a known mode."""
-    names = [f.name for f in fields(RolloutSettings)]
-    missing = [n for n in names if n not in values]
-    unknown = sorted(set(values) - set(names))
+    missing = [name for name in SETTINGS if name not in values]
+    unknown = sorted(set(values) - set(SETTINGS))
     if missing or unknown:
         wrong = f"missing {', '.join(missing)}" if missing else f"unknown key {', '.join(unknown)}"
-        raise RolloutSettingsError(f"{where}: {wrong} (the keys are: {', '.join(names)})")
+        raise RolloutSettingsError(f"{where}: {wrong} (the keys are: {', '.join(SETTINGS)})")
     for name in BUDGETS:
         value = values[name]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if type(value) is not int or value < 1:  # not isinstance: True is an int
             raise RolloutSettingsError(f"{where}: {name} must be an integer >= 1, not {value!r}")
     if values["mode"] not in MODES:
         raise RolloutSettingsError(
@@ -114,13 +111,8 @@ def checked_settings(values: dict, where: Path) -> RolloutSettings:
 
 
 def write_rollout_settings(adapter: str | Path, **settings) -> Path:
-    """Write ADAPTER/kr1_rollout.json, the settings kr1.py runs that adapter with (flags override):
-
-        write_rollout_settings(dir, k=3, max_turns=4, max_turn_tokens=512, max_total_tokens=2048,
-                               mode="agent")
-
-    All five are required: a missing, unknown or bad one raises RolloutSettingsError. Returns the
-    file's path."""
+    """Write ADAPTER/kr1_rollout.json, the settings kr1.py runs that adapter with (flags override);
+    all five are required: a missing, unknown or bad one raises RolloutSettingsError."""
     path = Path(adapter) / ROLLOUT_FILE
     checked = checked_settings(settings, path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,8 +121,7 @@ def write_rollout_settings(adapter: str | Path, **settings) -> Path:
 
 
 def read_rollout_settings(adapter: str | Path) -> RolloutSettings | None:
-    """The settings in ADAPTER/kr1_rollout.json; None if there is no such file. Raises
-    RolloutSettingsError."""
+    """The settings in ADAPTER/kr1_rollout.json, None without one; raises RolloutSettingsError."""
     path = Path(adapter) / ROLLOUT_FILE
     if not path.is_file():
         return None
@@ -152,10 +143,9 @@ def settings_for(args) -> RolloutSettings:
     """The run's settings, each from the first that has it: its flag, the adapter's
     kr1_rollout.json, GENERIC. An adapter without the file gets a note on stderr naming the generic
     values it runs with."""
-    names = [f.name for f in fields(RolloutSettings)]
-    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    given = {name: getattr(args, name) for name in SETTINGS if getattr(args, name) is not None}
     saved = read_rollout_settings(args.adapter) if args.adapter else None
-    unset = [name for name in names if name not in given]
+    unset = [name for name in SETTINGS if name not in given]
     if args.adapter and saved is None and unset and Path(args.adapter).is_dir():
         print(
             f"kr1.py: note: adapter {args.adapter} has no {ROLLOUT_FILE}, so it runs with the "
@@ -171,11 +161,6 @@ def prediction(traj: rollout.Trajectory) -> str:
         return traj.answer
     last = traj.responses[-1] if traj.responses else ""
     return " ".join(re.sub(r"</?(?:think|search|answer)>", " ", last).split())
-
-
-def recording_search(index: retrieval.Index | None, k: int) -> RecordingSearch:
-    """BM25's top k per query from `index` (None: a run that never searches), titles remembered."""
-    return RecordingSearch(lambda queries: index.search(queries, k=k))
 
 
 def rollout_config(args) -> rollout.RolloutConfig:
@@ -210,51 +195,39 @@ def print_trace(traj: rollout.Trajectory, search: RecordingSearch) -> None:
             print(f"   ↳ [{msg['content'].splitlines()[0][:100]}]")
 
 
-def print_answer(
-    question: str, traj: rollout.Trajectory, search: RecordingSearch, seconds: float
-) -> None:
-    """The readable --ask output: the question, the trace, the answer and what it cost."""
-    n_gen = sum(traj.mask)
-    answer = traj.answer if traj.answer is not None else "(no <answer> given)"
-    print(f"Q: {question}")
-    print_trace(traj, search)
-    print("\n" + "═" * 70)
-    print(f"Answer: {answer}   [stop: {traj.stop}]")
-    print(
-        f"{len(traj.queries)} searches, {traj.turns} turns, "
-        f"{n_gen} generated / {len(traj.ids)} total tokens "
-        f"in {seconds:.2f} s ({n_gen / seconds:.1f} generated tokens/s)"
-    )
-
-
-def answer_json(
-    question: str, traj: rollout.Trajectory, search: RecordingSearch, seconds: float
-) -> dict:
-    """The --ask --json object of one answered question."""
-    return {
-        "question": question,
-        "answer": traj.answer,
-        "stop": traj.stop,
-        "turns": traj.turns,
-        "queries": traj.queries,
-        "retrieved": [search.named(ids) for ids in traj.doc_ids],
-        "generated_tokens": sum(traj.mask),
-        "total_tokens": len(traj.ids),
-        "seconds": round(seconds, 3),
-    }
-
-
 def ask(args, question: str, model, tokenizer, search: RecordingSearch) -> None:
-    """Answer one question: its trace and answer on stdout, or with --json one JSON line."""
+    """Answer one question: the question, its trace, the answer and what it cost on stdout, or
+    with --json one JSON line."""
     import rollout
 
     t0 = time.perf_counter()
     traj = rollout.rollout(model, tokenizer, [question], search, rollout_config(args))[0]
     seconds = time.perf_counter() - t0
+    n_gen = sum(traj.mask)
     if args.json:
-        print(json.dumps(answer_json(question, traj, search, seconds), ensure_ascii=False))
+        result = {
+            "question": question,
+            "answer": traj.answer,
+            "stop": traj.stop,
+            "turns": traj.turns,
+            "queries": traj.queries,
+            "retrieved": [search.named(ids) for ids in traj.doc_ids],
+            "generated_tokens": n_gen,
+            "total_tokens": len(traj.ids),
+            "seconds": round(seconds, 3),
+        }
+        print(json.dumps(result, ensure_ascii=False))
     else:
-        print_answer(question, traj, search, seconds)
+        print(f"Q: {question}")
+        print_trace(traj, search)
+        print("\n" + "═" * 70)
+        answer = traj.answer if traj.answer is not None else "(no <answer> given)"
+        print(f"Answer: {answer}   [stop: {traj.stop}]")
+        print(
+            f"{len(traj.queries)} searches, {traj.turns} turns, "
+            f"{n_gen} generated / {len(traj.ids)} total tokens "
+            f"in {seconds:.2f} s ({n_gen / seconds:.1f} generated tokens/s)"
+        )
     sys.stdout.flush()  # the answer is out before the next prompt, piped or not
 
 
@@ -331,21 +304,16 @@ def guess_chance(kind: str, group: list[dict]) -> float | None:
     return None
 
 
-def kind_scores(done: list[dict]) -> dict[str, KindScore]:
-    """Per question kind present, in KINDS order: its KindScore."""
-    scores = {}
+def summarise(done: list[dict]) -> dict:
+    """The summary line's numbers: support recall over the questions naming supporting titles;
+    per question kind present, in KINDS order, its questions, their EM, what guessing scores."""
+    recalls = [d["support_recall"] for d in done if d["support_recall"] is not None]
+    kinds = {}
     for kind in KINDS:
         group = [d for d in done if d["kind"] == kind]
         if group:
             em = round(fmean(d["em"] for d in group), 4)
-            scores[kind] = KindScore(n=len(group), em=em, chance=guess_chance(kind, group))
-    return scores
-
-
-def summarise(done: list[dict]) -> dict:
-    """The summary line's numbers over the records: means, search use, support recall (over the
-    questions with supporting titles; None if none has), and per kind n, EM and chance."""
-    recalls = [d["support_recall"] for d in done if d["support_recall"] is not None]
+            kinds[kind] = {"n": len(group), "em": em, "chance": guess_chance(kind, group)}
     means = {
         key: round(fmean(d[key] for d in done), 4)
         for key in ("em", "f1", "cover_em", "tagged", "well_formed")
@@ -357,7 +325,7 @@ def summarise(done: list[dict]) -> dict:
         "gen_tokens_per_q": round(fmean(d["generated_tokens"] for d in done), 1),
         "distinct_queries_per_q": round(fmean(d["distinct_queries"] for d in done), 3),
         "support_recall": round(fmean(recalls), 4) if recalls else None,
-        "kinds": {kind: asdict(score) for kind, score in kind_scores(done).items()},
+        "kinds": kinds,
     }
 
 
@@ -377,12 +345,15 @@ def kind_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluated(args, rows: list[dict], model, tokenizer, search: RecordingSearch) -> list[dict]:
-    """The records of `rows`, rolled out --batch-size at a time (written to --out as they come)."""
+def evaluate(args, rows: list[dict], model, tokenizer, search: RecordingSearch) -> dict:
+    """Evaluate `rows` with `search` (BM25, or any callable of its shape: bench/reader_ceiling.py),
+    --batch-size at a time, each record written to --out as it comes: the per-kind table on stderr,
+    the summary as one JSON line on stdout (scripts `tail -1` it); returns the summary."""
     from tqdm import tqdm
 
     import rollout
 
+    t0 = time.perf_counter()
     cfg = rollout_config(args)
     done: list[dict] = []
     with (
@@ -397,21 +368,8 @@ def evaluated(args, rows: list[dict], model, tokenizer, search: RecordingSearch)
                 out.write(json.dumps(done[-1], ensure_ascii=False) + "\n")
             bar.update(len(batch))
             bar.set_postfix({key: f"{fmean(d[key] for d in done):.3f}" for key in ("em", "f1")})
-    return done
-
-
-def evaluate(args, rows: list[dict], model, tokenizer, search: RecordingSearch) -> dict:
-    """Evaluate `rows` with `search` (BM25, or any callable of its shape: bench/reader_ceiling.py):
-    the per-kind table on stderr, the summary as one JSON line on stdout (scripts `tail -1` it);
-    returns the summary."""
-    t0 = time.perf_counter()
-    done = evaluated(args, rows, model, tokenizer, search)
-    summary = {
-        "file": str(args.eval),
-        "mode": args.mode,
-        **summarise(done),
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
+    seconds = round(time.perf_counter() - t0, 1)
+    summary = {"file": str(args.eval), "mode": args.mode, **summarise(done), "seconds": seconds}
     print(kind_table(summary), file=sys.stderr)
     print(json.dumps(summary))
     return summary
@@ -503,22 +461,11 @@ def add_rollout_flags(p: argparse.ArgumentParser) -> None:
         help="direct: no retrieval; rag: one search with the question; agent: search while "
         f"reasoning (default: {GENERIC.mode})",
     )
-    g.add_argument("--k", type=int, help=f"passages per search (default: {GENERIC.k})")
-    g.add_argument(
-        "--max-turns",
-        type=int,
-        help=f"searches allowed before the forced answer (default: {GENERIC.max_turns})",
-    )
-    g.add_argument(
-        "--max-turn-tokens",
-        type=int,
-        help=f"tokens per assistant turn (default: {GENERIC.max_turn_tokens})",
-    )
-    g.add_argument(
-        "--max-total-tokens",
-        type=int,
-        help=f"tokens after the prompt (default: {GENERIC.max_total_tokens})",
-    )
+    for name, meaning in BUDGETS.items():
+        default = getattr(GENERIC, name)
+        g.add_argument(
+            f"--{name.replace('_', '-')}", type=int, help=f"{meaning} (default: {default})"
+        )
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
     g.add_argument(
         "--search-lag",
@@ -562,22 +509,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def device_for(flag: str) -> str:
-    """--device: 'auto' is cuda when there is one, else cpu."""
-    import torch
-
-    if flag != "auto":
-        return flag
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def settle(args) -> None:
-    """Fill in what parsing left open, in place: the rollout settings (settings_for), the device;
-    and seed torch."""
+    """Fill in what parsing left open, in place: the rollout settings (settings_for), --device auto
+    (cuda when there is one, else cpu); and seed torch."""
     import torch
 
     vars(args).update(asdict(settings_for(args)))
-    args.device = device_for(args.device)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(args.seed)
 
 
@@ -592,7 +531,7 @@ def loaded(args, index: retrieval.Index | None):
         name = args.model or "SmolLM2-135M-Instruct (embedded)"
         name += f" + adapter {args.adapter}" if args.adapter else ""
         corpus = f"; corpus: {len(index):,} passages" if index else ""
-        budgets = as_flags(args, [f.name for f in fields(RolloutSettings)])
+        budgets = as_flags(args, SETTINGS)
         seconds = time.perf_counter() - t0
         print(
             f"loaded {name} in {seconds:.1f} s on {args.device}{corpus}; {budgets}", file=sys.stderr
@@ -611,7 +550,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = retrieval.read_qa(args.eval)[: args.limit] if args.eval else None
         index = retrieval.open_index(args.index) if args.mode != "direct" or args.ask else None
         model, tokenizer = loaded(args, index)
-        search = recording_search(index, args.k)
+        # BM25's top k per query (index None: a run that never searches), titles remembered
+        search = RecordingSearch(lambda queries: index.search(queries, k=args.k))
         with rollout.bf16_autocast(args.device, args.bf16):
             if args.eval:
                 evaluate(args, rows, model, tokenizer, search)
