@@ -248,16 +248,6 @@ def ask_loop(args, model, tokenizer, search: RecordingSearch) -> None:
 
 
 # ------------------------------------------------------------------------------------------- --eval
-def support_recall(gold_titles: list[str] | None, retrieved: list[list[str]]) -> float | None:
-    """The share of the gold supporting titles among the titles of the passages read, compared
-    case-insensitively; None when the question names none."""
-    gold = {title.casefold() for title in gold_titles or []}
-    if not gold:
-        return None
-    read = {title.casefold() for hits in retrieved for title in hits}
-    return round(len(gold & read) / len(gold), 4)
-
-
 def distinct_queries(queries: list[str]) -> int:
     """How many searches differ in more than case and spacing (a repeat finds nothing new)."""
     return len({" ".join(q.casefold().split()) for q in queries})
@@ -286,7 +276,7 @@ def record(r: dict, t: rollout.Trajectory, search: RecordingSearch) -> dict:
         "queries": t.queries,
         "distinct_queries": distinct_queries(t.queries),
         "retrieved": retrieved,
-        "support_recall": support_recall(r.get("supporting_titles"), retrieved),
+        "support_recall": grpo.support_recall(r.get("supporting_titles"), retrieved),
         "generated_tokens": sum(t.mask),
     }
 

@@ -151,11 +151,15 @@ def test_reward_sums_weighted_parts():
         reward(traj("x", GOOD), ["x"], acc="bleu")
 
 
-def test_support_reward_is_recall_of_gold_titles_read():
-    # two searches read 3 titles; 1 of the 2 gold titles among them (case-insensitive)
-    read = [["Charles Mathew", "Cork"], ["Dublin"]]
-    assert support_recall(["charles mathew", "James Charles Mathew"], read) == 0.5
+def test_support_recall_compares_titles_case_insensitively():
+    read = [["Aretha Franklin", "Detroit"], ["i can't see myself leaving you"]]
+    gold = ["Aretha Franklin", "I Can't See Myself Leaving You", "Memphis"]
+    assert support_recall(gold, read) == round(2 / 3, 4)
+    assert support_recall(gold, []) == 0.0
     assert support_recall([], read) is None and support_recall(None, read) is None
+
+
+def test_support_reward_adds_its_weight_times_the_recall():
     r = reward(traj("Dayton", GOOD), ["Cincinnati"], w_support=0.5, support=0.5)
     assert r == {"reward": 1.25, "accuracy": 0.0, "format": 1.0, "support": 0.5}
 

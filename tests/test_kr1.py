@@ -304,14 +304,6 @@ def test_summary_separates_skill_from_guessing():
     assert re.search(r"^yes-no\s+3\s+0\.667\s+0\.667$", table, re.MULTILINE), table
 
 
-def test_support_recall_compares_titles_case_insensitively():
-    read = [["Aretha Franklin", "Detroit"], ["i can't see myself leaving you"]]
-    gold = ["Aretha Franklin", "I Can't See Myself Leaving You", "Memphis"]
-    assert kr1.support_recall(gold, read) == round(2 / 3, 4)
-    assert kr1.support_recall(gold, []) == 0.0
-    assert kr1.support_recall([], read) is None and kr1.support_recall(None, read) is None
-
-
 def test_reader_ceiling_reads_the_gold_passages_of_the_open_questions(coin_policy, tmp_path):
     """bench/reader_ceiling.py: the open question's one retrieval is its supporting passage, found
     by title (named twice, in two cases: one passage); the yes-no question is left out."""
