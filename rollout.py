@@ -251,7 +251,7 @@ class Trajectory:
     expert: bool = False  # built by expert_trajectory (not sampled; logprobs are placeholders)
 
 
-@torch.no_grad()  # not inference_mode: FSDP2 hooks, later autograd use of the weights want no_grad
+@torch.no_grad()  # not inference_mode: FSDP2 hooks and later autograd on the weights need no_grad
 def rollout(
     model,
     tokenizer,
@@ -326,7 +326,6 @@ class Row:
 
     traj: Trajectory
     pending: list[int]  # to feed next: the prompt, or the last sampled token (+ glue + observation)
-
     turn_start: int  # index in traj.ids where the current assistant turn's content starts
     cached: int = 0  # tokens in its cache row = its next position = its next free column
     done: bool = False
@@ -397,7 +396,6 @@ class Engine:
     def __post_init__(self):
         self.cache = RaggedCache()
         self.batch = list(self.rows)  # batch position j holds cache row j
-
         self.ends = end_ids(self.tokenizer, self.model)  # eos, <|im_end|>, generation_config's
         self.maybe_stop = token_sets(self.tokenizer).with_gt  # only ids with '>' end a stop tag
         self.vocab = len(self.tokenizer)  # logits past it (a padded embedding) are never sampled
@@ -406,10 +404,9 @@ class Engine:
         self.dev = next(self.model.parameters()).device
 
 
-def start(model, tokenizer, questions: list[str], search, **kw) -> Engine:
-    """Prompts rendered (rag: retrieved once, in one batched call), a Row per question. kw: cfg,
+def start(model, tokenizer, questions: list[str], search, *, cfg: RolloutConfig, **kw) -> Engine:
+    """Prompts rendered (rag: retrieved once, in one batched call), a Row per question. kw:
     generator, stats, pool."""
-    cfg = kw["cfg"]
     if cfg.search_lag < 0:
         raise ValueError(f"search_lag must be >= 0, not {cfg.search_lag}")
     if cfg.mode not in ("agent", "rag", "direct"):
@@ -421,7 +418,7 @@ def start(model, tokenizer, questions: list[str], search, **kw) -> Engine:
     for traj, q, h in zip(trajs, qs, hits):
         _searched(traj, q, h)
     rows = [Row(traj, pending=list(traj.ids), turn_start=traj.prompt_len) for traj in trajs]
-    return Engine(model=model, tokenizer=tokenizer, search=search, rows=rows, **kw)
+    return Engine(model=model, tokenizer=tokenizer, cfg=cfg, search=search, rows=rows, **kw)
 
 
 def cache_keyword(model) -> str:
@@ -643,7 +640,6 @@ class CacheStep(DynamicCache):
         # (c, n)
         self.input_ids = torch.tensor([[pad] * (n - len(f)) + f for f in feeds], device=dev)
         lens = torch.tensor(cached, device=dev)  # (c,) cached tokens = first new position
-
         if decode:  # n = 1: own prefix + own new token, at its own column
             self.attention_mask = torch.arange(m + 1, device=dev) <= lens[:, None]  # (b, m + 1)
             self.position_ids = lens[:, None]  # (b, 1)
