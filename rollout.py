@@ -294,7 +294,7 @@ def rollout(
                 tokens, logps = sample(logits, cfg, generator)  # (c,) each
                 tokens, logps = tokens.tolist(), logps.tolist()  # the host sync
                 stats.forward_s += time.perf_counter() - t0  # wall time on GPU too
-                close_turns(engine, turn_ends(engine, rows, tokens, logps))
+                append_sampled(engine, rows, tokens, logps)
             drop_finished(engine)
             engine.step += 1
             if on_progress is not None:
@@ -448,7 +448,7 @@ def prefill(engine: Engine) -> None:
         row.cached = len(row.pending)
     engine.stats.prefill_rows = len(lead)
     tokens, logps = sample(logits[idx], engine.cfg, engine.generator)  # (b,) a token per sample
-    close_turns(engine, turn_ends(engine, engine.rows, tokens.tolist(), logps.tolist()))
+    append_sampled(engine, engine.rows, tokens.tolist(), logps.tolist())
     drop_finished(engine)
 
 
@@ -488,44 +488,18 @@ def forward(engine: Engine, rows: list[Row], cache_rows: list[int], kind: StepKi
     return logits
 
 
-def turn_ends(
-    engine: Engine, rows: list[Row], tokens: list[int], logps: list[float]
-) -> list[tuple[Row, str]]:
-    """Append each feeding row's sampled token (mask 1) and say whose turn ended and why."""
-    ended = []
+def append_sampled(engine: Engine, rows: list[Row], tokens: list[int], logps: list[float]) -> None:
+    """Append each feeding row's sampled token (mask 1), and close the turns they end: finish the
+    row, start its search (one batched call a step), or correct it."""
+    searching = []
     for row, token, logp in zip(rows, tokens, logps):
         if row.status in (RowStatus.DONE, RowStatus.WAITING):  # fed a pad: output ignored
             continue
         _extend(row.traj, [token], 1, [logp])
         row.pending = [token]
         why = turn_end(engine, row, token)
-        if why:
-            ended.append((row, why))
-    return ended
-
-
-def turn_end(engine: Engine, row: Row, token: int) -> str | None:
-    """Why the row's turn ends with `token` (eos, answer, search, length), or None."""
-    ids, cfg = row.traj.ids, engine.cfg
-    if token in engine.ends:
-        return "eos"
-    # decode only a short tail, and only when the new token has a '>'
-    if token in engine.maybe_stop:
-        tail = engine.tokenizer.decode(ids[max(row.turn_start, len(ids) - 12) :])
-        if "</answer>" in tail:
-            return "answer"
-        if cfg.mode == "agent" and "</search>" in tail:
-            return "search"
-    turn_full = len(ids) - row.turn_start >= cfg.max_turn_tokens
-    if turn_full or len(ids) - row.traj.prompt_len >= cfg.max_total_tokens:
-        return "length"
-    return None
-
-
-def close_turns(engine: Engine, ended: list[tuple[Row, str]]) -> None:
-    """Close each ended turn: finish the row, start its search (one call a step), or correct it."""
-    searching = []
-    for row, why in ended:
+        if why is None:
+            continue
         traj = row.traj
         content = engine.tokenizer.decode(traj.ids[row.turn_start : len(traj.ids) - (why == "eos")])
         _assistant_turn(traj, content)
@@ -544,6 +518,24 @@ def close_turns(engine: Engine, ended: list[tuple[Row, str]]) -> None:
         queries = [last_tag(row.traj.responses[-1], "search") for row in searching]
         due = engine.step + engine.cfg.search_lag
         engine.jobs.append(Job(searching, queries, due, engine.pool.submit(engine.search, queries)))
+
+
+def turn_end(engine: Engine, row: Row, token: int) -> str | None:
+    """Why the row's turn ends with `token` (eos, answer, search, length), or None."""
+    ids, cfg = row.traj.ids, engine.cfg
+    if token in engine.ends:
+        return "eos"
+    # decode only a short tail, and only when the new token has a '>'
+    if token in engine.maybe_stop:
+        tail = engine.tokenizer.decode(ids[max(row.turn_start, len(ids) - 12) :])
+        if "</answer>" in tail:
+            return "answer"
+        if cfg.mode == "agent" and "</search>" in tail:
+            return "search"
+    turn_full = len(ids) - row.turn_start >= cfg.max_turn_tokens
+    if turn_full or len(ids) - row.traj.prompt_len >= cfg.max_total_tokens:
+        return "length"
+    return None
 
 
 def join_searches(engine: Engine) -> None:
