@@ -96,8 +96,7 @@ class TokenSets(NamedTuple):
     with_gt: set[int]  # ids whose text has a '>': only these can complete a stop tag
 
 
-# tokenizer -> (its length, its TokenSets)
-_SETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (len, TokenSets)
 
 
 def token_sets(tokenizer) -> TokenSets:
@@ -434,9 +433,8 @@ def prefill(engine: Engine) -> None:
     """One chunk forward per distinct prompt; each sample's cache row is a copy of its prompt's
     (GRPO's G samples, as in nanochat's engine); each samples its first token from those logits."""
     first: dict[tuple, int] = {}
-    share = engine.cfg.share_prefix
     src = [  # the cache row of each sample's prompt
-        first.setdefault(tuple(row.pending), len(first)) if share else i
+        first.setdefault(tuple(row.pending), len(first)) if engine.cfg.share_prefix else i
         for i, row in enumerate(engine.rows)
     ]
     lead = [engine.rows[src.index(u)] for u in range(len(set(src)))]
@@ -902,9 +900,8 @@ def merge_lora(model, adapter: str | Path) -> None:
     try:
         conf = json.loads((Path(adapter) / "adapter_config.json").read_text())
         lora = load_file(Path(adapter) / "adapter_model.safetensors")
-        model.load_state_dict(
-            merged({**model.state_dict(), **lora}, conf["lora_alpha"] / conf["r"])
-        )
+        scale = conf["lora_alpha"] / conf["r"]
+        model.load_state_dict(merged({**model.state_dict(), **lora}, scale))
     except (OSError, ValueError, KeyError, ModelLoadError) as e:
         raise ModelLoadError(f"cannot load LoRA adapter {str(adapter)!r}: {e}") from None
 
