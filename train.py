@@ -240,6 +240,11 @@ PRESETS = {  # what each is for: --preset's help; their runs and times: BENCHMAR
 }
 
 
+# the least each count may be (--steps 0: a warm-start only run)
+LEAST = dict(group_size=2, prompts_per_step=1, micro_batch=1, sft_batch=1, steps=0, sft_steps=0)
+LEAST.update(lora_rank=0, sft_probe_every=0, search_lag=0, keep_last=0, dist_timeout=0)
+
+
 def parse_args(argv: list[str] | None = None) -> Config:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -266,24 +271,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     cfg = Config(**{**PRESETS.get(args.get("preset"), {}), **args})
     if cfg.agg not in ("seq", "token", "const") or cfg.acc not in ("em", "f1"):
         p.error("--agg must be seq|token|const and --acc em|f1")
-    if (
-        min(cfg.group_size, cfg.prompts_per_step, cfg.micro_batch, cfg.sft_batch) < 1
-        or cfg.group_size < 2
-    ):
-        p.error("--group-size must be >= 2; --prompts-per-step, --micro-batch, --sft-batch >= 1")
-    counts = (
-        cfg.steps,
-        cfg.sft_steps,
-        cfg.lora_rank,
-        cfg.sft_probe_every,
-        cfg.search_lag,
-        cfg.keep_last,
-    )
-    if min(*counts, cfg.dist_timeout) < 0:
-        p.error(
-            "--steps, --sft-steps, --lora-rank, --sft-probe-every, --search-lag, --keep-last, --dist-timeout "
-            "must be >= 0 (--steps 0: warm-start only)"
-        )
+    for name, least in LEAST.items():
+        if getattr(cfg, name) < least:
+            p.error(f"--{name.replace('_', '-')} must be >= {least}, not {getattr(cfg, name)}")
     if cfg.steps + cfg.sft_steps < 1:
         p.error("nothing to train: --steps and --sft-steps are both 0")
     return cfg
