@@ -1,4 +1,4 @@
-"""Knowledge-R1 on the command line: ask questions or evaluate a QA file, searching as it reasons.
+r"""Knowledge-R1 on the command line: ask questions or evaluate a QA file, searching as it reasons.
 
     python kr1.py --ask "Who directed the film in which HAL 9000 appears?"
     python kr1.py --ask "..." --json           # one JSON object instead of the trace
