@@ -31,7 +31,7 @@ import grpo  # noqa: E402  (the repo root is not a package)
 
 class Questions(NamedTuple):
     scores: dict[str, float]  # question id -> mean score over its samples
-    types: dict[str, str]  # id -> 2Wiki type ("all" where the file has none)
+    types: dict[str, str]  # id -> 2Wiki type ("(none)" where the file has none)
     kinds: dict[str, str]  # id -> grpo.question_kind
     yes: dict[str, bool]  # id -> whether the gold answer is "yes" (yes-no questions)
     samples: int  # the largest number of samples of one question
@@ -54,7 +54,7 @@ def per_question(path: str, metric: str) -> Questions:
                     f"paired_eval.py: error: {path}:{lineno}: not a kr1.py --eval record with "
                     f"'{metric}', 'question' and 'answers' ({type(e).__name__}: {e})"
                 ) from None
-            q.types[key], q.kinds[key] = rec.get("type") or "all", kind
+            q.types[key], q.kinds[key] = rec.get("type") or "(none)", kind
             q.yes[key] = grpo.normalize_answer(rec["answers"][0]) == "yes"
     samples = max((len(v) for v in scores.values()), default=0)
     return q._replace(scores={k: sum(v) / len(v) for k, v in scores.items()}, samples=samples)
@@ -165,7 +165,7 @@ def print_table(r: dict) -> None:
     rows = [
         ("all", r["all"]),
         *((f"kind: {k}", c) for k, c in r["by_kind"].items()),
-        *r["by_type"].items(),
+        *((f"type: {t}", c) for t, c in r["by_type"].items()),
     ]
     for name, c in rows:
         p = f"{c['mcnemar_p']:.2g}" if "mcnemar_p" in c else "-"
