@@ -1,6 +1,6 @@
-"""Plot a train.py log (OUT/log.jsonl) into one PNG: reward, format, accuracy, searches per trajectory, response
-length, loss, entropy and seconds per step; a dashed line marks where the SFT warm-start ends and GRPO begins.
-Steps without a rollout (SFT steps between probes) simply have no point in the rollout panels.
+"""Plot a train.py log (OUT/log.jsonl) into one PNG: reward, format, accuracy, support recall, searches per
+trajectory, response length, loss, entropy and seconds per step; a dashed line marks where the SFT warm-start ends
+and GRPO begins. Steps without a rollout (SFT steps between probes) simply have no point in the rollout panels.
 
     pip install matplotlib      # only this script needs it (the `bench` extra)
     python bench/plot_log.py runs/smollm2-2wiki/log.jsonl --out runs/smollm2-2wiki/curves.png
@@ -11,9 +11,10 @@ import json
 from pathlib import Path
 
 PANELS = [
-    ("reward", "reward (accuracy + format)"),
+    ("reward", "reward (accuracy + format + support)"),
     ("format", "format reward (+1 / -1)"),
-    ("accuracy", "accuracy (EM)"),
+    ("accuracy", "accuracy (EM or F1: --acc)"),
+    ("support", "support recall (gold titles read)"),
     ("searches", "searches per trajectory"),
     ("response_tokens", "sampled tokens per trajectory"),
     ("loss", "loss (SFT: NLL/token; GRPO: surrogate)"),
@@ -48,7 +49,7 @@ def main() -> None:
     for r in rows:
         r["seconds"] = r.get("rollout_s", 0.0) + r.get("update_s", 0.0)
     sft_end = max((r["step"] for r in rows if r.get("phase") == "sft"), default=None)
-    fig, axes = plt.subplots(2, 4, figsize=(17, 6.4))
+    fig, axes = plt.subplots(3, 3, figsize=(15, 9.6))
     for ax, (key, label) in zip(axes.flat, PANELS, strict=True):
         pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]  # null: a skipped step
         if pts:

@@ -8,8 +8,8 @@
 #   4. greedy evaluation of start and final on the held-out open questions (2Wiki test 1-400, HotpotQA, MuSiQue)
 #      with the flags of eval.json, the paired test per set and pooled, and the trained-vs-control figure.
 # Every stage skips what is already done, so the script can be re-run after a kill (train.py resumes itself).
-# A second design names itself and adds train.py flags to the trained arm; it shares design 1's start, and the
-# control arm too where its flags change only the reward (a no-update arm samples the same whatever it is paid).
+# A second design names itself and adds train.py flags to both arms; it shares design 1's start and question files.
+# Its control arm samples the same tokens as design 1's (no update, same seeds) but logs its own reward and support.
 #
 #   python data/prepare_2wiki.py dev.json --aliases id_aliases.json --out DATA_DIR/2wiki   # first (README)
 #   bash bench/search_gain.sh DATA_DIR                     # design 1: runs/search-gain, bench/results/search-gain
@@ -21,7 +21,7 @@ NAME=${2:+-$2}
 shift $(($# < 2 ? $# : 2))
 R=runs/search-gain$NAME
 B=bench/results/search-gain$NAME
-S=runs/search-gain  # design 1's: the question files, the start and the control arm
+S=runs/search-gain  # design 1's: the question files and the start
 S_B=bench/results/search-gain  # design 1's: eval.json and the start's evaluation
 mkdir -p "$S" "$R" "$B/eval" "$S_B/eval"
 
@@ -60,10 +60,10 @@ ev() {  # name, adapter dir: the three held-out open sets
 B=$S_B ev start "$S/start/$(cat "$S/start/latest")/adapter"
 arm "$R/trained" "$@"
 ev final "$R/trained/$(cat "$R/trained/latest")/adapter"
-arm "$S/control" --no-update --save-every 0
+arm "$R/control" --no-update --save-every 0 "$@"
 for set in 2wiki hotpotqa musique; do
   python bench/paired_eval.py "$S_B/eval/start-$set.jsonl" "$B/eval/final-$set.jsonl" > "$B/paired-$set.txt"
 done
 cat "$S_B"/eval/start-*.jsonl > "$R/start-pooled.jsonl" && cat "$B"/eval/final-*.jsonl > "$R/final-pooled.jsonl"
 python bench/paired_eval.py "$R/start-pooled.jsonl" "$R/final-pooled.jsonl" | tee "$B/paired-pooled.txt"
-python bench/plot_control.py "$R/trained/log.jsonl" "$S/control/log.jsonl" --out "$B/control.png" | tee "$B/control.txt"
+python bench/plot_control.py "$R/trained/log.jsonl" "$R/control/log.jsonl" --out "$B/control.png" | tee "$B/control.txt"
